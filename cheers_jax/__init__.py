@@ -1,0 +1,1 @@
+"""cheers-jax: a JAX/Flax port of the Cheers unified multimodal model."""

@@ -1,0 +1,206 @@
+"""Model configuration: explicit frozen values, built from ml_collections or a HF config.json.
+
+The HF `config.json` of the published checkpoint omits many defaults (VAE channels, text depth, ...);
+`from_hf_dict` fills them in exactly as the reference config classes do, and `to_hf_dict` writes a
+complete file the official code loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """A configuration key or value is invalid; the message says what to change."""
+
+
+def _check_keys(cls, values: Mapping[str, Any], where: str, ignore=()) -> None:
+  valid = {f.name for f in dataclasses.fields(cls)}
+  for key in values:
+    if key in valid or key in ignore:
+      continue
+    close = difflib.get_close_matches(key, sorted(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    raise ConfigError(f"unknown config key '{where}.{key}'{hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Qwen2.5 decoder."""
+  hidden_size: int = 1536
+  intermediate_size: int = 8960
+  num_layers: int = 28
+  num_heads: int = 12
+  num_kv_heads: int = 2
+  vocab_size: int = 151936
+  rope_theta: float = 1e6
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = True
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """SigLIP2 ViT."""
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_layers: int = 27
+  num_heads: int = 16
+  patch_size: int = 16
+  image_size: int = 512
+  layer_norm_eps: float = 1e-6
+  use_head: bool = True  # the MAP pooling head: in the checkpoint, unused by Cheers
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """FLUX.2-style autoencoder (the encoder and decoder configs of the reference share these)."""
+  ch: int = 128
+  ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  z_channels: int = 32
+  in_channels: int = 3
+  out_ch: int = 3
+  resolution: int = 512
+  bn_eps: float = 1e-4
+
+  @property
+  def latent_channels(self) -> int:
+    """Channels after the 2x2 patchify: what the flow matching works in."""
+    return 4 * self.z_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  text: TextConfig = TextConfig()
+  vision: VisionConfig = VisionConfig()
+  vae: VAEConfig = VAEConfig()
+  gen_layers: int = 7         # CFM stage 1 (gen_projector) depth
+  hi_layers: int = 3          # CFM stage 2 (hi_projector) depth
+  dit_rope_theta: float = 1e4
+  max_seq_len: int = 4096     # the reference truncates assembled sequences here
+  # Numerics and performance (not part of the checkpoint).
+  dtype: str = "bfloat16"     # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch (see model/layers.py)
+  attention: str = "xla"      # xla | cudnn (see model/layers.py)
+  # The reference casts two activations to bf16 (the task latent x_t and the projector input).
+  # True reproduces that even when computing in fp32; parity in fp32 turns it off.
+  reference_bf16_casts: bool = True
+
+  def __post_init__(self):
+    if self.vae.ch != self.vae.latent_channels:
+      raise ConfigError(
+          f"vae.ch ({self.vae.ch}) must equal 4 * vae.z_channels ({self.vae.latent_channels}): the "
+          "hi_projector outputs `ch` channels that are read as the patchified latent")
+    if self.text.hidden_size % self.text.num_heads or self.vision.hidden_size % self.vision.num_heads:
+      raise ConfigError("hidden_size must be divisible by num_heads (text and vision)")
+    if self.vision.num_heads % self.text.num_kv_heads:
+      raise ConfigError("vision.num_heads must be divisible by text.num_kv_heads (hi_projector GQA)")
+
+  @property
+  def tokens_per_image(self) -> int:
+    return (self.vision.grid // 2) ** 2
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """From a nested dict / ConfigDict with our own key names; unknown keys are errors."""
+    d = dict(d)
+    _check_keys(cls, d, "model")
+    sub = {}
+    for name, sub_cls in (("text", TextConfig), ("vision", VisionConfig), ("vae", VAEConfig)):
+      values = dict(d.pop(name, {}) or {})
+      _check_keys(sub_cls, values, f"model.{name}")
+      if "ch_mult" in values:
+        values["ch_mult"] = tuple(values["ch_mult"])
+      sub[name] = sub_cls(**values)
+    return cls(**sub, **d)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_hf_dict(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+    """From the reference `config.json` (UMMConfig nesting), with its omitted defaults filled in."""
+    known_top = {"vae_encoder_config", "vae_decoder_config", "vision_representation_config", "text_config",
+                 "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version",
+                 "tie_word_embeddings", "_name_or_path", "tokenizer_model_max_length",
+                 "tokenizer_padding_side"}
+    for key in hf:
+      if key not in known_top:
+        close = difflib.get_close_matches(key, sorted(known_top), n=1)
+        raise ConfigError(f"unknown key '{key}' in config.json" + (f"; did you mean '{close[0]}'?" if close else ""))
+    t = dict(hf.get("text_config", {}))
+    v = dict(hf.get("vision_representation_config", {}))
+    enc = dict(hf.get("vae_encoder_config", {}))
+    dec = dict(hf.get("vae_decoder_config", {}))
+    for key in ("ch", "ch_mult", "num_res_blocks", "z_channels"):
+      if key in enc and key in dec and enc[key] != dec[key]:
+        raise ConfigError(f"vae_encoder_config.{key}={enc[key]} differs from vae_decoder_config.{key}="
+                          f"{dec[key]}; cheers-jax assumes one VAE shape")
+    vae_vals = {**enc, **dec}
+    text = TextConfig(
+        hidden_size=t.get("hidden_size", 1536), intermediate_size=t.get("intermediate_size", 8960),
+        num_layers=t.get("num_hidden_layers", 28), num_heads=t.get("num_attention_heads", 12),
+        num_kv_heads=t.get("num_key_value_heads", 2), vocab_size=t.get("vocab_size", 151936),
+        rope_theta=float(t.get("rope_theta", 1e6)), rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", True))))
+    vision = VisionConfig(
+        hidden_size=v.get("hidden_size", 1152), intermediate_size=v.get("intermediate_size", 4304),
+        num_layers=v.get("num_hidden_layers", 27), num_heads=v.get("num_attention_heads", 16),
+        patch_size=v.get("patch_size", 16), image_size=v.get("image_size", 512),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)), use_head=bool(v.get("vision_use_head", True)))
+    if "num_patches" in v and v["num_patches"] != vision.grid ** 2:
+      raise ConfigError(f"vision num_patches={v['num_patches']} but (image_size/patch_size)^2 = {vision.grid ** 2}")
+    vae = VAEConfig(
+        ch=vae_vals.get("ch", 128), ch_mult=tuple(vae_vals.get("ch_mult", (1, 2, 4, 4))),
+        num_res_blocks=vae_vals.get("num_res_blocks", 2), z_channels=vae_vals.get("z_channels", 32),
+        in_channels=vae_vals.get("in_channels", 3), out_ch=vae_vals.get("out_ch", 3),
+        resolution=vae_vals.get("resolution", 512))
+    return cls(text=text, vision=vision, vae=vae,
+               max_seq_len=int(hf.get("tokenizer_model_max_length", 4096)), **overrides)
+
+  def to_hf_dict(self) -> dict:
+    """A complete config.json (every value explicit) in the reference's nesting."""
+    vae = self.vae
+    vae_common = {"resolution": vae.resolution, "in_channels": vae.in_channels, "ch": vae.ch,
+                  "ch_mult": list(vae.ch_mult), "num_res_blocks": vae.num_res_blocks,
+                  "z_channels": vae.z_channels}
+    t, v = self.text, self.vision
+    return {
+        "architectures": ["Cheers"],
+        "auto_map": {"AutoConfig": "configuration_umm.UMMConfig", "AutoModel": "modeling_umm.UMMModel",
+                     "AutoModelForCausalLM": "modeling_umm.Cheers"},
+        "vae_encoder_config": dict(vae_common),
+        "vae_decoder_config": {**vae_common, "out_ch": vae.out_ch},
+        "vision_representation_config": {
+            "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh", "hidden_size": v.hidden_size,
+            "image_size": v.image_size, "intermediate_size": v.intermediate_size,
+            "layer_norm_eps": v.layer_norm_eps, "model_type": "umm", "num_attention_heads": v.num_heads,
+            "num_channels": 3, "num_hidden_layers": v.num_layers, "num_patches": v.grid ** 2,
+            "patch_size": v.patch_size},
+        "text_config": {
+            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "max_window_layers": t.num_layers,
+            "sliding_window": 32768, "tie_word_embeddings": t.tie_word_embeddings,
+            "vocab_size": t.vocab_size, "max_position_embeddings": 32768, "rope_theta": t.rope_theta,
+            "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu"},
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "model_type": "umm",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.3",
+    }

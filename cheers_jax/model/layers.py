@@ -1,0 +1,189 @@
+"""Shared building blocks: dense layers with logical axes, norms, RoPE, one attention function, SwiGLU.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`); the mapping of
+logical names to mesh axes lives in `cheers_jax/sharding.py` only.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+DType = Any
+
+NEG_INF = -1e30  # finite, so a fully masked row (never produced by our masks) cannot give NaN
+
+
+def dtype_of(name_or_dtype) -> DType:
+  return jnp.dtype(name_or_dtype) if isinstance(name_or_dtype, str) else name_or_dtype
+
+
+def partitioned(init: Callable, axes: Sequence[Optional[str]]) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def torch_linear_init(fan_in_axis: int = -2) -> Callable:
+  """Uniform(+-1/sqrt(fan_in)) like torch.nn.Linear (a sensible from-scratch init)."""
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = shape[fan_in_axis] if len(shape) >= 2 else shape[0]
+    bound = 1.0 / max(1, fan_in) ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias); kernel (in, out) with logical axes `axes`."""
+  features: int
+  axes: tuple[Optional[str], Optional[str]]
+  use_bias: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", partitioned(self.kernel_init or torch_linear_init(), self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+  eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    weight = self.param("weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)),
+                        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return weight.astype(self.dtype) * normed.astype(x.dtype).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with two-pass fp32 statistics (as torch), scale/bias named weight/bias."""
+  eps: float = 1e-5
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    weight = self.param("weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)), (d,),
+                        self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axis_name,)), (d,),
+                      self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+# ---- rotary position embedding ---------------------------------------------------------------
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos/sin of shape positions.shape + (head_dim,), computed in fp32 (rotate-half layout).
+
+  The inverse frequencies are rounded to bf16: the reference keeps them in a floating buffer that
+  `model.to(torch.bfloat16)` (training and inference) rounds, and its golden set pins that.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = inv_freq.astype(jnp.bfloat16).astype(jnp.float32)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x: (B, T, H, D); cos/sin: (B, T, D). Rotate-half, in x's dtype as the reference does."""
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, impl: str = "xla") -> Array:
+  """Scaled dot-product attention with grouped KV heads.
+
+  q: (B, T, H, D); k, v: (B, S, KV, D) with H % KV == 0 (KV head j serves query heads j*H/KV ...);
+  mask: bool, broadcastable to (B, T, S), True = attend. Softmax in fp32. Returns (B, T, H, D).
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  if impl == "cudnn":
+    bias_mask = None if mask is None else jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="cudnn")
+  if impl != "xla":
+    raise ValueError(f"unknown attention implementation '{impl}' (use 'xla' or 'cudnn')")
+  rep = h // kv
+  qg = q.reshape(b, t, kv, rep, d)
+  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
+    logits = jnp.where(mask, logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)), no biases."""
+  hidden: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj")(x)
+    up = dense(self.hidden, ("embed", "mlp"), name="up_proj")(x)
+    return dense(x.shape[-1], ("mlp", "embed"), name="down_proj")(nn.silu(gate) * up)
+
+
+# ---- remat -----------------------------------------------------------------------------------
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def maybe_remat(module_cls, policy: str, static_argnums=()):
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy '{policy}'; choose one of {sorted(REMAT_POLICIES)}")
+  if policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
+                  static_argnums=static_argnums)
+
+
+def scan_layers(module_cls, length: int, in_axes: tuple, policy: str = "none", static_argnums=()):
+  """nn.scan over `length` identical layers; params get a leading 'layers' axis."""
+  return nn.scan(
+      maybe_remat(module_cls, policy, static_argnums),
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=in_axes,
+      length=length,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )

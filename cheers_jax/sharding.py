@@ -1,0 +1,110 @@
+"""The device mesh and the logical-axis rules: the only place that knows mesh axis names.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer
+state), `tensor` (Megatron-style sharding of heads and MLP width). Model code names logical axes
+only (see `cheers_jax/model/layers.py`); `LOGICAL_RULES` maps them here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or None = replicated). First match wins (flax semantics).
+LOGICAL_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", "tensor"),
+    # text / DiT widths
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vision_heads", "tensor"),
+    ("kv", None),  # only 2 KV heads: too few to split
+    ("modulation", "tensor"),
+    ("vocab", "tensor"),
+    # conv channels (VAE): shard output channels over fsdp
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: dict | Sequence[int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh over (data, fsdp, tensor). `shape` maps axis -> size, one size may be -1 (= the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  if isinstance(shape, dict):
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes: {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in shape]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"{len(devices)} are available; set one axis to -1 to use the rest")
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(sizes, devices)
+  except Exception:  # fake CPU devices / odd topologies
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_mesh(tree, rules=LOGICAL_RULES):
+  """PartitionSpecs for a tree of logical specs (from `nn.get_partition_spec`)."""
+  return nn.logical_to_mesh(tree, rules)
+
+
+def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
+  """NamedShardings for boxed abstract variables (from `jax.eval_shape(init)`)."""
+  logical = nn.get_partition_spec(abstract_variables)
+  specs = nn.logical_to_mesh(logical, rules)
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(abstract_variables))
+  return jax.tree_util.tree_map(lambda s, shape: NamedSharding(mesh, _fit(s, shape, mesh)), specs, shapes,
+                                is_leaf=lambda x: isinstance(x, P))
+
+
+def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drop mesh axes of size 1 and axes that do not divide the dimension (e.g. 3 RGB channels)."""
+  out = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axis is None:
+      out.append(None)
+      continue
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+      axes = ()
+    out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+  return P(*out)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def axis_rules_context(rules=LOGICAL_RULES):
+  """Context manager that makes `nn.with_logical_constraint` resolve with our rules."""
+  return nn.logical_axis_rules(rules)

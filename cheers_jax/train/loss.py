@@ -1,0 +1,66 @@
+"""The Cheers objective: L_AR + lambda * L_FM, exactly as the reference computes it.
+
+- L_AR: sum of token cross-entropies over targets != -100 / their count over the whole batch. The
+  (positions x 151,936) logits are never materialised whole: the CE is computed over sequence chunks
+  under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing them.
+- L_FM: mean squared error between the stage-2 velocity and u = (z1 - x0) * (t < 1) over all images,
+  tokens and channels (understanding images, t = 1, have a zero target). `fm_gen_only` restricts it to
+  generation images (the paper's variant).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from cheers_jax.model.sequence import IGNORE_INDEX, KIND_GEN
+
+Array = jax.Array
+
+
+def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int = 1024,
+                        dtype=jnp.float32) -> tuple[Array, Array]:
+  """Per-position CE (0 where target == -100) of logits = hidden @ kernel, in fp32.
+
+  hidden (B, S, D), kernel (D, V), targets (B, S). Returns (ce (B, S), lse (B, S)).
+  """
+  b, s, d = hidden.shape
+  flat_h = hidden.reshape(b * s, d)
+  flat_t = targets.reshape(b * s)
+  n = flat_h.shape[0]
+  chunk = min(chunk, n)
+  pad = (-n) % chunk
+  flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
+  flat_t = jnp.pad(flat_t, (0, pad), constant_values=IGNORE_INDEX)
+
+  @jax.checkpoint
+  def one(args):
+    h, t = args
+    logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.clip(t, 0, None)[:, None], axis=-1)[:, 0]
+    ce = jnp.where(t != IGNORE_INDEX, lse - picked, 0.0)
+    return ce, lse
+
+  ce, lse = jax.lax.map(one, (flat_h.reshape(-1, chunk, d), flat_t.reshape(-1, chunk)))
+  return ce.reshape(-1)[:n].reshape(b, s), lse.reshape(-1)[:n].reshape(b, s)
+
+
+def cheers_loss(hidden: Array, head_kernel: Array, targets: Array, velocity: Array, u: Array,
+                image_kind: Array, image_weight: Array | None = None, fm_weight: float = 1.0,
+                fm_gen_only: bool = False, ce_chunk: int = 1024, logits_dtype=jnp.float32) -> dict:
+  """hidden (B,S,D) final-norm LLM states; targets (B,S) rebuilt next-token targets; velocity, u
+  (n_img, h, w, C); image_kind (n_img,); image_weight (n_img,) 1 for real images, 0 for padding slots.
+  """
+  ce, _ = token_cross_entropy(hidden, head_kernel, targets, ce_chunk, logits_dtype)
+  n_text = jnp.sum(targets != IGNORE_INDEX)
+  loss_ar = jnp.sum(ce) / jnp.maximum(n_text, 1)
+
+  weight = jnp.ones(image_kind.shape, jnp.float32) if image_weight is None else image_weight.astype(jnp.float32)
+  if fm_gen_only:
+    weight = weight * (image_kind == KIND_GEN)
+  per_image = jnp.mean(jnp.square(velocity.astype(jnp.float32) - u.astype(jnp.float32)), axis=(1, 2, 3))
+  loss_fm = jnp.sum(per_image * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  return {"loss": loss_ar + fm_weight * loss_fm, "loss_ar": loss_ar, "loss_fm": loss_fm, "token_ce": ce,
+          "num_text_targets": n_text}
