@@ -19,22 +19,9 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-# Placeholders the model replaces with image tokens, and the ignore label.
-IMAGE_TOKEN_INDEX = -200  # <image>: an image to understand (t = 1)
-IMAGE_GEN_TOKEN_INDEX = -300  # <image_gen>: an image to generate (t ~ U(0, 1) in training)
-IGNORE_INDEX = -100
-
-# Vocabulary ids.
-NEWLINE_ID = 198  # "\n"
-PAD_TOKEN_ID = 151643  # <|endoftext|>
-CHAT_START_ID = 151644  # <|im_start|>
-CHAT_END_ID = 151645  # <|im_end|>
-EOS_TOKEN_ID = CHAT_END_ID
-IMAGE_ID = 151665  # <image>
-IMAGE_GEN_ID = 151666  # <image_gen>
-IM_START_ID = 151667  # <im_start>: opens an image block
-IM_END_ID = 151668  # <im_end>: closes an image block
-NO_MEAN_ID = 151669  # <no_mean>: filler of CFG-unconditional prompts
+from cheers_jax.tokens import (  # noqa: F401  (re-exported: the ids live in one place)
+    CHAT_END_ID, CHAT_START_ID, EOS_TOKEN_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_ID,
+    IMAGE_GEN_TOKEN_INDEX, IMAGE_ID, IMAGE_TOKEN_INDEX, NEWLINE_ID, NO_MEAN_ID, PAD_TOKEN_ID)
 
 IMAGE_TOKEN = "<image>"
 IMAGE_GEN_TOKEN = "<image_gen>"

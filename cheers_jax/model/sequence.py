@@ -21,11 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN_INDEX = -200      # <image>: an image to understand
-IMAGE_GEN_TOKEN_INDEX = -300  # <image_gen>: an image to generate
-IM_START_ID = 151667
-IM_END_ID = 151668
+from cheers_jax.tokens import IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX
 
 KIND_PREPENDED, KIND_UND, KIND_GEN = 0, 1, 2
 
