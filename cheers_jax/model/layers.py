@@ -48,12 +48,13 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", partitioned(self.kernel_init or torch_linear_init(), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    # fp32 accumulation and bias add, one rounding to the compute dtype (as torch's addmm)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias.astype(self.dtype).astype(jnp.float32)
+    return y.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
