@@ -22,6 +22,7 @@ import numpy as np
 GROUPS = ("preprocess", "vae_encode", "vae_decode", "siglip", "und_projector", "time_embed", "heads", "und",
           "drift", "train", "train3", "t2i", "i2t")
 FP32_TOLERANCE = 1e-4
+I2T_MAX_LENGTH = 6  # the oracle's i2t call: generate(..., max_length=6, temperature=0.0) (manifest "call")
 
 
 # ---- layout helpers: golden (torch, NCHW) <-> ours (NHWC) ------------------------------------
@@ -32,6 +33,14 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
   return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def _stack_ids(ids: list) -> np.ndarray:
+  """Per-sample id lists -> (B, longest) int64, right-padded with -1 (the golden stores one sample)."""
+  out = np.full((len(ids), max(len(x) for x in ids)), -1, np.int64)
+  for b, x in enumerate(ids):
+    out[b, :len(x)] = x
+  return out
 
 
 class Runner:
@@ -212,6 +221,42 @@ class Runner:
     res["drift.velocity_uncond"] = nhwc_to_nchw(vu)
     res["drift.velocity_cfg"] = nhwc_to_nchw(vu + 3.0 * (vc - vu))
     return res
+
+  def group_t2i(self):
+    from cheers_jax.infer.decode import GREEDY, SamplingConfig, reference_max_new_tokens
+    from cheers_jax.infer.t2i import text_to_image
+    g = self.g
+    params = json.loads(str(g["t2i.params"]))
+    prompts = [ids[mask.astype(bool)] for ids, mask in zip(g["t2i.input_ids"], g["t2i.attention_mask"])]
+    dummies = nchw_to_nhwc(g["t2i.pixel_values"])
+    temperature = params.get("temperature", 0.0)
+    out = text_to_image(
+        self.model, self.variables, prompts, steps=params["num_inference_steps"], cfg_scale=params["cfg_scale"],
+        alpha=params["alpha"], noise=nchw_to_nhwc(g["t2i.z0"]), images=[[d] for d in dummies],
+        prefix_x0=np.concatenate([nchw_to_nhwc(g["t2i.prefix_x0_cond"]), nchw_to_nhwc(g["t2i.prefix_x0_uncond"])]),
+        max_new_tokens=reference_max_new_tokens(params["max_length"], self.tokens_per_image),
+        sampling=GREEDY if temperature <= 1e-6 else SamplingConfig(temperature=temperature), record=True, bucket=1)
+    to_nchw = lambda x: np.transpose(x, (0, 1, 4, 2, 3))  # (step, B, h, w, C) -> (step, B, C, h, w)
+    return {"t2i.step_t": out.step_t, "t2i.x_t": to_nchw(out.trace["x_t"]),
+            "t2i.v_cond": to_nchw(out.trace["v_cond"]), "t2i.v_uncond": to_nchw(out.trace["v_uncond"]),
+            "t2i.heat_maps": out.trace["gate"][:, 0], "t2i.final_latent": nhwc_to_nchw(out.latent),
+            "t2i.image": nhwc_to_nchw(out.image_raw), "t2i.generated_ids": _stack_ids(out.generated_ids)}
+
+  def group_i2t(self):
+    from cheers_jax.infer.decode import GREEDY, generate_text, reference_max_new_tokens
+    g = self.g
+    if not np.all(np.asarray(g["i2t.t"]) == 1.0):
+      raise ValueError("i2t with images at t != 1 is not a generation setting this port supports")
+    prompts = [ids[mask.astype(bool)] for ids, mask in zip(g["i2t.input_ids"], g["i2t.attention_mask"])]
+    pixels = nchw_to_nhwc(g["i2t.pixel_values"])
+    per_sample, k = [], 0
+    for ids in prompts:  # images are consumed in order across the batch
+      n = max(1, int(np.sum((ids == -200) | (ids == -300))))
+      per_sample.append(list(pixels[k:k + n]))
+      k += n
+    ids = generate_text(self.model, self.variables, prompts, per_sample, max_new_tokens=reference_max_new_tokens(I2T_MAX_LENGTH),
+                        sampling=GREEDY, bucket=1, x0=nchw_to_nhwc(g["i2t.x0"]))
+    return {"i2t.generated_ids": _stack_ids(ids)}
 
   def train_group(self, name: str):
     from cheers_jax.checkpoint.hf import hf_tensor
