@@ -1,0 +1,447 @@
+"""Training input pipeline (grain): sources -> mixed, shuffled, tokenised, preprocessed static-shape batches.
+
+    it = make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it)                  # dict of numpy arrays, the contract below
+    state = it.get_state()            # JSON-serialisable; save it with the model
+    it.set_state(state)               # a resumed run continues with the next batch, bit for bit
+
+Steps: source (`config.data.source`) -> examples split by category (und: only images to understand;
+gen: at least one image to generate, editing included; text: no image) and mixed by
+`config.data.mix` (und : gen : text; each category reshuffled every epoch and repeated forever) ->
+window shuffle of the mixed stream -> this process's slice (global index g = process_index + k *
+process_count) -> per sample, with an RNG seeded by (seed, g): tokenisation (`build_conversation`,
+the training template), checks, image preprocessing at `config.data.image_size` (understanding:
+resize long side + black pad; generation: resize short side + centre crop), t per image
+(`<image_gen>` U(0,1) clamped to [1e-6, 1-1e-6], `<image>` 1.0, no image: 0.0 with a black dummy
+image), CFG dropout with probability `cfg_data_rate` on samples holding a -300 (ids only) -> batching
+with `sequence.assemble(..., seq_len=bucket, check_fm_positions=True)`, bucket = the smallest of
+`config.data.seq_buckets` that holds the longest sample of the batch.
+
+Bad data never crashes the run and never yields a wrong sample: an unreadable record (malformed JSONL
+line), a missing or corrupt image, an over-long sample (longer than the largest bucket after truncation
+to `config.model.max_seq_len`, or with an image cut by that truncation), a sample with more images
+than `max_images_per_sample`, or one whose labels do not place the flow-matching states on its images
+is skipped and replaced by the next one; each skip logs ONE warning line with the sample id and the
+reason, and is counted in `iterator.skipped` ({reason: count}, checkpointed with the state) and in
+the batch's `num_skipped`.
+
+Batch contract (numpy; B = per-process batch = train.batch_size // process_count, S = bucket, M = B *
+max_images_per_sample image slots, N = (image_size / 32)^2 tokens per image, H = W = image_size):
+  token_ids        int32 (B, S)    text ids; 0 at image and padding positions
+  image_index      int32 (B, S)    m*N + j at token j of the image in slot m, -1 elsewhere (real slots only)
+  image_mask       int32 (B, S)    1 on placeholder images (bidirectional blocks), 0 elsewhere
+  positions        int32 (B, S)    0..S-1
+  targets          int32 (B, S)    next-token target of each position (shifted, <im_start>/<im_end>
+                                   re-labelled as the reference); -100 = no loss
+  valid            bool  (B, S)    real tokens (right padding is False)
+  pixels           float32 (M, H, W, 3)  in [0, 1], NHWC; black for the text-only dummy and padding
+  t                float32 (M,)    1.0 understand, U(0,1) generate, 0.0 text-only dummy, 1.0 padding
+  image_kind       int32 (M,)      0 prepended dummy / 1 und / 2 gen (sequence.KIND_*); 0 for padding
+  image_weight     float32 (M,)    1 real image, 0 padding slot
+  image_positions  int32 (M, N)    flat b*S + s positions of each image's tokens; padding slots: b*S
+  num_skipped      int32 ()        samples skipped so far by this process (cumulative)
+Slots come in per-sample blocks of K = max_images_per_sample: slot m = b*K + i holds the i-th image of
+sample b (in placeholder order; a text-only sample's dummy is its image 0), so slot m belongs to row
+m // K. Unused slots are padding and no image_index refers to them. Micro-batching for grad_accum is the
+train step's job.
+
+Config keys read: data.{source, jsonl_path, image_root, tfds_*, synthetic_size, image_size, seq_buckets,
+max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count}, train.batch_size, model.max_seq_len,
+seed; optional data.num_threads (reader threads, default 8) and data.prefetch (samples read ahead).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from cheers_jax.data import sources as sources_lib
+from cheers_jax.data.images import (BadImageError, load_image, preprocess_generation,
+                                    preprocess_understanding)
+from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, IMAGE_GEN_TOKEN_INDEX,
+                                       IMAGE_TOKEN_INDEX, CheersTokenizer, cfg_dropout_ids)
+from cheers_jax.model.sequence import (KIND_GEN, KIND_PREPENDED, KIND_UND, SequenceError, assemble)
+
+log = logging.getLogger(__name__)
+
+T_MIN, T_MAX = 1e-6, 1.0 - 1e-6
+LATENT_DOWNSAMPLE = 32  # VAE 8x, 2x2 patchify, und projector 2x2: one LLM token per 32x32 pixels
+SKIP_REASONS = ("malformed", "bad_image", "too_long", "too_many_images", "bad_sequence")
+SHUFFLE_WINDOW = 1024  # shuffle window over the mixed stream (an index permutation, no buffer): the
+# mix ratios hold exactly over each window
+_PLACEHOLDER_OF_KIND = {"und": IMAGE_TOKEN_INDEX, "gen": IMAGE_GEN_TOKEN_INDEX}
+_SEQ_KIND_OF_KIND = {"und": KIND_UND, "gen": KIND_GEN}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+  """Everything the per-sample and per-batch steps need (plain values, picklable)."""
+  batch_size: int  # per process
+  image_size: int
+  seq_buckets: tuple[int, ...]
+  max_images_per_sample: int
+  max_seq_len: int  # the model's truncation length (reference: 4096)
+  cfg_data_rate: float
+  seed: int
+
+  def __post_init__(self) -> None:
+    if self.image_size % LATENT_DOWNSAMPLE:
+      raise ValueError(f"image_size {self.image_size} must be a multiple of {LATENT_DOWNSAMPLE}")
+    if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
+      raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
+    if self.seed < 0:
+      raise ValueError("seed must be >= 0")
+
+  @property
+  def tokens_per_image(self) -> int:
+    return (self.image_size // LATENT_DOWNSAMPLE) ** 2
+
+  @property
+  def max_bucket(self) -> int:
+    return self.seq_buckets[-1]
+
+  @property
+  def image_slots(self) -> int:
+    return self.batch_size * self.max_images_per_sample
+
+  def bucket_for(self, length: int) -> int:
+    for b in self.seq_buckets:
+      if length <= b:
+        return b
+    raise ValueError(f"{length} tokens exceed the largest bucket {self.max_bucket}")
+
+
+def spec_from_config(config: Any, *, seed: int | None = None, process_count: int = 1) -> PipelineSpec:
+  data = config.data
+  if config.train.batch_size % process_count:
+    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by {process_count} processes")
+  model = config.get("model", None)
+  max_seq_len = int(model.get("max_seq_len", 4096)) if model is not None else 4096  # reference: 4096
+  return PipelineSpec(
+      batch_size=config.train.batch_size // process_count,
+      image_size=int(data.image_size),
+      seq_buckets=tuple(int(b) for b in data.seq_buckets),
+      max_images_per_sample=int(data.max_images_per_sample),
+      max_seq_len=max_seq_len,
+      cfg_data_rate=float(data.cfg_data_rate),
+      seed=int(config.seed if seed is None else seed))
+
+
+# ------------------------------------------------------------------------------------ per sample
+def skip_record(sample_id: str, reason: str, message: str) -> dict[str, str]:
+  assert reason in SKIP_REASONS, reason
+  return {"id": sample_id, "skip": reason, "message": message}
+
+
+def _to_rgb(image: Any) -> Image.Image:
+  """A path, encoded bytes or a uint8 array -> RGB PIL image; BadImageError when unreadable."""
+  if isinstance(image, (str, os.PathLike)):
+    return load_image(image)
+  if isinstance(image, (bytes, bytearray)):
+    try:
+      with Image.open(io.BytesIO(image)) as im:
+        im.load()
+        return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt data
+      raise BadImageError(f"cannot decode image bytes: {e}") from e
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)) \
+      or 0 in arr.shape:
+    raise BadImageError(f"image array must be uint8 (H, W[, 1|3|4]), got {arr.dtype} {arr.shape}")
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  return Image.fromarray(arr).convert("RGB")
+
+
+def preprocess_image(image: Any, kind: str, image_size: int) -> np.ndarray:
+  """float32 (H, W, 3) in [0, 1]: understanding = long side + pad, generation = short side + crop."""
+  fn = preprocess_understanding if kind == "und" else preprocess_generation
+  return fn(_to_rgb(image), resolution=image_size).pixel_values.transpose(1, 2, 0)
+
+
+class PrepareExample:
+  """Raw example + global stream index -> prepared sample, or a skip record (grain map_with_index).
+
+  Prepared sample: {"id", "input_ids" int64 (L,), "labels" int64 (L,), "pixels" float32 (n, H, W, 3),
+  "t" float32 (n,), "image_kind" int32 (n,), "length" (assembled length), "category", "cfg_dropped"}.
+  """
+
+  def __init__(self, spec: PipelineSpec, tokenizer: CheersTokenizer | None = None) -> None:
+    self.spec = spec
+    self.tokenizer = tokenizer or CheersTokenizer()
+
+  def __call__(self, index: int, raw: Mapping[str, Any]) -> dict[str, Any]:
+    spec, n_tok = self.spec, self.spec.tokens_per_image
+    sid = str(raw.get("id", index))
+    if sources_lib.is_marker(raw):
+      return skip_record(sid, "malformed", str(raw["error"]))
+    kinds = list(raw.get("image_kinds", []))
+    images = list(raw.get("images", []))
+    if len(kinds) != len(images) or any(k not in _PLACEHOLDER_OF_KIND for k in kinds):
+      return skip_record(sid, "malformed", f"image_kinds {kinds} do not match {len(images)} images")
+    rng = np.random.default_rng([spec.seed, int(index)])
+
+    # Tokens first: the cheap checks run before any image is decoded.
+    try:
+      ids, labels = self.tokenizer.build_conversation(raw["messages"])  # keeps the last 8192 as the reference
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      return skip_record(sid, "malformed", f"bad messages: {type(e).__name__}: {e}")
+    is_ph = (ids == IMAGE_TOKEN_INDEX) | (ids == IMAGE_GEN_TOKEN_INDEX)
+    if ids[is_ph].tolist() != [_PLACEHOLDER_OF_KIND[k] for k in kinds]:
+      if len(ids) == DEFAULT_MAX_SEQ_LEN:
+        return skip_record(sid, "too_long", f"the template's truncation to the last {DEFAULT_MAX_SEQ_LEN} "
+                           "tokens removed an image placeholder")
+      return skip_record(sid, "malformed", f"placeholders in the text {ids[is_ph].tolist()} do not match the "
+                         f"image kinds {kinds}")
+    n_img = max(1, len(kinds))  # a text-only sample carries the prepended dummy image
+    if n_img > spec.max_images_per_sample:
+      return skip_record(sid, "too_many_images", f"{n_img} images > max_images_per_sample "
+                         f"{spec.max_images_per_sample}")
+    # Assembled length: each placeholder becomes N tokens; no placeholder = N prepended tokens.
+    ph_at = np.flatnonzero(is_ph)
+    starts = ph_at + np.arange(len(ph_at)) * (n_tok - 1) if len(ph_at) else np.zeros(1, np.int64)
+    full = len(ids) + len(ph_at) * (n_tok - 1) + (0 if len(ph_at) else n_tok)
+    if np.any(starts + n_tok > spec.max_seq_len):
+      return skip_record(sid, "too_long", f"an image is cut by the truncation to max_seq_len={spec.max_seq_len} "
+                         f"({full} tokens)")
+    length = min(full, spec.max_seq_len)
+    if length > spec.max_bucket:
+      return skip_record(sid, "too_long", f"{length} tokens do not fit the largest bucket {spec.max_bucket}")
+    try:
+      assemble(ids[None], n_tok, labels=labels[None], max_seq_len=spec.max_seq_len, check_fm_positions=True)
+    except SequenceError as e:
+      return skip_record(sid, "bad_sequence", str(e))
+
+    # Images and t (an image to understand is clean: t = 1; one to generate: t ~ U(0, 1)).
+    pixels, t = [], []
+    for image, kind in zip(images, kinds):
+      try:
+        pixels.append(preprocess_image(image, kind, spec.image_size))
+      except BadImageError as e:
+        return skip_record(sid, "bad_image", str(e))
+      t.append(float(np.clip(rng.uniform(), T_MIN, T_MAX)) if kind == "gen" else 1.0)
+    if not kinds:  # the reference's black dummy at t = 0 (pure-noise latent)
+      pixels.append(np.zeros((spec.image_size, spec.image_size, 3), np.float32))
+      t.append(0.0)
+
+    cfg_dropped = bool(np.any(ids == IMAGE_GEN_TOKEN_INDEX)) and rng.uniform() < spec.cfg_data_rate
+    if cfg_dropped:
+      ids = cfg_dropout_ids(ids)  # labels unchanged, as the reference
+    return {
+        "id": sid, "input_ids": ids, "labels": labels,
+        "pixels": np.stack(pixels).astype(np.float32), "t": np.asarray(t, np.float32),
+        "image_kind": np.asarray([_SEQ_KIND_OF_KIND[k] for k in kinds] or [KIND_PREPENDED], np.int32),
+        "length": int(length), "category": sources_lib.category_of_kinds(kinds), "cfg_dropped": cfg_dropped,
+    }
+
+
+# ------------------------------------------------------------------------------------- per batch
+def collate(samples: Sequence[Mapping[str, Any]], spec: PipelineSpec, num_skipped: int = 0) -> dict[str, np.ndarray]:
+  """Prepared samples -> one batch of the module docstring's contract (static shapes per bucket)."""
+  b, n_tok, hw = len(samples), spec.tokens_per_image, spec.image_size
+  width = max(len(s["input_ids"]) for s in samples)
+  ids = np.zeros((b, width), np.int64)  # the reference collator pads ids with 0 and labels with -100
+  labels = np.full((b, width), IGNORE_INDEX, np.int64)
+  mask = np.zeros((b, width), np.int64)
+  for i, s in enumerate(samples):
+    n = len(s["input_ids"])
+    ids[i, :n], labels[i, :n], mask[i, :n] = s["input_ids"], s["labels"], 1
+  bucket = spec.bucket_for(max(int(s["length"]) for s in samples))
+  lay = assemble(ids, n_tok, attention_mask=mask, labels=labels, seq_len=bucket, max_seq_len=spec.max_seq_len,
+                 check_fm_positions=True)
+  kinds = np.concatenate([s["image_kind"] for s in samples])
+  if not np.array_equal(kinds, lay.image_kind):
+    raise AssertionError(f"image order mismatch: samples {kinds}, assembled {lay.image_kind}")
+  # assemble numbers images across the batch; move image k of sample b (its i-th) to slot b*K + i, so a
+  # sample's images stay with its row under data sharding and micro-batching.
+  per, m = spec.max_images_per_sample, b * spec.max_images_per_sample
+  rank = np.zeros(lay.num_images, np.int64)
+  for k in range(1, lay.num_images):
+    rank[k] = rank[k - 1] + 1 if lay.image_sample[k] == lay.image_sample[k - 1] else 0
+  if lay.num_images and rank.max() >= per:
+    raise AssertionError(f"a sample has more than max_images_per_sample={per} images")
+  slot = lay.image_sample.astype(np.int64) * per + rank
+  image_index = np.where(lay.image_index >= 0, slot[lay.image_index // n_tok] * n_tok + lay.image_index % n_tok, -1)
+  pixels = np.zeros((m, hw, hw, 3), np.float32)
+  pixels[slot] = np.concatenate([s["pixels"] for s in samples])
+  t = np.ones((m,), np.float32)
+  t[slot] = np.concatenate([s["t"] for s in samples])
+  image_kind = np.zeros((m,), np.int32)
+  image_kind[slot] = lay.image_kind
+  image_weight = np.zeros((m,), np.float32)
+  image_weight[slot] = 1.0
+  # Padding slots point at their own row's first position (always valid; weight 0 ignores it).
+  image_positions = np.repeat((np.arange(m) // per * bucket)[:, None], n_tok, axis=1).astype(np.int32)
+  image_positions[slot] = lay.image_positions(n_tok)
+  return {
+      "token_ids": lay.token_ids.astype(np.int32), "image_index": image_index.astype(np.int32),
+      "image_mask": lay.image_mask.astype(np.int32), "positions": lay.positions.astype(np.int32),
+      "targets": lay.targets.astype(np.int32), "valid": lay.valid.astype(bool),
+      "pixels": pixels, "t": t, "image_kind": image_kind, "image_weight": image_weight,
+      "image_positions": image_positions, "num_skipped": np.asarray(num_skipped, np.int32),
+  }
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Pulls prepared samples, sets skip records aside, collates B good ones. State = the parent's."""
+  _MUTATES_ELEMENT_SPEC = True
+
+  def __init__(self, parent: grain.DatasetIterator, spec: PipelineSpec) -> None:
+    super().__init__(parent)
+    self._spec = spec
+
+  def __next__(self) -> dict[str, Any]:
+    samples, skips = [], []
+    limit = 10 * self._spec.batch_size + 100  # all-bad data must fail loudly, not loop forever
+    while len(samples) < self._spec.batch_size:
+      item = next(self._parent)
+      if "skip" in item:
+        skips.append((item["id"], item["skip"], item["message"]))
+        if len(skips) > limit:
+          raise RuntimeError(f"{len(skips)} consecutive samples were skipped while filling one batch; the "
+                             f"data looks broken (last: {skips[-1]})")
+      else:
+        samples.append(item)
+    batch = collate(samples, self._spec)
+    batch["_skips"] = skips
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+class _BatchIterDataset(grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, spec: PipelineSpec) -> None:
+    super().__init__(parent)
+    self._spec = spec
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._parent.__iter__(), self._spec)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """The pipeline's outer iterator: logs and counts skips (in the main process, once each) and stamps
+  `num_skipped`. `get_state()` is JSON-serialisable (grain's orbax CheckpointHandler accepts it)."""
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.DatasetIterator) -> None:
+    super().__init__(parent)
+    self.skipped: dict[str, int] = {r: 0 for r in SKIP_REASONS}
+    self.recent_skips: collections.deque = collections.deque(maxlen=256)  # (id, reason, message)
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._parent)
+    for sid, reason, message in batch.pop("_skips"):
+      log.warning("skipped sample %s (%s): %s", sid, reason, message)
+      self.skipped[reason] += 1
+      self.recent_skips.append((sid, reason, message))
+    batch["num_skipped"] = np.asarray(self.num_skipped, np.int32)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"pipeline": self._parent.get_state(), "skipped": dict(self.skipped)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["pipeline"])
+    self.skipped = {r: 0 for r in SKIP_REASONS}
+    self.skipped.update({k: int(v) for k, v in state["skipped"].items()})
+
+
+class _TrainIterDataset(grain.IterDataset):
+  def __iter__(self) -> TrainIterator:
+    return TrainIterator(self._parent.__iter__())
+
+
+# ------------------------------------------------------------------------------------ the stream
+class _Subset:
+  """Random-access view of some indices of a source (picklable, unlike a lambda)."""
+
+  def __init__(self, source: Any, indices: np.ndarray) -> None:
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> Any:
+    return self.source[int(self.indices[i])]
+
+
+def _derived_seed(seed: int, *salt: int) -> int:
+  return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])  # < 2**32, as grain wants
+
+
+def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool = True) -> grain.MapDataset:
+  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch."""
+  cats = np.asarray(source.categories())
+  pools, weights = [], []
+  for c, name in enumerate(sources_lib.CATEGORIES):
+    weight = float(mix.get(name, 0.0))
+    idx = np.flatnonzero(cats == c)
+    if weight > 0 and len(idx) == 0:
+      log.warning("data.mix gives %r weight %g but the source has no %r samples; ignored", name, weight, name)
+      continue
+    if weight <= 0:
+      continue
+    ds = grain.MapDataset.source(_Subset(source, idx))
+    if shuffle:
+      ds = ds.shuffle(seed=_derived_seed(seed, 1, c))
+    pools.append(ds.repeat())
+    weights.append(weight)
+  if not pools:
+    raise ValueError(f"no samples to draw: the source's categories and data.mix {dict(mix)} do not overlap")
+  if len(pools) == 1:
+    return pools[0]
+  ds = grain.MapDataset.mix(pools, weights)
+  if shuffle:  # the mix interleaves in a fixed pattern; shuffle it so no slice of the stream is one category
+    ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=SHUFFLE_WINDOW, seed=_derived_seed(seed, 2))
+  return ds
+
+
+def make_train_dataset(config: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
+                       tokenizer: CheersTokenizer | None = None, source: Any = None) -> grain.IterDataset:
+  """The pipeline as a grain IterDataset (iterate it, or use `make_train_iterator`). `source` overrides
+  the one `config.data.source` names."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  spec = spec_from_config(config, seed=seed, process_count=process_count)
+  data = config.data
+  if source is None:
+    source = sources_lib.make_source(data, spec.seed)
+  ds = mixed_stream(source, data.mix, spec.seed, bool(data.get("shuffle", True)))
+  ds = ds.map_with_index(PrepareExample(spec, tokenizer))  # the index is the global stream index
+  ds = ds[process_index::process_count]
+  threads = int(data.get("num_threads", 8))
+  prefetch = int(data.get("prefetch", min(max(spec.batch_size, 16), 256)))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+  batched: grain.IterDataset = _BatchIterDataset(it_ds, spec)
+  workers = int(data.get("worker_count", 0))
+  if workers > 0:
+    from absl import flags  # grain's worker processes read absl flags; outside absl.app nothing parsed them
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return _TrainIterDataset(batched)
+
+
+def make_train_iterator(config: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
+                        tokenizer: CheersTokenizer | None = None, source: Any = None) -> TrainIterator:
+  """Iterator over this process's batches (see the module docstring); `get_state` / `set_state`
+  checkpoint it. seed defaults to config.seed; the data order depends on seed, process_count and
+  data.worker_count (a state restores into an iterator built with the same three)."""
+  return iter(make_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
+                                 tokenizer=tokenizer, source=source))
+

@@ -1,0 +1,373 @@
+"""Record sources for training: random access (`__len__`, `__getitem__`), grain-compatible.
+
+Every source yields raw examples (plain dicts, picklable):
+
+  {"id": str,
+   "messages": [{"role": "user" | "assistant" | "system", "content": str}, ...],
+   "images": [path (str), encoded bytes or uint8 array (H, W, 3|1)], in placeholder order,
+   "image_kinds": ["und" | "gen", ...]}   # one per image: <image> = understand, <image_gen> = generate
+
+or a marker record `{"id": str, "error": str}` for an example that cannot be read (a malformed JSONL
+line, ...); the pipeline counts and skips markers. Each source also gives `categories()`: the
+und / gen / text category of every index without decoding images, so the pipeline can mix by ratio.
+
+Sources: `JsonlSource` (the official conversation format), `TfdsSource` (image + caption / label
+datasets as t2i and/or i2t samples; TensorFlow is imported lazily), `SyntheticShapes` (coloured shapes
+made in-process, with `describe` / `parse_caption` so an evaluation can check captions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cheers_jax.data.tokenizer import GEN_IMAGE_TEXT, UND_IMAGE_TEXT, normalize_messages
+
+
+# Sample categories for mixing (config.data.mix keys), by the kinds of the sample's images.
+CATEGORIES = ("und", "gen", "text")
+UND, GEN, TEXT = 0, 1, 2
+
+T2I_PROMPT = "Generate an image: {caption}"
+I2T_PROMPT = "Describe the image."
+TASKS = ("t2i", "i2t")
+
+_PLACEHOLDER_RE = re.compile(r"<image_gen>|<image>")
+_KIND_OF_PLACEHOLDER = {"<image>": "und", "<image_gen>": "gen"}
+_ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]*)"')
+
+Example = dict[str, Any]
+
+
+def marker(example_id: str, error: str) -> Example:
+  """A record standing for an unreadable example: the pipeline counts and skips it."""
+  return {"id": example_id, "error": error}
+
+
+def is_marker(example: Mapping[str, Any]) -> bool:
+  return bool(example.get("error"))
+
+
+def category_of_kinds(kinds: Sequence[str]) -> int:
+  """gen if the sample generates any image (editing included), und if it only reads images, else text."""
+  if "gen" in kinds:
+    return GEN
+  return UND if kinds else TEXT
+
+
+def t2i_messages(caption: str) -> list[dict[str, str]]:
+  return [{"role": "user", "content": T2I_PROMPT.format(caption=caption)},
+          {"role": "assistant", "content": GEN_IMAGE_TEXT}]
+
+
+def i2t_messages(caption: str) -> list[dict[str, str]]:
+  return [{"role": "user", "content": UND_IMAGE_TEXT + "\n" + I2T_PROMPT},
+          {"role": "assistant", "content": caption}]
+
+
+def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+  tasks = tuple(tasks)
+  if not tasks or any(t not in TASKS for t in tasks):
+    raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
+  return tasks
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+def _category_of_line(line: bytes) -> int:
+  # Cheap byte test (no JSON parse) so indexing millions of lines stays fast; escaped text needs a parse.
+  if b"\\u" in line:
+    try:
+      line = json.dumps(json.loads(line), ensure_ascii=False).encode()
+    except ValueError:
+      pass
+  if b"<image_gen>" in line:
+    return GEN
+  return UND if b"<image>" in line else TEXT
+
+
+class JsonlSource:
+  """The official JSONL conversation format, one JSON object per line:
+
+    {"id": ..., "image": "a.jpg" | "src.jpg, tgt.jpg" | absent, "conversations": [{"from": "human" |
+     "gpt", "value": "... <im_start><image><im_end> ..."}]}
+
+  Images are matched to the <image> / <image_gen> placeholders in conversation order (editing: the
+  source image is <image>, the target <image_gen>). Lines are indexed by byte offset (the file is never
+  loaded whole); a line that is not a valid record yields a marker.
+  """
+
+  def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike = "") -> None:
+    self.path = os.fspath(path)
+    # Relative image paths resolve against image_root, or the JSONL's folder when none is given.
+    self.image_root = os.fspath(image_root) or os.path.dirname(os.path.abspath(self.path))
+    offsets, ends, cats = [], [], []
+    with open(self.path, "rb") as f:
+      pos = 0
+      for line in f:
+        if line.strip():
+          offsets.append(pos)
+          ends.append(pos + len(line))
+          cats.append(_category_of_line(line))
+        pos += len(line)
+    self._offsets = np.asarray(offsets, np.int64)
+    self._ends = np.asarray(ends, np.int64)
+    self._categories = np.asarray(cats, np.int8)
+    self._fd = None
+    self._pid = None
+
+  def __len__(self) -> int:
+    return len(self._offsets)
+
+  def categories(self) -> np.ndarray:
+    return self._categories
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    state["_fd"] = state["_pid"] = None  # file descriptors do not cross processes
+    return state
+
+  def __del__(self) -> None:
+    if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+      os.close(self._fd)
+
+  def _read_line(self, index: int) -> bytes:
+    if self._fd is None or self._pid != os.getpid():
+      self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+    start, end = int(self._offsets[index]), int(self._ends[index])
+    return os.pread(self._fd, end - start, start)  # no shared file position: safe across reader threads
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    line = self._read_line(index)
+    fallback_id = f"{os.path.basename(self.path)}:{index}"
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      m = _ID_RE.search(line)  # best effort, so the warning names the sample
+      return marker(m.group(1).decode(errors="replace") if m else fallback_id, f"malformed JSON line: {e}")
+    try:
+      return self._parse(record, fallback_id)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      rid = record.get("id", fallback_id) if isinstance(record, dict) else fallback_id
+      return marker(str(rid), f"malformed record: {type(e).__name__}: {e}")
+
+  def _parse(self, record: Mapping[str, Any], fallback_id: str) -> Example:
+    if not isinstance(record, Mapping):
+      raise TypeError("a line must hold a JSON object")
+    rid = str(record.get("id", fallback_id))
+    messages = normalize_messages(record["conversations"])
+    for m in messages:
+      if not isinstance(m["content"], str):
+        raise TypeError("message values must be strings")
+    kinds = [_KIND_OF_PLACEHOLDER[p] for m in messages for p in _PLACEHOLDER_RE.findall(m["content"])]
+    image = record.get("image") or []
+    paths = [p.strip() for p in image.split(",")] if isinstance(image, str) else list(image)
+    if len(paths) != len(kinds) or not all(isinstance(p, str) and p for p in paths):
+      raise ValueError(f"{len(kinds)} image placeholders but images {paths!r}")
+    paths = [os.path.join(self.image_root, p) for p in paths]
+    return {"id": rid, "messages": messages, "images": paths, "image_kinds": kinds}
+
+
+# -------------------------------------------------------------------------------------------- TFDS
+# Splits larger than this are not loaded into memory when the dataset is not in a random-access format.
+_TFDS_IN_MEMORY_LIMIT = 50_000
+
+
+class TfdsSource:
+  """An image + caption (or image + ClassLabel) TFDS dataset as t2i and/or i2t samples.
+
+  Index i is example i // len(tasks) as task tasks[i % len(tasks)]. t2i: user "Generate an image:
+  {caption}" -> assistant <im_start><image_gen><im_end>; i2t: user <im_start><image><im_end> "Describe
+  the image." -> assistant caption. A ClassLabel text feature gives its class name ('_' -> ' ').
+  Nested features are addressed with '/', e.g. text_key='captions/text'. The dataset must be prepared
+  (no downloads); array_record / parquet give random access, other formats are loaded into memory when
+  small. tensorflow_datasets is imported only here, so the model never needs TensorFlow.
+  """
+
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
+               text_key: str = "caption", tasks: Sequence[str] = TASKS) -> None:
+    self.name, self.split, self.data_dir = name, split, (data_dir or None)
+    self.image_key, self.text_key, self.tasks = image_key, text_key, _check_tasks(tasks)
+    builder = self._builder()
+    feature = _nested(builder.info.features, text_key)
+    self.label_names = list(feature.names) if hasattr(feature, "names") else None
+    self._num_examples = len(self._source())
+
+  def _builder(self):
+    import tensorflow_datasets as tfds  # lazy: TensorFlow only when a TFDS source is used
+    return tfds.builder(self.name, data_dir=self.data_dir)
+
+  def _source(self):
+    if getattr(self, "_src", None) is None:
+      import tensorflow_datasets as tfds
+      builder = self._builder()
+      fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format) or "")
+      if fmt in ("array_record", "parquet"):
+        self._src = builder.as_data_source(split=self.split)
+      else:
+        n = builder.info.splits[self.split].num_examples
+        if n > _TFDS_IN_MEMORY_LIMIT:
+          raise ValueError(
+              f"TFDS dataset {self.name!r} is stored as {fmt or 'tfrecord'} ({n} examples): random access "
+              "needs array_record; rebuild with `tfds build --file_format=array_record` or convert it with "
+              "`tfds convert_format --out_file_format=array_record`")
+        ds = builder.as_dataset(split=self.split, shuffle_files=False)
+        self._src = list(tfds.as_numpy(ds))
+    return self._src
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    state["_src"] = None  # reopened in each worker
+    return state
+
+  def __len__(self) -> int:
+    return self._num_examples * len(self.tasks)
+
+  def categories(self) -> np.ndarray:
+    per_task = np.asarray([GEN if t == "t2i" else UND for t in self.tasks], np.int8)
+    return np.tile(per_task, self._num_examples)
+
+  def caption(self, value: Any) -> str:
+    if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) > 0:
+      value = value[0] if len(value) else ""  # several captions per image: the first
+    if self.label_names is not None:
+      return self.label_names[int(value)].replace("_", " ")
+    if isinstance(value, bytes):
+      value = value.decode("utf-8")
+    return str(value).strip()
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    example_index, task = divmod(index, len(self.tasks))
+    task = self.tasks[task]
+    eid = f"{self.name}/{self.split}/{example_index}/{task}"
+    try:
+      ex = self._source()[example_index]
+      image = _nested(ex, self.image_key)
+      caption = self.caption(_nested(ex, self.text_key))
+    except (KeyError, IndexError, ValueError, TypeError, UnicodeDecodeError) as e:
+      return marker(eid, f"unreadable TFDS example: {type(e).__name__}: {e}")
+    if not caption:
+      return marker(eid, "empty caption")
+    if task == "t2i":
+      return {"id": eid, "messages": t2i_messages(caption), "images": [image], "image_kinds": ["gen"]}
+    return {"id": eid, "messages": i2t_messages(caption), "images": [image], "image_kinds": ["und"]}
+
+
+def _nested(tree: Any, key: str) -> Any:
+  for part in key.split("/"):
+    tree = tree[part]
+  return tree
+
+
+# --------------------------------------------------------------------------------------- synthetic
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 20)}
+SHAPES = ("circle", "square", "triangle")
+_SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
+
+
+class ShapeLabel(NamedTuple):
+  colour: str
+  shape: str
+
+
+def describe(label: ShapeLabel | tuple[str, str]) -> str:
+  """The caption of a shape: ('red', 'circle') -> 'a red circle'."""
+  colour, shape = label
+  return f"a {colour} {shape}"
+
+
+def parse_caption(text: str) -> ShapeLabel | None:
+  """The (colour, shape) a caption names, or None when it names not exactly one colour and one shape."""
+  words = re.findall(r"[a-z]+", text.lower())
+  colours = {w for w in words if w in COLOURS}
+  shapes = {w for w in words if w in SHAPES}
+  if len(colours) != 1 or len(shapes) != 1:
+    return None
+  return ShapeLabel(colours.pop(), shapes.pop())
+
+
+class SyntheticShapes:
+  """One coloured shape (circle / square / triangle) at a random position and size on a plain grey
+  background, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd ones t2i. Everything is
+  a function of (seed, index), so any process regenerates the same example.
+  """
+
+  def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0) -> None:
+    self.size, self.image_size, self.seed = int(size), int(image_size), int(seed)
+
+  def __len__(self) -> int:
+    return self.size
+
+  def categories(self) -> np.ndarray:
+    return np.where(np.arange(self.size) % 2 == 0, UND, GEN).astype(np.int8)
+
+  def _params(self, index: int) -> dict[str, Any]:
+    rng = np.random.default_rng([self.seed, index])
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    extent = rng.uniform(0.3, 0.6)  # side / diameter as a fraction of the image
+    x0, y0 = rng.uniform(0.0, 1.0 - extent, size=2)
+    background = int(rng.integers(200, 256))
+    return dict(colour=colour, shape=shape, box=(x0, y0, x0 + extent, y0 + extent), background=background)
+
+  def label(self, index: int) -> ShapeLabel:
+    p = self._params(int(index))
+    return ShapeLabel(p["colour"], p["shape"])
+
+  def render(self, index: int) -> np.ndarray:
+    """uint8 (image_size, image_size, 3)."""
+    p = self._params(int(index))
+    big = self.image_size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), (p["background"],) * 3)
+    draw = ImageDraw.Draw(canvas)
+    x0, y0, x1, y1 = (v * big for v in p["box"])
+    fill = COLOURS[p["colour"]]
+    if p["shape"] == "circle":
+      draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif p["shape"] == "square":
+      draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+      draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    small = canvas.resize((self.image_size, self.image_size), Image.Resampling.BOX)
+    return np.asarray(small, np.uint8)
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    caption = describe(self.label(index))
+    image = self.render(index)
+    if index % 2 == 0:
+      return {"id": f"shapes/{index}", "messages": i2t_messages(caption), "images": [image],
+              "image_kinds": ["und"]}
+    return {"id": f"shapes/{index}", "messages": t2i_messages(caption), "images": [image],
+            "image_kinds": ["gen"]}
+
+
+# ------------------------------------------------------------------------------------------ config
+def make_source(data_config: Any, seed: int = 0):
+  """The source `config.data` names: synthetic | jsonl | tfds."""
+  kind = data_config.source
+  if kind == "synthetic":
+    return SyntheticShapes(data_config.synthetic_size, data_config.image_size, seed)
+  if kind == "jsonl":
+    if not data_config.jsonl_path:
+      raise ValueError("config.data.jsonl_path is empty")
+    return JsonlSource(data_config.jsonl_path, data_config.image_root)
+  if kind == "tfds":
+    if not data_config.tfds_name:
+      raise ValueError("config.data.tfds_name is empty")
+    return TfdsSource(data_config.tfds_name, data_config.tfds_split, data_config.tfds_data_dir or None,
+                      data_config.tfds_image_key, data_config.tfds_text_key, tuple(data_config.tfds_tasks))
+  raise ValueError(f"unknown config.data.source {kind!r}: synthetic | jsonl | tfds")

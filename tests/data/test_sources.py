@@ -1,0 +1,194 @@
+"""Record sources: the official JSONL format, TFDS (a tiny dataset built locally), synthetic shapes."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cheers_jax.data import sources
+from cheers_jax.data.sources import (COLOURS, GEN, SHAPES, TEXT, UND, JsonlSource, ShapeLabel, SyntheticShapes,
+                                     describe, is_marker, parse_caption)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _human(text: str) -> dict:
+  return {"from": "human", "value": text}
+
+
+def _gpt(text: str) -> dict:
+  return {"from": "gpt", "value": text}
+
+
+@pytest.fixture()
+def jsonl(tmp_path: Path) -> Path:
+  rng = np.random.default_rng(0)
+  (tmp_path / "imgs").mkdir()
+  for name in ("a.png", "b.png", "c.png"):
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name)
+  lines = [
+      json.dumps({"id": "u", "image": "imgs/a.png",
+                  "conversations": [_human("<im_start><image><im_end>\nWhat is this?"), _gpt("A cat.")]}),
+      json.dumps({"id": "g", "image": "imgs/b.png",
+                  "conversations": [_human("A dog."), _gpt("<im_start><image_gen><im_end>")]}),
+      "",  # blank lines are not records
+      json.dumps({"id": "e", "image": "imgs/a.png, imgs/c.png",
+                  "conversations": [_human("<im_start><image><im_end>\nMake it blue."),
+                                    _gpt("<im_start><image_gen><im_end>")]}),
+      json.dumps({"id": "t", "conversations": [_human("Hi."), _gpt("Hello.")]}),
+      '{"id": "broken", "conversations": [',
+      json.dumps({"id": "m", "image": "imgs/a.png, imgs/b.png",
+                  "conversations": [_human("<im_start><image><im_end>\nWhat?"), _gpt("A cat.")]}),
+      # escaped '<' still classifies by the parsed text
+      json.dumps({"id": "esc", "image": "imgs/b.png",
+                  "conversations": [_human("Draw."), _gpt("<im_start><image_gen><im_end>")]}).replace("<", "\\u003c"),
+  ]
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def test_jsonl_records(jsonl: Path):
+  src = JsonlSource(jsonl)  # image_root defaults to the JSONL's folder
+  assert len(src) == 7
+  np.testing.assert_array_equal(src.categories(), [UND, GEN, GEN, TEXT, TEXT, UND, GEN])
+  u = src[0]
+  assert u["id"] == "u" and u["image_kinds"] == ["und"]
+  assert u["images"] == [str(jsonl.parent / "imgs" / "a.png")]
+  assert u["messages"] == [{"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
+                           {"role": "assistant", "content": "A cat."}]
+  assert src[1]["image_kinds"] == ["gen"]
+  e = src[2]  # editing: source to understand, target to generate, in that order
+  assert e["image_kinds"] == ["und", "gen"]
+  assert [Path(p).name for p in e["images"]] == ["a.png", "c.png"]
+  t = src[3]
+  assert t["images"] == [] and t["image_kinds"] == [] and not is_marker(t)
+  assert is_marker(src[4]) and src[4]["id"] == "broken" and "malformed" in src[4]["error"]
+  assert is_marker(src[5]) and src[5]["id"] == "m"
+  assert "1 image placeholders" in src[5]["error"]
+  assert src[6]["image_kinds"] == ["gen"]
+  with pytest.raises(IndexError):
+    src[7]
+
+
+def test_jsonl_image_root_and_pickle(jsonl: Path, tmp_path: Path):
+  src = JsonlSource(jsonl, image_root="/elsewhere")
+  assert src[0]["images"] == ["/elsewhere/imgs/a.png"]
+  src[1]  # opens the file handle; pickling must drop it
+  clone = pickle.loads(pickle.dumps(src))
+  assert clone[2] == src[2]
+
+
+def test_synthetic_deterministic_and_described():
+  a, b = SyntheticShapes(64, 32, seed=3), SyntheticShapes(64, 32, seed=3)
+  for i in (0, 1, 17):
+    ra, rb = a[i], b[i]
+    np.testing.assert_array_equal(ra["images"][0], rb["images"][0])
+    assert ra["messages"] == rb["messages"]
+  assert not np.array_equal(SyntheticShapes(64, 32, seed=4)[0]["images"][0], a[0]["images"][0])
+  np.testing.assert_array_equal(a.categories()[:4], [UND, GEN, UND, GEN])
+  i2t, t2i = a[4], a[5]
+  assert i2t["image_kinds"] == ["und"] and i2t["messages"][1]["content"] == describe(a.label(4))
+  assert "<image>" in i2t["messages"][0]["content"]
+  assert t2i["image_kinds"] == ["gen"] and t2i["messages"][0]["content"].endswith(describe(a.label(5)))
+  assert t2i["messages"][1]["content"] == "<im_start><image_gen><im_end>"
+  assert i2t["images"][0].shape == (32, 32, 3) and i2t["images"][0].dtype == np.uint8
+  assert describe(("red", "circle")) == "a red circle"
+  assert parse_caption("A Red circle.") == ShapeLabel("red", "circle")
+  assert parse_caption("a red blue circle") is None and parse_caption("nothing") is None
+  labels = {a.label(i) for i in range(64)}
+  assert {l.colour for l in labels} <= set(COLOURS) and {l.shape for l in labels} == set(SHAPES)
+
+
+def test_synthetic_image_shows_its_colour():
+  src = SyntheticShapes(32, 64, seed=0)
+  for i in range(8):
+    img = src.render(i).reshape(-1, 3).astype(int)
+    want = np.asarray(COLOURS[src.label(i).colour])
+    close = np.abs(img - want).max(axis=1) < 8
+    assert close.mean() > 0.05  # the shape covers >= 9% of the image (extent >= 0.3)
+    grey = (img.max(axis=1) - img.min(axis=1)) < 3
+    assert (close | grey).mean() > 0.9  # the rest is plain background (plus anti-aliased edges)
+
+
+def test_sources_import_without_tensorflow():
+  code = ("import sys; import cheers_jax.data.pipeline, cheers_jax.data.sources; "
+          "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT,
+                 env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+
+
+# -------------------------------------------------------------------------------------------- TFDS
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> Path:
+  try:
+    import tensorflow_datasets as tfds
+  except Exception as e:  # noqa: BLE001 - any import failure means: no TensorFlow here
+    pytest.skip(f"tensorflow_datasets cannot be imported: {e}")
+
+  class TinyCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # no checksums file next to a test module
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "caption": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=["tabby_cat", "dog", "bird"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(6):
+        img = np.full((24, 40, 3), 40 * i, np.uint8)  # the grey level tells the example apart
+        yield i, {"image": img, "caption": f"caption {i}", "label": i % 3}
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  TinyCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def test_tfds_captions(tfds_dir: Path):
+  src = sources.TfdsSource("tiny_captions", "train", str(tfds_dir), "image", "caption", ("t2i", "i2t"))
+  assert len(src) == 12
+  np.testing.assert_array_equal(src.categories()[:4], [GEN, UND, GEN, UND])
+  t2i, i2t = src[0], src[1]  # the same example as both tasks
+  np.testing.assert_array_equal(t2i["images"][0], i2t["images"][0])
+  caption = i2t["messages"][1]["content"]
+  assert caption.startswith("caption ") and int(caption.split()[1]) * 40 == int(i2t["images"][0][0, 0, 0])
+  assert t2i["messages"][0]["content"] == f"Generate an image: {caption}"
+  assert t2i["messages"][1]["content"] == "<im_start><image_gen><im_end>" and t2i["image_kinds"] == ["gen"]
+  assert i2t["messages"][0]["content"] == "<im_start><image><im_end>\nDescribe the image."
+  assert i2t["image_kinds"] == ["und"] and i2t["images"][0].shape == (24, 40, 3)
+  clone = pickle.loads(pickle.dumps(src))
+  assert clone[3]["messages"] == src[3]["messages"]
+
+
+def test_tfds_class_labels(tfds_dir: Path):
+  src = sources.TfdsSource("tiny_captions", "train", str(tfds_dir), "image", "label", ("i2t",))
+  assert len(src) == 6 and set(src.categories()) == {UND}
+  names = {src[i]["messages"][1]["content"] for i in range(6)}
+  assert names == {"tabby cat", "dog", "bird"}
+
+
+def test_tfds_pipeline(tfds_dir: Path):
+  from configs import tiny
+  from cheers_jax.data import pipeline
+  c = tiny.get_config()
+  c.data.source, c.data.tfds_name, c.data.tfds_data_dir = "tfds", "tiny_captions", str(tfds_dir)
+  c.train.batch_size = 4
+  it = pipeline.make_train_iterator(c)
+  kinds = []
+  for _ in range(3):
+    batch = next(it)
+    assert batch["token_ids"].shape == (4, 96) and batch["pixels"].shape == (4, 64, 64, 3)
+    assert int(batch["num_skipped"]) == 0
+    kinds += batch["image_kind"].tolist()
+  assert set(kinds) == {1, 2}  # i2t and t2i (the ratio holds per shuffle window; see test_mix_ratios)
