@@ -99,27 +99,28 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
     keep = np.asarray(attention_mask[b]).astype(bool)
     ids, labs = np.asarray(input_ids[b])[keep], np.asarray(labels[b])[keep]
     is_ph = (ids == IMAGE_TOKEN_INDEX) | (ids == IMAGE_GEN_TOKEN_INDEX)
-    tok, img_local, img_mask, lab = [], [], [], []
-    if not is_ph.any():
+    if not is_ph.any():  # the sample's image is prepended, causal (image_mask 0)
+      k = len(kinds)
       kinds.append(KIND_PREPENDED), samples.append(b), starts.append(0)
-      tok.append(np.zeros(n_tok, np.int64)), img_local.append(np.arange(n_tok) + len(kinds) * n_tok - n_tok)
-      img_mask.append(np.zeros(n_tok, np.int64)), lab.append(np.full(n_tok, IMAGE_TOKEN_INDEX))
-      tok.append(ids), img_local.append(np.full(len(ids), -1)), img_mask.append(np.zeros(len(ids), np.int64))
-      lab.append(labs)
-    else:
-      pos = 0
-      for i in range(len(ids)):
-        if is_ph[i]:
-          k = len(kinds)
-          kinds.append(KIND_UND if ids[i] == IMAGE_TOKEN_INDEX else KIND_GEN), samples.append(b), starts.append(pos)
-          tok.append(np.zeros(n_tok, np.int64)), img_local.append(k * n_tok + np.arange(n_tok))
-          img_mask.append(np.ones(n_tok, np.int64)), lab.append(np.full(n_tok, ids[i]))
-          pos += n_tok
-        else:
-          tok.append(ids[i:i + 1]), img_local.append(np.array([-1])), img_mask.append(np.array([0]))
-          lab.append(labs[i:i + 1])
-          pos += 1
-    row = [np.concatenate(x)[:max_seq_len] for x in (tok, img_local, img_mask, lab)]
+      tok = np.concatenate([np.zeros(n_tok, np.int64), ids])
+      img_local = np.concatenate([k * n_tok + np.arange(n_tok), np.full(len(ids), -1)])
+      img_mask = np.zeros(len(tok), np.int64)
+      lab = np.concatenate([np.full(n_tok, IMAGE_TOKEN_INDEX), labs])
+    else:  # each placeholder expands to N slots; vectorised over tokens
+      width = np.where(is_ph, n_tok, 1)
+      offsets = np.cumsum(width) - width
+      src = np.repeat(np.arange(len(ids)), width)           # source token of every output position
+      within = np.arange(len(src)) - offsets[src]            # index inside an image block
+      image_no = len(kinds) + np.cumsum(is_ph) - 1           # global image number of each placeholder
+      on_image = is_ph[src]
+      tok = np.where(on_image, 0, ids[src])
+      img_local = np.where(on_image, image_no[src] * n_tok + within, -1)
+      img_mask = on_image.astype(np.int64)
+      lab = np.where(on_image, ids[src], labs[src])
+      for i in np.flatnonzero(is_ph):
+        kinds.append(KIND_UND if ids[i] == IMAGE_TOKEN_INDEX else KIND_GEN), samples.append(b)
+        starts.append(int(offsets[i]))
+    row = [x[:max_seq_len] for x in (tok, img_local, img_mask, lab)]
     rows.append(row)
 
   lengths = [len(r[0]) for r in rows]
