@@ -1,0 +1,391 @@
+"""Generate with a Cheers checkpoint: chat, ask about an image, text-to-image, edit an image.
+
+  python -m cheers_jax.generate chat --checkpoint HF_DIR --prompt "Tell me a joke"
+  python -m cheers_jax.generate chat --checkpoint HF_DIR                 # interactive, multi-turn
+  python -m cheers_jax.generate ask  --checkpoint HF_DIR --image cat.png --prompt "Describe this image."
+  python -m cheers_jax.generate t2i  --checkpoint HF_DIR "a red bicycle" "a lighthouse at dusk" --out out/
+  python -m cheers_jax.generate t2i  --checkpoint HF_DIR --prompt-file prompts.txt --batch-size 8 --out out/
+  python -m cheers_jax.generate edit --checkpoint HF_DIR --image cat.png --prompt "make it a tiger" --out out/
+
+The model comes from --checkpoint (the published Hugging Face layout) or --workdir (an Orbax checkpoint
+written by `python -m cheers_jax.convert hf-to-orbax`). Defaults follow the official scripts: T2I 80
+steps, CFG 9.5, shift 0.5, greedy text; I2T temperature 0.3; chat temperature 0.7. Each T2I prompt i uses
+seed --seed + i, so an image does not depend on the batch it was drawn in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+GENERATION_HEAD = ("model.gen_projector.", "model.hi_gate.", "model.hi_projector.", "model.time_embed.",
+                   "model.vae_decoder_projector.", "model.vae_model.decoder.")
+
+
+class CLIError(ValueError):
+  """A usage problem the user can fix; printed as `error: ...`, exit status 2."""
+
+
+# ---- model loading -------------------------------------------------------------------------------
+def _tensor_names(ckpt_dir: Path) -> Optional[set[str]]:
+  """Tensor names of an HF checkpoint from its index or header only (None if unreadable)."""
+  index = ckpt_dir / "model.safetensors.index.json"
+  try:
+    if index.is_file():
+      return set(json.loads(index.read_text())["weight_map"])
+    single = ckpt_dir / "model.safetensors"
+    if single.is_file():
+      from cheers_jax.checkpoint.safetensors_io import read_header
+      return set(read_header(single)[0])
+  except Exception:  # the loader reports a broken checkpoint with its own, better message
+    return None
+  return None
+
+
+def missing_generation_head(ckpt_dir: Path) -> list[str]:
+  """Modules of the generation path with no tensor in the checkpoint."""
+  names = _tensor_names(ckpt_dir)
+  if names is None:
+    return []
+  return [p.rstrip(".") for p in GENERATION_HEAD if not any(n.startswith(p) for n in names)]
+
+
+def load_model(checkpoint: Optional[str], workdir: Optional[str], dtype: str, need_generation: bool):
+  """-> (Cheers module, variables) in `dtype` (computation and parameters)."""
+  import jax
+  import jax.numpy as jnp
+  from cheers_jax.model.cheers import Cheers
+
+  if bool(checkpoint) == bool(workdir):
+    raise CLIError("give exactly one of --checkpoint HF_DIR or --workdir ORBAX_DIR")
+  jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  if checkpoint:
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+      raise CLIError(f"--checkpoint {checkpoint}: no config.json there; point it at a Hugging Face Cheers "
+                     "checkpoint directory (config.json + model*.safetensors)")
+    if need_generation:
+      missing = missing_generation_head(path)
+      if missing:
+        raise CLIError(f"checkpoint {checkpoint} has no generation head (no tensors for {', '.join(missing)}): "
+                       "it cannot make images; use a full Cheers checkpoint, or the chat/ask commands")
+    from cheers_jax.checkpoint.hf import load_hf_checkpoint
+    cfg, variables = load_hf_checkpoint(path, dtype=jdtype)
+  else:
+    path = Path(workdir)
+    if not ((path / "model_config.json").is_file() and (path / "state").is_dir()):
+      raise CLIError(f"--workdir {workdir}: expected an Orbax checkpoint with model_config.json and state/ "
+                     "(write one with `python -m cheers_jax.convert hf-to-orbax`), or use --checkpoint HF_DIR")
+    from cheers_jax.convert import load_orbax
+    cfg, variables = load_orbax(path)
+    variables = jax.tree.map(lambda x: jnp.asarray(x, jdtype), variables)
+  # in bf16 reproduce the reference's inference casts; in fp32 compute exactly
+  cfg = cfg.replace(dtype=dtype, param_dtype=dtype, reference_bf16_casts=(dtype == "bfloat16"))
+  return Cheers(cfg), variables
+
+
+def _default_dtype() -> str:
+  import jax
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+# ---- images --------------------------------------------------------------------------------------
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """[0, 1] float (H, W, 3) -> uint8, rounding as torchvision's save_image."""
+  return np.clip(np.floor(np.asarray(image, np.float32) * 255 + 0.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
+  """uint8 (H, W, 3) images -> one uint8 grid, row-major, black padding."""
+  n = len(images)
+  cols = columns or min(n, 4)
+  rows = math.ceil(n / cols)
+  h, w = images[0].shape[:2]
+  grid = np.zeros((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), np.uint8)
+  for i, img in enumerate(images):
+    r, c = divmod(i, cols)
+    y, x = pad + r * (h + pad), pad + c * (w + pad)
+    grid[y:y + h, x:x + w] = img
+  return grid
+
+
+def _slug(text: str, limit: int = 40) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "image"
+
+
+def save_images(images: np.ndarray, prompts: Sequence[str], out_dir: Path, first_index: int = 0) -> list[Path]:
+  from PIL import Image
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i, (img, prompt) in enumerate(zip(images, prompts)):
+    path = out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png"
+    Image.fromarray(to_uint8(img)).save(path)
+    paths.append(path)
+  return paths
+
+
+def _load_source(path: str, resolution: int, patch: int) -> np.ndarray:
+  from cheers_jax.data.images import BadImageError, load_image, preprocess_understanding
+  try:
+    img = load_image(path)
+  except BadImageError as e:
+    raise CLIError(f"{e}; give a readable PNG/JPEG/WebP file") from e
+  return preprocess_understanding(img, resolution=resolution, patch_size=patch).pixel_values.transpose(1, 2, 0)
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def _check_text(text: Optional[str], what: str = "prompt") -> str:
+  if text is None or not text.strip():
+    raise CLIError(f"empty {what}: give some text (e.g. --prompt \"a red circle\")")
+  return text
+
+
+def _sampling(args):
+  from cheers_jax.infer.decode import SamplingConfig
+  return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        repetition_penalty=args.repetition_penalty).validate()
+
+
+def _printer(tokenizer, out=sys.stdout):
+  """A `stream` callback for one sample: prints the text as it grows."""
+  ids: list[int] = []
+  shown = [""]
+
+  def show(new: list[np.ndarray]) -> None:
+    ids.extend(int(i) for i in new[0])
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      out.write(text[len(shown[0]):])
+      out.flush()
+      shown[0] = text
+  return show
+
+
+def _answer(model, variables, tokenizer, prompts: list[np.ndarray], images, args) -> list[str]:
+  from cheers_jax.infer.decode import generate_text
+  stream = _printer(tokenizer) if len(prompts) == 1 and not args.no_stream else None
+  ids = generate_text(model, variables, prompts, images, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
+                      seed=args.seed, max_len=args.max_len, stream=stream,
+                      dummy_seeds=[args.seed + i for i in range(len(prompts))])
+  texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+  if stream is None:
+    for i, text in enumerate(texts):
+      print(f"[{i}] {text}" if len(texts) > 1 else text)
+  else:
+    print()
+  return texts
+
+
+def cmd_chat(args, model, variables, tokenizer) -> int:
+  if args.prompt:
+    prompts = [tokenizer.build_prompt([{"role": "user", "content": _check_text(p)}], system_prompt=args.system)
+               for p in args.prompt]
+    _answer(model, variables, tokenizer, prompts, None, args)
+    return 0
+  history: list[dict] = []
+  print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+  for line in sys.stdin:
+    if not line.strip():
+      break
+    history.append({"role": "user", "content": line.rstrip("\n")})
+    prompt = tokenizer.build_prompt(history, system_prompt=args.system)
+    reply = _answer(model, variables, tokenizer, [prompt], None, args)[0]
+    history.append({"role": "assistant", "content": reply})
+  return 0
+
+
+def cmd_ask(args, model, variables, tokenizer) -> int:
+  from cheers_jax.data.tokenizer import UND_IMAGE_TEXT
+  cfg = model.cfg
+  image = _load_source(args.image, cfg.vision.image_size, cfg.vision.patch_size)
+  questions = args.prompt or ["Describe this image."]
+  prompts = [tokenizer.build_prompt(f"{UND_IMAGE_TEXT}\n{_check_text(q)}", system_prompt=args.system)
+             for q in questions]
+  _answer(model, variables, tokenizer, prompts, [[image] for _ in prompts], args)
+  return 0
+
+
+def _flow_kwargs(args) -> dict:
+  return dict(steps=args.steps, cfg_scale=args.cfg, alpha=args.shift, max_new_tokens=args.max_new_tokens,
+              sampling=_sampling(args), max_len=args.max_len)
+
+
+def _report_text(tokenizer, ids_list, offset: int) -> None:
+  for i, ids in enumerate(ids_list):
+    text = tokenizer.decode(ids[1:], skip_special_tokens=True)  # ids[0] is <im_end>
+    if text.strip():
+      print(f"[{offset + i}] text after the image: {text}")
+
+
+def cmd_t2i(args, model, variables, tokenizer) -> int:
+  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
+  texts = _t2i_texts(args)
+  out_dir = Path(args.out)
+  all_images, bs = [], args.batch_size
+  for start in range(0, len(texts), bs):
+    chunk = texts[start:start + bs]
+    # pad the last batch to the same shape: no second compile
+    padded = chunk + [chunk[-1]] * (min(bs, len(texts)) - len(chunk))
+    seeds = [args.seed + start + i for i in range(len(padded))]
+    t0 = time.perf_counter()
+    res = text_to_image(model, variables, [t2i_prompt(tokenizer, t) for t in padded], seeds=seeds, **_flow_kwargs(args))
+    dt = time.perf_counter() - t0
+    images = res.images[:len(chunk)]
+    paths = save_images(images, chunk, out_dir, start)
+    all_images += list(images)
+    _report_text(tokenizer, res.generated_ids[:len(chunk)], start)
+    for p in paths:
+      print(f"saved {p}")
+    print(f"[t2i] {len(chunk)} image(s) in {dt:.1f} s", file=sys.stderr)
+  if len(all_images) > 1:
+    from PIL import Image
+    grid_path = out_dir / "grid.png"
+    Image.fromarray(make_grid([to_uint8(x) for x in all_images])).save(grid_path)
+    print(f"saved {grid_path}")
+  return 0
+
+
+def cmd_edit(args, model, variables, tokenizer) -> int:
+  from cheers_jax.infer.t2i import edit_images, edit_prompt
+  cfg = model.cfg
+  source = _load_source(args.image, cfg.vision.image_size, cfg.vision.patch_size)
+  instructions = [_check_text(p) for p in (args.prompt or [])]
+  if not instructions:
+    raise CLIError("edit needs an instruction: --prompt \"make the sky purple\"")
+  res = edit_images(model, variables, [edit_prompt(tokenizer, t) for t in instructions],
+                    np.stack([source] * len(instructions)), seeds=[args.seed + i for i in range(len(instructions))],
+                    **_flow_kwargs(args))
+  out_dir = Path(args.out)
+  for p in save_images(res.images, instructions, out_dir):
+    print(f"saved {p}")
+  _report_text(tokenizer, res.generated_ids, 0)
+  if len(res.images) > 1:
+    from PIL import Image
+    Image.fromarray(make_grid([to_uint8(x) for x in res.images])).save(out_dir / "grid.png")
+    print(f"saved {out_dir / 'grid.png'}")
+  return 0
+
+
+def _t2i_texts(args) -> list[str]:
+  texts = list(args.prompts or []) + list(args.prompt or [])
+  if args.prompt_file:
+    try:
+      lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+      raise CLIError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from e
+    texts += [x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#")]
+  if not texts:
+    raise CLIError("no prompt: give prompts as arguments, with --prompt, or one per line in --prompt-file")
+  for t in texts:
+    _check_text(t)
+  return texts
+
+
+# ---- argument parsing ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+  common = argparse.ArgumentParser(add_help=False)
+  src = common.add_argument_group("model")
+  src.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
+  src.add_argument("--workdir", help="Orbax checkpoint directory written by `cheers_jax.convert hf-to-orbax`")
+  src.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+  src.add_argument("--max-len", type=int, default=4096,
+                   help="KV cache length: prompt + image tokens + new tokens must fit (default 4096)")
+  src.add_argument("--seed", type=int, default=0, help="random seed (T2I prompt i uses seed + i)")
+  txt = common.add_argument_group("text decoding")
+  txt.add_argument("--max-new-tokens", type=int, help="text tokens to generate (chat/ask 256; t2i/edit 0 = none "
+                   "after the image)")
+  txt.add_argument("--temperature", type=float, help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)")
+  txt.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off, the reference default)")
+  txt.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off, the reference default)")
+  txt.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (the reference default)")
+  txt.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
+
+  flow = argparse.ArgumentParser(add_help=False)
+  g = flow.add_argument_group("image generation")
+  g.add_argument("--steps", type=int, default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
+  g.add_argument("--cfg", type=float, default=9.5, help="classifier-free guidance scale (1 = off; default 9.5)")
+  g.add_argument("--shift", type=float, default=0.5, help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
+  g.add_argument("--out", default="outputs", help="output folder for the PNGs (default ./outputs)")
+
+  p = argparse.ArgumentParser(prog="python -m cheers_jax.generate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True, metavar="{chat,ask,t2i,edit}")
+  c = sub.add_parser("chat", parents=[common], help="text chat (interactive without --prompt)")
+  c.add_argument("--prompt", action="append", help="a message; repeat for a batch of independent prompts")
+  c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it grows")
+  a = sub.add_parser("ask", parents=[common], help="answer questions about an image")
+  a.add_argument("--image", required=True, help="image file")
+  a.add_argument("--prompt", action="append", help="question (repeatable; default 'Describe this image.')")
+  a.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it grows")
+  t = sub.add_parser("t2i", parents=[common, flow], help="text to image")
+  t.add_argument("prompts", nargs="*", help="prompts (or use --prompt / --prompt-file)")
+  t.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+  t.add_argument("--prompt-file", help="text file, one prompt per line ('#' lines skipped)")
+  t.add_argument("--batch-size", type=int, default=4, help="prompts per batch (default 4)")
+  e = sub.add_parser("edit", parents=[common, flow], help="edit an image following an instruction")
+  e.add_argument("--image", required=True, help="source image file")
+  e.add_argument("--prompt", action="append", help="editing instruction (repeatable: one output each)")
+  return p
+
+
+DEFAULTS = {"chat": dict(temperature=0.7, max_new_tokens=256), "ask": dict(temperature=0.3, max_new_tokens=256),
+            "t2i": dict(temperature=0.0, max_new_tokens=0), "edit": dict(temperature=0.0, max_new_tokens=0)}
+
+
+def _validate(args) -> None:
+  for key, value in DEFAULTS[args.command].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  if args.max_len < 1:
+    raise CLIError(f"--max-len {args.max_len} must be positive")
+  if args.max_new_tokens < 0:
+    raise CLIError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+  if args.command in ("t2i", "edit"):
+    if args.steps < 1:
+      raise CLIError(f"--steps {args.steps}: need at least 1 denoising step (published default 80)")
+    if args.command == "edit" and int(args.steps * 0.9) < 1:
+      raise CLIError(f"--steps {args.steps}: editing runs int(0.9 * steps) steps, so give at least 2")
+    if args.shift <= 0:
+      raise CLIError(f"--shift {args.shift} must be > 0 (published default 0.5)")
+  if args.command == "t2i":
+    if args.batch_size < 1:
+      raise CLIError(f"--batch-size {args.batch_size} must be >= 1")
+    _t2i_texts(args)
+  if args.command in ("ask", "edit") and not os.path.isfile(args.image):
+    raise CLIError(f"image file not found: {args.image!r}")
+
+
+COMMANDS = {"chat": cmd_chat, "ask": cmd_ask, "t2i": cmd_t2i, "edit": cmd_edit}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  from cheers_jax.checkpoint.hf import CheckpointError
+  from cheers_jax.data.images import BadImageError
+  from cheers_jax.infer.decode import GenerationError
+  from cheers_jax.model.config import ConfigError
+  try:
+    _validate(args)
+    from cheers_jax.data.tokenizer import CheersTokenizer
+    dtype = args.dtype or _default_dtype()
+    t0 = time.perf_counter()
+    model, variables = load_model(args.checkpoint, args.workdir, dtype, args.command in ("t2i", "edit"))
+    print(f"loaded {args.checkpoint or args.workdir} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return COMMANDS[args.command](args, model, variables, CheersTokenizer())
+  except (CLIError, GenerationError, BadImageError, CheckpointError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,77 @@
+"""The `python -m cheers_jax.generate` CLI on the tiny checkpoint (CPU): PNGs, grid, seeds, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cheers_jax.generate import main, make_grid
+from tests.infer.conftest import TINY, needs_tiny
+
+T2I = ["t2i", "--checkpoint", str(TINY), "a red circle", "a small blue square on a wooden table", "--steps", "2",
+       "--batch-size", "2"]
+
+
+@needs_tiny
+def test_t2i_writes_pngs_and_grid(tiny, tmp_path, capsys):
+  # `tiny` first: the CLI then reuses the programs the library tests compiled
+  assert main(T2I + ["--out", str(tmp_path / "s0"), "--seed", "0"]) == 0
+  files = sorted(p.name for p in (tmp_path / "s0").iterdir())
+  assert files == ["0000_a_red_circle.png", "0001_a_small_blue_square_on_a_wooden_table.png", "grid.png"]
+  single = np.asarray(Image.open(tmp_path / "s0" / files[0]))
+  assert single.shape == (64, 64, 3) and single.dtype == np.uint8
+  grid = np.asarray(Image.open(tmp_path / "s0" / "grid.png"))
+  assert grid.shape == (64 + 4, 2 * 64 + 6, 3)
+  assert "saved" in capsys.readouterr().out
+  assert main(T2I + ["--out", str(tmp_path / "s1"), "--seed", "1"]) == 0
+  other = np.asarray(Image.open(tmp_path / "s1" / "grid.png"))
+  assert other.shape == grid.shape and not np.array_equal(other, grid)
+  second = np.asarray(Image.open(tmp_path / "s0" / files[1]))
+  assert not np.array_equal(single, second)
+
+
+def test_grid_layout():
+  tiles = [np.full((4, 6, 3), i * 40, np.uint8) for i in range(5)]
+  grid = make_grid(tiles, columns=2, pad=1)
+  assert grid.shape == (3 * 4 + 4, 2 * 6 + 3, 3)
+  assert (grid[1:5, 8:14] == 40).all() and (grid[11:15, 1:7] == 160).all() and (grid[11:15, 8:14] == 0).all()
+
+
+def _error(capsys, argv) -> str:
+  assert main(argv) == 2
+  return capsys.readouterr().err
+
+
+@needs_tiny
+def test_errors_before_loading(capsys, tmp_path):
+  assert "empty prompt" in _error(capsys, ["t2i", "--checkpoint", str(TINY), "   "])
+  assert "at least 1" in _error(capsys, T2I + ["--steps", "0"])
+  assert "no prompt" in _error(capsys, ["t2i", "--checkpoint", str(TINY)])
+  assert "exactly one" in _error(capsys, ["chat", "--prompt", "hi"])
+  assert "image file not found" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", str(tmp_path / "x.png")])
+  assert "Orbax" in _error(capsys, ["chat", "--workdir", str(tmp_path), "--prompt", "hi"])
+  assert "prompt-file" in _error(capsys, ["t2i", "--checkpoint", str(TINY), "--prompt-file", str(tmp_path / "none")])
+
+
+@needs_tiny
+def test_checkpoint_without_generation_head(capsys, tmp_path):
+  ckpt = tmp_path / "und_only"
+  shutil.copytree(TINY, ckpt)
+  index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+  index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.gen_projector.")}
+  (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+  err = _error(capsys, ["t2i", "--checkpoint", str(ckpt), "a cat", "--steps", "2"])
+  assert "no generation head" in err and "gen_projector" in err
+
+
+@needs_tiny
+def test_errors_after_loading(tiny, capsys, tmp_path):
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"not an image at all")
+  assert "cannot read image" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", str(bad)])
+  err = _error(capsys, ["chat", "--checkpoint", str(TINY), "--prompt", "hello " * 10, "--max-len", "16"])
+  assert "does not fit" in err and "--max-len" in err
