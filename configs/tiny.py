@@ -20,6 +20,7 @@ def get_config():
   c.train.batch_size = 16
   c.train.lr = 1e-3
   c.train.warmup_ratio = 0.05
+  c.train.ce_chunk = 256               # ~15 text targets per sample: small chunks skip the rest
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.checkpoint.every_steps = 100
   c.log_every = 20

@@ -1,8 +1,9 @@
 """The Cheers objective: L_AR + lambda * L_FM, exactly as the reference computes it.
 
 - L_AR: sum of token cross-entropies over targets != -100 / their count over the whole batch. The
-  (positions x 151,936) logits are never materialised whole: the CE is computed over sequence chunks
-  under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing them.
+  (positions x 151,936) logits are never materialised whole: the CE is computed over chunks of the
+  labelled positions only, under `jax.checkpoint`, so the backward pass recomputes each chunk's logits
+  instead of storing them.
 - L_FM: mean squared error between the stage-2 velocity and u = (z1 - x0) * (t < 1) over all images,
   tokens and channels (understanding images, t = 1, have a zero target). `fm_gen_only` restricts it to
   generation images (the paper's variant).
@@ -23,28 +24,39 @@ def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int
                         dtype=jnp.float32) -> tuple[Array, Array]:
   """Per-position CE (0 where target == -100) of logits = hidden @ kernel, in fp32.
 
-  hidden (B, S, D), kernel (D, V), targets (B, S). Returns (ce (B, S), lse (B, S)).
+  hidden (B, S, D), kernel (D, V), targets (B, S). Returns (ce (B, S), lse (B, S); lse is 0 at
+  unlabelled positions). Labelled positions are moved to the front (a stable sort) and processed
+  in chunks; chunks past the last labelled position are skipped with `lax.cond`, forward and
+  backward, so the cost follows the number of text targets, not B*S (most positions of a Cheers
+  batch are image tokens or prompts).
   """
   b, s, d = hidden.shape
-  flat_h = hidden.reshape(b * s, d)
-  flat_t = targets.reshape(b * s)
-  n = flat_h.shape[0]
+  n = b * s
+  flat_h = hidden.reshape(n, d)
+  flat_t = targets.reshape(n)
+  order = jnp.argsort(flat_t == IGNORE_INDEX, stable=True)  # labelled first
+  n_labelled = jnp.sum(flat_t != IGNORE_INDEX)
   chunk = min(chunk, n)
   pad = (-n) % chunk
-  flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
-  flat_t = jnp.pad(flat_t, (0, pad), constant_values=IGNORE_INDEX)
+  sorted_h = jnp.pad(jnp.take(flat_h, order, axis=0), ((0, pad), (0, 0)))
+  sorted_t = jnp.pad(jnp.take(flat_t, order), (0, pad), constant_values=IGNORE_INDEX)
+  starts = jnp.arange(0, n + pad, chunk)
 
   @jax.checkpoint
-  def one(args):
-    h, t = args
+  def compute(h, t):
     logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.clip(t, 0, None)[:, None], axis=-1)[:, 0]
-    ce = jnp.where(t != IGNORE_INDEX, lse - picked, 0.0)
-    return ce, lse
+    return jnp.where(t != IGNORE_INDEX, lse - picked, 0.0), jnp.where(t != IGNORE_INDEX, lse, 0.0)
 
-  ce, lse = jax.lax.map(one, (flat_h.reshape(-1, chunk, d), flat_t.reshape(-1, chunk)))
-  return ce.reshape(-1)[:n].reshape(b, s), lse.reshape(-1)[:n].reshape(b, s)
+  def one(args):
+    start, h, t = args
+    zeros = jnp.zeros((chunk,), jnp.float32)
+    return jax.lax.cond(start < n_labelled, compute, lambda *_: (zeros, zeros), h, t)
+
+  ce, lse = jax.lax.map(one, (starts, sorted_h.reshape(-1, chunk, d), sorted_t.reshape(-1, chunk)))
+  unsort = lambda x: jnp.zeros((n,), jnp.float32).at[order].set(x.reshape(-1)[:n]).reshape(b, s)
+  return unsort(ce), unsort(lse)
 
 
 def cheers_loss(hidden: Array, head_kernel: Array, targets: Array, velocity: Array, u: Array,
