@@ -1,0 +1,193 @@
+r"""Training speed: compile time, step time, samples/s, MFU and peak memory of the jitted train step.
+
+  python -m cheers_jax.bench train --config configs/tiny.py [--batch-size 8] [--steps 10]
+  python -m cheers_jax.bench train --full-size                 # published shapes, bf16, B=4 and B=8
+  python -m cheers_jax.bench train --full-size --batch-sizes 8 --remat full --mesh fsdp=-1
+
+The step is the training one (`cheers_jax.train.step.make_train_step`: forward + backward, gradient
+clipping, AdamW on everything but the VAE, fp32 master params), compiled once per batch size (the compile
+is timed on its own), then run --warmup untimed and --steps timed times on one synthetic static-shape
+batch (median). The batch is the reference timing's: --gen-fraction generation samples (default 0.5),
+the rest understanding samples, one image each at the config's size, --text-len random text tokens
+(default 120, which gives 400-token samples at 512x512) padded to --seq-len (default: 400 with
+--full-size, else the config's smallest bucket). See cheers_jax.sweep.BatchSpec.
+
+  samples/s = B / step time;  tokens/s = valid (non-padding) tokens per step / step time
+  MFU       = F x samples/s / (n_devices x P)
+    F = cheers_jax.train.metrics.flops_per_sample: FLOPs of one training sample counted like torch's
+        FlopCounterMode (matrix multiplies, convolutions and attention at 2 FLOPs per multiply-add;
+        x3 for trainable modules = forward + backward, x1 for the frozen VAE encoder); 16.2 TFLOP at
+        full size, 512x512, seq 400 (the oracle's count of the reference).
+    P = dense bf16 peak FLOP/s of one device (metrics.PEAK_TFLOPS: H100 989 TFLOP/s); MFU is n/a where
+        the peak is unknown (CPU).
+  peak memory = the devices' peak_bytes_in_use (GPU/TPU), else the compiled step's memory_analysis()
+        (arguments + outputs - aliased + temp, per device; CPU).
+
+With --full-size the figures are printed next to the reference's (PyTorch, one H100 80GB, SDPA attention,
+bf16 weights and AdamW): B=8 1.134 s/step, 7.06 samples/s, 71.0 GiB; B=4 0.742 s/step, 5.39 samples/s,
+42.6 GiB. The comparison is like for like only on one H100 with the default batch composition. Our
+master params and Adam moments are fp32 (the reference keeps them bf16): 28 GiB of state before
+activations, so B=8 without remat may not fit 80 GB (see `python -m cheers_jax.aot`).
+Each batch size runs in its own subprocess by default (clean peak-memory counters; an OOM is reported,
+not fatal). The last line is `RESULT {json}`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from cheers_jax import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FULL_SIZE_CONFIG = os.path.join(REPO, "configs", "cheers_1p5b.py")
+# /work/shared/oracle/gpu_timing_h100.json: the official PyTorch Cheers on one H100 80GB HBM3
+REFERENCE_H100 = {
+    "device": "NVIDIA H100 80GB HBM3", "attention": "PyTorch SDPA", "seq_len": 400, "gen_fraction": 0.5,
+    "flops_per_sample": 16.2e12,
+    "batches": {4: {"step_s": 0.7417, "samples_per_s": 5.393, "peak_gib": 42.64},
+                8: {"step_s": 1.1336, "samples_per_s": 7.057, "peak_gib": 71.02}},
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group()
+  src.add_argument("--config", help="config file (configs/*.py[:arg]); override values with --config.KEY=VALUE")
+  src.add_argument("--full-size", action="store_true", help="the published model (configs/cheers_1p5b.py: 2.6 B "
+                   "params, bf16 compute, 512x512)")
+  p.add_argument("--batch-size", type=int, help="global batch (default 8; --full-size: 4 and 8)")
+  p.add_argument("--batch-sizes", help="comma-separated global batches (instead of --batch-size)")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after the compile (default 1)")
+  p.add_argument("--mesh", help="AXIS=SIZE pairs, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: the config's mesh)")
+  p.add_argument("--remat", help="remat policy: none, full, dots, dots_no_batch (default: the config's)")
+  p.add_argument("--attention", help="attention implementation: xla, cudnn (default: the config's)")
+  p.add_argument("--seq-len", type=int, help="static sequence length (default: 400 with --full-size, else the "
+                 "config's smallest bucket)")
+  p.add_argument("--text-len", type=int, help="random text tokens per sample (default 120, or what fits)")
+  p.add_argument("--gen-fraction", type=float, default=0.5, help="share of generation samples (default 0.5)")
+  p.add_argument("--image-slots", type=int, default=1, help="image slots per sample (default 1)")
+  p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
+                 help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
+  p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
+                 help="one subprocess per batch size (auto: unless jax.distributed is in use)")
+  p.add_argument("--timeout", type=float, default=3600.0, help="seconds per batch size in subprocess mode")
+  return p
+
+
+def _gen_count(spec: sweep.BatchSpec) -> int:
+  return sum(spec.is_gen(i) for i in range(spec.batch_size))
+
+
+def reference_lines(rows: Sequence[dict], spec_of: dict[int, sweep.BatchSpec]) -> list[str]:
+  """Ours next to the reference H100 figures, batch by batch."""
+  ref = REFERENCE_H100
+  lines = [f"reference: official PyTorch Cheers on one {ref['device']} ({ref['attention']}, bf16 params + AdamW), "
+           f"{ref['seq_len']}-token samples, half generation"]
+  lines.append(f"  {'B':>3} {'':<9} {'s/step':>8} {'samples/s':>9} {'peak GiB':>8} {'TFLOP/s/dev':>11}")
+  for r in rows:
+    b = int(r["batch_size"])
+    want = ref["batches"].get(b)
+    if want is None:
+      continue
+    f = sweep._fmt
+    ours_tf = r.get("tflops_per_device")
+    lines.append(f"  {b:>3} {'ours':<9} {f(r.get('step_s'), '.3f'):>8} {f(r.get('samples_per_s'), '.2f'):>9} "
+                 f"{f(r.get('peak_mem_gib'), '.1f'):>8} {f(ours_tf, '.1f'):>11}" +
+                 ("" if r.get("status") == "ok" else f"   ({r.get('status')})"))
+    ref_tf = ref["flops_per_sample"] * want["samples_per_s"] / 1e12
+    lines.append(f"  {b:>3} {'reference':<9} {want['step_s']:>8.3f} {want['samples_per_s']:>9.2f} "
+                 f"{want['peak_gib']:>8.1f} {ref_tf:>11.1f}")
+    if r.get("status") == "ok":
+      lines.append(f"  {'':>3} {'speed-up':<9} {want['step_s'] / r['step_s']:>7.2f}x")
+    spec = spec_of.get(b)
+    if spec is not None and (spec.seq_len != ref["seq_len"] or spec.sample_len != ref["seq_len"]
+                             or abs(spec.gen_fraction - ref["gen_fraction"]) > 1e-9 or spec.image_slots != 1):
+      lines.append(f"  {'':>3} note: batch composition differs from the reference's (seq {spec.seq_len}, "
+                   f"samples of {spec.sample_len} tokens, gen fraction {spec.gen_fraction}, {spec.image_slots} slot(s))")
+  kinds = {str(r.get("device_kind")) for r in rows if r.get("device_kind")}
+  if kinds and not any("h100" in k.lower() for k in kinds):
+    lines.append(f"  note: measured on {', '.join(sorted(kinds))}, not an H100: not like for like")
+  return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = sweep.split_overrides(argv)
+  args = _parser().parse_args(rest)
+  config_path = FULL_SIZE_CONFIG if args.full_size else (args.config or os.path.join(REPO, "configs", "tiny.py"))
+  try:
+    config = sweep.load_config(config_path, overrides)
+    if args.batch_sizes:
+      batch_sizes = sweep._split_list(args.batch_sizes, int)
+    elif args.batch_size:
+      batch_sizes = [args.batch_size]
+    else:
+      batch_sizes = [4, 8] if args.full_size else [8]
+    mesh = sweep.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
+    seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
+    batch = sweep.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)
+    specs = {b: batch.spec(config, b) for b in batch_sizes}
+  except (sweep.SweepError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  remat = args.remat or config.model.remat_policy
+  attention = args.attention or config.model.attention
+  layouts = [sweep.Layout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
+  from cheers_jax.model.config import ModelConfig
+  from cheers_jax.train import metrics as metrics_lib
+  cfg = ModelConfig.from_dict(config.model)
+  spec0 = specs[batch_sizes[0]]
+  flops = metrics_lib.flops_per_sample(cfg, spec0.seq_len, spec0.image_size, spec0.image_slots, config.train.trainable)
+  where = "full size (configs/cheers_1p5b.py)" if args.full_size else config_path
+  print(f"train step: {where} {' '.join(overrides)}".rstrip())
+  print(f"  dtype {cfg.dtype}, params {cfg.param_dtype}, mesh {sweep.mesh_name(mesh)}, remat {remat}, attention "
+        f"{attention}, trainable {config.train.trainable}, grad_accum {config.train.grad_accum}")
+  for b in batch_sizes:
+    s = specs[b]
+    print(f"  batch {b}: {_gen_count(s)} generation + {b - _gen_count(s)} understanding samples, "
+          f"{s.sample_len}-token samples padded to {s.seq_len}, {s.image_slots} image slot(s) of "
+          f"{s.image_size}x{s.image_size} per sample")
+  print(f"  FLOPs per sample (fwd+bwd): {flops / 1e12:.4g} TFLOP; {args.steps} timed steps after {args.warmup} "
+        "warm-up step(s)", flush=True)
+
+  rows = sweep.run_sweep(config_path, overrides, layouts, steps=args.steps, warmup=args.warmup, batch=batch,
+                         init=args.init, isolate=args.isolate, timeout=args.timeout,
+                         log=lambda m: print(m, flush=True))
+  if sweep._multi_process_env():
+    import jax
+    if jax.process_index() != 0:
+      return 0
+  print()
+  kinds = sorted({str(r.get("device_kind")) for r in rows if r.get("device_kind")})
+  devices = max((int(r.get("devices") or 0) for r in rows), default=0)
+  print(f"devices: {devices} x {', '.join(kinds) or '?'}")
+  print(f"  {'B':>3} {'status':>8} {'compile s':>9} {'s/step':>8} {'samples/s':>9} {'tokens/s':>9} "
+        f"{'TFLOP/s/dev':>11} {'MFU':>6} {'peak GiB':>8}  memory source")
+  f = sweep._fmt
+  for r in rows:
+    mfu = None if r.get("mfu") is None else 100 * r["mfu"]
+    print(f"  {r['batch_size']:>3} {r.get('status', '?'):>8} {f(r.get('compile_s'), '.1f'):>9} "
+          f"{f(r.get('step_s'), '.3f'):>8} {f(r.get('samples_per_s'), '.2f'):>9} {f(r.get('tokens_per_s'), '.0f'):>9} "
+          f"{f(r.get('tflops_per_device'), '.3f'):>11} {f(mfu, '.1f') + ('%' if mfu is not None else ''):>6} "
+          f"{f(r.get('peak_mem_gib'), '.2f'):>8}  {r.get('mem_source', '')}")
+    if r.get("status") != "ok":
+      print(f"      {r.get('error', '')}")
+  print("  MFU = FLOPs/sample x samples/s / (devices x peak bf16 FLOP/s); n/a where the peak is unknown (CPU)")
+  if args.full_size:
+    print()
+    print("\n".join(reference_lines(rows, specs)))
+  result: dict[str, Any] = {"config": where, "overrides": overrides, "mesh": sweep.mesh_name(mesh), "remat": remat,
+                            "attention": attention, "flops_per_sample": flops, "rows": rows}
+  if args.full_size:
+    result["reference_h100"] = REFERENCE_H100
+  print("RESULT " + json.dumps(result))
+  return 0 if any(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

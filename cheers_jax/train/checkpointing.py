@@ -1,0 +1,216 @@
+"""Orbax checkpoints of the train state + data iterator state + config; resume; SIGTERM; HF export.
+
+Layout of a workdir:
+  workdir/checkpoints/<step>/{state, data, config}   orbax CheckpointManager (async, keep K)
+  workdir/hf/                                         final export in the published HF layout
+
+`state` is the whole TrainState (params, BN statistics, optimizer state, step, rng), restored
+directly into its shardings; `data` is the grain iterator's get_state() (JSON), so a resumed run
+continues at the next sample; `config` is the run's ConfigDict as JSON (for humans and tools).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("state", "data", "config")
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+  return Path(workdir) / CHECKPOINT_DIR
+
+
+def config_json(config) -> dict:
+  """ConfigDict -> JSON-able dict (tuples become lists)."""
+  if hasattr(config, "to_json_best_effort"):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=str))
+
+
+def encode_iterator_state(state: Any) -> dict:
+  """grain DataLoader iterators return JSON bytes, dataset iterators a dict: store either."""
+  if state is None:
+    return {"kind": "none"}
+  if isinstance(state, (bytes, bytearray)):
+    return {"kind": "bytes", "value": bytes(state).decode("utf-8")}
+  if isinstance(state, str):
+    return {"kind": "str", "value": state}
+  return {"kind": "json", "value": state}
+
+
+def decode_iterator_state(stored: Mapping[str, Any]) -> Any:
+  kind = stored.get("kind")
+  if kind == "bytes":
+    return stored["value"].encode("utf-8")
+  if kind in ("str", "json"):
+    return stored["value"]
+  return None
+
+
+class Checkpointer:
+  """A CheckpointManager saving {state, data, config} every `every_steps` steps, keeping `keep`."""
+
+  def __init__(self, workdir: str | Path, every_steps: int = 1000, keep: int = 3, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, int(every_steps)), max_to_keep=int(keep) if keep else None,
+        enable_async_checkpointing=bool(async_save), create=True, cleanup_tmp_directories=True)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_names=ITEMS)
+
+  @classmethod
+  def from_config(cls, workdir: str | Path, config) -> "Checkpointer":
+    c = config.checkpoint
+    return cls(workdir, c.every_steps, c.keep, c.async_save)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def save(self, step: int, state: PyTree, iterator_state: Any = None, config=None, force: bool = False) -> bool:
+    """Starts a (possibly async) save; device arrays are copied before this returns, so the
+    caller may donate `state` to the next step right away."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
+        config=ocp.args.JsonSave(config_json(config) if config is not None else {}))
+    return self.manager.save(int(step), args=args, force=force)
+
+  def restore(self, abstract_state: PyTree, shardings: PyTree, step: Optional[int] = None
+              ) -> tuple[PyTree, Any, dict]:
+    """(state placed in `shardings`, iterator state, config dict) of `step` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    return out.state, decode_iterator_state(out.data or {}), out.config or {}
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: JAX's preemption sync point (all hosts agree on the step)."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
+                    checkpointer: Optional[Checkpointer] = None):
+  """Resume from the latest checkpoint in `workdir` (state + iterator position) or start fresh
+  (`config.init_from`). Returns (state, state_shardings, resumed: bool)."""
+  from cheers_jax.train import step as step_lib
+  checkpointer = checkpointer or Checkpointer.from_config(workdir, config)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state, shardings = step_lib.init_train_state(config, mesh, rng, config.get("init_from", ""))
+    return state, shardings, False
+  abstract, shardings = step_lib.abstract_train_state(config, mesh)
+  state, data_state, saved_config = checkpointer.restore(abstract, shardings, latest)
+  _check_model_config(config, saved_config, checkpointer.directory / str(latest))
+  if iterator is not None and data_state is not None:
+    iterator.set_state(data_state)
+  logging.info("resumed from %s at step %d", checkpointer.directory, latest)
+  return state, shardings, True
+
+
+def _check_model_config(config, saved: Mapping[str, Any], where: Path) -> None:
+  if not saved or "model" not in saved:
+    return
+  now, then = config_json(config).get("model"), saved["model"]
+  if now != then:
+    logging.warning("the model config of %s differs from the current one:\n  saved   %s\n  current %s",
+                    where, then, now)
+
+
+def load_variables(workdir: str | Path, abstract_variables: Mapping[str, PyTree], shardings: Mapping[str, PyTree],
+                   step: Optional[int] = None) -> dict:
+  """{'params', 'batch_stats'} of another workdir's latest checkpoint (no optimizer state is read).
+
+  `workdir` may be the workdir or its checkpoints/ folder.
+  """
+  directory = Path(workdir)
+  if not (directory / CHECKPOINT_DIR).is_dir() and directory.name != CHECKPOINT_DIR:
+    raise FileNotFoundError(f"{directory} has no {CHECKPOINT_DIR}/ folder (init_from='orbax:DIR' wants a workdir)")
+  if directory.name != CHECKPOINT_DIR:
+    directory = directory / CHECKPOINT_DIR
+  manager = ocp.CheckpointManager(directory.absolute(), item_names=ITEMS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  target = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_variables[k], shardings[k]) for k in ("params", "batch_stats")}
+  restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+  out = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  manager.close()
+  return {"params": out.state["params"], "batch_stats": out.state["batch_stats"]}
+
+
+# ---- preemption ----------------------------------------------------------------------------------
+class PreemptionHandler:
+  """SIGTERM (and SIGINT on request) set a flag; the loop saves at the next step boundary and exits.
+
+  Only the main thread may install signal handlers; elsewhere this is a no-op flag.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._event = threading.Event()
+    self._previous = {}
+    self.signal_name: Optional[str] = None
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("received %s: saving a checkpoint at the next step boundary, then exiting", self.signal_name)
+    self._event.set()
+
+  def request(self) -> None:
+    """Simulate a preemption (tests)."""
+    self.signal_name = self.signal_name or "request"
+    self._event.set()
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def close(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+
+# ---- export --------------------------------------------------------------------------------------
+def export_hf(state, model_cfg, out_dir: str | Path, dtype: Any = "bfloat16") -> dict:
+  """Writes the state's params + BN statistics in the published HF layout (config.json + safetensors).
+
+  Runs on every process (arrays are gathered leaf by leaf) but only process 0 writes.
+  """
+  from cheers_jax.checkpoint.hf import save_hf_checkpoint
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if jax.process_count() > 1:  # make every leaf fully addressable on this process
+    from jax.experimental import multihost_utils
+    variables = multihost_utils.process_allgather(variables, tiled=True)
+  if jax.process_index() != 0:
+    return {}
+  return save_hf_checkpoint(variables, model_cfg, out_dir, dtype=dtype)

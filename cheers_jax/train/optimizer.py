@@ -1,0 +1,121 @@
+"""AdamW with warmup + constant/cosine schedule, global-norm clipping and trainable masks.
+
+Only trainable parameters carry optimizer state: `partition` splits the params into a trainable
+tree and a frozen tree (each with `None` where the other holds a leaf); gradients are taken w.r.t.
+the trainable tree only (so XLA never computes the weight gradients of frozen modules) and the
+optimizer is initialised on it, so frozen leaves get no moments (memory as if they did not exist).
+
+Trainable sets (SPEC.md stage table, the reference's align.yaml / sft.yaml):
+- `align`: und_projector, gen_projector, hi_projector, hi_gate, time_embed, embed_tokens (tied with
+  the LM head; an untied `lm_head` is trainable too);
+- `all_but_vae`: everything but `vae_model` (the SigLIP pooling head stays trainable but never gets a
+  gradient, as in the reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import optax
+from flax import traverse_util
+
+PyTree = Any
+
+ALIGN_MODULES = ("und_projector", "gen_projector", "hi_projector", "hi_gate", "time_embed")
+ALIGN_LEAVES = (("language_model", "embed_tokens"), ("language_model", "lm_head"))
+FROZEN_ALWAYS = ("vae_model",)
+TRAINABLE_SETS = ("align", "all_but_vae")
+
+
+def trainable_mask(params: PyTree, trainable: str) -> PyTree:
+  """A tree of bools like `params` (plain nested dicts): True where the leaf is trained."""
+  if trainable not in TRAINABLE_SETS:
+    raise ValueError(f"unknown train.trainable '{trainable}'; choose one of {TRAINABLE_SETS}")
+  flat = traverse_util.flatten_dict(_as_dict(params))
+  mask = {}
+  for path in flat:
+    if path[0] in FROZEN_ALWAYS:
+      mask[path] = False
+    elif trainable == "all_but_vae":
+      mask[path] = True
+    else:
+      mask[path] = path[0] in ALIGN_MODULES or tuple(path[:2]) in ALIGN_LEAVES
+  return traverse_util.unflatten_dict(mask)
+
+
+def _as_dict(tree: PyTree) -> PyTree:
+  if isinstance(tree, Mapping):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def partition(params: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
+  """(trainable, frozen): the same tree twice, each with None where the other has the leaf."""
+  # map over the mask first, so boxed (LogicallyPartitioned) leaves move as a whole
+  params = _as_dict(params)
+  trainable = jax.tree.map(lambda m, x: x if m else None, mask, params)
+  frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
+  return trainable, frozen
+
+
+def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
+  """Inverse of `partition`."""
+  return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=_is_leaf_or_none)
+
+
+def _is_leaf_or_none(x) -> bool:
+  return x is None or isinstance(x, nn.meta.AxisMetadata)
+
+
+def warmup_steps(train_cfg) -> int:
+  """ceil(warmup_ratio * steps), as HF's TrainingArguments.get_warmup_steps."""
+  return int(math.ceil(float(train_cfg.warmup_ratio) * int(train_cfg.steps)))
+
+
+def make_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup from 0 to lr over `warmup_steps`, then constant or cosine decay to 0 at `steps`.
+
+  Step 0 has lr 0 (HF's get_{constant,cosine}_schedule_with_warmup do the same).
+  """
+  lr, steps, warm = float(train_cfg.lr), int(train_cfg.steps), warmup_steps(train_cfg)
+  if train_cfg.schedule == "constant":
+    after = optax.constant_schedule(lr)
+  elif train_cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, max(1, steps - warm), alpha=0.0)
+  else:
+    raise ValueError(f"unknown train.schedule '{train_cfg.schedule}'; choose 'constant' or 'cosine'")
+  if warm == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  # HF's Trainer decays matrices only (no biases, norm weights); irrelevant at the default wd = 0
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """clip_by_global_norm(clip_norm) -> AdamW(schedule). Init it on the TRAINABLE tree (`partition`).
+
+  The learning rate is an injected hyperparameter so the step can report the value it used
+  (`current_lr`).
+  """
+  schedule = make_schedule(train_cfg)
+  # mask is a function of the params, not a schedule: keep it out of the injected hyperparameters
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+      learning_rate=schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
+      weight_decay=float(train_cfg.weight_decay), mask=_decay_mask)
+  clip = float(train_cfg.clip_norm)
+  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else [optax.identity()]
+  return optax.chain(*parts, adamw)
+
+
+def current_lr(opt_state) -> jax.Array:
+  """The learning rate of the last `update` (inject_hyperparams stores the value it applied)."""
+  return opt_state[1].hyperparams["learning_rate"]
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  return optax.global_norm(tree)

@@ -1,0 +1,72 @@
+"""One process of the multi-process CPU test (tests/scale/test_distributed.py).
+
+  python -m tests.scale.dist_worker OUT_PREFIX LOCAL_DEVICES
+
+Joins jax.distributed through cheers_jax.distributed (CHEERS_COORDINATOR / CHEERS_NUM_PROCESSES /
+CHEERS_PROCESS_ID; without them it is the single-process reference), then runs STEPS train steps of
+the tiny model (1024-token vocabulary, fp32) on an fsdp mesh over all global devices, twice from the
+same initial state, feeding a fixed global batch of BATCH samples in two ways:
+  'global':   this process's rows of the globally indexed batch (image positions / slots count from
+              row 0 of the GLOBAL batch), through jax.make_array_from_process_local_data;
+  'pipeline': this process's rows collated on their own, indexed locally exactly as the data
+              pipeline hands each process its batch, through step_lib.device_batch (the loop's path).
+Writes OUT_PREFIX.<process_index>.json: {"global": [losses], "pipeline": [losses], ...}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+BATCH, SEQ, STEPS = 4, 32, 3
+
+
+def main(out_prefix: str, local_devices: int) -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={local_devices}".strip()
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  from cheers_jax import distributed
+  distributed.maybe_initialize()
+
+  import numpy as np
+  from cheers_jax import sweep
+  from cheers_jax.model.cheers import Cheers
+  from cheers_jax.train import step as step_lib
+  from tests.scale.common import SMALL_VOCAB, TINY
+
+  config = sweep.load_config(TINY, [SMALL_VOCAB, f"--config.train.batch_size={BATCH}", "--config.train.warmup_ratio=0.0",
+                                    "--config.train.lr=0.001"])
+  n, pid = jax.process_count(), jax.process_index()
+  mesh = sweep.make_layout_mesh({"fsdp": jax.device_count()})
+  spec = sweep.batch_spec(config, BATCH, seq_len=SEQ)
+  per = BATCH // n
+  rows = range(pid * per, (pid + 1) * per)
+  local = sweep.synthetic_batch(spec, rows)  # the pipeline's per-process batch: local indices
+  local.pop("num_skipped")
+  shifted = dict(local)  # the same rows, indexed into the global batch
+  shifted["image_positions"] = local["image_positions"] + rows.start * SEQ
+  shifted["image_index"] = np.where(local["image_index"] >= 0,
+                                    local["image_index"] + rows.start * spec.image_slots * spec.tokens_per_image, -1)
+  shardings = step_lib.batch_shardings(mesh, local)
+  step_fn = None
+  result = {"process_count": n, "process_index": pid, "devices": jax.device_count(),
+            "local_devices": jax.local_device_count()}
+  for mode, host in (("global", shifted), ("pipeline", local)):
+    state, state_shardings = sweep.synthetic_train_state(config, mesh, seed=0)
+    if step_fn is None:
+      step_fn = step_lib.make_train_step(Cheers(step_lib.model_config(config)), config, mesh, state_shardings)
+    batch = step_lib.device_batch(host, shardings)  # make_array_from_process_local_data per key
+    losses = []
+    for _ in range(STEPS):
+      state, metrics = step_fn(state, batch)
+      losses.append(float(jax.device_get(metrics["loss"])))
+    result[mode] = losses
+  with open(f"{out_prefix}.{pid}.json", "w") as f:
+    json.dump(result, f)
+  if n > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]))

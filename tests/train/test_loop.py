@@ -1,0 +1,125 @@
+"""The training loop: preemption + resume reproduce the uninterrupted run exactly, NaN stop / skip,
+metrics.jsonl, HF export and init_from='orbax:DIR'."""
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from cheers_jax import sharding
+from cheers_jax.train import checkpointing as ckpt_lib
+from cheers_jax.train import metrics as metrics_lib
+from cheers_jax.train import step as step_lib
+from cheers_jax.train.loop import NonFiniteError, train
+from tests.train.common import fake_iterator, small_config, tree_max_abs_diff
+
+
+class SigtermAt:
+  """Wraps an iterator; sends this process a real SIGTERM while producing batch `index` (0-based)."""
+
+  def __init__(self, inner, index: int):
+    self.inner, self.index, self.calls = inner, index, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.calls == self.index:
+      os.kill(os.getpid(), signal.SIGTERM)
+    self.calls += 1
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+class NanAt(SigtermAt):
+  """NaN pixels in batch `index`."""
+
+  def __next__(self):
+    batch = next(self.inner)
+    if self.calls == self.index:
+      batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
+    self.calls += 1
+    return batch
+
+
+def losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "loss" in r}
+
+
+QUIET = dict(evaluate=False, samples=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = train(small_config(), workdir, iterator=fake_iterator(), export_hf=True, **QUIET)
+  return workdir, result
+
+
+def test_uninterrupted_run_logs_and_exports(uninterrupted):
+  workdir, result = uninterrupted
+  assert result.status == "done" and result.step == 6
+  records = [r for r in metrics_lib.read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  for key in ("loss", "loss_ar", "loss_fm", "grad_norm", "lr", "step_time", "samples_per_s", "tokens_per_s",
+              "skipped_samples", "skipped_nonfinite"):
+    assert key in records[-1], key
+  assert "mfu" not in records[-1]  # CPU: no peak figure, MFU n/a
+  assert "compile_time" in records[0]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  assert sorted(ckpt_lib.Checkpointer(workdir).all_steps()) == [2, 4, 6]
+  # the HF export loads back into the same (bf16-rounded) params
+  from cheers_jax.checkpoint.hf import load_hf_checkpoint
+  _, variables = load_hf_checkpoint(workdir / "hf")
+  want = jax.device_get(result.state.params)
+  got = variables["params"]
+  err = tree_max_abs_diff(got, jax.tree.map(lambda x: np.asarray(x, jax.numpy.bfloat16).astype(np.float32), want))
+  assert err == 0.0
+
+
+def test_resume_after_sigterm_reproduces_the_run_exactly(uninterrupted, tmp_path):
+  ref_dir, ref = uninterrupted
+  config = small_config()
+  first = train(config, tmp_path, iterator=SigtermAt(fake_iterator(), 3), export_hf=False, **QUIET)
+  assert first.status == "preempted" and first.step == 4  # the signal came while fetching batch 4
+  assert ckpt_lib.Checkpointer(tmp_path).latest_step() == 4
+  # a fresh process would build a fresh iterator: the checkpoint puts it at batch 4
+  second = train(config, tmp_path, iterator=fake_iterator(), export_hf=False, **QUIET)
+  assert second.status == "done" and second.step == 6
+  assert losses(tmp_path) == losses(ref_dir)  # bit for bit, every step
+  assert tree_max_abs_diff(jax.device_get(second.state.params), jax.device_get(ref.state.params)) == 0.0
+
+
+def test_init_from_orbax_workdir(uninterrupted):
+  workdir, result = uninterrupted
+  config = small_config()
+  mesh = sharding.make_mesh(dict(config.mesh))
+  state, _ = step_lib.init_train_state(config, mesh, init_from=f"orbax:{workdir}")
+  assert int(state.step) == 0  # a new run: fresh optimizer state, same params
+  assert tree_max_abs_diff(jax.device_get(state.params), jax.device_get(result.state.params)) == 0.0
+
+
+def test_nan_stop_keeps_the_last_good_checkpoint(tmp_path):
+  config = small_config(nan_policy="stop")
+  with pytest.raises(NonFiniteError, match=r"at step 3 .*Last good checkpoint: step 2"):
+    train(config, tmp_path, iterator=NanAt(fake_iterator(), 2), export_hf=False, **QUIET)
+  assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [2]
+
+
+def test_nan_skip_goes_on_and_counts(tmp_path):
+  config = small_config(nan_policy="skip")
+  result = train(config, tmp_path, iterator=NanAt(fake_iterator(), 1), export_hf=False, **QUIET)
+  assert result.status == "done" and result.step == 6
+  records = {r["step"]: r for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r}
+  assert records[2]["skipped_nonfinite"] == 1 and records[2]["loss"] is None  # NaN is logged as null
+  assert records[1]["skipped_nonfinite"] == 0 and records[3]["skipped_nonfinite"] == 0
+  assert np.isfinite(records[3]["loss"])

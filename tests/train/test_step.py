@@ -1,0 +1,212 @@
+"""The jitted train step: oracle parity of loss and gradients, one update, grad accumulation, NaN skip,
+optimizer masks and schedules, FLOPs."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cheers_jax import sharding
+from cheers_jax.model.cheers import Cheers
+from cheers_jax.model.config import ModelConfig
+from cheers_jax.train import metrics as metrics_lib
+from cheers_jax.train import optimizer as opt_lib
+from cheers_jax.train import step as step_lib
+from tests.train.common import (BATCH, IMAGE, ORACLE, SEQ, TOKENS, compare_updates, max_rel, small_config,
+                                tree_max_abs_diff)
+from tests.train.fake_data import make_batch
+
+GOLDEN = os.path.join(ORACLE, "golden.npz")
+CKPT = os.path.join(ORACLE, "tiny_ckpt")
+FP32_TOL = 1e-4  # the oracle's fp32 tolerance (max|ours - golden| / max(1, max|golden|))
+
+
+@jax.jit
+def _clone(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+# ---- (a) parity with the oracle ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def parity_setup():
+  if not os.path.exists(GOLDEN):
+    pytest.skip("oracle golden.npz not found")
+  from cheers_jax.parity import Runner
+  golden = dict(np.load(GOLDEN, allow_pickle=False))
+  runner = Runner(CKPT, golden, "float32")
+  config = small_config()
+  config.init_from = f"hf:{CKPT}"
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  state, shardings = step_lib.init_train_state(config, mesh)
+  model = Cheers(step_lib.model_config(config))
+  step_fn = step_lib.make_train_step(model, config, mesh, shardings, donate=False, return_grads=True)
+  return golden, runner, config, mesh, state, step_fn
+
+
+@pytest.mark.parametrize("group", ["train", "train3"])
+def test_step_matches_oracle_loss_and_gradients(parity_setup, group):
+  """Loss, AR/FM parts, per-module gradient norms and recorded gradients of the jitted step (golden x0
+  fed through batch['x0'], fp32) equal the reference's to the oracle's 1e-4."""
+  from cheers_jax.checkpoint.hf import hf_tensor
+  from cheers_jax.parity import nchw_to_nhwc
+  golden, runner, config, mesh, state, step_fn = parity_setup
+  layout, batch = runner.layout_batch(group, labels=True)
+  batch.update(targets=layout.targets, image_kind=layout.image_kind.astype(np.int32),
+               image_weight=np.ones(layout.num_images, np.float32),
+               x0=nchw_to_nhwc(golden[f"{group}.x0"]).astype(np.float32))
+  shardings = step_lib.batch_shardings(mesh, batch)
+  with jax.default_matmul_precision("highest"):
+    _, metrics, grads = step_fn(state, step_lib.device_batch(batch, shardings))
+  metrics = jax.device_get(metrics)
+  errors = {
+      "loss": max_rel(metrics["loss"], golden[f"{group}.loss"]),
+      "text_loss": max_rel(metrics["loss_ar"], golden[f"{group}.text_loss"]),
+      "image_loss": max_rel(metrics["loss_fm"], golden[f"{group}.image_loss"]),
+  }
+  # per-module gradient norms, grouped as the oracle groups them
+  grads = jax.device_get(grads)
+  sq = {}
+  for module, sub in grads.items():
+    for key, leaf in (sub.items() if module == "language_model" else [(None, sub)]):
+      name = "language_model.embed_tokens(=lm_head)" if key == "embed_tokens" else module
+      sq[name] = sq.get(name, 0.0) + sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                                         for x in jax.tree.leaves(leaf))
+  names = [str(x) for x in golden[f"{group}.grad_groups"]]
+  want_norms = golden[f"{group}.grad_norms"]
+  errors["grad_norms"] = max_rel(np.sqrt([sq.get(n, 0.0) for n in names]), want_norms)
+  errors["grad_norm(global)"] = max_rel(metrics["grad_norm"], np.sqrt(np.sum(np.square(want_norms.astype(np.float64)))))
+  full = jax.tree.map(lambda g, p: np.zeros(p.shape, np.float32) if g is None else np.asarray(g),
+                      grads, state.params, is_leaf=lambda x: x is None)  # frozen leaves: zero gradient
+  for key in golden:
+    if key.startswith(f"{group}.grad.model."):
+      errors[key] = max_rel(hf_tensor({"params": full}, key[len(f"{group}.grad."):]), golden[key])
+  assert int(metrics["num_text_targets"]) == int(np.sum(golden[f"{group}.text_labels"] != -100))
+  worst = max(errors, key=errors.get)
+  print(f"{group}: worst {errors[worst]:.2e} at {worst}; " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+  assert errors[worst] <= FP32_TOL, errors
+
+
+# ---- (b) one update, accumulation, (e) NaN skip ---------------------------------------------------
+@pytest.fixture(scope="module")
+def step_setup():
+  config = small_config()
+  mesh = sharding.make_mesh(dict(config.mesh))
+  state, shardings = step_lib.init_train_state(config, mesh)
+  model = Cheers(step_lib.model_config(config))
+  step_fn = step_lib.make_train_step(model, config, mesh, shardings)  # as the loop builds it
+  batch = make_batch(0, 0, BATCH, SEQ, IMAGE, TOKENS)
+  batch.pop("num_skipped")
+  return config, mesh, model, state, shardings, step_fn, batch
+
+
+def test_one_step_decreases_loss(step_setup):
+  config, mesh, _, state, _, step_fn, batch = step_setup
+  dev = step_lib.device_batch(batch, step_lib.batch_shardings(mesh, batch))
+  new, m0 = step_fn(_clone(state), dev)
+  # the same step counter again gives the same noise: the loss difference is the update's alone
+  again = _clone(new)  # the next call donates its input
+  _, m1 = step_fn(again.replace(step=_clone(state.step)), dev)
+  m0, m1 = jax.device_get((m0, m1))
+  assert int(new.step) == 1 and int(m0["skipped_nonfinite"]) == 0
+  assert m0["lr"] == pytest.approx(config.train.lr)
+  assert m1["loss"] < m0["loss"] - 1e-3, (m0["loss"], m1["loss"])
+  assert m1["loss_ar"] < m0["loss_ar"]
+  # frozen VAE untouched, trainable params moved
+  assert tree_max_abs_diff(new.params["vae_model"], state.params["vae_model"]) == 0.0
+  assert tree_max_abs_diff(new.params["gen_projector"], state.params["gen_projector"]) > 0.0
+
+
+def test_grad_accumulation_equals_full_batch(step_setup):
+  """2 micro-batches give the full batch's loss, gradient norm and update (fp32)."""
+  config, mesh, model, state, shardings, step_fn, batch = step_setup
+  accum = small_config(grad_accum=2)
+  step2 = step_lib.make_train_step(model, accum, mesh, shardings)
+  dev = step_lib.device_batch(batch, step_lib.batch_shardings(mesh, batch))
+  full_state, full = step_fn(_clone(state), dev)
+  acc_state, acc = step2(_clone(state), dev)
+  full, acc = jax.device_get((full, acc))
+  for key in ("loss", "loss_ar", "loss_fm", "grad_norm"):
+    assert acc[key] == pytest.approx(full[key], rel=2e-6), key
+  assert int(acc["num_text_targets"]) == int(full["num_text_targets"])
+  cmp = compare_updates(jax.device_get(acc_state), jax.device_get(full_state))
+  print(f"accumulation vs full batch: loss rel {abs(acc['loss'] - full['loss']) / full['loss']:.1e}, "
+        f"gradient (Adam mu) {cmp['grad_rel']:.1e} of max, params {cmp['param_abs_well']:.1e} abs where the "
+        f"gradient is above rounding ({cmp['well_elements']} elements), {cmp['param_abs_all']:.1e} over all "
+        f"(lr {config.train.lr})")
+  assert cmp["grad_rel"] <= 1e-5
+  assert cmp["param_abs_well"] <= 1e-6
+  assert cmp["param_abs_all"] <= 2 * config.train.lr  # rounding-noise gradients: at most a flipped sign
+
+
+def test_nonfinite_step_is_skipped(step_setup):
+  """NaN pixels -> NaN loss: params and optimizer state stay as they were, the step is counted."""
+  _, mesh, _, state, _, step_fn, batch = step_setup
+  bad = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
+  before = jax.device_get(state)
+  dev = step_lib.device_batch(bad, step_lib.batch_shardings(mesh, bad))
+  copy = _clone(state)
+  with jax.transfer_guard("disallow"):  # the step itself never moves data to or from the host
+    new, m = step_fn(copy, dev)
+  m, after = jax.device_get((m, new))
+  assert int(m["skipped_nonfinite"]) == 1 and not np.isfinite(m["loss"])
+  assert int(after.step) == int(before.step) + 1
+  assert tree_max_abs_diff(after.params, before.params) == 0.0
+  assert tree_max_abs_diff(after.opt_state, before.opt_state) == 0.0
+
+
+# ---- optimizer ---------------------------------------------------------------------------------------
+def test_trainable_masks_and_frozen_state():
+  config = small_config(trainable="align")
+  abstract, shardings = step_lib.abstract_train_state(config, sharding.make_mesh({"data": 1}))
+  mask = opt_lib.trainable_mask(abstract.params, "align")
+  assert mask["language_model"]["embed_tokens"] is True
+  assert mask["language_model"]["layers"]["mlp"]["up_proj"]["kernel"] is False
+  assert mask["vision_representation"]["layers"]["mlp"]["fc1"]["kernel"] is False
+  assert mask["vae_decoder_projector"]["decoder"]["conv_in"]["kernel"] is False
+  assert all(jax.tree.leaves(mask["gen_projector"])) and all(jax.tree.leaves(mask["hi_gate"]))
+  # no moments for frozen params: Adam's mu covers exactly the trainable leaves
+  mu = abstract.opt_state[1].inner_state[0].mu
+  assert mu["language_model"]["layers"]["mlp"]["up_proj"]["kernel"] is None
+  assert mu["language_model"]["embed_tokens"].shape == abstract.params["language_model"]["embed_tokens"].shape
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+  trainable = count(opt_lib.partition(abstract.params, mask)[0])
+  assert count(mu) == trainable < count(abstract.params)
+  full = opt_lib.trainable_mask(abstract.params, "all_but_vae")
+  assert not any(jax.tree.leaves(full["vae_model"]))
+  assert all(jax.tree.leaves({k: v for k, v in full.items() if k != "vae_model"}))
+  with pytest.raises(ValueError, match="trainable"):
+    opt_lib.trainable_mask(abstract.params, "everything")
+
+
+def test_schedules():
+  c = small_config(steps=100, warmup_ratio=0.02, lr=1e-4)
+  sched = opt_lib.make_schedule(c.train)
+  assert opt_lib.warmup_steps(c.train) == 2
+  assert [float(sched(i)) for i in (0, 1, 2, 50, 99)] == pytest.approx([0, 5e-5, 1e-4, 1e-4, 1e-4])
+  c.train.schedule = "cosine"
+  sched = opt_lib.make_schedule(c.train)
+  assert float(sched(2)) == pytest.approx(1e-4)
+  assert float(sched(51)) == pytest.approx(5e-5, rel=1e-3)
+  assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------------
+def test_flops_match_the_oracle_count():
+  """Full size, 512x512, seq 400: 16.2 TFLOP per training sample (oracle README), per module too."""
+  cfg = ModelConfig()
+  total = metrics_lib.flops_per_sample(cfg, 400, 512)
+  assert total == pytest.approx(16.2e12, rel=0.1)
+  assert total == pytest.approx(16.2e12, rel=0.01)  # in fact within 1 %
+  fwd = metrics_lib.forward_flops(cfg, 400, 512)
+  oracle = {"vae_encoder": 1.119, "vae_decoder_projector": 2.516, "siglip": 0.980, "und_projector": 0.015,
+            "llm": 1.076, "lm_head": 0.187, "gen_projector": 0.128, "hi_gate": 0.003, "hi_projector": 0.131}
+  for name, tflop in oracle.items():
+    assert fwd[name] / 1e12 == pytest.approx(tflop, rel=0.05, abs=1e-3), name
+  assert metrics_lib.flops_per_sample(cfg, 400, 512, trainable="align") < total
+  assert metrics_lib.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics_lib.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert metrics_lib.peak_flops_per_device("cpu") is None and metrics_lib.mfu(1e12, 1, "cpu") is None
+  assert metrics_lib.mfu(989e12 / 2, 2, "NVIDIA H100") == pytest.approx(0.25)
