@@ -18,8 +18,9 @@ starts). CPU figures are an ESTIMATE of a GPU's: XLA:CPU fuses and schedules dif
 bf16 work in fp32, so its temporaries differ from XLA:GPU's. On a GPU host, rerun there for the exact
 figure of that GPU (one GPU is enough for the 1-device mesh):
   python -m cheers_jax.aot --meshes "fsdp=1" --per-device-batch 1,2,4,8
-On a Cloud TPU VM, `--tpu-topology v5p-8` (or another name jax.experimental.topologies knows) compiles
-for that slice without holding it.
+With libtpu installed, `--tpu-topology NAME` compiles for a TPU slice without holding it: NAME is passed
+to `jax.experimental.topologies.get_topology_desc(NAME, 'tpu')` (as MaxText's train_compile.py does;
+untested here, no libtpu on the development machine).
 --per-device-batch counts the rows of one data shard: global batch = per-device batch x data x fsdp.
 The batch is the reference timing's mix (`--gen-fraction` generation samples, one image each, padded to
 `--seq-len`, see cheers_jax.sweep.BatchSpec); pass `--seq-len 1024 --image-slots 2` to match a pipeline
@@ -142,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--attention", help="attention implementation (default: the config's)")
   p.add_argument("--hbm-gib", type=float, default=79.0, help="device memory for the 'fits' column (H100 80GB: 79.6)")
   p.add_argument("--fake-devices", type=int, help="CPU devices to create (default: the largest mesh)")
-  p.add_argument("--tpu-topology", default="", help="compile for a TPU slice without holding it, e.g. v5p-8")
+  p.add_argument("--tpu-topology", default="", help="compile for a TPU slice without holding it (a topology name "
+                 "for jax.experimental.topologies.get_topology_desc; needs libtpu)")
   p.add_argument("--out", help="also write the rows to this CSV file")
   return p
 

@@ -201,8 +201,25 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedShar
   return out
 
 
+def globalize_indices(batch: Mapping[str, Any], process_index: int) -> dict[str, Any]:
+  """Re-base a process-local batch's cross references to the global batch: process p holds rows
+  [p*B, (p+1)*B) and image slots [p*M, (p+1)*M), so flat positions shift by p*B*S and image token
+  indices by p*M*N."""
+  if process_index == 0 or "image_positions" not in batch:
+    return dict(batch)
+  b, s = np.shape(batch["token_ids"])
+  m, n = np.shape(batch["image_positions"])
+  out = dict(batch)
+  out["image_positions"] = np.asarray(batch["image_positions"]) + process_index * b * s
+  idx = np.asarray(batch["image_index"])
+  out["image_index"] = np.where(idx >= 0, idx + process_index * m * n, idx).astype(idx.dtype)
+  return out
+
+
 def device_batch(batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> dict[str, Array]:
-  """Per-process numpy batch -> global jax arrays (multi-host: each process holds its rows)."""
+  """Per-process numpy batch (locally indexed, as the pipeline collates it) -> global jax arrays
+  (multi-host: each process holds its rows; process p's rows follow those of processes < p)."""
+  batch = globalize_indices(batch, jax.process_index())
   return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
           for k, v in batch.items() if k in shardings}
 

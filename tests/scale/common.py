@@ -23,8 +23,9 @@ CACHE_DIR = os.environ.get("CHEERS_TEST_JAX_CACHE", os.path.join(tempfile.gettem
 FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"  # same numerics, faster XLA:CPU compiles
 
 
-def env(devices: Optional[int] = None, **extra: str) -> dict[str, str]:
-  """os.environ for a child: repo on PYTHONPATH, `devices` fake CPU devices, the shared compile cache."""
+def env(devices: Optional[int] = None, cache: bool = True, **extra: str) -> dict[str, str]:
+  """os.environ for a child: repo on PYTHONPATH, `devices` fake CPU devices, the shared compile cache
+  (cache=False: none, e.g. for jax.distributed processes, which must all run the same executable)."""
   e = dict(os.environ)
   flags = " ".join(f for f in e.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
   if FAST_COMPILE not in flags:
@@ -37,7 +38,8 @@ def env(devices: Optional[int] = None, **extra: str) -> dict[str, str]:
   for k in [k for k in e if k.startswith("CHEERS_")]:
     if k != "CHEERS_TEST_JAX_CACHE":
       del e[k]
-  if CACHE_DIR:
+  e.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if CACHE_DIR and cache:
     e["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
     e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
   e.update(extra)

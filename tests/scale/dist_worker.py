@@ -49,23 +49,35 @@ def main(out_prefix: str, local_devices: int) -> None:
   shifted["image_index"] = np.where(local["image_index"] >= 0,
                                     local["image_index"] + rows.start * spec.image_slots * spec.tokens_per_image, -1)
   shardings = step_lib.batch_shardings(mesh, local)
-  step_fn = None
+  compiled = None
   result = {"process_count": n, "process_index": pid, "devices": jax.device_count(),
             "local_devices": jax.local_device_count()}
   for mode, host in (("global", shifted), ("pipeline", local)):
     state, state_shardings = sweep.synthetic_train_state(config, mesh, seed=0)
-    if step_fn is None:
-      step_fn = step_lib.make_train_step(Cheers(step_lib.model_config(config)), config, mesh, state_shardings)
     batch = step_lib.device_batch(host, shardings)  # make_array_from_process_local_data per key
+    if compiled is None:
+      step_fn = step_lib.make_train_step(Cheers(step_lib.model_config(config)), config, mesh, state_shardings)
+      compiled = step_fn.lower(state, batch).compile()
+      _barrier("compiled")
     losses = []
     for _ in range(STEPS):
-      state, metrics = step_fn(state, batch)
+      state, metrics = compiled(state, batch)
       losses.append(float(jax.device_get(metrics["loss"])))
     result[mode] = losses
   with open(f"{out_prefix}.{pid}.json", "w") as f:
     json.dump(result, f)
   if n > 1:
     jax.distributed.shutdown()
+
+
+def _barrier(name: str) -> None:
+  """Wait for every process on the coordination service (no device collective): gloo gives a peer only
+  30 s to join the first collective, and one process may compile minutes longer than the other (a
+  persistent-cache hit on one side only)."""
+  from jax._src import distributed as jax_distributed  # the client has no public barrier
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is not None:
+    client.wait_at_barrier(name, 900_000)
 
 
 if __name__ == "__main__":
