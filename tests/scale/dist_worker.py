@@ -54,7 +54,11 @@ def main(out_prefix: str, local_devices: int) -> None:
             "local_devices": jax.local_device_count()}
   for mode, host in (("global", shifted), ("pipeline", local)):
     state, state_shardings = sweep.synthetic_train_state(config, mesh, seed=0)
-    batch = step_lib.device_batch(host, shardings)  # make_array_from_process_local_data per key
+    if mode == "global":  # already globally indexed: straight to global arrays
+      batch = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+               for k, v in host.items() if k in shardings}
+    else:  # the loop's path: device_batch re-bases the local indices
+      batch = step_lib.device_batch(host, shardings)
     if compiled is None:
       step_fn = step_lib.make_train_step(Cheers(step_lib.model_config(config)), config, mesh, state_shardings)
       compiled = step_fn.lower(state, batch).compile()
