@@ -353,9 +353,14 @@ def synthetic_train_state(config, mesh, seed: int = 0):
       return jnp.ones(leaf.shape, leaf.dtype)
     if name.endswith("bias") or name == "running_mean":
       return jnp.zeros(leaf.shape, leaf.dtype)
-    bits = _mix32(jax.lax.iota(jnp.uint32, max(1, math.prod(leaf.shape))) + jnp.uint32(salt * 0x9E3779B1 % 2 ** 32))
-    u = (bits >> 8).astype(jnp.float32) * (2.0 / 2 ** 24) - 1.0  # U(-1, 1)
-    return (0.02 * math.sqrt(3.0) * u).reshape(leaf.shape).astype(leaf.dtype)
+    # flat index from broadcasted iotas (not a reshaped 1-D iota): partitions without gathers
+    index = jnp.full(leaf.shape, salt * 0x9E3779B1 % 2 ** 32, jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(leaf.shape))):
+      index = index + jax.lax.broadcasted_iota(jnp.uint32, leaf.shape, d) * jnp.uint32(stride % 2 ** 32)
+      stride *= leaf.shape[d]
+    u = (_mix32(index) >> 8).astype(jnp.float32) * (2.0 / 2 ** 24) - 1.0  # U(-1, 1)
+    return (0.02 * math.sqrt(3.0) * u).astype(leaf.dtype)
 
   def build():
     leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract.params,
@@ -762,6 +767,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batch.spec(config, batch_sizes[0])  # check the batch composition fits before any compile
   except (SweepError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.steps < 1 or args.warmup < 0:
+    print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
     return 2
   layouts = layouts_from(meshes, remats, attentions, batch_sizes)
   rows = run_sweep(args.config, overrides, layouts, steps=args.steps, warmup=args.warmup, batch=batch,

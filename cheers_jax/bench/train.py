@@ -135,6 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (sweep.SweepError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.steps < 1 or args.warmup < 0:
+    print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
+    return 2
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention
   layouts = [sweep.Layout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
