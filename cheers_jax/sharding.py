@@ -72,26 +72,38 @@ def logical_to_mesh(tree, rules=LOGICAL_RULES):
   return nn.logical_to_mesh(tree, rules)
 
 
+def _spec_of_names(names: Sequence[Optional[str]], rules) -> P:
+  """One array's logical names -> mesh PartitionSpec, each dim resolved on its own; `_fit` then gives
+  a mesh axis wanted by two dims (a square kernel such as time_embed's ('embed', 'embed'), or two names
+  with one rule) to the first of them."""
+  return P(*(None if name is None else nn.logical_to_mesh_axes((name,), rules)[0] for name in names))
+
+
 def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for boxed abstract variables (from `jax.eval_shape(init)`)."""
-  logical = nn.get_partition_spec(abstract_variables)
-  specs = nn.logical_to_mesh(logical, rules)
-  shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(abstract_variables))
-  return jax.tree_util.tree_map(lambda s, shape: NamedSharding(mesh, _fit(s, shape, mesh)), specs, shapes,
-                                is_leaf=lambda x: isinstance(x, P))
+  """NamedShardings for boxed abstract variables (from `jax.eval_shape(init)`); unboxed leaves
+  (no logical names) are replicated."""
+  def one(leaf):
+    value = leaf.unbox() if isinstance(leaf, nn.Partitioned) else leaf
+    names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    return NamedSharding(mesh, _fit(_spec_of_names(names, rules), value.shape, mesh))
+  return jax.tree_util.tree_map(one, abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drop mesh axes of size 1 and axes that do not divide the dimension (e.g. 3 RGB channels)."""
+  """Drop mesh axes of size 1, axes that do not divide the dimension (e.g. 3 RGB channels), and axes
+  an earlier dimension already uses (two logical names with the same rule, e.g. und_projector fc1's
+  ('vision_mlp', 'mlp') -> tensor twice)."""
   out = []
+  used: set[str] = set()
   for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axis is None:
       out.append(None)
       continue
     axes = axis if isinstance(axis, tuple) else (axis,)
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
     if axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
       axes = ()
+    used.update(axes)
     out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
   return P(*out)
 

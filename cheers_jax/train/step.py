@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from cheers_jax import sharding
 from cheers_jax.model.cheers import Cheers, init_variables
@@ -101,28 +101,8 @@ def abstract_train_state(config, mesh: Mesh) -> tuple[TrainState, TrainState]:
   def build():
     cfg = model_config(config)
     boxed = jax.eval_shape(_boxed_state_fn(config, cfg), jax.random.PRNGKey(0))
-    return nn.unbox(boxed), sharding.param_shardings(_dedupe_axes(boxed), mesh)
+    return nn.unbox(boxed), sharding.param_shardings(boxed, mesh)
   return _memoised(_program_key("abstract", config, mesh), build)
-
-
-def _dedupe_axes(boxed: PyTree) -> PyTree:
-  """Unshard the later of two dims that resolve to the same mesh axis.
-
-  A few square kernels name one logical axis twice (time_embed's ('embed', 'embed')) or two names
-  with the same rule (und_projector fc1: ('vision_mlp', 'mlp') -> tensor twice); a PartitionSpec
-  may use a mesh axis once only, so the first dim keeps it.
-  """
-  def fix(box):
-    if not isinstance(box, nn.LogicallyPartitioned):
-      return box
-    used, names = set(), []
-    for name in box.names:
-      axes = sharding.logical_to_mesh(P(name))[0] if name is not None else None
-      axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-      names.append(None if used & set(axes) else name)
-      used |= set(axes)
-    return box.replace(names=tuple(names))
-  return jax.tree.map(fix, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from: Optional[str] = None

@@ -34,3 +34,24 @@ def test_meshes_match_one_device_and_shard_as_the_rules_say():
           f"{r['grad_rel']:.1e} of max, params {r['param_abs_well']:.1e} abs (well-conditioned), "
           f"{r['param_abs_all']:.1e} over all")
   assert set(results) == {"data8", "fsdp8", "fsdp4_tensor2"}
+
+
+def test_rules_shard_a_repeated_name_or_mesh_axis_once():
+  """A PartitionSpec may use a mesh axis once: a logical name repeated in one array, or two names with
+  the same rule, shard the first dim only; axes that do not divide a dim, or have size 1, are dropped."""
+  import flax.linen as nn
+  import jax
+  from jax.sharding import AbstractMesh, PartitionSpec as P
+  from cheers_jax import sharding
+
+  mesh = AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+  boxed = {
+      "square": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8, 8), "float32"), ("embed", "embed")),
+      "same_rule": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8, 8), "float32"), ("vision_mlp", "mlp")),
+      "rgb": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((3, 8), "float32"), ("conv_out", "mlp")),
+      "batch": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16, 4), "float32"), ("activation_batch", None)),
+      "plain": jax.ShapeDtypeStruct((5,), "float32"),
+  }
+  specs = {k: v.spec for k, v in sharding.param_shardings(boxed, mesh).items()}
+  assert specs == {"square": P("fsdp", None), "same_rule": P("tensor", None), "rgb": P(None, "tensor"),
+                   "batch": P("fsdp", None), "plain": P(None)}, specs
