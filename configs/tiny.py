@@ -1,6 +1,16 @@
 """The embedded default: a tiny Cheers on generated shapes; trains on a laptop CPU in minutes.
 
 python -m cheers_jax.train --config configs/tiny.py --workdir /tmp/cheers_tiny
+
+Two choices differ from the published recipe, on purpose:
+- 32-px images (one image token each): the step cost is then dominated by the 151,936-token LM head,
+  not the VAE, so the run fits in minutes;
+- train.fm_gen_only=True: with the reference's default (FM on understanding images too, target 0) a
+  randomly initialised tokenizer path learns to make its image tokens constant, which meets the zero
+  target for free. Measured on understanding-only data: the image-token std across images fell from
+  0.16 to 0.007 in 250 steps. With this flag it stays at 0.14.
+Known limit: in 250 steps the captions still do not depend on the image (held-out colour accuracy 22 %,
+chance 17 %). The text template is learnt; reading the image needs a longer run.
 """
 from configs import common
 
@@ -8,21 +18,23 @@ from configs import common
 def get_config():
   c = common.base_config()
   c.model.text = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-  c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=64)
-  c.model.vae = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, resolution=64)
+  c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32)
+  c.model.vae = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, resolution=32)
   c.model.dtype = "float32"
-  c.data.image_size = 64
+  c.data.image_size = 32
   c.data.seq_buckets = (96,)
   c.data.max_images_per_sample = 1
-  c.data.mix = dict(und=1.0, gen=1.0, text=0.0)
+  c.data.mix = dict(und=3.0, gen=1.0, text=0.0)
   c.data.synthetic_size = 4096
-  c.train.steps = 300
-  c.train.batch_size = 16
-  c.train.lr = 1e-3
+  c.train.steps = 250
+  c.train.batch_size = 8
+  c.train.lr = 3e-3
+  c.train.schedule = "cosine"
   c.train.warmup_ratio = 0.05
-  c.train.ce_chunk = 256               # ~15 text targets per sample: small chunks skip the rest
+  c.train.fm_gen_only = True
+  c.train.ce_chunk = 128               # ~17 text targets per sample: small chunks skip the padding
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.checkpoint.every_steps = 100
-  c.log_every = 20
+  c.checkpoint.every_steps = 125
+  c.log_every = 25
   c.sample_steps = 8
   return c

@@ -188,7 +188,8 @@ def test_tfds_pipeline(tfds_dir: Path):
   kinds = []
   for _ in range(3):
     batch = next(it)
-    assert batch["token_ids"].shape == (4, 96) and batch["pixels"].shape == (4, 64, 64, 3)
+    size = c.data.image_size
+    assert batch["token_ids"].shape == (4, 96) and batch["pixels"].shape == (4, size, size, 3)
     assert int(batch["num_skipped"]) == 0
     kinds += batch["image_kind"].tolist()
   assert set(kinds) == {1, 2}  # i2t and t2i (the ratio holds per shuffle window; see test_mix_ratios)

@@ -20,6 +20,11 @@ def small_config(**train):
   """configs/tiny.py with a 4-sample batch of 32 tokens, no warmup (step 1 already moves the params),
   a log line and a checkpoint every step or two. Tests that share it share compiled programs."""
   c = tiny.get_config()
+  # 64-px images (4 tokens each) and the reference's FM-on-every-image default: the tests cover these
+  c.model.vision.image_size = c.model.vae.resolution = c.data.image_size = IMAGE
+  c.train.fm_gen_only = False
+  c.train.schedule = "constant"
+  c.train.ce_chunk = 256
   c.train.batch_size = BATCH
   c.train.steps = 6
   c.train.warmup_ratio = 0.0
