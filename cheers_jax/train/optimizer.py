@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -96,11 +97,59 @@ def _decay_mask(params: PyTree) -> PyTree:
   return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
+def parse_lr_multipliers(spec: str) -> dict[tuple[str, ...], float]:
+  """'und_projector=10,language_model/embed_tokens=0.5' -> {('und_projector',): 10.0, ...}."""
+  out = {}
+  for item in filter(None, (part.strip() for part in str(spec or "").split(","))):
+    name, sep, value = item.partition("=")
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = None
+    if not sep or not name.strip() or factor is None or not math.isfinite(factor) or factor < 0:
+      raise ValueError(f"train.lr_multipliers: '{item}' is not MODULE=FACTOR (e.g. 'und_projector=10', "
+                       "a top-level module or a path such as 'language_model/embed_tokens', factor >= 0)")
+    out[tuple(name.strip().strip("/").split("/"))] = factor
+  return out
+
+
+def _dict_path(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def scale_by_module(multipliers: Mapping[tuple[str, ...], float]) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by the factor of the longest matching path prefix (per-module
+  learning rates, as torch param groups: AdamW's weight decay is scaled with it)."""
+
+  def factor(path: tuple[str, ...]) -> float:
+    best = max((p for p in multipliers if path[:len(p)] == p), key=len, default=None)
+    return 1.0 if best is None else multipliers[best]
+
+  def init_fn(params):
+    paths = [_dict_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for prefix in multipliers:
+      if not any(path[:len(prefix)] == prefix for path in paths):
+        top = sorted({path[0] for path in paths if path})
+        raise ValueError(f"train.lr_multipliers names '{'/'.join(prefix)}', which matches no trainable "
+                         f"parameter; trainable modules: {', '.join(top)}")
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u if factor(_dict_path(path)) == 1.0 else u * jnp.asarray(factor(_dict_path(path)), u.dtype),
+        updates)
+    return scaled, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """clip_by_global_norm(clip_norm) -> AdamW(schedule). Init it on the TRAINABLE tree (`partition`).
+  """clip_by_global_norm(clip_norm) -> AdamW(schedule) [-> per-module lr factors]. Init it on the
+  TRAINABLE tree (`partition`).
 
   The learning rate is an injected hyperparameter so the step can report the value it used
-  (`current_lr`).
+  (`current_lr`, the base rate; `train.lr_multipliers` scales modules relative to it).
   """
   schedule = make_schedule(train_cfg)
   # mask is a function of the params, not a schedule: keep it out of the injected hyperparameters
@@ -109,6 +158,9 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
       weight_decay=float(train_cfg.weight_decay), mask=_decay_mask)
   clip = float(train_cfg.clip_norm)
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else [optax.identity()]
+  multipliers = parse_lr_multipliers(train_cfg.get("lr_multipliers", ""))
+  if multipliers:
+    return optax.chain(*parts, adamw, scale_by_module(multipliers))
   return optax.chain(*parts, adamw)
 
 

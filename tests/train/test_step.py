@@ -193,6 +193,29 @@ def test_schedules():
   assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_multipliers_act_as_per_module_learning_rates():
+  """'a=3,b/c=0' moves module a exactly as AdamW at 3x the lr (weight decay included, as torch param
+  groups), freezes b/c, leaves the rest at the base lr; bad specs and unknown modules are clear errors."""
+  params = {"a": {"w": jnp.ones((2, 3))}, "b": {"c": jnp.ones((4,)), "d": jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda x: jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape), params)
+
+  def updates(lr, multipliers):
+    c = small_config(lr=lr, weight_decay=0.1, clip_norm=0.0, lr_multipliers=multipliers)
+    tx = opt_lib.make_optimizer(c.train)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  base, scaled = updates(1e-2, ""), updates(1e-2, " a=3, b/c=0 ")
+  np.testing.assert_allclose(scaled["a"]["w"], updates(3e-2, "")["a"]["w"], rtol=1e-6)
+  assert not np.any(scaled["b"]["c"])
+  np.testing.assert_array_equal(scaled["b"]["d"], base["b"]["d"])
+  assert opt_lib.parse_lr_multipliers("language_model/embed_tokens=0.5") == {("language_model", "embed_tokens"): 0.5}
+  for bad in ("a", "a=fast", "=2", "a=-1"):
+    with pytest.raises(ValueError, match="MODULE=FACTOR"):
+      opt_lib.parse_lr_multipliers(bad)
+  with pytest.raises(ValueError, match="matches no trainable parameter; trainable modules: a, b"):
+    opt_lib.make_optimizer(small_config(lr_multipliers="und_projector=10").train).init(params)
+
+
 # ---- FLOPs -------------------------------------------------------------------------------------------
 def test_flops_match_the_oracle_count():
   """Full size, 512x512, seq 400: 16.2 TFLOP per training sample (oracle README), per module too."""
