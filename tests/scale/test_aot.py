@@ -15,6 +15,7 @@ def test_bad_arguments_fail_before_compiling():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_aot_memory_of_a_small_config(tmp_path):
   """The tiny model (1024-token vocabulary) on one CPU device, batch 8 at its 96-token bucket: the same
   program as test_bench's, so one of the two compiles is a cache lookup. Arguments, outputs, temp and

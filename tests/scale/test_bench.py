@@ -27,6 +27,7 @@ def test_bad_composition_fails_before_compiling(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_train_tiny_prints_its_figures():
   """`python -m cheers_jax.bench train --config configs/tiny.py --steps 2` (+ the 1024-token vocabulary of
   these tests) prints compile time, step time, samples/s, MFU (n/a on CPU) and memory, and a RESULT line."""

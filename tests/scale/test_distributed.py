@@ -58,6 +58,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_equal_one(runs):
   """Globally indexed halves (each process's rows of the global batch) through
   make_array_from_process_local_data: the losses equal the single-process run's."""
@@ -70,6 +71,7 @@ def test_two_processes_equal_one(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_with_pipeline_batches(runs):
   """The loop's path: each process's batch indexed locally (as cheers_jax.data.pipeline collates it)
   through step_lib.device_batch. Equal only if the step re-bases image positions / slots by the

@@ -80,6 +80,7 @@ def test_report_helpers(tmp_path):
 
 # ---- slow: the whole sweep on 8 fake devices ------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sweep_on_8_fake_devices(tmp_path):
   """Two layouts x 2 steps of the tiny model (1024-token vocabulary) plus one that cannot run (batch 8 over
   16 shards is refused before compiling): CSV rows for all three, positive numbers, a PNG, a best layout."""

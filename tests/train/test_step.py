@@ -46,6 +46,7 @@ def parity_setup():
   return golden, runner, config, mesh, state, step_fn
 
 
+@pytest.mark.heavy  # CI runs the parity tool's train groups (tests/test_parity.py); this is the jitted step
 @pytest.mark.parametrize("group", ["train", "train3"])
 def test_step_matches_oracle_loss_and_gradients(parity_setup, group):
   """Loss, AR/FM parts, per-module gradient norms and recorded gradients of the jitted step (golden x0
