@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.clip_norm = 1.0
   c.train.trainable = "all_but_vae"    # align | all_but_vae (the VAE encoder is always frozen)
   c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
+  c.train.calibrate_latent_norm = 0    # random init only: set the VAE's latent BN stats from N training images
   c.train.fm_weight = 1.0              # lambda
   c.train.fm_gen_only = False          # True: FM loss on generation images only (paper variant)
   c.train.ce_chunk = 1024              # sequence chunk of the chunked cross-entropy

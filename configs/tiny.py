@@ -32,6 +32,7 @@ def get_config():
   c.train.schedule = "cosine"
   c.train.warmup_ratio = 0.05
   c.train.fm_gen_only = True
+  c.train.calibrate_latent_norm = 256  # the random VAE's latents have std ~0.15 otherwise
   c.train.ce_chunk = 128               # ~17 text targets per sample: small chunks skip the padding
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.checkpoint.every_steps = 125

@@ -50,6 +50,10 @@ class Cheers(nn.Module):
     """Frozen VAE encoder: (n, H, W, 3) in [0,1] -> normalised latent z1 (n, H/16, W/16, 4z)."""
     return self.vae_model.encode(pixels)
 
+  def encode_unnormalized(self, pixels: Array) -> Array:
+    """The encoder's patchified latent before the BN running statistics (for calibrating them)."""
+    return self.vae_model.encode_unnormalized(pixels)
+
   def decode(self, z: Array) -> Array:
     """`vae_model.decode` (the final T2I image; unclamped)."""
     return self.vae_model.decode(z)

@@ -198,9 +198,12 @@ class VAE(nn.Module):
 
   def encode(self, pixels: Array) -> Array:
     """(B, H, W, 3) in [0,1] -> normalised latent (B, H/16, W/16, 4z) (the moments' mean)."""
+    return self.bn.normalize(self.encode_unnormalized(pixels))
+
+  def encode_unnormalized(self, pixels: Array) -> Array:
+    """The patchified moments' mean before the BN statistics (what those statistics describe)."""
     moments = self.encoder(pixels)
-    mean = moments[..., : self.cfg.z_channels]
-    return self.bn.normalize(patchify(mean))
+    return patchify(moments[..., : self.cfg.z_channels])
 
   def decode(self, z: Array) -> Array:
     return self.decoder(unpatchify(self.bn.denormalize(z)))

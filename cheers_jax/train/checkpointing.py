@@ -120,7 +120,12 @@ def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
   checkpointer = checkpointer or Checkpointer.from_config(workdir, config)
   latest = checkpointer.latest_step()
   if latest is None:
-    state, shardings = step_lib.init_train_state(config, mesh, rng, config.get("init_from", ""))
+    init_from = config.get("init_from", "")
+    state, shardings = step_lib.init_train_state(config, mesh, rng, init_from)
+    count = int(config.train.get("calibrate_latent_norm", 0))
+    if count > 0 and not init_from:  # a checkpoint brings its own statistics
+      state = step_lib.calibrate_latent_norm(config, state, shardings, step_lib.calibration_images(config, count))
+      logging.info("latent BN statistics of the random VAE calibrated on %d training images", count)
     return state, shardings, False
   abstract, shardings = step_lib.abstract_train_state(config, mesh)
   state, data_state, saved_config = checkpointer.restore(abstract, shardings, latest)

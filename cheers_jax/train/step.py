@@ -163,6 +163,55 @@ def _with_variables(config, rng: Array, variables: dict, shardings: TrainState) 
 
 
 # ---- batch layout --------------------------------------------------------------------------------
+LATENT_NORMS = ("vae_model", "vae_decoder_projector")  # modules holding the latent BN statistics
+
+
+def calibrate_latent_norm(config, state: TrainState, shardings: TrainState, images: np.ndarray,
+                          chunk: int = 32) -> TrainState:
+  """Sets the latent BatchNorm running statistics of both VAE copies to the per-channel mean and
+  variance of the frozen encoder's latents over `images` (n, H, W, 3) in [0, 1].
+
+  A trained VAE ships such statistics (they make the latents ~unit variance). A randomly initialised
+  one keeps mean 0 / var 1 while its latents have std ~0.15: flow matching's unit noise then drowns
+  the image (x_t is 98 % noise by variance) and understanding tokens barely vary between images.
+  """
+  model = Cheers(model_config(config))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  encode = jax.jit(lambda v, x: model.apply(v, x, method=Cheers.encode_unnormalized))
+  latents = np.concatenate([np.asarray(jax.device_get(encode(variables, images[i:i + chunk])), np.float64)
+                            for i in range(0, len(images), chunk)])
+  flat = latents.reshape(-1, latents.shape[-1])
+  stats = {"running_mean": flat.mean(0).astype(np.float32), "running_var": flat.var(0).astype(np.float32)}
+  batch_stats = dict(jax.device_get(state.batch_stats))
+  for name in LATENT_NORMS:
+    batch_stats[name] = {**batch_stats[name], "bn": dict(stats)}
+  return state.replace(batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
+
+
+def calibration_images(config, count: int) -> np.ndarray:
+  """The first `count` images of the training source, preprocessed as generation targets (n, S, S, 3)."""
+  from cheers_jax.data import images as images_lib
+  from cheers_jax.data import sources
+  size = int(config.data.image_size)
+  source = sources.make_source(config.data, int(config.seed))
+  out = []
+  for index in range(min(len(source), 8 * count)):
+    example = source[index]
+    if sources.is_marker(example):
+      continue
+    for image in example["images"]:
+      try:
+        image = images_lib.load_image(image) if isinstance(image, str) else image
+        out.append(images_lib.preprocess_generation(image, size).pixel_values.transpose(1, 2, 0))
+      except (OSError, ValueError):
+        continue  # the pipeline counts and reports bad images; calibration just uses the others
+    if len(out) >= count:
+      break
+  if not out:
+    raise ValueError("train.calibrate_latent_norm: the training source gave no readable image")
+  return np.stack(out[:count]).astype(np.float32)
+
+
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
   """Leading axis over (data, fsdp) where it divides evenly, else replicated."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -217,6 +217,31 @@ def test_lr_multipliers_act_as_per_module_learning_rates():
     opt_lib.make_optimizer(small_config(lr_multipliers="und_projector=10").train).init(params)
 
 
+def test_latent_norm_calibration_standardises_a_random_vae(tmp_path):
+  """train.calibrate_latent_norm on a random init: both VAE copies get the encoder latents' per-channel
+  mean / variance over the first training images, so encode() gives mean 0 and variance 1 on them."""
+  from cheers_jax.train import checkpointing as ckpt_lib
+  config = small_config(calibrate_latent_norm=12)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  state, shardings, resumed = ckpt_lib.restore_or_init(config, tmp_path, mesh)
+  assert not resumed
+  images = step_lib.calibration_images(config, 12)
+  assert images.shape == (12, IMAGE, IMAGE, 3) and 0.0 <= images.min() and images.max() <= 1.0
+  stats = jax.device_get(state.batch_stats)
+  bn = stats["vae_model"]["bn"]
+  np.testing.assert_array_equal(bn["running_mean"], stats["vae_decoder_projector"]["bn"]["running_mean"])
+  np.testing.assert_array_equal(bn["running_var"], stats["vae_decoder_projector"]["bn"]["running_var"])
+  assert np.all(bn["running_var"] > 0) and np.any(bn["running_mean"] != 0)
+  model = Cheers(step_lib.model_config(config))
+  z = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                             method=Cheers.encode), np.float64).reshape(-1, bn["running_mean"].shape[0])
+  np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+  # BN divides by sqrt(var + eps): the variance is var / (var + eps), just under 1
+  np.testing.assert_allclose(z.var(0), bn["running_var"] / (bn["running_var"] + model.cfg.vae.bn_eps), rtol=1e-3)
+  fresh, _ = step_lib.init_train_state(small_config(), mesh)
+  assert tree_max_abs_diff(fresh.params, state.params) == 0.0  # only the statistics change
+
+
 # ---- FLOPs -------------------------------------------------------------------------------------------
 def test_flops_match_the_oracle_count():
   """Full size, 512x512, seq 400: 16.2 TFLOP per training sample (oracle README), per module too."""
