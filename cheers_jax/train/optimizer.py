@@ -134,12 +134,13 @@ def scale_by_module(multipliers: Mapping[tuple[str, ...], float]) -> optax.Gradi
                          f"parameter; trainable modules: {', '.join(top)}")
     return optax.EmptyState()
 
+  def scale(path, u):
+    f = factor(_dict_path(path))
+    return u if f == 1.0 else u * jnp.asarray(f, u.dtype)
+
   def update_fn(updates, state, params=None):
     del params
-    scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u if factor(_dict_path(path)) == 1.0 else u * jnp.asarray(factor(_dict_path(path)), u.dtype),
-        updates)
-    return scaled, state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

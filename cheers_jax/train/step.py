@@ -203,7 +203,7 @@ def calibration_images(config, count: int) -> np.ndarray:
       try:
         image = images_lib.load_image(image) if isinstance(image, str) else image
         out.append(images_lib.preprocess_generation(image, size).pixel_values.transpose(1, 2, 0))
-      except (OSError, ValueError):
+      except (OSError, ValueError):  # BadImageError is a ValueError
         continue  # the pipeline counts and reports bad images; calibration just uses the others
     if len(out) >= count:
       break
