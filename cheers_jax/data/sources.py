@@ -17,6 +17,7 @@ made in-process, with `describe` / `parse_caption` so an evaluation can check ca
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -295,6 +296,30 @@ def parse_caption(text: str) -> ShapeLabel | None:
   if len(colours) != 1 or len(shapes) != 1:
     return None
   return ShapeLabel(colours.pop(), shapes.pop())
+
+
+def score_captions(wanted: Sequence[ShapeLabel], texts: Sequence[str]) -> dict[str, float]:
+  """Accuracy of captions against the shapes they describe, with what an image-blind captioner scores.
+
+  colour_acc / shape_acc / both_acc: the caption names the right colour / shape / both.
+  well_formed: it names exactly one colour and one shape (the text template was learnt).
+  distinct: the number of different (colour, shape) pairs named: 1 means every image got the same caption.
+  *_chance: what a uniform guess scores (1/6, 1/3, 1/18); majority_*: what always answering the most
+  common true colour / shape / pair of these images scores (the best image-blind constant answer).
+  """
+  if len(wanted) != len(texts) or not texts:
+    raise ValueError(f"need one caption per image, got {len(texts)} captions for {len(wanted)} images")
+  parsed = [parse_caption(t) for t in texts]
+  n = float(len(texts))
+  hits = lambda f: sum(p is not None and f(p, w) for p, w in zip(parsed, wanted)) / n
+  top = lambda keys: max(collections.Counter(keys).values()) / n
+  return {"colour_acc": hits(lambda p, w: p.colour == w.colour), "shape_acc": hits(lambda p, w: p.shape == w.shape),
+          "both_acc": hits(lambda p, w: p == w), "well_formed": sum(p is not None for p in parsed) / n,
+          "distinct": float(len({p for p in parsed if p is not None})),
+          "colour_chance": 1 / len(COLOURS), "shape_chance": 1 / len(SHAPES),
+          "both_chance": 1 / (len(COLOURS) * len(SHAPES)),
+          "majority_colour": top([w.colour for w in wanted]), "majority_shape": top([w.shape for w in wanted]),
+          "majority_both": top([tuple(w) for w in wanted])}
 
 
 class SyntheticShapes:

@@ -193,3 +193,18 @@ def test_tfds_pipeline(tfds_dir: Path):
     assert int(batch["num_skipped"]) == 0
     kinds += batch["image_kind"].tolist()
   assert set(kinds) == {1, 2}  # i2t and t2i (the ratio holds per shuffle window; see test_mix_ratios)
+
+
+def test_score_captions_counts_hits_template_and_blind_baselines():
+  L = sources.ShapeLabel
+  wanted = [L("red", "circle"), L("red", "square"), L("blue", "square"), L("green", "triangle")]
+  texts = ["a red circle", "A red triangle.", "a blue square", "a circle"]  # the last names no colour
+  s = sources.score_captions(wanted, texts)
+  assert s["colour_acc"] == 0.75 and s["shape_acc"] == 0.5 and s["both_acc"] == 0.5
+  assert s["well_formed"] == 0.75 and s["distinct"] == 3.0
+  assert s["majority_colour"] == 0.5 and s["majority_shape"] == 0.5 and s["majority_both"] == 0.25
+  assert s["colour_chance"] == pytest.approx(1 / 6) and s["both_chance"] == pytest.approx(1 / 18)
+  blind = sources.score_captions(wanted, ["a red square"] * 4)  # one constant caption
+  assert blind["distinct"] == 1.0 and blind["colour_acc"] == blind["majority_colour"] == 0.5
+  with pytest.raises(ValueError, match="one caption per image"):
+    sources.score_captions(wanted, texts[:3])
