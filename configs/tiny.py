@@ -18,9 +18,9 @@ accuracy equals the best image-blind answer. Measured: 250 and 1000 steps (colou
 one distinct caption), also with 3x the lr on the tokenizer path, bigger shapes, or understanding-only
 data. The cause is the random VAE: its GroupNorms remove each image's per-channel mean, i.e. the colour.
 Ridge probes on 1200 held-out images at init decode the colour from the VAE latent at 66 % but from the
-LLM's image token at 19 % (chance 17 %); with shapes 3x larger, latent 80 %, the decoded pixels' mean
-colour 19 %, the token 31 %. A trained VAE (the published checkpoint, `init_from=hf:...`) does not
-lose the colour this way.
+LLM's image token at 19 % (chance 17 %); with shapes covering ~3x the area (extent 0.7-0.95, not
+0.3-0.6): latent 80 %, the decoded pixels' mean colour 19 %, the token 31 %. A trained VAE (the
+published checkpoint, `init_from=hf:...`) does not lose the colour this way.
 """
 from configs import common
 

@@ -162,7 +162,7 @@ def _with_variables(config, rng: Array, variables: dict, shardings: TrainState) 
   return jax.jit(rebuild, out_shardings=shardings)(params, variables["batch_stats"], rng)
 
 
-# ---- batch layout --------------------------------------------------------------------------------
+# ---- latent statistics of a random VAE (train.calibrate_latent_norm) ----------------------------
 LATENT_NORMS = ("vae_model", "vae_decoder_projector")  # modules holding the latent BN statistics
 
 
@@ -195,7 +195,7 @@ def calibration_images(config, count: int) -> np.ndarray:
   size = int(config.data.image_size)
   source = sources.make_source(config.data, int(config.seed))
   out = []
-  for index in range(min(len(source), 8 * count)):
+  for index in range(min(len(source), 8 * count)):  # a bounded scan: text-only samples carry no image
     example = source[index]
     if sources.is_marker(example):
       continue
@@ -212,6 +212,7 @@ def calibration_images(config, count: int) -> np.ndarray:
   return np.stack(out[:count]).astype(np.float32)
 
 
+# ---- batch layout --------------------------------------------------------------------------------
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
   """Leading axis over (data, fsdp) where it divides evenly, else replicated."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
