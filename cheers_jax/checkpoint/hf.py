@@ -254,19 +254,31 @@ def _listing(label: str, names: list[str]) -> str:
   return f"{len(names)} {label}: {shown}{more}"
 
 
-def _open_files(ckpt_dir: Path) -> dict[str, st.SafetensorsFile]:
-  """HF tensor name -> the open file holding it, following the index when there is one."""
+def open_tensor_files(ckpt_dir: PathLike) -> dict[str, st.SafetensorsFile]:
+  """HF tensor name -> the open file holding it. Follows `model.safetensors.index.json` (or the one
+  `*.safetensors.index.json`) when there is one, else reads `model.safetensors`, else every
+  `*.safetensors` of the directory (a part such as the FLUX.2 VAE ships as `ae.safetensors`)."""
+  ckpt_dir = Path(ckpt_dir)
   index_path, single = ckpt_dir / INDEX_FILE, ckpt_dir / SINGLE_FILE
+  if not index_path.is_file() and ckpt_dir.is_dir():
+    indexes = sorted(ckpt_dir.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+      raise CheckpointError(f"{ckpt_dir}: several safetensors indexes ({', '.join(p.name for p in indexes)}); "
+                            "keep the one that belongs to these weights")
+    index_path = indexes[0] if indexes else index_path
   if index_path.is_file():
     try:
       weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise CheckpointError(f"{index_path} is not a valid index (needs a 'weight_map'): {e}") from e
-  elif single.is_file():
-    weight_map = None
+    paths = None
   else:
-    found = sorted(p.name for p in ckpt_dir.iterdir()) if ckpt_dir.is_dir() else "directory does not exist"
-    raise CheckpointError(f"{ckpt_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found ({found})")
+    weight_map = None
+    paths = [single] if single.is_file() else sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []
+    if not paths:
+      found = sorted(p.name for p in ckpt_dir.iterdir()) if ckpt_dir.is_dir() else "directory does not exist"
+      raise CheckpointError(f"{ckpt_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} (nor any *.safetensors) "
+                            f"found ({found})")
 
   def open_file(path: Path) -> st.SafetensorsFile:
     try:
@@ -275,8 +287,16 @@ def _open_files(ckpt_dir: Path) -> dict[str, st.SafetensorsFile]:
       raise CheckpointError(str(e)) from e
 
   if weight_map is None:
-    f = open_file(single)
-    return {name: f for name in f.keys()}
+    out: dict[str, st.SafetensorsFile] = {}
+    for path in paths:
+      f = open_file(path)
+      twice = [n for n in f.keys() if n in out]
+      if twice:
+        raise CheckpointError(f"{ckpt_dir}: {_listing('tensors', twice)} are stored both in "
+                              f"{out[twice[0]].path.name} and {path.name}; without an index the files must "
+                              "not overlap")
+      out.update({name: f for name in f.keys()})
+    return out
   by_file: dict[str, list[str]] = {}
   for name, fname in weight_map.items():
     by_file.setdefault(fname, []).append(name)
@@ -295,7 +315,7 @@ def _open_files(ckpt_dir: Path) -> dict[str, st.SafetensorsFile]:
   return out
 
 
-def _shardings_by_path(shardings: Any) -> Callable[[str], Optional[jax.sharding.Sharding]]:
+def shardings_by_path(shardings: Any) -> Callable[[str], Optional[jax.sharding.Sharding]]:
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):
     return lambda path: shardings
   shardings = nn.unbox(shardings)  # a tree mirroring the boxed variables works too
@@ -310,7 +330,7 @@ def _shardings_by_path(shardings: Any) -> Callable[[str], Optional[jax.sharding.
   return get
 
 
-def _leaf_reader(entry: HFEntry, files: Mapping[str, st.SafetensorsFile],
+def leaf_reader(entry: HFEntry, files: Mapping[str, st.SafetensorsFile],
                  dtype: np.dtype) -> Callable[[tuple], np.ndarray]:
   """index (tuple of slices, in our layout) -> a fresh host array of just that part."""
   views = [_from_torch(files[n].get(n), entry.transform) for n in entry.names()]  # memmap views
@@ -337,6 +357,47 @@ def _check_tied_head(files: Mapping[str, st.SafetensorsFile]) -> None:
                   "using the embeddings as the head and ignoring lm_head.weight", stacklevel=3)
 
 
+def check_tensors(files: Mapping[str, st.SafetensorsFile], required: Mapping[str, tuple[int, ...]],
+                  optional: Mapping[str, Optional[tuple[int, ...]]], where: str, model: str) -> None:
+  """Raises one CheckpointError listing every missing / unexpected tensor, else every tensor whose
+  shape differs from `required` (or from `optional`'s shape, where one is given) or whose dtype is not
+  floating. Reads headers only. `where` names the source ('checkpoint DIR'), `model` what it must fit."""
+  missing = sorted(set(required) - set(files))
+  unexpected = sorted(set(files) - set(required) - set(optional))
+  if missing or unexpected:
+    parts = ([_listing("missing tensors", missing)] if missing else []) + (
+        [_listing("unexpected tensors", unexpected)] if unexpected else [])
+    raise CheckpointError(f"{where} does not match {model}:\n  " + "\n  ".join(parts))
+  checked = dict(required)
+  checked.update({n: s for n, s in optional.items() if s is not None and n in files})
+  bad = []
+  for name, shape in checked.items():
+    info = files[name].tensors[name]
+    if info.shape != tuple(shape):
+      bad.append(f"'{name}' has shape {info.shape} in {files[name].path.name}, the model expects {tuple(shape)}")
+    elif not (np.issubdtype(info.dtype, np.floating) or info.dtype == np.dtype(jnp.bfloat16)):
+      bad.append(f"'{name}' has non-float dtype {info.dtype} in {files[name].path.name}")
+  if bad:
+    raise CheckpointError(f"{where}: {len(bad)} tensors do not fit the model:\n  "
+                          + "\n  ".join(bad[:_MAX_LISTED])
+                          + (f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""))
+
+
+def place_leaves(readers: Mapping[str, Callable[[tuple], np.ndarray]], shapes: Mapping[str, tuple[int, ...]],
+                 shardings: Any) -> dict[str, jax.Array]:
+  """{path: array}: each leaf built from its reader (index -> host array), one leaf (or one shard of
+  it, when `shardings` gives it one) in host memory at a time. `shardings` as in load_hf_checkpoint."""
+  sharding_of = shardings_by_path(shardings)
+  flat = {}
+  for path, read in readers.items():
+    sharding = sharding_of(path)
+    if sharding is None:
+      flat[path] = jnp.asarray(read(()))
+    else:
+      flat[path] = jax.make_array_from_callback(shapes[path], sharding, read)
+  return flat
+
+
 def load_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dtype: Any = jnp.float32,
                        shardings: Any = None) -> tuple[ModelConfig, dict]:
   """Reads an HF-layout Cheers checkpoint into {'params', 'batch_stats'} (unboxed arrays).
@@ -352,53 +413,25 @@ def load_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dt
   """
   ckpt_dir = Path(ckpt_dir)
   cfg = _merge_numerics(read_hf_config(ckpt_dir), cfg)
-  files = _open_files(ckpt_dir)
+  files = open_tensor_files(ckpt_dir)
   abstract = abstract_variables(cfg)
   shapes = _flat_shapes(abstract)
   name_map = hf_name_map(abstract)
 
   # Every check runs on headers only, before any tensor is read.
   expected = hf_tensor_shapes(abstract, store_lm_head=False)
-  optional = set(_num_batches_tracked(shapes))  # counters: accepted, ignored
+  optional: dict[str, Optional[tuple[int, ...]]] = dict.fromkeys(_num_batches_tracked(shapes))  # ignored
   tied = _tied(shapes)
   if tied:
-    optional.add(LM_HEAD)
+    optional[LM_HEAD] = shapes["params/language_model/embed_tokens"]
   required = {n: s for n, s in expected.items() if n not in optional}
-  missing = sorted(set(required) - set(files))
-  unexpected = sorted(set(files) - set(required) - optional)
-  if missing or unexpected:
-    parts = ([_listing("missing tensors", missing)] if missing else []) + (
-        [_listing("unexpected tensors", unexpected)] if unexpected else [])
-    raise CheckpointError(f"checkpoint {ckpt_dir} does not match the model its config.json describes:\n  "
-                          + "\n  ".join(parts))
-  if tied and LM_HEAD in files:
-    required[LM_HEAD] = shapes["params/language_model/embed_tokens"]
-  bad = []
-  for name, shape in required.items():
-    info = files[name].tensors[name]
-    if info.shape != tuple(shape):
-      bad.append(f"'{name}' has shape {info.shape} in {files[name].path.name}, the model expects {tuple(shape)}")
-    elif not (np.issubdtype(info.dtype, np.floating) or info.dtype == np.dtype(jnp.bfloat16)):
-      bad.append(f"'{name}' has non-float dtype {info.dtype} in {files[name].path.name}")
-  if bad:
-    raise CheckpointError(f"checkpoint {ckpt_dir}: {len(bad)} tensors do not fit the model:\n  "
-                          + "\n  ".join(bad[:_MAX_LISTED])
-                          + (f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""))
+  check_tensors(files, required, optional, f"checkpoint {ckpt_dir}", "the model its config.json describes")
   if tied and LM_HEAD in files:
     _check_tied_head(files)
 
-  # Stream: one leaf at a time, one host copy (of that leaf, or of one shard of it) at a time.
   np_dtype = np.dtype(dtype)
-  sharding_of = _shardings_by_path(shardings)
-  flat = {}
-  for path, entry in name_map.items():
-    read = _leaf_reader(entry, files, np_dtype)
-    sharding = sharding_of(path)
-    if sharding is None:
-      flat[path] = jnp.asarray(read())
-    else:
-      flat[path] = jax.make_array_from_callback(shapes[path], sharding, read)
-  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+  readers = {path: leaf_reader(entry, files, np_dtype) for path, entry in name_map.items()}
+  return cfg, traverse_util.unflatten_dict(place_leaves(readers, shapes, shardings), sep="/")
 
 
 # ---- saving --------------------------------------------------------------------------------------

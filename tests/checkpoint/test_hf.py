@@ -22,7 +22,7 @@ from safetensors import safe_open
 from cheers_jax import convert
 from cheers_jax.checkpoint import safetensors_io as st
 from cheers_jax.checkpoint.hf import (CheckpointError, hf_name_map, hf_tensor_shapes, load_hf_checkpoint,
-                                      module_param_counts, save_hf_checkpoint, _from_torch, _leaf_reader)
+                                      module_param_counts, save_hf_checkpoint, _from_torch, leaf_reader)
 from cheers_jax.model.cheers import init_variables
 from cheers_jax.model.config import ConfigError, ModelConfig
 
@@ -418,15 +418,15 @@ def test_load_with_sharding_tree(tiny_bf16):
 
 @needs_tiny
 def test_leaf_reader_reads_partial_slices(tiny_bf16):
-  from cheers_jax.checkpoint.hf import _open_files
-  files = _open_files(TINY)
+  from cheers_jax.checkpoint.hf import open_tensor_files
+  files = open_tensor_files(TINY)
   entries = hf_name_map(tiny_bf16[1])
   ref = flat(tiny_bf16[1])
   cases = [("params/language_model/layers/mlp/up_proj/kernel", (slice(1, 2), slice(None), slice(3, 70))),
            ("params/vae_model/encoder/conv_in/kernel", (slice(None), slice(1, 3), slice(None), slice(5, 9))),
            ("params/language_model/embed_tokens", (slice(100, 200), slice(None)))]
   for path, index in cases:
-    got = _leaf_reader(entries[path], files, np.dtype(ml_dtypes.bfloat16))(index)
+    got = leaf_reader(entries[path], files, np.dtype(ml_dtypes.bfloat16))(index)
     assert_bit_equal(got, ref[path][index], path)
 
 
