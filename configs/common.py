@@ -14,7 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       text={}, vision={}, vae={}, dtype="bfloat16", param_dtype="float32", remat_policy="none",
       attention="xla", reference_bf16_casts=False, max_seq_len=4096))
-  # '' = random init; 'hf:DIR' = a Hugging Face checkpoint dir; 'orbax:DIR' = params from an orbax workdir.
+  # '' = random init; 'hf:DIR' = a Hugging Face checkpoint dir; 'orbax:DIR' = params from an orbax workdir;
+  # 'parts:vae=DIR,siglip=DIR,llm=DIR' (any subset) = pretrained parts, the rest random (checkpoint/parts.py).
   c.init_from = ""
 
   c.data = ml_collections.ConfigDict()

@@ -239,7 +239,7 @@ def _merge_numerics(file_cfg: ModelConfig, cfg: Optional[ModelConfig]) -> ModelC
   diffs = [f"{k}={mine[k]!r} (checkpoint: {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
   if diffs:
     warnings.warn("the given cfg differs from the checkpoint's config.json in "
-                  + ", ".join(diffs) + "; using the checkpoint's values", stacklevel=3)
+                  + ", ".join(diffs) + "; using the checkpoint's values", stacklevel=4)
   return merged
 
 
@@ -354,7 +354,7 @@ def _check_tied_head(files: Mapping[str, st.SafetensorsFile]) -> None:
   rows = sorted({0, embed.shape[0] // 2, embed.shape[0] - 1})
   if not np.array_equal(embed[rows].astype(np.float32), head[rows].astype(np.float32)):
     warnings.warn(f"{LM_HEAD} differs from {EMBED} (rows {rows}) although tie_word_embeddings is true; "
-                  "using the embeddings as the head and ignoring lm_head.weight", stacklevel=3)
+                  "using the embeddings as the head and ignoring lm_head.weight", stacklevel=4)
 
 
 def check_tensors(files: Mapping[str, st.SafetensorsFile], required: Mapping[str, tuple[int, ...]],
@@ -398,6 +398,27 @@ def place_leaves(readers: Mapping[str, Callable[[tuple], np.ndarray]], shapes: M
   return flat
 
 
+def open_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None
+                       ) -> tuple[ModelConfig, dict[str, st.SafetensorsFile]]:
+  """(config, {HF name: open file}) of a Cheers checkpoint whose tensors have been checked against its
+  config.json (headers only: nothing is read yet). `cfg` as in load_hf_checkpoint."""
+  ckpt_dir = Path(ckpt_dir)
+  cfg = _merge_numerics(read_hf_config(ckpt_dir), cfg)
+  files = open_tensor_files(ckpt_dir)
+  abstract = abstract_variables(cfg)
+  shapes = _flat_shapes(abstract)
+  expected = hf_tensor_shapes(abstract, store_lm_head=False)
+  optional: dict[str, Optional[tuple[int, ...]]] = dict.fromkeys(_num_batches_tracked(shapes))  # ignored
+  tied = _tied(shapes)
+  if tied:
+    optional[LM_HEAD] = shapes["params/language_model/embed_tokens"]
+  required = {n: s for n, s in expected.items() if n not in optional}
+  check_tensors(files, required, optional, f"checkpoint {ckpt_dir}", "the model its config.json describes")
+  if tied and LM_HEAD in files:
+    _check_tied_head(files)
+  return cfg, files
+
+
 def load_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dtype: Any = jnp.float32,
                        shardings: Any = None) -> tuple[ModelConfig, dict]:
   """Reads an HF-layout Cheers checkpoint into {'params', 'batch_stats'} (unboxed arrays).
@@ -411,25 +432,11 @@ def load_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dt
   Returns:
     (config, variables).
   """
-  ckpt_dir = Path(ckpt_dir)
-  cfg = _merge_numerics(read_hf_config(ckpt_dir), cfg)
-  files = open_tensor_files(ckpt_dir)
+  cfg, files = open_hf_checkpoint(ckpt_dir, cfg)
   abstract = abstract_variables(cfg)
+  np_dtype = np.dtype(dtype)
   shapes = _flat_shapes(abstract)
   name_map = hf_name_map(abstract)
-
-  # Every check runs on headers only, before any tensor is read.
-  expected = hf_tensor_shapes(abstract, store_lm_head=False)
-  optional: dict[str, Optional[tuple[int, ...]]] = dict.fromkeys(_num_batches_tracked(shapes))  # ignored
-  tied = _tied(shapes)
-  if tied:
-    optional[LM_HEAD] = shapes["params/language_model/embed_tokens"]
-  required = {n: s for n, s in expected.items() if n not in optional}
-  check_tensors(files, required, optional, f"checkpoint {ckpt_dir}", "the model its config.json describes")
-  if tied and LM_HEAD in files:
-    _check_tied_head(files)
-
-  np_dtype = np.dtype(dtype)
   readers = {path: leaf_reader(entry, files, np_dtype) for path, entry in name_map.items()}
   return cfg, traverse_util.unflatten_dict(place_leaves(readers, shapes, shardings), sep="/")
 

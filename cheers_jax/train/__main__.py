@@ -79,12 +79,16 @@ def main(argv) -> int:
 
   from cheers_jax import distributed
   distributed.maybe_initialize()
+  from cheers_jax.checkpoint.hf import CheckpointError
   from cheers_jax.model.config import ConfigError
   from cheers_jax.train.loop import NonFiniteError, train
   try:
     result = train(config, workdir, export_hf=_EXPORT_HF.value, evaluate=_EVAL.value, samples=_SAMPLES.value)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
+    return 2
+  except CheckpointError as e:  # init_from names weights that do not fit config.model
+    print(f"error: {e}", file=sys.stderr)
     return 2
   except NonFiniteError as e:
     print(f"training stopped: {e}", file=sys.stderr)

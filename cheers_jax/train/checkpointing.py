@@ -112,6 +112,13 @@ class Checkpointer:
     self.manager.close()
 
 
+def _vae_is_random(init_from: str) -> bool:
+  if init_from.startswith("parts:"):
+    from cheers_jax.checkpoint.parts import parse_parts_spec
+    return "vae" not in parse_parts_spec(init_from[6:])
+  return not init_from
+
+
 def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
                     checkpointer: Optional[Checkpointer] = None):
   """Resume from the latest checkpoint in `workdir` (state + iterator position) or start fresh
@@ -123,7 +130,7 @@ def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
     init_from = config.get("init_from", "")
     state, shardings = step_lib.init_train_state(config, mesh, rng, init_from)
     count = int(config.train.get("calibrate_latent_norm", 0))
-    if count > 0 and not init_from:  # a checkpoint brings its own statistics
+    if count > 0 and _vae_is_random(init_from):  # a checkpoint or a VAE part brings its own statistics
       state = step_lib.calibrate_latent_norm(config, state, shardings, step_lib.calibration_images(config, count))
       logging.info("latent BN statistics of the random VAE calibrated on %d training images", count)
     return state, shardings, False

@@ -110,7 +110,8 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
   """A fresh TrainState created ALREADY SHARDED (eval_shape -> shardings -> jitted init).
 
   init_from: '' = random init; 'hf:DIR' = a Hugging Face checkpoint; 'orbax:DIR' = the params of the
-  latest checkpoint in another workdir. The optimizer state always starts fresh at step 0.
+  latest checkpoint in another workdir; 'parts:vae=DIR,siglip=DIR,llm=DIR' (any subset) = pretrained
+  parts, the rest as the random init (checkpoint/parts.py). The optimizer state always starts fresh at step 0.
   Returns (state, state_shardings).
   """
   cfg = model_config(config)
@@ -130,12 +131,16 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
     loaded_cfg, variables = load_hf_checkpoint(init_from[3:], cfg=cfg, dtype=jnp.float32,
                                                shardings=variable_shardings)
     _check_same_architecture(cfg, loaded_cfg, init_from)
+  elif init_from.startswith("parts:"):
+    from cheers_jax.checkpoint.parts import load_parts_spec
+    variables = load_parts_spec(init_from[6:], cfg, jax.random.split(rng)[0], shardings=variable_shardings)
   elif init_from.startswith("orbax:"):
     from cheers_jax.train.checkpointing import load_variables
     variables = load_variables(init_from[6:], {"params": abstract.params, "batch_stats": abstract.batch_stats},
                                variable_shardings)
   else:
-    raise ValueError(f"init_from='{init_from}': use '' (random), 'hf:DIR' or 'orbax:DIR'")
+    raise ValueError(f"init_from='{init_from}': use '' (random), 'hf:DIR', 'orbax:DIR' or "
+                     "'parts:vae=DIR,siglip=DIR,llm=DIR'")
   state_rng = jax.random.split(rng)[1]  # as the random init's
   return _with_variables(config, state_rng, variables, shardings), shardings
 
