@@ -2,6 +2,8 @@
 
   python -m cheers_jax.convert hf-to-orbax --hf HF_DIR --out ORBAX_DIR [--dtype float32]
   python -m cheers_jax.convert orbax-to-hf --orbax ORBAX_DIR --out HF_DIR [--dtype bfloat16]
+  python -m cheers_jax.convert assemble --vae DIR --siglip DIR --llm DIR --config CONFIG --out HF_DIR
+  python -m cheers_jax.convert split --hf HF_DIR --out PARTS_DIR
 
 An Orbax checkpoint written here is a directory with `state/` (the Orbax StandardCheckpointer tree
 {'params', 'batch_stats'}) and `model_config.json` (`ModelConfig.to_dict()`), so converting back
@@ -23,7 +25,8 @@ import orbax.checkpoint as ocp
 
 from cheers_jax.checkpoint.hf import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, load_hf_checkpoint,
                                       save_hf_checkpoint)
-from cheers_jax.model.config import ModelConfig
+from cheers_jax.checkpoint import parts as parts_lib
+from cheers_jax.model.config import ConfigError, ModelConfig
 
 PathLike = Union[str, Path]
 STATE_DIR = "state"
@@ -102,6 +105,29 @@ def _orbax_to_hf(args: argparse.Namespace) -> None:
         f"({index['metadata']['total_size']:,} bytes, {args.dtype}) to {out}")
 
 
+def _assemble(args: argparse.Namespace) -> None:
+  parts = {p: getattr(args, p) for p in parts_lib.PARTS if getattr(args, p)}
+  cfg = parts_lib.read_model_config(args.config)
+  out = Path(args.out)
+  _prepare_out(out, args.force)
+  index = parts_lib.assemble_hf_checkpoint(parts, cfg, out, seed=args.seed, dtype=args.dtype,
+                                           max_shard_bytes=args.max_shard_size)
+  random = [p for p in parts_lib.PARTS if p not in parts]
+  print(f"wrote {len(index['weight_map'])} tensors ({args.dtype}) to {out}: parts {', '.join(parts) or 'none'}"
+        f"; random (seed {args.seed}): head modules{''.join(', ' + p for p in random)}")
+
+
+def _split(args: argparse.Namespace) -> None:
+  out = Path(args.out)
+  if out.exists() and any(out.iterdir()):
+    if not args.force:
+      raise SystemExit(f"error: output directory {out} is not empty (pass --force to overwrite)")
+    for part in parts_lib.PARTS:  # stale shards would survive next to a new index otherwise
+      shutil.rmtree(out / part, ignore_errors=True)
+  written = parts_lib.split_hf_checkpoint(args.hf, out, max_shard_bytes=args.max_shard_size)
+  print("wrote " + ", ".join(f"{part} to {path}" for part, path in written.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m cheers_jax.convert", description=__doc__,
@@ -135,12 +161,50 @@ def build_parser() -> argparse.ArgumentParser:
                       "stores it as a copy of embed_tokens)")
   b.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
   b.set_defaults(run=_orbax_to_hf)
+
+  c = sub.add_parser("assemble", help="pretrained parts (VAE, SigLIP2, Qwen2.5) -> HF Cheers checkpoint",
+                     description="Write a Cheers checkpoint from pretrained parts, as the paper's stage 1 "
+                                 "starts: the FLUX.2 VAE (into vae_model and vae_decoder_projector), "
+                                 "SigLIP2's vision tower, Qwen2.5; any part left out and the head modules "
+                                 "are random. Names, shapes and each part's config.json are checked against "
+                                 "CONFIG.")
+  c.add_argument("--vae", metavar="DIR", help="FLUX.2 VAE in the layout Cheers embeds (encoder.*, decoder.*, "
+                 "bn.*): *.safetensors, optional config.json")
+  c.add_argument("--siglip", metavar="DIR", help="SigLIP2 in Hugging Face layout (vision_model.*; the text "
+                 "tower is ignored) with its config.json")
+  c.add_argument("--llm", metavar="DIR", help="Qwen2.5 in Hugging Face layout (model.*, lm_head.weight) with "
+                 "its config.json")
+  c.add_argument("--config", required=True, metavar="CONFIG", help="the model's shapes: a configs/*.py file or "
+                 "a Cheers config.json (or its directory)")
+  c.add_argument("--out", required=True, metavar="DIR", help="output HF checkpoint directory")
+  c.add_argument("--seed", type=int, default=0, help="seed of the random modules, as config.seed in training "
+                 "(default: 0)")
+  c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                 help="storage dtype (default: bfloat16, as published; exact for bf16 parts)")
+  c.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+                 help="largest shard, e.g. 5GB (default) or 500MB")
+  c.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+  c.set_defaults(run=_assemble)
+
+  d = sub.add_parser("split", help="HF Cheers checkpoint -> the parts' layouts (vae/, siglip/, llm/)",
+                     description="Write the VAE (vae_model's copy), SigLIP2 vision tower and Qwen2.5 of a Cheers "
+                                 "checkpoint in the layouts `assemble` and init_from=parts: read, bit for bit.")
+  d.add_argument("--hf", required=True, metavar="DIR", help="HF Cheers checkpoint directory")
+  d.add_argument("--out", required=True, metavar="DIR", help="output directory (gets vae/, siglip/, llm/)")
+  d.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+                 help="largest shard of the LLM part (default 5GB)")
+  d.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+  d.set_defaults(run=_split)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
-  args.run(args)
+  try:
+    args.run(args)
+  except (CheckpointError, ConfigError) as e:  # the user's input: one line, no traceback
+    print("error: " + "; ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+    return 2
   return 0
 
 

@@ -18,6 +18,7 @@ Cheers VAE keys (`ch`, `ch_mult`, ...) is checked when present.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -236,19 +237,23 @@ def _corner_reader(base: jax.Array, read_part, part_shape: tuple[int, ...], dtyp
   return read
 
 
-def _random_leaves(cfg: ModelConfig, rng: jax.Array, paths: list[str], dtype: np.dtype, shardings: Any
-                   ) -> dict[str, jax.Array]:
-  """The leaves `paths` of init_variables(cfg, rng), computed alone (XLA drops the rest of the init)."""
-  if not paths:
-    return {}
-  sharding_of = shardings_by_path(shardings)
-  out_shardings = {p: sharding_of(p) for p in paths}
+@functools.lru_cache(maxsize=4)
+def _random_init_program(cfg: ModelConfig, out_shardings: Optional[tuple]) -> Any:
+  flat_shardings = None if out_shardings is None else dict(out_shardings)
 
-  def init(r):
-    flat = traverse_util.flatten_dict(nn.unbox(init_variables(cfg, r)), sep="/")
-    return {p: flat[p].astype(dtype) for p in paths}
-  kwargs = {} if shardings is None else {"out_shardings": out_shardings}
-  return jax.jit(init, **kwargs)(rng)
+  def init(rng):
+    return traverse_util.flatten_dict(nn.unbox(init_variables(cfg, rng)), sep="/")
+  return jax.jit(init, out_shardings=flat_shardings) if flat_shardings is not None else jax.jit(init)
+
+
+def random_variables(cfg: ModelConfig, rng: jax.Array, shardings: Any = None) -> dict[str, jax.Array]:
+  """{flat path: array} of `init_variables(cfg, rng)`, created with `shardings` (as load_hf_checkpoint's);
+  the jitted program is kept for the next call with the same model and shardings."""
+  if shardings is None:
+    return _random_init_program(cfg, None)(rng)
+  sharding_of = shardings_by_path(shardings)
+  paths = _flat_shapes(abstract_variables(cfg))
+  return _random_init_program(cfg, tuple((p, sharding_of(p)) for p in paths))(rng)
 
 
 def load_parts(parts: Mapping[str, PathLike], cfg: ModelConfig, rng: jax.Array, dtype: Any = np.float32,
@@ -287,15 +292,19 @@ def load_parts(parts: Mapping[str, PathLike], cfg: ModelConfig, rng: jax.Array, 
       if part_shape != shapes[path]:
         corners[path] = part_shape
 
-  random_paths = [p for p in shapes if p not in from_part or p in corners]
-  random = _random_leaves(cfg, rng, random_paths, np_dtype, shardings)
+  # One init program for any subset of parts (compiled once per model and shardings); the leaves the
+  # parts replace are freed before the parts stream in, so the model is held about once.
+  random = random_variables(cfg, rng, shardings)
+  for path in from_part:
+    if path not in corners:
+      random.pop(path).delete()
   readers = {}
   for path, (part, entry) in from_part.items():
     read_part = leaf_reader(entry, opened[part], np_dtype)
     readers[path] = (_corner_reader(random.pop(path), read_part, corners[path], np_dtype)
                      if path in corners else read_part)
   flat = place_leaves(readers, shapes, shardings)
-  flat.update(random)
+  flat.update({p: x if x.dtype == np_dtype else x.astype(np_dtype) for p, x in random.items()})
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -359,10 +368,11 @@ def read_model_config(path: PathLike) -> ModelConfig:
 
 def assemble_hf_checkpoint(parts: Mapping[str, PathLike], cfg: ModelConfig, out_dir: PathLike, seed: int = 0,
                            dtype: Any = "bfloat16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-  """Writes a Cheers HF checkpoint (config.json, shards, index) built from `parts` with every other
-  module random as training's init with `seed` draws it. Holds the model once in host memory, in
-  `dtype` (stored as such). Returns the index."""
-  variables = load_parts(parts, cfg.replace(param_dtype="float32"), random_init_rng(seed), dtype=dtype)
+  """Writes a Cheers HF checkpoint (config.json, shards, index) built from `parts`, every other module
+  random as training's init with `config.seed = seed` draws it, stored in `dtype` (bit-exact for parts
+  stored in it). Holds the model once in fp32 host memory (~10 GB at full size). Returns the index."""
+  cfg = cfg.replace(param_dtype="float32")
+  variables = load_parts(parts, cfg, random_init_rng(seed), dtype=np.float32)
   return save_hf_checkpoint(variables, cfg, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 

@@ -88,7 +88,7 @@ def main(argv) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   except CheckpointError as e:  # init_from names weights that do not fit config.model
-    print(f"error: {e}", file=sys.stderr)
+    print("error: " + "; ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
     return 2
   except NonFiniteError as e:
     print(f"training stopped: {e}", file=sys.stderr)
