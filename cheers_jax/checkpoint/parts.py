@@ -7,8 +7,10 @@ training script does (`--model.vae_weights`, `--model.siglip2_weights`,
   only a decoder and the latent BatchNorm, so it takes the `decoder.*` and `bn.*` tensors);
 - SigLIP2's `vision_model.*` goes to `vision_representation.*`; the text tower is ignored;
 - Qwen2.5's `model.*` goes to `language_model.*`; its embedding rows fill the first rows of Cheers'
-  table (a larger Cheers vocabulary keeps random rows after them). A tied Cheers reads no `lm_head`;
-  an untied one takes the part's `lm_head.weight`, or its embeddings when the part ties them;
+  table (a larger Cheers vocabulary keeps random rows after them). A tied Cheers reads no `lm_head`
+  (as the official code, whose copy of it lands in the tied table and is overwritten by the embedding
+  rows); an untied one takes the part's `lm_head.weight`, or, when a tied part stores none, its
+  embeddings (the official code would leave that head random);
 and every other module (projectors, CFM head, time embedding, gate) keeps the normal random init.
 
 Part directories hold `*.safetensors` (with or without an index) and, for SigLIP2 and Qwen2.5, their
@@ -228,7 +230,7 @@ def _corner_reader(base: jax.Array, read_part, part_shape: tuple[int, ...], dtyp
 
   def read(index: tuple = ()) -> np.ndarray:
     key = _index_key(index, base.shape)
-    out = np.array(by_index[key] if key in by_index else base[tuple(slice(a, b) for a, b in key)], dtype)
+    out = np.array(by_index[key], dtype)  # the callback asks for this process's shards only
     if all(a < n for (a, _), n in zip(key, part_shape)):
       stops = [min(b, n) for (_, b), n in zip(key, part_shape)]
       out[tuple(slice(0, s - a) for (a, _), s in zip(key, stops))] = read_part(
