@@ -187,6 +187,8 @@ def open_part(part: str, part_dir: PathLike, cfg: ModelConfig) -> dict[str, st.S
   if part not in PARTS:
     raise CheckpointError(f"unknown part '{part}': the parts are {', '.join(PARTS)}")
   part_dir = Path(part_dir)
+  if not part_dir.is_dir():
+    raise CheckpointError(f"{part} part {part_dir}: no such directory (want the {PART_TITLES[part]} weights)")
   check_part_config(part, part_dir, cfg)
   files = open_tensor_files(part_dir)
   if part == "siglip":  # the text tower (and logit scale / bias) is not part of Cheers

@@ -198,6 +198,8 @@ def test_error_missing_config_and_bad_specs(split, cfg, tmp_path):
   (bare / "config.json").unlink()
   with pytest.raises(CheckpointError, match="llm part .*config.json not found"):
     parts_lib.load_parts({"llm": bare}, cfg, parts_lib.random_init_rng(0))
+  with pytest.raises(CheckpointError, match="vae part .*nowhere: no such directory"):
+    parts_lib.load_parts({"vae": tmp_path / "nowhere"}, cfg, parts_lib.random_init_rng(0))
   assert parts_lib.parse_parts_spec("vae=/a, llm=/b") == {"vae": "/a", "llm": "/b"}
   for spec, message in [("vae=/a,text=/b", "unknown part 'text'"), ("vae=/a,vae=/b", "given twice"),
                         ("", "names no part"), ("siglip", "not PART=DIR")]:
