@@ -1,8 +1,9 @@
 """Cheers training stage 'stage1_align' (SPEC.md table): lr 1e-4, constant schedule, global batch 512,
 30000 steps, trainable: align; data mix und:gen:text = 4.5:10:0.
 
-Start from the previous stage with --config.init_from=orbax:DIR (or hf:DIR) and point the data at
-your JSONL (--config.data.source=jsonl --config.data.jsonl_path=... --config.data.image_root=...).
+Start, as the paper does, from the pretrained parts (--config.init_from=parts:vae=FLUX2_VAE_DIR,
+siglip=SIGLIP2_DIR,llm=QWEN2.5_DIR; the head modules start random), or from a Cheers checkpoint
+(orbax:DIR or hf:DIR), and point the data at your JSONL (--config.data.source=jsonl --config.data.jsonl_path=... --config.data.image_root=...).
 """
 from configs import cheers_1p5b
 
