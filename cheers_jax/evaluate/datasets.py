@@ -163,7 +163,8 @@ def decode_image(b64: str, file_name: str = "image.jpg"):
       return back.convert("RGB")
   except (binascii.Error, UnidentifiedImageError, OSError, SyntaxError, ValueError, KeyError) as e:
     shown = b64 if len(b64) <= 64 else b64[:20] + "..."
-    raise BadRowImage(f"cannot decode image {file_name!r} ({shown!r}): {e}") from e
+    reason = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+    raise BadRowImage(f"cannot decode image {file_name!r} ({shown!r}): {reason}") from e
 
 
 def preprocess_row_images(row, resolution: int, patch_size: int) -> list[np.ndarray]:
