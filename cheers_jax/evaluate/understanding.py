@@ -39,10 +39,10 @@ OUTPUT_COLUMNS = ("raw", "prediction", "extracted", "status", "error")
 IM_START_ID = 151667  # <im_start>: the reference would start drawing an image here
 
 
-def load_model(checkpoint: Optional[str], workdir: Optional[str], dtype: str):
+def load_model(checkpoint: Optional[str], workdir: Optional[str], dtype: str, need_generation: bool = False):
   """The one model-loading call of the harness (generation.py uses it too)."""
   from cheers_jax.generate import load_model as _load  # moves to the infer loader module: change it here
-  return _load(checkpoint, workdir, dtype, need_generation=False)
+  return _load(checkpoint, workdir, dtype, need_generation)
 
 
 def default_dtype() -> str:
