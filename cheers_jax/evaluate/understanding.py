@@ -166,7 +166,7 @@ def _previous(path: Path, data) -> dict:
 def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, out_dir: str, *,
                       workdir: Optional[str] = None, dtype: Optional[str] = None, batch_size: int = 16,
                       limit: Optional[int] = None, max_new_tokens: Optional[int] = None, bucket: int = 64,
-                      save_every: int = 1, progress: bool = True, model=None,
+                      save_every: int = 1, progress: bool = True, model=None, print_summary: bool = True,
                       log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
   """Answers and scores a TSV; returns the score dict (also in OUTDIR/NAME_score.json).
 
@@ -251,7 +251,8 @@ def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, o
       log(f"{flagged} answer(s) contain <im_start>: the reference would draw an image there and go on; "
           "here the text simply continues")
   scores = snapshot(final=True)
-  print("\n".join(summary_lines(scores)))
+  if print_summary:
+    print("\n".join(summary_lines(scores)))
   log(f"wrote {path} and {out / (spec.name + '_score.json')}")
   return scores
 
