@@ -224,6 +224,8 @@ def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, o
     tokenizer = CheersTokenizer()
     per_device = jax.device_count()
     batch_size = _round_up(batch_size, per_device)
+    if per_device > 1:
+      log(f"data parallel over {per_device} devices (batch {batch_size})")
     prepared = []
     records = data.to_dict("records")
     for i in todo:
