@@ -248,8 +248,11 @@ def failed_mask(frame):
   return [not is_missing(e) and str(e) != "" for e in frame["error"]]
 
 
-def score_frame(spec: DatasetSpec, frame, recompute_prediction: bool = True):
-  """-> (frame with `prediction` and `extracted` filled on the scorable rows, the score dict)."""
+def score_frame(spec: DatasetSpec, frame, recompute_prediction: bool = True, require_answers: bool = True):
+  """-> (frame with `prediction` and `extracted` filled on the scorable rows, the score dict).
+
+  require_answers=False: a file without the answer columns (a test split) gets its predictions and an
+  empty score instead of an error."""
   frame = frame.copy()
   failed = failed_mask(frame)
   if "raw" in frame.columns and recompute_prediction:
@@ -261,7 +264,12 @@ def score_frame(spec: DatasetSpec, frame, recompute_prediction: bool = True):
             "vqa_score": ["answer"], "relaxed_accuracy": ["answer"], "ocrbench": ["answer", "category"]}
   missing = [c for c in needed.get(spec.metric, []) if c not in frame.columns]
   if missing:
-    raise DatasetError(f"{spec.name} is scored against column(s) {', '.join(missing)}, which the file lacks")
+    if require_answers:
+      raise DatasetError(f"{spec.name} is scored against column(s) {', '.join(missing)}, which the file lacks")
+    frame["extracted"] = None
+    return frame, _clean({"dataset": spec.name, "overall": None, "n": int(sum(not f for f in failed)),
+                          "unit": spec.unit, "n_failed": int(sum(failed)),
+                          "note": f"no {', '.join(missing)} column: predictions only, nothing to score"})
   records = frame.to_dict("records")
   extracted = [None if bad else extract_one(spec, r) for r, bad in zip(records, failed)]
   frame["extracted"] = extracted
@@ -327,6 +335,6 @@ def summary_lines(scores: dict) -> list[str]:
     for name, value in (scores.get(key) or {}).items():
       v = value.get("overall", value.get("f1")) if isinstance(value, dict) else value
       lines.append(f"  {key[:-1] if key == 'splits' else 'category'} {str(name)[:40]:<40} {fmt(v):>10}")
-  if scores.get("needs_judge"):
-    lines.append(f"  {scores.get('note', 'needs a GPT judge')}")
+  if scores.get("note"):
+    lines.append(f"  note: {scores['note']}")
   return lines

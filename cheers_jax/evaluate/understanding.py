@@ -201,7 +201,7 @@ def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, o
     frame["status"] = [results[i]["status"] if i in results else "pending" for i in range(len(frame))]
     frame["error"] = [results[i]["error"] or None if i in results else None for i in range(len(frame))]
     answered = (frame["status"] != "pending").to_numpy()
-    scored, scores = score_frame(spec, frame[answered])
+    scored, scores = score_frame(spec, frame[answered], require_answers=False)
     for col in ("prediction", "extracted"):
       values = np.full(len(frame), None, dtype=object)
       values[answered] = scored[col].to_numpy(dtype=object)

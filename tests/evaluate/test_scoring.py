@@ -116,3 +116,12 @@ def test_score_command_writes_json_beside_the_file(tmp_path, capsys):
   assert capsys.readouterr().err.startswith("error: unknown dataset")
   assert main(["score", "--dataset", "POPE", "--predictions", str(tmp_path / "missing.tsv")]) == 2
   assert math.isfinite(written["overall"])
+
+
+def test_a_file_without_answers_gives_predictions_only():
+  rows = [dict(index="1", question="q", A="x", B="y", raw="The answer is B")]
+  spec = dataset_spec("MMBench_DEV_EN_V11")
+  with pytest.raises(Exception, match="answer"):
+    score_frame(spec, pd.DataFrame(rows))
+  frame, s = score_frame(spec, pd.DataFrame(rows), require_answers=False)
+  assert list(frame["prediction"]) == ["B"] and s["overall"] is None and "predictions only" in s["note"]
