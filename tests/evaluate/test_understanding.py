@@ -12,6 +12,7 @@ from PIL import Image
 
 from cheers_jax.evaluate import understanding as und
 from cheers_jax.evaluate.__main__ import main
+from cheers_jax.evaluate.datasets import dataset_spec, read_tsv
 from cheers_jax.evaluate.understanding import reference_answer_budget, run_understanding
 from tests.infer.conftest import TINY, needs_tiny
 
@@ -119,6 +120,25 @@ def test_yes_no_and_vqa_files(tiny, tmp_path):
   s = run_understanding(None, str(vqa), "TextVQA_VAL", str(tmp_path / "v"), **kw)
   frame = pd.read_csv(tmp_path / "v" / "TextVQA_VAL.tsv", sep="\t", dtype=str, keep_default_na=False)
   assert s["overall"] == pytest.approx(100 * np.mean(frame["extracted"] == "stop"))
+
+
+@needs_tiny
+def test_mmmu_interleaved_images(tiny, tokenizer, tmp_path):
+  rows = [dict(index="validation_1", image=str([_b64(30), _b64(31, (16, 48))]), question="Compare <image 1> and <image 2>.",
+               A="same", B="different", answer="B", split="validation"),
+          dict(index="dev_1", image=_b64(32), question="What is 6 times 7? <image 1>", A=float("nan"),
+               answer="42", split="dev")]
+  path = _write(tmp_path, "mmmu", rows)
+  data, _ = read_tsv(path)
+  prepared = und.prepare_row(dataset_spec("MMMU_DEV_VAL"), data.iloc[0].to_dict(), tokenizer, tiny[0].cfg, 4)
+  assert (prepared.ids == -200).sum() == 2 and len(prepared.images) == 2
+  assert not np.array_equal(prepared.images[0], prepared.images[1])
+  s = run_understanding(None, str(path), "MMMU_DEV_VAL", str(tmp_path / "m"), batch_size=2, max_new_tokens=4,
+                        model=tiny, progress=False, log=lambda s: None)
+  frame = pd.read_csv(tmp_path / "m" / "MMMU_DEV_VAL.tsv", sep="\t", dtype=str, keep_default_na=False)
+  assert list(frame["status"]) == ["ok", "ok"] and s["n"] == 2
+  assert s["overall"] == float(frame["extracted"][0] == "B")   # the validation split
+  assert s["splits"]["dev"]["overall"] == float(frame["extracted"][1] == "A")
 
 
 @needs_tiny
