@@ -65,7 +65,7 @@ def _choices(spec: DatasetSpec, row) -> dict:
 def ground_truth(spec: DatasetSpec, row) -> str:
   answer = row.get("answer")
   if spec.metric == "mmmu":  # a non-letter answer is option A after MMMU_preproc
-    return answer if isinstance(answer, str) and len(answer) == 1 and answer.isupper() else "A"
+    return answer if isinstance(answer, str) and len(answer) == 1 and answer in ex.OPTION_LETTERS else "A"
   return ex.cell_text(answer)
 
 
