@@ -7,7 +7,9 @@
 
 An Orbax checkpoint written here is a directory with `state/` (the Orbax StandardCheckpointer tree
 {'params', 'batch_stats'}) and `model_config.json` (`ModelConfig.to_dict()`), so converting back
-needs no other input.
+needs no other input. `orbax-to-hf` also writes the tokenizer files, preprocessor_config.json and
+generation_config.json, so the HF directory is complete for our tools and, with the official modeling
+files copied in, for the official evaluation.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import orbax.checkpoint as ocp
 from cheers_jax.checkpoint.hf import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, load_hf_checkpoint,
                                       save_hf_checkpoint)
 from cheers_jax.checkpoint import parts as parts_lib
+from cheers_jax.checkpoint.support_files import write_support_files
 from cheers_jax.model.config import ConfigError, ModelConfig
 
 PathLike = Union[str, Path]
@@ -100,9 +103,11 @@ def _orbax_to_hf(args: argparse.Namespace) -> None:
   cfg, variables = load_orbax(args.orbax)
   index = save_hf_checkpoint(variables, cfg, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                              store_lm_head=not args.no_lm_head)
+  write_support_files(out, cfg)
   shards = len(set(index["weight_map"].values()))
   print(f"wrote {len(index['weight_map'])} tensors in {shards} shards "
-        f"({index['metadata']['total_size']:,} bytes, {args.dtype}) to {out}")
+        f"({index['metadata']['total_size']:,} bytes, {args.dtype}) to {out}, with the tokenizer, "
+        "preprocessor_config.json and generation_config.json")
 
 
 def _assemble(args: argparse.Namespace) -> None:
@@ -112,6 +117,7 @@ def _assemble(args: argparse.Namespace) -> None:
   _prepare_out(out, args.force)
   index = parts_lib.assemble_hf_checkpoint(parts, cfg, out, seed=args.seed, dtype=args.dtype,
                                            max_shard_bytes=args.max_shard_size)
+  write_support_files(out, cfg)
   random = [p for p in parts_lib.PARTS if p not in parts]
   print(f"wrote {len(index['weight_map'])} tensors ({args.dtype}) to {out}: parts {', '.join(parts) or 'none'}"
         f"; random (seed {args.seed}): head modules{''.join(', ' + p for p in random)}")

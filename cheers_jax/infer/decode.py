@@ -297,8 +297,12 @@ def _decode_loop(model: Cheers, sampling: SamplingConfig, eos_id: Optional[int],
 def decode(model: Cheers, variables, state: DecodeState, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), rng: Optional[Array] = None,
            eos_id: Optional[int] = EOS_TOKEN_ID, prompt_tokens: Optional[np.ndarray] = None,
-           stream: Optional[Callable[[list[np.ndarray]], None]] = None, chunk: int = 16) -> DecodeResult:
+           stream: Optional[Callable[[list[np.ndarray]], None]] = None, chunk: int = 16,
+           stop_after: Optional[int] = None) -> DecodeResult:
   """Samples up to `max_new_tokens` ids per sample after a prefill; a sample stops at `eos_id` (kept).
+
+  stop_after: end the loop after this many ids even though `max_new_tokens` (the static width of the
+  output) is larger; a runtime value, so batches with different budgets share one compiled loop.
 
   prompt_tokens: (B, P) ids the repetition penalty counts as seen (ignored when it is off; negative
   ids are skipped). stream: called with each sample's new ids after every `chunk` steps (the loop
@@ -322,14 +326,15 @@ def decode(model: Cheers, variables, state: DecodeState, max_new_tokens: int,
         seen[row, ids] = True
     seen = jnp.asarray(seen)
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  limit = max_new_tokens if stop_after is None else max(0, min(stop_after, max_new_tokens))
   carry = _Carry(state, jnp.full((b, max_new_tokens), PAD_TOKEN_ID, jnp.int32), jnp.zeros(b, jnp.int32),
                  jnp.zeros(b, bool), seen, jnp.asarray(0, jnp.int32), rng)
   if stream is None:
-    carry = _decode_loop(model, sampling, eos_id, variables, carry, jnp.asarray(max_new_tokens, jnp.int32))
+    carry = _decode_loop(model, sampling, eos_id, variables, carry, jnp.asarray(limit, jnp.int32))
   else:
     shown = np.zeros(b, np.int64)
-    while int(carry.step) < max_new_tokens and not bool(jnp.all(carry.done)):
-      stop = min(int(carry.step) + max(1, chunk), max_new_tokens)
+    while int(carry.step) < limit and not bool(jnp.all(carry.done)):
+      stop = min(int(carry.step) + max(1, chunk), limit)
       carry = _decode_loop(model, sampling, eos_id, variables, carry, jnp.asarray(stop, jnp.int32))
       tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
       stream([tokens[i, shown[i]:lengths[i]] for i in range(b)])

@@ -214,7 +214,8 @@ class PreemptionHandler:
 
 # ---- export --------------------------------------------------------------------------------------
 def export_hf(state, model_cfg, out_dir: str | Path, dtype: Any = "bfloat16") -> dict:
-  """Writes the state's params + BN statistics in the published HF layout (config.json + safetensors).
+  """Writes the state's params + BN statistics in the published HF layout (config.json + safetensors,
+  the tokenizer files, preprocessor_config.json and generation_config.json).
 
   Runs on every process (arrays are gathered leaf by leaf) but only process 0 writes.
   """
@@ -225,4 +226,7 @@ def export_hf(state, model_cfg, out_dir: str | Path, dtype: Any = "bfloat16") ->
     variables = multihost_utils.process_allgather(variables, tiled=True)
   if jax.process_index() != 0:
     return {}
-  return save_hf_checkpoint(variables, model_cfg, out_dir, dtype=dtype)
+  from cheers_jax.checkpoint.support_files import write_support_files
+  index = save_hf_checkpoint(variables, model_cfg, out_dir, dtype=dtype)
+  write_support_files(out_dir, model_cfg)  # tokenizer + processor/generation configs: a self-contained export
+  return index

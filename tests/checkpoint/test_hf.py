@@ -384,6 +384,14 @@ def test_cli_hf_orbax_hf_bit_identical(tmp_path, tiny_tensors, capsys):
   for name, t in tiny_tensors.items():
     assert_bit_equal(saved[name], t, name)
   assert len(set(json.loads((back / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+  # self-contained: the tokenizer files and the processor / generation configs of the published checkpoint
+  for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+    assert (back / name).read_bytes() == (REFERENCE / "tokenizer" / name).read_bytes(), name
+  assert json.loads((back / "generation_config.json").read_text()) == json.loads(
+      (REFERENCE / "generation_config.json").read_text())
+  pre, ref_pre = (json.loads(p.read_text()) for p in (back / "preprocessor_config.json",
+                                                      REFERENCE / "preprocessor_config.json"))
+  assert pre == dict(ref_pre, scale_resolution=64)  # the tiny model's resolution
   with pytest.raises(SystemExit, match="not empty"):
     convert.main(["orbax-to-hf", "--orbax", str(orb), "--out", str(back)])
   assert convert.main(["orbax-to-hf", "--orbax", str(orb), "--out", str(back), "--force", "--no-lm-head"]) == 0

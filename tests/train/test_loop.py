@@ -84,6 +84,9 @@ def test_uninterrupted_run_logs_and_exports(uninterrupted):
   got = variables["params"]
   err = tree_max_abs_diff(got, jax.tree.map(lambda x: np.asarray(x, jax.numpy.bfloat16).astype(np.float32), want))
   assert err == 0.0
+  for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "preprocessor_config.json",
+               "generation_config.json"):  # self-contained: tokenizer and processor configs too
+    assert (workdir / "hf" / name).is_file(), name
 
 
 def test_resume_after_sigterm_reproduces_the_run_exactly(uninterrupted, tmp_path):

@@ -1,0 +1,118 @@
+"""Evaluation speed: understanding rows/s and seconds per GenEval prompt (4 images), through the same code
+as `python -m cheers_jax.evaluate`.
+
+  python -m cheers_jax.bench evaluate --config configs/tiny.py
+  python -m cheers_jax.bench evaluate --full-size              # random weights, published shapes, bf16
+  python -m cheers_jax.bench evaluate --checkpoint HF_DIR
+
+Understanding: --rows synthetic MMBench-style rows (random images of several aspect ratios, questions of
+unequal length), batch --batch-size; random weights never emit <|im_end|>, so every row decodes exactly
+--answer-tokens ids (real MCQ answers are 1-3 ids). GenEval: --prompts prompts x 4 images at --steps
+steps with CFG 9.5. Each figure is the second of two identical runs (the first compiles). The last
+line is `RESULT {json}`.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def synthetic_mcq(path: Path, rows: int, seed: int = 0) -> None:
+  import pandas as pd
+  from PIL import Image
+  rng = np.random.RandomState(seed)
+  sizes = [(640, 480), (480, 640), (512, 512), (800, 300)]
+  records = []
+  for i in range(rows):
+    w, h = sizes[i % len(sizes)]
+    buf = io.BytesIO()
+    Image.fromarray(rng.randint(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)).save(buf, "JPEG")
+    words = " ".join(["word"] * int(rng.randint(5, 60)))
+    records.append(dict(index=i, question=f"Which option describes the {words}?", A="a red circle",
+                        B="a blue square", C="a green triangle", D="nothing", answer="ABCD"[i % 4],
+                        category="coarse_perception", split="dev",
+                        image=base64.b64encode(buf.getvalue()).decode()))
+  pd.DataFrame(records).to_csv(path, sep="\t", index=False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from cheers_jax.bench.generate import build_model
+  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--config", help="ml_collections config file (its `model` section), random weights")
+  src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
+  src.add_argument("--full-size", action="store_true", help="published shapes (2.6 B params), random bf16 weights")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the config's; bf16 for the others")
+  p.add_argument("--rows", type=int, default=64, help="understanding rows (default 64)")
+  p.add_argument("--batch-size", type=int, default=16, help="understanding batch (default 16)")
+  p.add_argument("--answer-tokens", type=int, default=16, help="ids decoded per row (default 16)")
+  p.add_argument("--prompts", type=int, default=2, help="GenEval prompts, 4 images each (default 2; 0 skips)")
+  p.add_argument("--steps", type=int, default=80, help="GenEval Euler steps (default 80)")
+  p.add_argument("--gen-batch-size", type=int, default=8, help="GenEval images per batch (default 8)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  if min(args.rows, args.batch_size, args.answer_tokens, args.steps, args.gen_batch_size) < 1 or args.prompts < 0:
+    p.error("--rows, --batch-size, --answer-tokens, --steps and --gen-batch-size must be >= 1, --prompts >= 0")
+
+  import jax
+  from cheers_jax.data.tokenizer import CheersTokenizer
+  from cheers_jax.evaluate.generation import run_geneval
+  from cheers_jax.evaluate.understanding import run_understanding
+  t0 = time.perf_counter()
+  model, variables, what = build_model(args)
+  jax.block_until_ready(variables)
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+  print(f"model: {what}; {device}; ready in {time.perf_counter() - t0:.1f} s", flush=True)
+  result = {"model": what, "device": device}
+  quiet = dict(progress=False, log=lambda s: None)
+  work = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
+  try:
+    data = work / "MMBench_DEV_EN_V11.tsv"
+    synthetic_mcq(data, args.rows, args.seed)
+    times = []
+    for run in range(2):
+      t0 = time.perf_counter()
+      run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(work / f"und{run}"), model=(model, variables),
+                        batch_size=args.batch_size, max_new_tokens=args.answer_tokens, print_summary=False,
+                        **quiet)
+      times.append(time.perf_counter() - t0)
+    result.update(rows=args.rows, batch_size=args.batch_size, answer_tokens=args.answer_tokens,
+                  understanding_first_s=times[0], understanding_s=times[1], rows_per_s=args.rows / times[1])
+    print(f"understanding: {args.rows} rows, batch {args.batch_size}, {args.answer_tokens} ids each: "
+          f"{args.rows / times[1]:.2f} rows/s ({times[1]:.1f} s; first run with compiles {times[0]:.1f} s)",
+          flush=True)
+    if args.prompts:
+      meta = work / "evaluation_metadata.jsonl"
+      meta.write_text("\n".join(json.dumps({"tag": "bench", "prompt": f"a photo of {n} cats on a {c} sofa"})
+                                for n, c in zip(range(1, args.prompts + 1), ["red", "blue", "green"] * 99)))
+      times = []
+      tok = CheersTokenizer()
+      for run in range(2):
+        t0 = time.perf_counter()
+        run_geneval(model, variables, tok, str(meta), str(work / f"gen{run}"), images_per_prompt=4,
+                    steps=args.steps, batch_size=args.gen_batch_size, **quiet)
+        times.append(time.perf_counter() - t0)
+      per_prompt = times[1] / args.prompts
+      result.update(geneval_prompts=args.prompts, steps=args.steps, geneval_s_per_prompt=per_prompt,
+                    geneval_first_s=times[0])
+      print(f"geneval: {per_prompt:.2f} s per prompt (4 images, {args.steps} steps, CFG 9.5, batch "
+            f"{args.gen_batch_size}; first run with compiles {times[0]:.1f} s)", flush=True)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  print("RESULT " + json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

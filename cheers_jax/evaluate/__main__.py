@@ -1,0 +1,105 @@
+"""python -m cheers_jax.evaluate {understanding,score,geneval,dpg} ...
+
+  understanding  --checkpoint DIR --data FILE.tsv --dataset NAME --out OUTDIR [--batch-size N] [--limit N]
+  score          --dataset NAME --predictions FILE.tsv
+  geneval        --checkpoint DIR --metadata evaluation_metadata.jsonl --out OUTDIR
+  dpg            --checkpoint DIR --prompts PROMPT_DIR --out OUTDIR
+
+Understanding writes OUTDIR/NAME.tsv (input columns but `image`, plus raw / prediction / extracted /
+error) and OUTDIR/NAME_score.json; rerunning with the same OUTDIR decodes only the missing rows.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+class CLIError(ValueError):
+  """A usage problem the user can fix: `error: ...`, exit status 2."""
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("model")
+  g.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
+  g.add_argument("--workdir", help="Orbax checkpoint directory (from `cheers_jax.convert hf-to-orbax`)")
+  g.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 help="compute dtype (default: float32 on CPU, bfloat16 on an accelerator, as the official bf16 run)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from cheers_jax.evaluate import generation as gen
+  p = argparse.ArgumentParser(prog="python -m cheers_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True, metavar="{understanding,score,geneval,dpg}")
+
+  u = sub.add_parser("understanding", help="answer a VLMEvalKit TSV with the model and score it")
+  _model_args(u)
+  u.add_argument("--data", required=True, help="VLMEvalKit TSV (e.g. $LMUData/MMBench_DEV_EN_V11.tsv)")
+  u.add_argument("--dataset", help="benchmark name: picks the prompt and the scorer (default: the file's stem)")
+  u.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
+  u.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
+  u.add_argument("--limit", type=int, help="only the first N rows (a quick look)")
+  u.add_argument("--max-new-tokens", type=int,
+                 help="cap on answer tokens (default: the reference's own limit, prompt + answer <= 1025 ids)")
+  u.add_argument("--bucket", type=int, default=64, help="prompt lengths are padded to a multiple of this (compiles)")
+  u.add_argument("--save-every", type=int, default=1, help="write the predictions file every N batches (default 1)")
+  u.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  s = sub.add_parser("score", help="re-score a predictions TSV without a model")
+  s.add_argument("--dataset", required=True, help="benchmark name (the scorer)")
+  s.add_argument("--predictions", required=True, help="predictions TSV (with `raw` and/or `prediction`)")
+
+  for name, helptext in (("geneval", "GenEval images in the official layout"),
+                         ("dpg", "DPG-Bench 2x2 grids in the official layout")):
+    d = gen.DEFAULTS[name]
+    g = sub.add_parser(name, help=helptext)
+    _model_args(g)
+    if name == "geneval":
+      g.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
+      g.add_argument("--images-per-prompt", type=int, default=d["images_per_prompt"],
+                     help=f"default {d['images_per_prompt']} (run_short.sh --batch_size 4)")
+    else:
+      g.add_argument("--prompts", required=True, help="DPG-Bench prompts folder (one .txt per prompt)")
+    g.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    g.add_argument("--steps", type=int, default=d["steps"], help=f"Euler steps (default {d['steps']}: {d['steps_src']})")
+    g.add_argument("--cfg", type=float, default=d["cfg"], help=f"guidance scale (default {d['cfg']}: {d['cfg_src']})")
+    g.add_argument("--shift", type=float, default=d["shift"],
+                   help=f"time shift a (default {d['shift']}: {d['shift_src']})")
+    g.add_argument("--seed", type=int, default=0, help="image n of prompt i uses seed + i * images-per-prompt + n")
+    g.add_argument("--batch-size", type=int, default=8, help="images generated together (default 8)")
+    g.add_argument("--limit", type=int, help="only the first N prompts")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  from cheers_jax.evaluate.datasets import BadRowImage, DatasetError
+  known = (CLIError, DatasetError, BadRowImage)
+  try:
+    if args.command == "score":
+      from cheers_jax.evaluate.datasets import dataset_spec
+      from cheers_jax.evaluate.scoring import score_file, score_path, summary_lines
+      spec = dataset_spec(args.dataset)
+      scores = score_file(spec, args.predictions)
+      print("\n".join(summary_lines(scores)))
+      print(f"wrote {score_path(spec, args.predictions)}")
+      return 0
+    from cheers_jax.checkpoint.hf import CheckpointError
+    from cheers_jax.data.images import BadImageError
+    from cheers_jax.generate import CLIError as GenerateCLIError
+    from cheers_jax.infer.decode import GenerationError
+    from cheers_jax.model.config import ConfigError
+    known = known + (CheckpointError, BadImageError, GenerateCLIError, GenerationError, ConfigError)
+    if args.command == "understanding":
+      from cheers_jax.evaluate.understanding import run_cli
+      return run_cli(args)
+    from cheers_jax.evaluate.generation import run_cli as run_generation
+    return run_generation(args)
+  except known as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
