@@ -31,7 +31,6 @@ that are close.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -41,7 +40,6 @@ from typing import Any, Optional, Sequence
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import sharding
-from cheers_jax.errors import UserError
 from cheers_jax.train import measure, synthetic
 
 DEFAULT_CONFIG = "cheers_1p5b"
@@ -164,10 +162,7 @@ def _main(argv: list[str]) -> int:
   rest, overrides = config_lib.split_overrides(argv)
   args = _parser().parse_args(rest)
   meshes = sharding.parse_meshes(args.meshes)
-  try:
-    per_device = [int(x) for x in args.per_device_batch.split(",") if x.strip()]
-  except ValueError:
-    raise UserError(f"--per-device-batch {args.per_device_batch!r}: give comma-separated integers") from None
+  per_device = cli.comma_list(args.per_device_batch, "--per-device-batch", int)
   config = config_lib.load(args.config, overrides)
   with config.unlocked():
     if args.remat:
@@ -197,11 +192,7 @@ def _main(argv: list[str]) -> int:
   if platform.startswith("cpu"):
     print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); rerun on the target for exact ones.")
   if args.out:
-    with open(args.out, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=list(FIELDS), extrasaction="ignore")
-      w.writeheader()
-      for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+    measure.write_csv(rows, args.out, FIELDS)
     print(f"wrote {args.out}")
   return 0 if any(r.get("status") == "ok" for r in rows) else 1
 

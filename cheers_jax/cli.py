@@ -41,6 +41,17 @@ def run(main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]
     return USAGE_ERROR
 
 
+def comma_list(text: str, flag: str, cast: Callable = str) -> list:
+  """'1,2, 8' -> [1, 2, 8] (cast each item); a bad item is a user error naming `flag`."""
+  try:
+    items = [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    raise UserError(f"{flag} {text!r}: give a comma-separated list, e.g. {'1,8' if cast is int else 'a,b'}") from None
+  if not items:
+    raise UserError(f"{flag} {text!r}: give at least one value")
+  return items
+
+
 def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
   """A folder for results: refused when it already holds files, unless `overwrite`."""
   path = Path(path)

@@ -32,7 +32,6 @@ table and the best layout (highest samples/s). The measuring is `cheers_jax.trai
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -48,14 +47,6 @@ from cheers_jax.train import measure, synthetic
 
 
 # ---- reports ----------------------------------------------------------------------------------------
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(measure.FIELDS), extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in measure.FIELDS})
-
-
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   cols = (("layout", 34), ("status", 13), ("compile s", 9), ("step s", 8), ("samples/s", 9), ("tokens/s", 9),
           ("TFLOP/s/dev", 11), ("MFU", 6), ("mem GiB", 8))
@@ -148,9 +139,10 @@ def _main(argv: list[str]) -> int:
   config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file or override
   ModelConfig.from_dict(config.model)
   meshes = sharding.parse_meshes(args.meshes) if args.meshes else [dict(config.mesh)]
-  remats = _split_list(args.remat) if args.remat else [config.model.remat_policy]
-  attentions = _split_list(args.attention) if args.attention else [config.model.attention]
-  batch_sizes = _split_list(args.batch_sizes, int) if args.batch_sizes else [int(config.train.batch_size)]
+  remats = cli.comma_list(args.remat, "--remat") if args.remat else [config.model.remat_policy]
+  attentions = cli.comma_list(args.attention, "--attention") if args.attention else [config.model.attention]
+  batch_sizes = (cli.comma_list(args.batch_sizes, "--batch-sizes", int) if args.batch_sizes
+                 else [int(config.train.batch_size)])
   batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
   batch.spec(config, batch_sizes[0])  # check the batch composition fits before any compile
   out = cli.check_output_dir(args.out, args.overwrite)
@@ -160,7 +152,7 @@ def _main(argv: list[str]) -> int:
   if distributed.launched_multi_process() and not distributed.is_lead():  # process 0 reports
     return 0
   out.mkdir(parents=True, exist_ok=True)
-  write_csv(rows, out / "sweep.csv")
+  measure.write_csv(rows, out / "sweep.csv")
   plot(rows, out / "sweep.png", title=f"{args.config} {' '.join(overrides)}".strip())
   print("\n" + format_table(rows))
   best = measure.best_row(rows)
@@ -176,13 +168,6 @@ def _main(argv: list[str]) -> int:
           f"--config.model.attention={best['attention']}")
   print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
   return 0 if best is not None else 1
-
-
-def _split_list(text: str, cast=str) -> list:
-  try:
-    return [cast(x.strip()) for x in str(text).split(",") if x.strip()]
-  except ValueError as e:
-    raise UserError(f"{text!r}: give a comma-separated list ({e})") from e
 
 
 def best_mesh(row: Mapping[str, Any]) -> dict[str, int]:

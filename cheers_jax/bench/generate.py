@@ -114,11 +114,8 @@ def _main(argv: list[str]) -> int:
   p.add_argument("--repeats", type=int, default=3, help="timed runs after the compile (median)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  try:
-    batches = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-  except ValueError:
-    p.error(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8")
-  if not batches or min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.steps < 0:
+  batches = cli.comma_list(args.batch_sizes, "--batch-sizes", int)
+  if min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.steps < 0:
     p.error("batch sizes, --new-tokens and --repeats must be >= 1, --steps >= 0")
 
   import jax

@@ -130,15 +130,12 @@ def _main(argv: list[str]) -> int:
   if args.steps < 1 or args.warmup < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   config = config_lib.load(config_path, overrides)
-  try:
-    if args.batch_sizes:
-      batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-    elif args.batch_size:
-      batch_sizes = [args.batch_size]
-    else:
-      batch_sizes = [4, 8] if args.full_size else [8]
-  except ValueError:
-    raise UserError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers") from None
+  if args.batch_sizes:
+    batch_sizes = cli.comma_list(args.batch_sizes, "--batch-sizes", int)
+  elif args.batch_size:
+    batch_sizes = [args.batch_size]
+  else:
+    batch_sizes = [4, 8] if args.full_size else [8]
   mesh = sharding.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
   seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
   batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)

@@ -7,6 +7,7 @@ with its status and error, never the end of the run. Row keys: FIELDS.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gc
 import json
@@ -255,6 +256,15 @@ def fmt(v: Any, spec: str) -> str:
   if v is None or (isinstance(v, float) and not math.isfinite(v)):
     return "n/a"
   return format(v, spec)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, fields: Sequence[str] = FIELDS) -> None:
+  """One line per row, `fields` as columns; a missing value is an empty cell."""
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
 
 
 def best_row(rows: Sequence[Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:

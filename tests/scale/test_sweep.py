@@ -77,7 +77,7 @@ def test_report_helpers(tmp_path):
           {"mesh": "fsdp=8", "remat": "none", "attention": "xla", "batch_size": 8, "status": "oom",
            "error": "[run] RESOURCE_EXHAUSTED"}]
   assert measure.best_row(rows) is rows[0]
-  sweep.write_csv(rows, tmp_path / "s.csv")
+  measure.write_csv(rows, tmp_path / "s.csv")
   sweep.plot(rows, tmp_path / "s.png")
   assert (tmp_path / "s.png").stat().st_size > 0
   assert "RESOURCE_EXHAUSTED" in sweep.format_table(rows)
