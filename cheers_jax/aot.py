@@ -133,7 +133,7 @@ def format_table(rows: Sequence[dict], hbm_gib: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config name or a config file (default: "
                  "cheers_1p5b, the full model); override values with --config.KEY=VALUE")

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,6 +18,13 @@ from cheers_jax.errors import UserError
 USAGE_ERROR = 2
 # Files the user named that cannot be opened are their mistake too.
 USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are user errors (one line, exit 2) instead of usage + exit."""
+
+  def error(self, message: str):
+    raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def one_line(message: str) -> str:
@@ -36,7 +44,7 @@ def run(main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]
   except (UserError,) + USER_OS_ERRORS as e:
     if debug:
       raise
-    text = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
+    text = str(e) if isinstance(e, UserError) or not e.filename else f"{e.strerror or e}: {e.filename}"
     print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
     return USAGE_ERROR
 

@@ -65,7 +65,7 @@ def _orbax_to_hf(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog="python -m cheers_jax.convert", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.parity", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.parity", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="HF checkpoint directory (the oracle's tiny_ckpt)")
   p.add_argument("--golden", required=True, help="golden .npz (golden.npz for fp32, golden_bf16.npz for bf16)")

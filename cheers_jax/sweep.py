@@ -96,7 +96,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.sweep", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.sweep", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=False, help="a shipped config name (tiny, cheers_1p5b) or a config file "
                  "(FILE.py[:ARG]); override values with --config.KEY=VALUE")

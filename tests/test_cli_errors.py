@@ -35,14 +35,21 @@ CASES = {
     "aot-bad-mesh": ("cheers_jax.aot", lambda d: ["--config", "tiny", "--meshes", "model=2"], "AXIS=SIZE"),
     "aot-out-exists": ("cheers_jax.aot", lambda d: ["--config", "tiny", "--out", _non_empty(d) + "/result.txt"],
                        "--overwrite"),
+    "bench-unknown": ("cheers_jax.bench.__main__", lambda d: ["nope"], "unknown benchmark"),
+    "bench-generate-bad-batch-sizes": ("cheers_jax.bench.generate", lambda d: ["--config", "tiny", "--batch-sizes",
+                                                                               "1,x"], "--batch-sizes"),
     "bench-train-missing-config": ("cheers_jax.bench.train", lambda d: ["--config", str(d / "none.py")],
                                    "not found"),
     "bench-generate-missing-config": ("cheers_jax.bench.generate", lambda d: ["--config", str(d / "none.py")],
                                       "not found"),
     "generate-no-checkpoint": ("cheers_jax.generate", lambda d: ["chat", "--checkpoint", str(d), "--prompt", "hi"],
                                "config.json"),
+    "generate-bad-argument": ("cheers_jax.generate", lambda d: ["chat", "--checkpoint", str(d), "--max-len", "x"],
+                              "--max-len"),
     "generate-out-not-empty": ("cheers_jax.generate", lambda d: ["t2i", "--checkpoint", str(d), "a cat", "--out",
                                                                  _non_empty(d / "out")], "--overwrite"),
+    "parity-unknown-group": ("cheers_jax.parity", lambda d: ["--checkpoint", str(d), "--golden", _golden(d),
+                                                             "--groups", "nope"], "unknown group"),
     "parity-missing-golden": ("cheers_jax.parity", lambda d: ["--checkpoint", str(d), "--golden",
                                                               str(d / "none.npz")], "golden file not found"),
     "convert-missing-checkpoint": ("cheers_jax.convert", lambda d: ["hf-to-orbax", "--hf", str(d / "none"), "--out",
@@ -50,6 +57,12 @@ CASES = {
     "convert-truncated-shard": ("cheers_jax.convert", lambda d: ["hf-to-orbax", "--hf", _truncated_checkpoint(d),
                                                                  "--out", str(d / "o")], "safetensors"),
 }
+
+
+def _golden(d) -> str:
+  import numpy as np
+  np.savez(d / "golden.npz", a=np.zeros(1))
+  return str(d / "golden.npz")
 
 
 def _truncated_checkpoint(d) -> str:

@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--config", help="a shipped config name or a config file (its `model` section), random weights")

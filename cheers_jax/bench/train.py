@@ -56,7 +56,7 @@ REFERENCE_H100 = {
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group()
   src.add_argument("--config", help="a shipped config name or a config file (default: tiny); override values "

@@ -19,6 +19,7 @@ import numpy as np
 
 from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.checkpoint.hf import CheckpointError, abstract_variables, load_hf_checkpoint
+from cheers_jax.errors import UserError
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
 
@@ -36,7 +37,7 @@ def default_dtype() -> str:
 def inference_config(cfg: ModelConfig, dtype: str) -> ModelConfig:
   """The dtype policy: parameters and computation in `dtype`; the reference's casts in bf16."""
   if dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r}: use one of {DTYPES}")
+    raise UserError(f"dtype {dtype!r}: use one of {DTYPES}")
   return cfg.replace(dtype=dtype, param_dtype=dtype, reference_bf16_casts=(dtype == "bfloat16"))
 
 
