@@ -6,8 +6,9 @@ r"""Compare train-step layouts (mesh x remat x batch x attention) on this hardwa
 
 For every combination: build the mesh, create the train state already sharded, compile the train step
 (timed: lower + compile), run --warmup untimed and --steps timed steps on one synthetic static-shape
-batch in the batch contract (`cheers_jax.train.synthetic`; no data pipeline involved), and record the median step time,
-samples/s, tokens/s (valid tokens), TFLOP/s per device, MFU and the peak device memory. A layout that
+batch in the batch contract (`cheers_jax.train.synthetic`; no data pipeline involved), and record the
+median step time, samples/s, tokens/s (valid tokens), TFLOP/s per device, MFU and the peak device
+memory. A layout that
 runs out of memory, fails to compile or crashes becomes a row with its error: the sweep goes on.
 Writes OUT/sweep.csv and OUT/sweep.png (a folder that already holds files needs --overwrite), prints a
 table and the best layout (highest samples/s). The measuring is `cheers_jax.train.measure`'s.

@@ -1,7 +1,7 @@
 """Training input pipeline (grain): sources -> mixed, shuffled, tokenised, preprocessed static-shape batches.
 
     it = make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
-    batch = next(it)                  # dict of numpy arrays, the contract below
+    batch = next(it)                  # dict of numpy arrays: cheers_jax.data.batch's contract
     state = it.get_state()            # JSON-serialisable; save it with the model
     it.set_state(state)               # a resumed run continues with the next batch, bit for bit
 
@@ -398,4 +398,3 @@ def make_train_iterator(config: Any, *, seed: int | None = None, process_index: 
   data.worker_count (a state restores into an iterator built with the same three)."""
   return iter(make_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
                                  tokenizer=tokenizer, source=source))
-

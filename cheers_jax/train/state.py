@@ -198,5 +198,3 @@ def calibration_images(config, count: int) -> np.ndarray:
   if not out:
     raise ConfigError("train.calibrate_latent_norm: the training source gave no readable image")
   return np.stack(out[:count]).astype(np.float32)
-
-

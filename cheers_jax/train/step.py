@@ -40,8 +40,6 @@ def fm_weights(image_kind: Array, image_weight: Array, fm_gen_only: bool) -> Arr
   return w
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
   grad_accum: int = 1
@@ -95,7 +93,8 @@ def make_loss_and_grad(model: Cheers, config, mesh: Optional[Mesh] = None) -> Ca
         g_sum, l_sum = carry
         mb = dict(mb)
         if mesh is not None:  # keep each micro-batch spread over all devices
-          mb = {k: jax.lax.with_sharding_constraint(v, sharding.leading_axis_sharding(mesh, v.shape)) for k, v in mb.items()}
+          mb = {k: jax.lax.with_sharding_constraint(v, sharding.leading_axis_sharding(mesh, v.shape))
+                for k, v in mb.items()}
         x0_mb = mb.pop("x0")
         g, l = grad_fn(trainable, frozen, batch_stats, mb, x0_mb, n_text, w_total)
         return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, l_sum, l)), None
@@ -118,7 +117,7 @@ def make_train_step(model: Cheers, config, mesh: Mesh, state_shardings: Optional
                     *, donate: bool = True, return_grads: bool = False) -> Callable:
   """One jit-compiled `step(state, batch) -> (state, metrics)` with explicit shardings.
 
-  batch: global arrays (see `device_batch`); an optional 'x0' (M, h, w, C) replaces the drawn noise.
+  batch: global arrays (see `batching.device_batch`); an optional 'x0' (M, h, w, C) replaces the drawn noise.
   metrics: device scalars METRIC_KEYS; `skipped_nonfinite` is 1 when the loss or the gradient was
   NaN/Inf, in which case params and optimizer state are left unchanged (the loop stops or goes on
   according to train.nan_policy). return_grads=True adds a third output, the trainable gradients

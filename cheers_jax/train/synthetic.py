@@ -150,7 +150,6 @@ def global_device_batch(full: Mapping[str, np.ndarray], mesh) -> dict:
           for k in shardings}
 
 
-
 # ---- the train state ----------------------------------------------------------------------------
 def _mix32(x):
   """A 32-bit integer hash (murmur3's finaliser): cheap pseudo-random bits from an iota."""
