@@ -211,6 +211,7 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> ml_collections.Con
     raise ConfigError(unknown_key(text, text, NAMED, noun="config name") +
                       " (or give the path of a config file)")
   apply_overrides(config, overrides)
+  check_known_keys(config)
   config.lock()
   return config
 
