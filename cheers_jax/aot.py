@@ -1,9 +1,9 @@
 r"""Ahead-of-time memory of the train step: will it fit, before you rent the hardware?
 
-  python -m cheers_jax.aot                                  # full size (configs/cheers_1p5b.py), 512x512
+  python -m cheers_jax.aot                                  # full size (--config cheers_1p5b), 512x512
   python -m cheers_jax.aot --meshes "fsdp=1;fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2" --per-device-batch 1,2,4,8 \
       --seq-len 400 --remat none --hbm-gib 79 --out aot.csv
-  python -m cheers_jax.aot --config configs/tiny.py --meshes "fsdp=2" --per-device-batch 1
+  python -m cheers_jax.aot --config tiny --meshes "fsdp=2" --per-device-batch 1
 
 For each (mesh, per-device batch) the full train step is lowered with `jax.ShapeDtypeStruct`s that carry
 the state and batch shardings (nothing is allocated) and compiled; `compiled.memory_analysis()` gives
@@ -23,7 +23,7 @@ to `jax.experimental.topologies.get_topology_desc(NAME, 'tpu')` (as MaxText's tr
 untested here, no libtpu on the development machine).
 --per-device-batch counts the rows of one data shard: global batch = per-device batch x data x fsdp.
 The batch is the reference timing's mix (`--gen-fraction` generation samples, one image each, padded to
-`--seq-len`, see cheers_jax.sweep.BatchSpec); pass `--seq-len 1024 --image-slots 2` to match a pipeline
+`--seq-len`, see cheers_jax.train.synthetic.BatchSpec); pass `--seq-len 1024 --image-slots 2` to match a pipeline
 config with those buckets and data.max_images_per_sample=2. A GPU also needs room outside XLA's buffers:
 JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the memory; set it to 0.95 for runs
 that are close.
@@ -31,16 +31,18 @@ that are close.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
 import time
 from typing import Any, Optional, Sequence
 
-from cheers_jax import sweep
+from cheers_jax import cli
+from cheers_jax import config as config_lib
+from cheers_jax import sharding
+from cheers_jax.train import measure, synthetic
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cheers_1p5b.py")
+DEFAULT_CONFIG = "cheers_1p5b"
 DEFAULT_MESHES = "fsdp=1;fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2"
 FIELDS = ("mesh", "devices", "platform", "per_device_batch", "global_batch", "seq_len", "remat", "args_gib",
           "outputs_gib", "alias_gib", "temp_gib", "total_gib", "fits", "compile_s", "status", "error")
@@ -73,37 +75,39 @@ def pick_devices(need: int, tpu_topology: str = "") -> tuple[list, str]:
   return cpu, "cpu (estimate)" if default[0].platform == "cpu" else f"cpu (estimate; only {len(default)} {default[0].platform})"
 
 
-def aot_memory(config, mesh_shape: dict, per_device_batch: int, *, batch: sweep.BatchOptions = sweep.BatchOptions(),
+def aot_memory(config, mesh_shape: dict, per_device_batch: int, *,
+               batch: synthetic.BatchOptions = synthetic.BatchOptions(),
                devices: Optional[Sequence] = None) -> dict[str, Any]:
   """Compile the train step of `config` for `mesh_shape` on abstract inputs; per-device bytes (GiB).
 
   Never raises: a failure is a row with status 'error' or 'oom' (XLA may refuse a program that cannot fit).
   """
-  row: dict[str, Any] = {"mesh": sweep.mesh_name(mesh_shape), "per_device_batch": per_device_batch,
+  row: dict[str, Any] = {"mesh": sharding.mesh_name(mesh_shape), "per_device_batch": per_device_batch,
                          "remat": config.model.remat_policy, "status": "error"}
   try:
     import jax
     from cheers_jax.model.cheers import Cheers
+    from cheers_jax.train import state as state_lib
     from cheers_jax.train import step as step_lib
-    mesh = sweep.make_layout_mesh(mesh_shape, devices)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    layout = sweep.Layout.make(mesh_shape, config.model.remat_policy, config.model.attention, per_device_batch * shards)
-    c = sweep.layout_config(config, layout)
+    mesh = sharding.make_mesh_on_first_devices(mesh_shape, devices)
+    layout = measure.StepLayout.make(mesh_shape, config.model.remat_policy, config.model.attention,
+                                     per_device_batch * sharding.data_shards(mesh))
+    c = measure.layout_config(config, layout)
     spec = batch.spec(c, layout.batch_size)
     row.update(devices=mesh.devices.size, global_batch=layout.batch_size, seq_len=spec.seq_len)
-    abstract, shardings = step_lib.abstract_train_state(c, mesh)
+    abstract, shardings = state_lib.abstract_train_state(c, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    step_fn = step_lib.make_train_step(Cheers(step_lib.model_config(c)), c, mesh, shardings)
+    step_fn = step_lib.make_train_step(Cheers(state_lib.model_config(c)), c, mesh, shardings)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, sweep.abstract_batch(spec, mesh)).compile()
+    compiled = step_fn.lower(state, synthetic.abstract_batch(spec, mesh)).compile()
     row["compile_s"] = time.perf_counter() - t0
-    mem = sweep.memory_figures(compiled)
+    mem = measure.memory_figures(compiled)
     if mem["total"] is None:
       raise RuntimeError("this backend has no memory_analysis()")
     row.update({f"{k}_gib": mem[k] / GIB for k in ("args", "outputs", "alias", "temp", "total")}, status="ok")
     del compiled
   except Exception as e:  # noqa: BLE001 -- one failed combination is a row
-    row.update(status=sweep.classify_error(e), error=sweep.short_error(e))
+    row.update(status=measure.classify_error(e), error=measure.short_error(e))
   try:
     import jax
     jax.clear_caches()  # compiled steps of earlier combinations are not needed again
@@ -116,7 +120,7 @@ def format_table(rows: Sequence[dict], hbm_gib: float) -> str:
   head = (f"{'mesh':<18} {'dev':>3} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} {'aliased':>7} "
           f"{'temp':>7} {'total':>7} {'fits ' + format(hbm_gib, 'g') + ' GiB':>12} {'compile s':>9}")
   lines = [head, " " * 44 + "(GiB per device)"]
-  f = lambda v: sweep._fmt(v, ".2f")
+  f = lambda v: measure.fmt(v, ".2f")
   for r in rows:
     if r.get("status") != "ok":
       lines.append(f"{r['mesh']:<18} {r.get('devices', ''):>3} {r['per_device_batch']:>5} "
@@ -124,15 +128,15 @@ def format_table(rows: Sequence[dict], hbm_gib: float) -> str:
       continue
     lines.append(f"{r['mesh']:<18} {r['devices']:>3} {r['per_device_batch']:>5} {r['global_batch']:>4} "
                  f"{r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} {f(r['alias_gib']):>7} "
-                 f"{f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>12} {sweep._fmt(r['compile_s'], '.1f'):>9}")
+                 f"{f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>12} {measure.fmt(r['compile_s'], '.1f'):>9}")
   return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: configs/cheers_1p5b.py, the full "
-                 "model); override values with --config.KEY=VALUE")
+  p.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config name or a config file (default: "
+                 "cheers_1p5b, the full model); override values with --config.KEY=VALUE")
   p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"';'-separated meshes (default '{DEFAULT_MESHES}')")
   p.add_argument("--per-device-batch", default="1,2,4,8", help="comma-separated rows per data shard (default 1,2,4,8)")
   p.add_argument("--seq-len", type=int, default=400, help="static sequence length (default 400, the reference timing's)")
@@ -145,28 +149,30 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--fake-devices", type=int, help="CPU devices to create (default: the largest mesh)")
   p.add_argument("--tpu-topology", default="", help="compile for a TPU slice without holding it (a topology name "
                  "for jax.experimental.topologies.get_topology_desc; needs libtpu)")
-  p.add_argument("--out", help="also write the rows to this CSV file")
+  p.add_argument("--out", help="also write the rows to this CSV file (an existing one needs --overwrite)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  rest, overrides = sweep.split_overrides(argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  rest, overrides = config_lib.split_overrides(argv)
   args = _parser().parse_args(rest)
-  try:
-    meshes = sweep.parse_meshes(args.meshes)
-    per_device = sweep._split_list(args.per_device_batch, int)
-    config = sweep.load_config(args.config, overrides)
-    with config.unlocked():
-      if args.remat:
-        config.model.remat_policy = args.remat
-      if args.attention:
-        config.model.attention = args.attention
-    batch = sweep.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
-    batch.spec(config, 1)
-  except (sweep.SweepError, ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  meshes = sharding.parse_meshes(args.meshes)
+  per_device = cli.comma_list(args.per_device_batch, "--per-device-batch", int)
+  config = config_lib.load(args.config, overrides)
+  with config.unlocked():
+    if args.remat:
+      config.model.remat_policy = args.remat
+    if args.attention:
+      config.model.attention = args.attention
+  batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  batch.spec(config, 1)
+  if args.out:
+    cli.check_output_file(args.out, args.overwrite)
   need = _devices_needed(meshes)
   ensure_fake_devices(max(need, args.fake_devices or 0))
   devices, platform = pick_devices(need, args.tpu_topology)
@@ -186,11 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if platform.startswith("cpu"):
     print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); rerun on the target for exact ones.")
   if args.out:
-    with open(args.out, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=list(FIELDS), extrasaction="ignore")
-      w.writeheader()
-      for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+    measure.write_csv(rows, args.out, FIELDS)
     print(f"wrote {args.out}")
   return 0 if any(r.get("status") == "ok" for r in rows) else 1
 

@@ -5,66 +5,29 @@
   python -m cheers_jax.convert assemble --vae DIR --siglip DIR --llm DIR --config CONFIG --out HF_DIR
   python -m cheers_jax.convert split --hf HF_DIR --out PARTS_DIR
 
-An Orbax checkpoint written here is a directory with `state/` (the Orbax StandardCheckpointer tree
+An Orbax checkpoint written here is an export: `state/` (the Orbax StandardCheckpointer tree
 {'params', 'batch_stats'}) and `model_config.json` (`ModelConfig.to_dict()`), so converting back
-needs no other input. `orbax-to-hf` also writes the tokenizer files, preprocessor_config.json and
-generation_config.json, so the HF directory is complete for our tools and, with the official modeling
-files copied in, for the official evaluation.
+needs no other input (layouts: `cheers_jax.checkpoint.orbax`). `orbax-to-hf` and `assemble` also write
+the tokenizer files, preprocessor_config.json and generation_config.json, so the HF directory is
+complete for our tools and, with the official modeling files copied in, for the official evaluation.
+A non-empty --out folder is refused unless --overwrite.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from cheers_jax.checkpoint.hf import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, load_hf_checkpoint,
-                                      save_hf_checkpoint)
+from cheers_jax import cli
 from cheers_jax.checkpoint import parts as parts_lib
+from cheers_jax.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_checkpoint, save_hf_checkpoint
+from cheers_jax.checkpoint.orbax import CONFIG_JSON, STATE_DIR, load_export, save_export
 from cheers_jax.checkpoint.support_files import write_support_files
-from cheers_jax.model.config import ConfigError, ModelConfig
-
-PathLike = Union[str, Path]
-STATE_DIR = "state"
-CONFIG_JSON = "model_config.json"
-
-
-# ---- orbax ---------------------------------------------------------------------------------------
-def save_orbax(variables: dict, cfg: ModelConfig, out_dir: PathLike, force: bool = False) -> Path:
-  """Writes `out_dir/state` (Orbax) and `out_dir/model_config.json`; returns out_dir."""
-  out_dir = Path(out_dir).absolute()  # orbax wants absolute paths
-  out_dir.mkdir(parents=True, exist_ok=True)
-  state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out_dir / STATE_DIR, state, force=force)
-    ckptr.wait_until_finished()
-  (out_dir / CONFIG_JSON).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-  return out_dir
-
-
-def load_orbax(ckpt_dir: PathLike, sharding: Optional[jax.sharding.Sharding] = None) -> tuple[ModelConfig, dict]:
-  """Reads what `save_orbax` wrote, in the stored dtypes, on `sharding` (default: first device)."""
-  ckpt_dir = Path(ckpt_dir).absolute()
-  cfg_path, state_path = ckpt_dir / CONFIG_JSON, ckpt_dir / STATE_DIR
-  for p in (cfg_path, state_path):
-    if not p.exists():
-      raise CheckpointError(f"{p} not found: expected an Orbax checkpoint written by cheers_jax.convert "
-                            f"(with {STATE_DIR}/ and {CONFIG_JSON})")
-  cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(state_path).item_metadata
-    meta = getattr(meta, "tree", meta)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    variables = ckptr.restore(state_path, target)
-  return cfg, dict(variables)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -79,10 +42,9 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * scale)
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool) -> None:
+  cli.check_output_dir(out, overwrite)
   if out.exists() and any(out.iterdir()):
-    if not force:
-      raise SystemExit(f"error: output directory {out} is not empty (pass --force to overwrite)")
     if (out / STATE_DIR).exists():
       shutil.rmtree(out / STATE_DIR)
     for p in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
@@ -91,16 +53,16 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 def _hf_to_orbax(args: argparse.Namespace) -> None:
   out = Path(args.out)
-  _prepare_out(out, args.force)
+  _prepare_out(out, args.overwrite)
   cfg, variables = load_hf_checkpoint(args.hf, dtype=jnp.dtype(args.dtype))
-  save_orbax(variables, cfg, out)
+  save_export(variables, cfg, out)
   print(f"wrote {out / STATE_DIR} and {out / CONFIG_JSON} ({args.dtype})")
 
 
 def _orbax_to_hf(args: argparse.Namespace) -> None:
   out = Path(args.out)
-  _prepare_out(out, args.force)
-  cfg, variables = load_orbax(args.orbax)
+  _prepare_out(out, args.overwrite)
+  cfg, variables = load_export(args.orbax)
   index = save_hf_checkpoint(variables, cfg, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                              store_lm_head=not args.no_lm_head)
   write_support_files(out, cfg)
@@ -114,7 +76,7 @@ def _assemble(args: argparse.Namespace) -> None:
   parts = {p: getattr(args, p) for p in parts_lib.PARTS if getattr(args, p)}
   cfg = parts_lib.read_model_config(args.config)
   out = Path(args.out)
-  _prepare_out(out, args.force)
+  _prepare_out(out, args.overwrite)
   index = parts_lib.assemble_hf_checkpoint(parts, cfg, out, seed=args.seed, dtype=args.dtype,
                                            max_shard_bytes=args.max_shard_size)
   write_support_files(out, cfg)
@@ -124,10 +86,8 @@ def _assemble(args: argparse.Namespace) -> None:
 
 
 def _split(args: argparse.Namespace) -> None:
-  out = Path(args.out)
-  if out.exists() and any(out.iterdir()):
-    if not args.force:
-      raise SystemExit(f"error: output directory {out} is not empty (pass --force to overwrite)")
+  out = cli.check_output_dir(args.out, args.overwrite)
+  if out.is_dir():
     for part in parts_lib.PARTS:  # stale shards would survive next to a new index otherwise
       shutil.rmtree(out / part, ignore_errors=True)
   written = parts_lib.split_hf_checkpoint(args.hf, out, max_shard_bytes=args.max_shard_size)
@@ -135,7 +95,7 @@ def _split(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog="python -m cheers_jax.convert", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -149,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                  f"{CONFIG_JSON})")
   a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="dtype of the stored arrays (default: float32, exact for bf16 checkpoints)")
-  a.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+  a.add_argument("--overwrite", "--force", action="store_true", help="replace the files of a non-empty output "
+                 "directory")
   a.set_defaults(run=_hf_to_orbax)
 
   b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors checkpoint",
@@ -165,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--no-lm-head", action="store_true",
                  help="with tied embeddings, do not store lm_head.weight (the published checkpoint "
                       "stores it as a copy of embed_tokens)")
-  b.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+  b.add_argument("--overwrite", "--force", action="store_true", help="replace the files of a non-empty output "
+                 "directory")
   b.set_defaults(run=_orbax_to_hf)
 
   c = sub.add_parser("assemble", help="pretrained parts (VAE, SigLIP2, Qwen2.5) -> HF Cheers checkpoint",
@@ -180,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "tower is ignored) with its config.json")
   c.add_argument("--llm", metavar="DIR", help="Qwen2.5 in Hugging Face layout (model.*, lm_head.weight) with "
                  "its config.json")
-  c.add_argument("--config", required=True, metavar="CONFIG", help="the model's shapes: a configs/*.py file or "
-                 "a Cheers config.json (or its directory)")
+  c.add_argument("--config", required=True, metavar="CONFIG", help="the model's shapes: a shipped config name "
+                 "(tiny, cheers_1p5b), a config file (FILE.py) or a Cheers config.json (or its directory)")
   c.add_argument("--out", required=True, metavar="DIR", help="output HF checkpoint directory")
   c.add_argument("--seed", type=int, default=0, help="seed of the random modules, as config.seed in training "
                  "(default: 0)")
@@ -189,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="storage dtype (default: bfloat16, as published; exact for bf16 parts)")
   c.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                  help="largest shard, e.g. 5GB (default) or 500MB")
-  c.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+  c.add_argument("--overwrite", "--force", action="store_true", help="replace the files of a non-empty output "
+                 "directory")
   c.set_defaults(run=_assemble)
 
   d = sub.add_parser("split", help="HF Cheers checkpoint -> the parts' layouts (vae/, siglip/, llm/)",
@@ -199,18 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--out", required=True, metavar="DIR", help="output directory (gets vae/, siglip/, llm/)")
   d.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                  help="largest shard of the LLM part (default 5GB)")
-  d.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+  d.add_argument("--overwrite", "--force", action="store_true", help="replace the parts in a non-empty output "
+                 "directory")
   d.set_defaults(run=_split)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    args.run(args)
-  except (CheckpointError, ConfigError) as e:  # the user's input: one line, no traceback
-    print("error: " + "; ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-    return 2
+  args.run(args)
   return 0
 
 

@@ -7,15 +7,16 @@
   python -m cheers_jax.generate t2i  --checkpoint HF_DIR --prompt-file prompts.txt --batch-size 8 --out out/
   python -m cheers_jax.generate edit --checkpoint HF_DIR --image cat.png --prompt "make it a tiger" --out out/
 
-The model comes from --checkpoint (the published Hugging Face layout) or --workdir (an Orbax checkpoint
-written by `python -m cheers_jax.convert hf-to-orbax`). Defaults follow the official scripts: T2I 80
-steps, CFG 9.5, shift 0.5, greedy text; I2T temperature 0.3; chat temperature 0.7. Each T2I prompt i uses
-seed --seed + i, so an image does not depend on the batch it was drawn in.
+The model comes from exactly one of: --checkpoint HF_DIR (the published Hugging Face layout), --orbax DIR
+(an Orbax export written by `python -m cheers_jax.convert hf-to-orbax`) or --run WORKDIR (the latest
+checkpoint of a `python -m cheers_jax.train` run); see `cheers_jax.infer.loader`. Defaults follow the
+official scripts: T2I 80 steps, CFG 9.5, shift 0.5, greedy text; I2T temperature 0.3; chat temperature
+0.7. Each T2I prompt i uses seed --seed + i, so an image does not depend on the batch it was drawn in.
+Images go to --out, which must be empty or new unless --overwrite.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -26,75 +27,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-GENERATION_HEAD = ("model.gen_projector.", "model.hi_gate.", "model.hi_projector.", "model.time_embed.",
-                   "model.vae_decoder_projector.", "model.vae_model.decoder.")
+from cheers_jax import cli
+from cheers_jax.errors import UserError
+
+MODEL_SOURCES = ("checkpoint", "orbax", "run")
 
 
-class CLIError(ValueError):
+class CLIError(UserError):
   """A usage problem the user can fix; printed as `error: ...`, exit status 2."""
 
 
 # ---- model loading -------------------------------------------------------------------------------
-def _tensor_names(ckpt_dir: Path) -> Optional[set[str]]:
-  """Tensor names of an HF checkpoint from its index or header only (None if unreadable)."""
-  index = ckpt_dir / "model.safetensors.index.json"
-  try:
-    if index.is_file():
-      return set(json.loads(index.read_text())["weight_map"])
-    single = ckpt_dir / "model.safetensors"
-    if single.is_file():
-      from cheers_jax.checkpoint.safetensors_io import read_header
-      return set(read_header(single)[0])
-  except Exception:  # the loader reports a broken checkpoint with its own, better message
-    return None
-  return None
-
-
-def missing_generation_head(ckpt_dir: Path) -> list[str]:
-  """Modules of the generation path with no tensor in the checkpoint."""
-  names = _tensor_names(ckpt_dir)
-  if names is None:
-    return []
-  return [p.rstrip(".") for p in GENERATION_HEAD if not any(n.startswith(p) for n in names)]
-
-
-def load_model(checkpoint: Optional[str], workdir: Optional[str], dtype: str, need_generation: bool):
-  """-> (Cheers module, variables) in `dtype` (computation and parameters)."""
-  import jax
-  import jax.numpy as jnp
-  from cheers_jax.model.cheers import Cheers
-
-  if bool(checkpoint) == bool(workdir):
-    raise CLIError("give exactly one of --checkpoint HF_DIR or --workdir ORBAX_DIR")
-  jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-  if checkpoint:
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-      raise CLIError(f"--checkpoint {checkpoint}: no config.json there; point it at a Hugging Face Cheers "
-                     "checkpoint directory (config.json + model*.safetensors)")
-    if need_generation:
-      missing = missing_generation_head(path)
-      if missing:
-        raise CLIError(f"checkpoint {checkpoint} has no generation head (no tensors for {', '.join(missing)}): "
-                       "it cannot make images; use a full Cheers checkpoint, or the chat/ask commands")
-    from cheers_jax.checkpoint.hf import load_hf_checkpoint
-    cfg, variables = load_hf_checkpoint(path, dtype=jdtype)
-  else:
-    path = Path(workdir)
-    if not ((path / "model_config.json").is_file() and (path / "state").is_dir()):
-      raise CLIError(f"--workdir {workdir}: expected an Orbax checkpoint with model_config.json and state/ "
-                     "(write one with `python -m cheers_jax.convert hf-to-orbax`), or use --checkpoint HF_DIR")
-    from cheers_jax.convert import load_orbax
-    cfg, variables = load_orbax(path)
-    variables = jax.tree.map(lambda x: jnp.asarray(x, jdtype), variables)
-  # in bf16 reproduce the reference's inference casts; in fp32 compute exactly
-  cfg = cfg.replace(dtype=dtype, param_dtype=dtype, reference_bf16_casts=(dtype == "bfloat16"))
-  return Cheers(cfg), variables
-
-
-def _default_dtype() -> str:
-  import jax
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+def load_model(args, need_generation: bool):
+  """-> (Cheers module, variables) from the one source flag given, in the dtype policy of the loader."""
+  from cheers_jax.infer import loader
+  return loader.load_model(**{k: getattr(args, k) for k in MODEL_SOURCES}, dtype=args.dtype,
+                           need_generation=need_generation)
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -294,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   src = common.add_argument_group("model")
   src.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
-  src.add_argument("--workdir", help="Orbax checkpoint directory written by `cheers_jax.convert hf-to-orbax`")
+  src.add_argument("--orbax", help="Orbax export directory written by `cheers_jax.convert hf-to-orbax`")
+  src.add_argument("--run", help="training workdir of `cheers_jax.train` (its latest checkpoint)")
   src.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
   src.add_argument("--max-len", type=int, default=4096,
@@ -314,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--steps", type=int, default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
   g.add_argument("--cfg", type=float, default=9.5, help="classifier-free guidance scale (1 = off; default 9.5)")
   g.add_argument("--shift", type=float, default=0.5, help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
-  g.add_argument("--out", default="outputs", help="output folder for the PNGs (default ./outputs)")
+  g.add_argument("--out", default="outputs", help="output folder for the PNGs (default ./outputs; must be empty "
+                 "or new unless --overwrite)")
+  g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
 
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.generate", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.generate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True, metavar="{chat,ask,t2i,edit}")
   c = sub.add_parser("chat", parents=[common], help="text chat (interactive without --prompt)")
@@ -362,29 +313,26 @@ def _validate(args) -> None:
     _t2i_texts(args)
   if args.command in ("ask", "edit") and not os.path.isfile(args.image):
     raise CLIError(f"image file not found: {args.image!r}")
+  if args.command in ("t2i", "edit"):
+    cli.check_output_dir(args.out, args.overwrite)
 
 
 COMMANDS = {"chat": cmd_chat, "ask": cmd_ask, "t2i": cmd_t2i, "edit": cmd_edit}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  from cheers_jax.checkpoint.hf import CheckpointError
-  from cheers_jax.data.images import BadImageError
-  from cheers_jax.infer.decode import GenerationError
-  from cheers_jax.model.config import ConfigError
-  try:
-    _validate(args)
-    from cheers_jax.data.tokenizer import CheersTokenizer
-    dtype = args.dtype or _default_dtype()
-    t0 = time.perf_counter()
-    model, variables = load_model(args.checkpoint, args.workdir, dtype, args.command in ("t2i", "edit"))
-    print(f"loaded {args.checkpoint or args.workdir} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return COMMANDS[args.command](args, model, variables, CheersTokenizer())
-  except (CLIError, GenerationError, BadImageError, CheckpointError, ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  args = build_parser().parse_args(argv)
+  _validate(args)
+  from cheers_jax.data.tokenizer import CheersTokenizer
+  t0 = time.perf_counter()
+  model, variables = load_model(args, args.command in ("t2i", "edit"))
+  source = args.checkpoint or args.orbax or args.run
+  print(f"loaded {source} ({model.cfg.dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  return COMMANDS[args.command](args, model, variables, CheersTokenizer())
 
 
 if __name__ == "__main__":

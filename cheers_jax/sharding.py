@@ -6,14 +6,18 @@ only (see `cheers_jax/model/layers.py`); `LOGICAL_RULES` maps them here.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cheers_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch's rows are split over these; `tensor` devices share rows
 
 # logical name -> mesh axis (or None = replicated). First match wins (flax semantics).
 LOGICAL_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
@@ -110,7 +114,19 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def data_shards(mesh: Mesh) -> int:
+  """Into how many blocks a batch's rows are split (data x fsdp)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def leading_axis_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """Rows over data x fsdp where the leading axis divides evenly, else replicated."""
+  if len(shape) and shape[0] % data_shards(mesh) == 0:
+    return batch_sharding(mesh, len(shape))
+  return replicated(mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -120,3 +136,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def axis_rules_context(rules=LOGICAL_RULES):
   """Context manager that makes `nn.with_logical_constraint` resolve with our rules."""
   return nn.logical_axis_rules(rules)
+
+
+# ---- mesh shapes as text and on a subset of the devices --------------------------------------------
+def parse_meshes(text: str) -> list[dict[str, int]]:
+  """'data=8;fsdp=8;fsdp=4,tensor=2' -> [{'data': 8}, {'fsdp': 8}, {'fsdp': 4, 'tensor': 2}]."""
+  meshes = []
+  for chunk in filter(None, (c.strip() for c in text.split(";"))):
+    mesh = {}
+    for part in filter(None, (p.strip() for p in chunk.split(","))):
+      axis, eq, size = part.partition("=")
+      if not eq or axis.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+        raise UserError(f"mesh {chunk!r}: use AXIS=SIZE pairs with AXIS in {MESH_AXES}, e.g. 'fsdp=4,tensor=2'")
+      mesh[axis.strip()] = int(size)
+    meshes.append(mesh)
+  if not meshes:
+    raise UserError(f"no mesh in {text!r}")
+  return meshes
+
+
+def mesh_name(mesh: Mapping[str, int]) -> str:
+  """{'data': 1, 'fsdp': 4, 'tensor': 2} -> 'fsdp=4,tensor=2' (size-1 axes dropped; all 1 -> 'fsdp=1')."""
+  parts = [f"{a}={int(mesh[a])}" for a in MESH_AXES if int(mesh.get(a, 1)) != 1]
+  return ",".join(parts) or "fsdp=1"
+
+
+def full_mesh_shape(mesh: Mapping[str, int]) -> dict[str, int]:
+  """Every axis, size 1 where `mesh` does not name it."""
+  return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+
+
+def make_mesh_on_first_devices(mesh_shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None
+                               ) -> Mesh:
+  """The mesh over the first prod(sizes) devices (all of them when an axis is -1)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = list(full_mesh_shape(mesh_shape).values())
+  if -1 not in sizes:
+    need = math.prod(sizes)
+    if need > len(devices):
+      raise UserError(f"mesh {mesh_name(mesh_shape)} needs {need} devices, {len(devices)} are available")
+    devices = devices[:need]
+  return make_mesh(dict(mesh_shape), devices)

@@ -16,3 +16,8 @@ IMAGE_GEN_ID = 151666  # <image_gen>
 IM_START_ID = 151667  # <im_start>: opens an image block
 IM_END_ID = 151668  # <im_end>: closes an image block
 NO_MEAN_ID = 151669  # <no_mean>: filler of CFG-unconditional prompts
+
+# Chat roles: the first token after <|im_start|> in a turn.
+SYSTEM_ID = 8948  # "system"
+USER_ID = 872  # "user"
+ASSISTANT_ID = 77091  # "assistant"

@@ -4,11 +4,11 @@
 Start from the previous stage with --config.init_from=orbax:DIR (or hf:DIR) and point the data at
 your JSONL (--config.data.source=jsonl --config.data.jsonl_path=... --config.data.image_root=...).
 """
-from configs import cheers_1p5b
+from cheers_jax import config
 
 
 def get_config():
-  c = cheers_1p5b.get_config()
+  c = config.cheers_1p5b()
   c.train.lr = 1e-4
   c.train.schedule = "constant"
   c.train.batch_size = 512

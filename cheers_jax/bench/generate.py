@@ -1,6 +1,6 @@
 """Inference speed: prefill, text decoding and text-to-image at several batch sizes.
 
-  python -m cheers_jax.bench generate --config configs/tiny.py --batch-sizes 1,8
+  python -m cheers_jax.bench generate --config tiny --batch-sizes 1,8
   python -m cheers_jax.bench generate --checkpoint HF_DIR --batch-sizes 1,8
   python -m cheers_jax.bench generate --full-size --batch-sizes 1,8     # random weights, published shapes, bf16
 
@@ -13,7 +13,6 @@ the final VAE decode included. The last line is `RESULT {json}`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -22,77 +21,28 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-
-def _config_from_file(path: str):
-  from cheers_jax.model.config import ModelConfig
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  if spec is None or spec.loader is None:
-    raise SystemExit(f"error: cannot load config file {path!r}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  model = c.model.to_dict() if hasattr(c.model, "to_dict") else dict(c.model)
-  return ModelConfig.from_dict(model)
-
-
-def random_variables(cfg, key):
-  """Random weights of the right shapes, drawn in one small jitted program.
-
-  Much faster than `init` (which compiles a whole forward pass); the values only need to be sane:
-  norm weights and variances 1, biases and means 0, other tensors N(0, 1/fan_in).
-  """
-  import jax
-  import jax.numpy as jnp
-  from cheers_jax.checkpoint.hf import abstract_variables
-
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_variables(cfg))
-
-  sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
-  offsets = np.cumsum([0] + sizes)
-
-  def draw(key):
-    # one normal draw sliced into every leaf: a single RNG op compiles in seconds, 500 take a minute
-    pool = jax.random.normal(key, (int(offsets[-1]),), jnp.dtype(cfg.param_dtype))
-    out = []
-    for (path, leaf), start, size in zip(leaves, offsets, sizes):
-      name = str(getattr(path[-1], "key", path[-1]))
-      if name in ("weight", "running_var"):
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      elif name.endswith("bias") or name == "running_mean":
-        out.append(jnp.zeros(leaf.shape, leaf.dtype))
-      else:
-        fan_in = int(np.prod(leaf.shape[:-1][-3:] if len(leaf.shape) == 4 else leaf.shape[-2:-1])) or 1
-        std = 0.02 if name == "embed_tokens" else fan_in ** -0.5
-        out.append((std * pool[start:start + size].reshape(leaf.shape)).astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-  return jax.jit(draw)(key)
+from cheers_jax import cli
 
 
 def build_model(args):
-  """-> (Cheers, variables, description)."""
-  import jax
-  import jax.numpy as jnp
-  from cheers_jax.model.cheers import Cheers
+  """-> (Cheers, variables, description); the dtype policy is the inference loader's."""
+  from cheers_jax.infer import loader
   from cheers_jax.model.config import ModelConfig
 
-  dtype = args.dtype
   if args.checkpoint:
-    from cheers_jax.checkpoint.hf import load_hf_checkpoint
-    dtype = dtype or "bfloat16"
-    cfg, variables = load_hf_checkpoint(args.checkpoint, dtype=jnp.dtype(dtype))
+    dtype = args.dtype or "bfloat16"
+    model, variables = loader.load_hf(args.checkpoint, dtype)
     what = f"checkpoint {args.checkpoint}"
   else:
     if args.full_size:
-      cfg, dtype, what = ModelConfig(), dtype or "bfloat16", "full size (published shapes), random weights"
+      cfg, dtype, what = ModelConfig(), args.dtype or "bfloat16", "full size (published shapes), random weights"
     else:
-      cfg = _config_from_file(args.config)
-      dtype = dtype or cfg.dtype
+      from cheers_jax import config as config_lib
+      cfg = ModelConfig.from_dict(config_lib.load(args.config).model)
+      dtype = args.dtype or cfg.dtype
       what = f"config {args.config}, random weights"
-    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    variables = random_variables(cfg, jax.random.PRNGKey(args.seed))
-  cfg = cfg.replace(dtype=dtype, param_dtype=dtype, reference_bf16_casts=False)
-  return Cheers(cfg), variables, f"{what}, {dtype}"
+    model, variables = loader.load_random(cfg, dtype, args.seed)
+  return model, variables, f"{what}, {dtype}"
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -110,7 +60,6 @@ def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 def bench_batch(model, variables, batch: int, args) -> dict:
-  import jax
   from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID
   from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts, round_up
   from cheers_jax.infer.t2i import text_to_image
@@ -145,10 +94,14 @@ def bench_batch(model, variables, batch: int, args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__,
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--config", help="ml_collections config file (its `model` section), random weights")
+  src.add_argument("--config", help="a shipped config name or a config file (its `model` section), random weights")
   src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
   src.add_argument("--full-size", action="store_true", help="published shapes (2.6 B params), random bf16 weights")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the config's; bf16 for the others")
@@ -161,11 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--repeats", type=int, default=3, help="timed runs after the compile (median)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  try:
-    batches = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-  except ValueError:
-    p.error(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8")
-  if not batches or min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.steps < 0:
+  batches = cli.comma_list(args.batch_sizes, "--batch-sizes", int)
+  if min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.steps < 0:
     p.error("batch sizes, --new-tokens and --repeats must be >= 1, --steps >= 0")
 
   import jax

@@ -1,6 +1,6 @@
 r"""Training speed: compile time, step time, samples/s, MFU and peak memory of the jitted train step.
 
-  python -m cheers_jax.bench train --config configs/tiny.py [--batch-size 8] [--steps 10]
+  python -m cheers_jax.bench train --config tiny [--batch-size 8] [--steps 10]
   python -m cheers_jax.bench train --full-size                 # published shapes, bf16, B=4 and B=8
   python -m cheers_jax.bench train --full-size --batch-sizes 8 --remat full --mesh fsdp=-1
 
@@ -10,7 +10,7 @@ is timed on its own), then run --warmup untimed and --steps timed times on one s
 batch (median). The batch is the reference timing's: --gen-fraction generation samples (default 0.5),
 the rest understanding samples, one image each at the config's size, --text-len random text tokens
 (default 120, which gives 400-token samples at 512x512) padded to --seq-len (default: 400 with
---full-size, else the config's smallest bucket). See cheers_jax.sweep.BatchSpec.
+--full-size, else the config's smallest bucket). See cheers_jax.train.synthetic.BatchSpec.
 
   samples/s = B / step time;  tokens/s = valid (non-padding) tokens per step / step time
   MFU       = F x samples/s / (n_devices x P)
@@ -35,14 +35,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Optional, Sequence
 
-from cheers_jax import sweep
+from cheers_jax import cli
+from cheers_jax import config as config_lib
+from cheers_jax import distributed, sharding
+from cheers_jax.errors import UserError
+from cheers_jax.train import measure, synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FULL_SIZE_CONFIG = os.path.join(REPO, "configs", "cheers_1p5b.py")
+FULL_SIZE_CONFIG = "cheers_1p5b"
+DEFAULT_CONFIG = "tiny"
 # /work/shared/oracle/gpu_timing_h100.json: the official PyTorch Cheers on one H100 80GB HBM3
 REFERENCE_H100 = {
     "device": "NVIDIA H100 80GB HBM3", "attention": "PyTorch SDPA", "seq_len": 400, "gen_fraction": 0.5,
@@ -53,11 +56,12 @@ REFERENCE_H100 = {
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group()
-  src.add_argument("--config", help="config file (configs/*.py[:arg]); override values with --config.KEY=VALUE")
-  src.add_argument("--full-size", action="store_true", help="the published model (configs/cheers_1p5b.py: 2.6 B "
+  src.add_argument("--config", help="a shipped config name or a config file (default: tiny); override values "
+                   "with --config.KEY=VALUE")
+  src.add_argument("--full-size", action="store_true", help="the published model (config cheers_1p5b: 2.6 B "
                    "params, bf16 compute, 512x512)")
   p.add_argument("--batch-size", type=int, help="global batch (default 8; --full-size: 4 and 8)")
   p.add_argument("--batch-sizes", help="comma-separated global batches (instead of --batch-size)")
@@ -79,11 +83,11 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _gen_count(spec: sweep.BatchSpec) -> int:
+def _gen_count(spec: synthetic.BatchSpec) -> int:
   return sum(spec.is_gen(i) for i in range(spec.batch_size))
 
 
-def reference_lines(rows: Sequence[dict], spec_of: dict[int, sweep.BatchSpec]) -> list[str]:
+def reference_lines(rows: Sequence[dict], spec_of: dict[int, synthetic.BatchSpec]) -> list[str]:
   """Ours next to the reference H100 figures, batch by batch."""
   ref = REFERENCE_H100
   lines = [f"reference: official PyTorch Cheers on one {ref['device']} ({ref['attention']}, bf16 params + AdamW), "
@@ -94,7 +98,7 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, sweep.BatchSpec]) -
     want = ref["batches"].get(b)
     if want is None:
       continue
-    f = sweep._fmt
+    f = measure.fmt
     ours_tf = r.get("tflops_per_device")
     lines.append(f"  {b:>3} {'ours':<9} {f(r.get('step_s'), '.3f'):>8} {f(r.get('samples_per_s'), '.2f'):>9} "
                  f"{f(r.get('peak_mem_gib'), '.1f'):>8} {f(ours_tf, '.1f'):>11}" +
@@ -116,39 +120,37 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, sweep.BatchSpec]) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  rest, overrides = sweep.split_overrides(argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  rest, overrides = config_lib.split_overrides(argv)
   args = _parser().parse_args(rest)
-  config_path = FULL_SIZE_CONFIG if args.full_size else (args.config or os.path.join(REPO, "configs", "tiny.py"))
-  try:
-    config = sweep.load_config(config_path, overrides)
-    if args.batch_sizes:
-      batch_sizes = sweep._split_list(args.batch_sizes, int)
-    elif args.batch_size:
-      batch_sizes = [args.batch_size]
-    else:
-      batch_sizes = [4, 8] if args.full_size else [8]
-    mesh = sweep.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
-    seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
-    batch = sweep.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)
-    specs = {b: batch.spec(config, b) for b in batch_sizes}
-  except (sweep.SweepError, ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config_path = FULL_SIZE_CONFIG if args.full_size else (args.config or DEFAULT_CONFIG)
   if args.steps < 1 or args.warmup < 0:
-    print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
-    return 2
+    raise UserError("--steps must be >= 1 and --warmup >= 0")
+  config = config_lib.load(config_path, overrides)
+  if args.batch_sizes:
+    batch_sizes = cli.comma_list(args.batch_sizes, "--batch-sizes", int)
+  elif args.batch_size:
+    batch_sizes = [args.batch_size]
+  else:
+    batch_sizes = [4, 8] if args.full_size else [8]
+  mesh = sharding.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
+  seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
+  batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  specs = {b: batch.spec(config, b) for b in batch_sizes}
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention
-  layouts = [sweep.Layout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
+  layouts = [measure.StepLayout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
   from cheers_jax.model.config import ModelConfig
   from cheers_jax.train import metrics as metrics_lib
   cfg = ModelConfig.from_dict(config.model)
   spec0 = specs[batch_sizes[0]]
   flops = metrics_lib.flops_per_sample(cfg, spec0.seq_len, spec0.image_size, spec0.image_slots, config.train.trainable)
-  where = "full size (configs/cheers_1p5b.py)" if args.full_size else config_path
+  where = f"full size ({FULL_SIZE_CONFIG})" if args.full_size else config_path
   print(f"train step: {where} {' '.join(overrides)}".rstrip())
-  print(f"  dtype {cfg.dtype}, params {cfg.param_dtype}, mesh {sweep.mesh_name(mesh)}, remat {remat}, attention "
+  print(f"  dtype {cfg.dtype}, params {cfg.param_dtype}, mesh {sharding.mesh_name(mesh)}, remat {remat}, attention "
         f"{attention}, trainable {config.train.trainable}, grad_accum {config.train.grad_accum}")
   for b in batch_sizes:
     s = specs[b]
@@ -158,20 +160,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"  FLOPs per sample (fwd+bwd): {flops / 1e12:.4g} TFLOP; {args.steps} timed steps after {args.warmup} "
         "warm-up step(s)", flush=True)
 
-  rows = sweep.run_sweep(config_path, overrides, layouts, steps=args.steps, warmup=args.warmup, batch=batch,
-                         init=args.init, isolate=args.isolate, timeout=args.timeout,
-                         log=lambda m: print(m, flush=True))
-  if sweep._multi_process_env():
-    import jax
-    if jax.process_index() != 0:
-      return 0
+  rows = measure.run_sweep(config_path, overrides, layouts, steps=args.steps, warmup=args.warmup, batch=batch,
+                           init=args.init, isolate=args.isolate, timeout=args.timeout,
+                           log=lambda m: print(m, flush=True))
+  if distributed.launched_multi_process() and not distributed.is_lead():  # process 0 reports
+    return 0
   print()
   kinds = sorted({str(r.get("device_kind")) for r in rows if r.get("device_kind")})
   devices = max((int(r.get("devices") or 0) for r in rows), default=0)
   print(f"devices: {devices} x {', '.join(kinds) or '?'}")
   print(f"  {'B':>3} {'status':>8} {'compile s':>9} {'s/step':>8} {'samples/s':>9} {'tokens/s':>9} "
         f"{'TFLOP/s/dev':>11} {'MFU':>6} {'peak GiB':>8}  memory source")
-  f = sweep._fmt
+  f = measure.fmt
   for r in rows:
     mfu = None if r.get("mfu") is None else 100 * r["mfu"]
     print(f"  {r['batch_size']:>3} {r.get('status', '?'):>8} {f(r.get('compile_s'), '.1f'):>9} "
@@ -184,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.full_size:
     print()
     print("\n".join(reference_lines(rows, specs)))
-  result: dict[str, Any] = {"config": where, "overrides": overrides, "mesh": sweep.mesh_name(mesh), "remat": remat,
+  result: dict[str, Any] = {"config": where, "overrides": overrides, "mesh": sharding.mesh_name(mesh), "remat": remat,
                             "attention": attention, "flops_per_sample": flops, "rows": rows}
   if args.full_size:
     result["reference_h100"] = REFERENCE_H100

@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from cheers_jax.checkpoint import safetensors_io as st
+from cheers_jax.errors import UserError
 from cheers_jax.model.cheers import init_variables
 from cheers_jax.model.config import ConfigError, ModelConfig
 
@@ -40,7 +41,7 @@ NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attent
                   "reference_bf16_casts")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint does not match the model (names, shapes, files); the message says which."""
 
 

@@ -21,9 +21,7 @@ Cheers VAE keys (`ch`, `ch_mult`, ...) is checked when present.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -104,7 +102,7 @@ def part_layouts(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
   return out
 
 
-# ---- part configs --------------------------------------------------------------------------------
+# ---- part config.json ----------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
   try:
     value = json.loads(path.read_text())
@@ -343,31 +341,21 @@ def random_init_rng(seed: int) -> jax.Array:
 
 
 # ---- assemble / split ----------------------------------------------------------------------------
-def read_model_config(path: PathLike) -> ModelConfig:
-  """A ModelConfig from a configs/*.py file (its get_config().model), a Cheers config.json, or a
-  directory holding one."""
-  path = Path(path)
+def read_model_config(path_or_name: PathLike) -> ModelConfig:
+  """A ModelConfig from a Cheers config.json (or a directory holding one), else from a run config
+  (a shipped name such as `tiny`, or a config file: its model section) through `cheers_jax.config.load`."""
+  path = Path(path_or_name)
   if path.is_dir():
     path = path / CONFIG_FILE
-  if not path.is_file():
-    raise ConfigError(f"config {path} not found (give a configs/*.py file or a Cheers config.json)")
   if path.suffix == ".json":
+    if not path.is_file():
+      raise ConfigError(f"config {path} not found (give a config name or file, or a Cheers config.json)")
     try:
       return ModelConfig.from_hf_dict(_read_json(path))
     except ConfigError as e:
       raise ConfigError(f"{path}: {e}") from e
-  if path.suffix != ".py":
-    raise ConfigError(f"config {path}: expected a configs/*.py file or a Cheers config.json")
-  root = str(path.resolve().parent.parent)
-  if root not in sys.path:  # configs/*.py import their siblings as `configs.common`
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location(f"_cheers_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config {path} defines no get_config()")
-  model = module.get_config().model
-  return ModelConfig.from_dict(model.to_dict() if hasattr(model, "to_dict") else dict(model))
+  from cheers_jax import config as config_lib
+  return ModelConfig.from_dict(config_lib.load(str(path_or_name)).model)
 
 
 def assemble_hf_checkpoint(parts: Mapping[str, PathLike], cfg: ModelConfig, out_dir: PathLike, seed: int = 0,

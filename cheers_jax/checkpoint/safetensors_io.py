@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import ml_dtypes
 import numpy as np
 
+from cheers_jax.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 # safetensors dtype code <-> numpy dtype (all little-endian).
@@ -34,7 +36,7 @@ _DTYPE_TO_CODE = {dt: code for code, dt in _CODE_TO_DTYPE.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(UserError):
   """A file is not valid safetensors (bad header, offsets or dtype); the message names the file."""
 
 

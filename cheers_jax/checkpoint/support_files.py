@@ -31,7 +31,7 @@ def preprocessor_config(image_size: int = 512, patch_size: int = 16) -> dict:
 
 
 def write_support_files(out_dir: str | Path, cfg=None) -> list[Path]:
-  """Writes the tokenizer, preprocessor and generation configs into `out_dir`; returns their paths."""
+  """Writes the tokenizer, preprocessor and generation config files into `out_dir`; returns their paths."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written = []

@@ -17,12 +17,14 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cheers_jax.errors import UserError
+
 PATCH_SIZE = 16
 DEFAULT_RESOLUTION = 512  # preprocessor_config.json scale_resolution
 DUMMY_NOISE_SIDE = 256  # the processor's noise image for `images=[None]` is 256x256 before resizing
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
   """An image file is missing, unreadable or corrupt."""
 
 

@@ -1,7 +1,7 @@
 """Training input pipeline (grain): sources -> mixed, shuffled, tokenised, preprocessed static-shape batches.
 
     it = make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
-    batch = next(it)                  # dict of numpy arrays, the contract below
+    batch = next(it)                  # dict of numpy arrays: cheers_jax.data.batch's contract
     state = it.get_state()            # JSON-serialisable; save it with the model
     it.set_state(state)               # a resumed run continues with the next batch, bit for bit
 
@@ -25,25 +25,9 @@ is skipped and replaced by the next one; each skip logs ONE warning line with th
 reason, and is counted in `iterator.skipped` ({reason: count}, checkpointed with the state) and in
 the batch's `num_skipped`.
 
-Batch contract (numpy; B = per-process batch = train.batch_size // process_count, S = bucket, M = B *
-max_images_per_sample image slots, N = (image_size / 32)^2 tokens per image, H = W = image_size):
-  token_ids        int32 (B, S)    text ids; 0 at image and padding positions
-  image_index      int32 (B, S)    m*N + j at token j of the image in slot m, -1 elsewhere (real slots only)
-  image_mask       int32 (B, S)    1 on placeholder images (bidirectional blocks), 0 elsewhere
-  positions        int32 (B, S)    0..S-1
-  targets          int32 (B, S)    next-token target of each position (shifted, <im_start>/<im_end>
-                                   re-labelled as the reference); -100 = no loss
-  valid            bool  (B, S)    real tokens (right padding is False)
-  pixels           float32 (M, H, W, 3)  in [0, 1], NHWC; black for the text-only dummy and padding
-  t                float32 (M,)    1.0 understand, U(0,1) generate, 0.0 text-only dummy, 1.0 padding
-  image_kind       int32 (M,)      0 prepended dummy / 1 und / 2 gen (sequence.KIND_*); 0 for padding
-  image_weight     float32 (M,)    1 real image, 0 padding slot
-  image_positions  int32 (M, N)    flat b*S + s positions of each image's tokens; padding slots: b*S
-  num_skipped      int32 ()        samples skipped so far by this process (cumulative)
-Slots come in per-sample blocks of K = max_images_per_sample: slot m = b*K + i holds the i-th image of
-sample b (in placeholder order; a text-only sample's dummy is its image 0), so slot m belongs to row
-m // K. Unused slots are padding and no image_index refers to them. Micro-batching for grad_accum is the
-train step's job.
+Batches follow the contract of `cheers_jax.data.batch` (keys, dtypes, shapes and slot placement), with
+B = per-process batch = train.batch_size // process_count, S = bucket and K = max_images_per_sample.
+Micro-batching for grad_accum is the train step's job.
 
 Config keys read: data.{source, jsonl_path, image_root, tfds_*, synthetic_size, image_size, seq_buckets,
 max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count}, train.batch_size, model.max_seq_len,
@@ -62,10 +46,11 @@ import grain
 import numpy as np
 from PIL import Image
 
+from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import sources as sources_lib
 from cheers_jax.data.images import (BadImageError, load_image, preprocess_generation,
                                     preprocess_understanding)
-from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, IMAGE_GEN_TOKEN_INDEX,
+from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IMAGE_GEN_TOKEN_INDEX,
                                        IMAGE_TOKEN_INDEX, CheersTokenizer, cfg_dropout_ids)
 from cheers_jax.model.sequence import (KIND_GEN, KIND_PREPENDED, KIND_UND, SequenceError, assemble)
 
@@ -244,49 +229,18 @@ class PrepareExample:
 
 # ------------------------------------------------------------------------------------- per batch
 def collate(samples: Sequence[Mapping[str, Any]], spec: PipelineSpec, num_skipped: int = 0) -> dict[str, np.ndarray]:
-  """Prepared samples -> one batch of the module docstring's contract (static shapes per bucket)."""
-  b, n_tok, hw = len(samples), spec.tokens_per_image, spec.image_size
-  width = max(len(s["input_ids"]) for s in samples)
-  ids = np.zeros((b, width), np.int64)  # the reference collator pads ids with 0 and labels with -100
-  labels = np.full((b, width), IGNORE_INDEX, np.int64)
-  mask = np.zeros((b, width), np.int64)
-  for i, s in enumerate(samples):
-    n = len(s["input_ids"])
-    ids[i, :n], labels[i, :n], mask[i, :n] = s["input_ids"], s["labels"], 1
+  """Prepared samples -> one batch of `cheers_jax.data.batch`'s contract (static shapes per bucket)."""
+  n_tok = spec.tokens_per_image
+  ids, labels, mask = batch_lib.pad_samples([s["input_ids"] for s in samples], [s["labels"] for s in samples])
   bucket = spec.bucket_for(max(int(s["length"]) for s in samples))
   lay = assemble(ids, n_tok, attention_mask=mask, labels=labels, seq_len=bucket, max_seq_len=spec.max_seq_len,
                  check_fm_positions=True)
   kinds = np.concatenate([s["image_kind"] for s in samples])
   if not np.array_equal(kinds, lay.image_kind):
     raise AssertionError(f"image order mismatch: samples {kinds}, assembled {lay.image_kind}")
-  # assemble numbers images across the batch; move image k of sample b (its i-th) to slot b*K + i, so a
-  # sample's images stay with its row under data sharding and micro-batching.
-  per, m = spec.max_images_per_sample, b * spec.max_images_per_sample
-  rank = np.zeros(lay.num_images, np.int64)
-  for k in range(1, lay.num_images):
-    rank[k] = rank[k - 1] + 1 if lay.image_sample[k] == lay.image_sample[k - 1] else 0
-  if lay.num_images and rank.max() >= per:
-    raise AssertionError(f"a sample has more than max_images_per_sample={per} images")
-  slot = lay.image_sample.astype(np.int64) * per + rank
-  image_index = np.where(lay.image_index >= 0, slot[lay.image_index // n_tok] * n_tok + lay.image_index % n_tok, -1)
-  pixels = np.zeros((m, hw, hw, 3), np.float32)
-  pixels[slot] = np.concatenate([s["pixels"] for s in samples])
-  t = np.ones((m,), np.float32)
-  t[slot] = np.concatenate([s["t"] for s in samples])
-  image_kind = np.zeros((m,), np.int32)
-  image_kind[slot] = lay.image_kind
-  image_weight = np.zeros((m,), np.float32)
-  image_weight[slot] = 1.0
-  # Padding slots point at their own row's first position (always valid; weight 0 ignores it).
-  image_positions = np.repeat((np.arange(m) // per * bucket)[:, None], n_tok, axis=1).astype(np.int32)
-  image_positions[slot] = lay.image_positions(n_tok)
-  return {
-      "token_ids": lay.token_ids.astype(np.int32), "image_index": image_index.astype(np.int32),
-      "image_mask": lay.image_mask.astype(np.int32), "positions": lay.positions.astype(np.int32),
-      "targets": lay.targets.astype(np.int32), "valid": lay.valid.astype(bool),
-      "pixels": pixels, "t": t, "image_kind": image_kind, "image_weight": image_weight,
-      "image_positions": image_positions, "num_skipped": np.asarray(num_skipped, np.int32),
-  }
+  return batch_lib.from_assembled(lay, n_tok, spec.max_images_per_sample,
+                                  pixels=np.concatenate([s["pixels"] for s in samples]),
+                                  t=np.concatenate([s["t"] for s in samples]), num_skipped=num_skipped)
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -444,4 +398,3 @@ def make_train_iterator(config: Any, *, seed: int | None = None, process_index: 
   data.worker_count (a state restores into an iterator built with the same three)."""
   return iter(make_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
                                  tokenizer=tokenizer, source=source))
-

@@ -5,8 +5,10 @@
   geneval        --checkpoint DIR --metadata evaluation_metadata.jsonl --out OUTDIR
   dpg            --checkpoint DIR --prompts PROMPT_DIR --out OUTDIR
 
-Understanding writes OUTDIR/NAME.tsv (input columns but `image`, plus raw / prediction / extracted /
-error) and OUTDIR/NAME_score.json; rerunning with the same OUTDIR decodes only the missing rows.
+The model comes from exactly one of --checkpoint HF_DIR, --orbax ORBAX_EXPORT_DIR or --run TRAIN_WORKDIR
+(`cheers_jax.infer.loader`). Understanding writes OUTDIR/NAME.tsv (input columns but `image`, plus raw /
+prediction / extracted / error) and OUTDIR/NAME_score.json; rerunning with the same OUTDIR decodes only
+the missing rows (GenEval and DPG resume likewise). A user's mistake is one line `error: ...`, exit 2.
 """
 from __future__ import annotations
 
@@ -14,23 +16,22 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-
-class CLIError(ValueError):
-  """A usage problem the user can fix: `error: ...`, exit status 2."""
+from cheers_jax import cli
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("model")
   g.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
-  g.add_argument("--workdir", help="Orbax checkpoint directory (from `cheers_jax.convert hf-to-orbax`)")
+  g.add_argument("--orbax", help="Orbax export directory written by `cheers_jax.convert hf-to-orbax`")
+  g.add_argument("--run", help="training workdir of `cheers_jax.train` (its latest checkpoint)")
   g.add_argument("--dtype", choices=("float32", "bfloat16"),
                  help="compute dtype (default: float32 on CPU, bfloat16 on an accelerator, as the official bf16 run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
   from cheers_jax.evaluate import generation as gen
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.evaluate", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True, metavar="{understanding,score,geneval,dpg}")
 
   u = sub.add_parser("understanding", help="answer a VLMEvalKit TSV with the model and score it")
@@ -73,32 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
-  from cheers_jax.evaluate.datasets import BadRowImage, DatasetError
-  known = (CLIError, DatasetError, BadRowImage)
-  try:
-    if args.command == "score":
-      from cheers_jax.evaluate.datasets import dataset_spec
-      from cheers_jax.evaluate.scoring import score_file, score_path, summary_lines
-      spec = dataset_spec(args.dataset)
-      scores = score_file(spec, args.predictions)
-      print("\n".join(summary_lines(scores)))
-      print(f"wrote {score_path(spec, args.predictions)}")
-      return 0
-    from cheers_jax.checkpoint.hf import CheckpointError
-    from cheers_jax.data.images import BadImageError
-    from cheers_jax.generate import CLIError as GenerateCLIError
-    from cheers_jax.infer.decode import GenerationError
-    from cheers_jax.model.config import ConfigError
-    known = known + (CheckpointError, BadImageError, GenerateCLIError, GenerationError, ConfigError)
-    if args.command == "understanding":
-      from cheers_jax.evaluate.understanding import run_cli
-      return run_cli(args)
-    from cheers_jax.evaluate.generation import run_cli as run_generation
-    return run_generation(args)
-  except known as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.command == "score":
+    from cheers_jax.evaluate.datasets import dataset_spec
+    from cheers_jax.evaluate.scoring import score_file, score_path, summary_lines
+    spec = dataset_spec(args.dataset)
+    scores = score_file(spec, args.predictions)
+    print("\n".join(summary_lines(scores)))
+    print(f"wrote {score_path(spec, args.predictions)}")
+    return 0
+  if args.command == "understanding":
+    from cheers_jax.evaluate.understanding import run_cli
+    return run_cli(args)
+  from cheers_jax.evaluate.generation import run_cli as run_generation
+  return run_generation(args)
 
 
 if __name__ == "__main__":

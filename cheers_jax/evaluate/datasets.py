@@ -21,14 +21,16 @@ from typing import Optional
 
 import numpy as np
 
+from cheers_jax.errors import UserError
+
 MCQ, YORN, VQA = "MCQ", "Y/N", "VQA"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
   """A dataset name or file the harness cannot use; the message says what to do."""
 
 
-class BadRowImage(ValueError):
+class BadRowImage(UserError):
   """A row's image cannot be decoded: the row is reported and counted, never scored."""
 
 

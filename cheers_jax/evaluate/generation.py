@@ -205,10 +205,8 @@ def run_dpg(model, variables, tokenizer, prompts_dir: str, out_dir: str, *, step
 
 def run_cli(args) -> int:
   from cheers_jax.data.tokenizer import CheersTokenizer
-  from cheers_jax.evaluate.understanding import default_dtype, load_model
-  from cheers_jax.generate import CLIError
-  if bool(args.checkpoint) == bool(args.workdir):
-    raise CLIError("give exactly one of --checkpoint HF_DIR or --workdir ORBAX_DIR")
+  from cheers_jax.infer import loader
+  loader.check_one_source(args.checkpoint, args.orbax, args.run)
   common = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed, batch_size=args.batch_size,
                 limit=args.limit)
   # read the prompts before the (slow) model load, so a bad file fails fast
@@ -218,10 +216,10 @@ def run_cli(args) -> int:
   else:
     _check(args.steps, args.cfg, args.shift, args.batch_size)
     read_dpg_prompts(args.prompts)
-  dtype = args.dtype or default_dtype()
+  dtype = args.dtype or loader.default_dtype()
   t0 = time.perf_counter()
-  model, variables = load_model(args.checkpoint, args.workdir, dtype, need_generation=True)
-  print(f"loaded {args.checkpoint or args.workdir} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  model, variables = loader.load_model(args.checkpoint, args.orbax, args.run, dtype, need_generation=True)
+  print(f"loaded {args.checkpoint or args.orbax or args.run} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
   tok = CheersTokenizer()
   if args.command == "geneval":
     res = run_geneval(model, variables, tok, args.metadata, args.out, images_per_prompt=args.images_per_prompt,

@@ -39,17 +39,6 @@ OUTPUT_COLUMNS = ("raw", "prediction", "extracted", "status", "error")
 IM_START_ID = 151667  # <im_start>: the reference would start drawing an image here
 
 
-def load_model(checkpoint: Optional[str], workdir: Optional[str], dtype: str, need_generation: bool = False):
-  """The one model-loading call of the harness (generation.py uses it too)."""
-  from cheers_jax.generate import load_model as _load  # moves to the infer loader module: change it here
-  return _load(checkpoint, workdir, dtype, need_generation)
-
-
-def default_dtype() -> str:
-  import jax
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def reference_answer_budget(prompt_ids: int, cap: Optional[int] = None) -> int:
   """Answer ids the reference generates at most after a prompt of `prompt_ids` ids."""
   budget = max(0, REFERENCE_MAX_INPUT_IDS + 1 - prompt_ids)
@@ -164,13 +153,15 @@ def _previous(path: Path, data) -> dict:
 
 
 def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, out_dir: str, *,
-                      workdir: Optional[str] = None, dtype: Optional[str] = None, batch_size: int = 16,
+                      orbax: Optional[str] = None, run: Optional[str] = None, dtype: Optional[str] = None,
+                      batch_size: int = 16,
                       limit: Optional[int] = None, max_new_tokens: Optional[int] = None, bucket: int = 64,
                       save_every: int = 1, progress: bool = True, model=None, print_summary: bool = True,
                       log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
   """Answers and scores a TSV; returns the score dict (also in OUTDIR/NAME_score.json).
 
-  model: an already loaded (module, variables) pair (tests, benchmarks); otherwise it is loaded.
+  model: an already loaded (module, variables) pair (tests, benchmarks); otherwise it is loaded from
+  exactly one of checkpoint (HF), orbax (an Orbax export) or run (a training workdir).
   """
   spec = dataset_spec(dataset)
   if batch_size < 1:
@@ -216,10 +207,11 @@ def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, o
     import jax
     from cheers_jax.data.tokenizer import CheersTokenizer
     if model is None:
+      from cheers_jax.infer import loader
       t0 = time.perf_counter()
-      dtype = dtype or default_dtype()
-      model = load_model(checkpoint, workdir, dtype)
-      log(f"loaded {checkpoint or workdir} ({dtype}) in {time.perf_counter() - t0:.1f} s")
+      dtype = dtype or loader.default_dtype()
+      model = loader.load_model(checkpoint, orbax, run, dtype)
+      log(f"loaded {checkpoint or orbax or run} ({dtype}) in {time.perf_counter() - t0:.1f} s")
     module, variables = model
     tokenizer = CheersTokenizer()
     per_device = jax.device_count()
@@ -280,13 +272,12 @@ def _progress(total: int, enabled: bool):
 
 
 def run_cli(args) -> int:
-  from cheers_jax.generate import CLIError
-  if bool(args.checkpoint) == bool(args.workdir):
-    raise CLIError("give exactly one of --checkpoint HF_DIR or --workdir ORBAX_DIR")
+  from cheers_jax.infer.loader import check_one_source
+  check_one_source(args.checkpoint, args.orbax, args.run)
   if not os.path.isfile(args.data):
-    raise CLIError(f"data file not found: {args.data!r}")
+    raise DatasetError(f"data file not found: {args.data!r}")
   name = args.dataset or Path(args.data).stem
-  run_understanding(args.checkpoint, args.data, name, args.out, workdir=args.workdir, dtype=args.dtype,
+  run_understanding(args.checkpoint, args.data, name, args.out, orbax=args.orbax, run=args.run, dtype=args.dtype,
                     batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
                     bucket=args.bucket, save_every=args.save_every, progress=not args.no_progress)
   return 0

@@ -27,16 +27,17 @@ import numpy as np
 
 from cheers_jax.data.images import dummy_inference_image
 from cheers_jax.data.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
+from cheers_jax.errors import UserError
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
 from cheers_jax.model.layers import dtype_of
 from cheers_jax.model.qwen2 import init_cache
-from cheers_jax.model.sequence import IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, Layout, assemble
+from cheers_jax.model.sequence import IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, AssembledBatch, assemble
 
 Array = jax.Array
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
   """Bad generation input (empty prompt, too long for the cache, missing image...): the message says what to do."""
 
 
@@ -86,7 +87,7 @@ class DecodeState(NamedTuple):
 @dataclasses.dataclass
 class PromptBatch:
   """Assembled prompts: the static layout, the arrays `Cheers.prefill` reads, the valid lengths."""
-  layout: Layout
+  layout: AssembledBatch
   batch: dict
   lengths: np.ndarray  # (B,) assembled length of each prompt (image tokens included)
 
@@ -109,7 +110,7 @@ class DecodeResult:
     return [self.tokens[b, :n] for b, n in enumerate(self.lengths)]
 
 
-def text_ids(layout: Layout) -> np.ndarray:
+def text_ids(layout: AssembledBatch) -> np.ndarray:
   """(B, S) prompt ids with -1 at image and padding slots (what a repetition penalty counts as seen)."""
   return np.where(layout.valid & (layout.image_index < 0), layout.token_ids, -1)
 

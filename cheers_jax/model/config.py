@@ -7,22 +7,16 @@ complete file the official code loads.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-  """A configuration key or value is invalid; the message says what to change."""
+from cheers_jax.errors import ConfigError, unknown_key
 
 
 def _check_keys(cls, values: Mapping[str, Any], where: str, ignore=()) -> None:
   valid = {f.name for f in dataclasses.fields(cls)}
   for key in values:
-    if key in valid or key in ignore:
-      continue
-    close = difflib.get_close_matches(key, sorted(valid), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    raise ConfigError(f"unknown config key '{where}.{key}'{hint}")
+    if key not in valid and key not in ignore:
+      raise ConfigError(unknown_key(f"{where}.{key}", key, valid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +56,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-  """FLUX.2-style autoencoder (the encoder and decoder configs of the reference share these)."""
+  """FLUX.2-style autoencoder (the encoder and decoder configurations of the reference share these)."""
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 2, 4, 4)
   num_res_blocks: int = 2
@@ -141,8 +135,7 @@ class ModelConfig:
                  "tokenizer_padding_side"}
     for key in hf:
       if key not in known_top:
-        close = difflib.get_close_matches(key, sorted(known_top), n=1)
-        raise ConfigError(f"unknown key '{key}' in config.json" + (f"; did you mean '{close[0]}'?" if close else ""))
+        raise ConfigError(unknown_key(key, key, known_top, noun="config.json key"))
     t = dict(hf.get("text_config", {}))
     v = dict(hf.get("vision_representation_config", {}))
     enc = dict(hf.get("vae_encoder_config", {}))

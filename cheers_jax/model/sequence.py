@@ -21,17 +21,18 @@ from typing import Optional
 
 import numpy as np
 
+from cheers_jax.errors import UserError
 from cheers_jax.tokens import IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX
 
 KIND_PREPENDED, KIND_UND, KIND_GEN = 0, 1, 2
 
 
-class SequenceError(ValueError):
+class SequenceError(UserError):
   """A sample cannot be assembled as the reference would (the message says why and what to do)."""
 
 
 @dataclasses.dataclass
-class Layout:
+class AssembledBatch:
   """Static-shape description of an assembled batch (all numpy, int32 unless noted)."""
   token_ids: np.ndarray      # (B, S) text ids, 0 at image and pad positions
   image_index: np.ndarray    # (B, S) k*N + j for token j of image k, -1 elsewhere
@@ -80,7 +81,7 @@ def reference_fm_positions(targets: np.ndarray, tokens_per_image: int) -> np.nda
 
 def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optional[np.ndarray] = None,
              labels: Optional[np.ndarray] = None, seq_len: Optional[int] = None,
-             max_seq_len: int = 4096, check_fm_positions: bool = False) -> Layout:
+             max_seq_len: int = 4096, check_fm_positions: bool = False) -> AssembledBatch:
   """Assemble a batch. seq_len: static output length (>= the longest sample); None = the longest.
 
   check_fm_positions: verify that the reference's label-derived FM positions are exactly the image
@@ -148,7 +149,7 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
       raise SequenceError(
           f"sample {samples[k]}: image {k} is cut by truncation at max_seq_len={max_seq_len}; shorten the "
           "sample or raise max_seq_len")
-  layout = Layout(token_ids, image_index, image_mask, valid, np.broadcast_to(np.arange(s, dtype=np.int32),
+  layout = AssembledBatch(token_ids, image_index, image_mask, valid, np.broadcast_to(np.arange(s, dtype=np.int32),
                                                                              (batch, s)).copy(),
                   lab_out, targets, kinds, samples, starts)
   if check_fm_positions:
@@ -156,7 +157,7 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
   return layout
 
 
-def _check_fm_positions(layout: Layout, n_tok: int) -> None:
+def _check_fm_positions(layout: AssembledBatch, n_tok: int) -> None:
   s = layout.token_ids.shape[1]
   expected = np.zeros(layout.token_ids.shape, bool)
   flat = layout.image_positions(n_tok).reshape(-1)

@@ -1,12 +1,7 @@
-"""Orbax checkpoints of the train state + data iterator state + config; resume; SIGTERM; HF export.
+"""A training run's checkpoints: save every N steps, resume, SIGTERM, the final HF export.
 
-Layout of a workdir:
-  workdir/checkpoints/<step>/{state, data, config}   orbax CheckpointManager (async, keep K)
-  workdir/hf/                                         final export in the published HF layout
-
-`state` is the whole TrainState (params, BN statistics, optimizer state, step, rng), restored
-directly into its shardings; `data` is the grain iterator's get_state() (JSON), so a resumed run
-continues at the next sample; `config` is the run's ConfigDict as JSON (for humans and tools).
+The workdir's layout (checkpoints/<step>/{state, data, config}, hf/) is described, with the other
+Orbax layout, in `cheers_jax.checkpoint.orbax`, which also reads a run's params for `init_from`.
 """
 from __future__ import annotations
 
@@ -20,9 +15,10 @@ from typing import Any, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cheers_jax.checkpoint.orbax import CHECKPOINT_DIR, RUN_ITEMS
+from cheers_jax.train import state as state_lib
+
 PyTree = Any
-CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("state", "data", "config")
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -64,7 +60,7 @@ class Checkpointer:
         save_interval_steps=max(1, int(every_steps)), max_to_keep=int(keep) if keep else None,
         enable_async_checkpointing=bool(async_save), create=True, cleanup_tmp_directories=True)
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_names=ITEMS)
+    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_names=RUN_ITEMS)
 
   @classmethod
   def from_config(cls, workdir: str | Path, config) -> "Checkpointer":
@@ -112,29 +108,21 @@ class Checkpointer:
     self.manager.close()
 
 
-def _vae_is_random(init_from: str) -> bool:
-  if init_from.startswith("parts:"):
-    from cheers_jax.checkpoint.parts import parse_parts_spec
-    return "vae" not in parse_parts_spec(init_from[6:])
-  return not init_from
-
-
 def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
                     checkpointer: Optional[Checkpointer] = None):
   """Resume from the latest checkpoint in `workdir` (state + iterator position) or start fresh
   (`config.init_from`). Returns (state, state_shardings, resumed: bool)."""
-  from cheers_jax.train import step as step_lib
   checkpointer = checkpointer or Checkpointer.from_config(workdir, config)
   latest = checkpointer.latest_step()
   if latest is None:
     init_from = config.get("init_from", "")
-    state, shardings = step_lib.init_train_state(config, mesh, rng, init_from)
+    state, shardings = state_lib.init_train_state(config, mesh, rng, init_from)
     count = int(config.train.get("calibrate_latent_norm", 0))
-    if count > 0 and _vae_is_random(init_from):  # a checkpoint or a VAE part brings its own statistics
-      state = step_lib.calibrate_latent_norm(config, state, shardings, step_lib.calibration_images(config, count))
+    if count > 0 and state_lib.vae_is_random(init_from):  # a checkpoint or a VAE part brings its own statistics
+      state = state_lib.calibrate_latent_norm(config, state, shardings, state_lib.calibration_images(config, count))
       logging.info("latent BN statistics of the random VAE calibrated on %d training images", count)
     return state, shardings, False
-  abstract, shardings = step_lib.abstract_train_state(config, mesh)
+  abstract, shardings = state_lib.abstract_train_state(config, mesh)
   state, data_state, saved_config = checkpointer.restore(abstract, shardings, latest)
   _check_model_config(config, saved_config, checkpointer.directory / str(latest))
   if iterator is not None and data_state is not None:
@@ -150,31 +138,6 @@ def _check_model_config(config, saved: Mapping[str, Any], where: Path) -> None:
   if now != then:
     logging.warning("the model config of %s differs from the current one:\n  saved   %s\n  current %s",
                     where, then, now)
-
-
-def load_variables(workdir: str | Path, abstract_variables: Mapping[str, PyTree], shardings: Mapping[str, PyTree],
-                   step: Optional[int] = None) -> dict:
-  """{'params', 'batch_stats'} of another workdir's latest checkpoint (no optimizer state is read).
-
-  `workdir` may be the workdir or its checkpoints/ folder.
-  """
-  directory = Path(workdir)
-  if not (directory / CHECKPOINT_DIR).is_dir() and directory.name != CHECKPOINT_DIR:
-    raise FileNotFoundError(f"{directory} has no {CHECKPOINT_DIR}/ folder (init_from='orbax:DIR' wants a workdir)")
-  if directory.name != CHECKPOINT_DIR:
-    directory = directory / CHECKPOINT_DIR
-  manager = ocp.CheckpointManager(directory.absolute(), item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  target = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_variables[k], shardings[k]) for k in ("params", "batch_stats")}
-  restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
-  manager.close()
-  return {"params": out.state["params"], "batch_stats": out.state["batch_stats"]}
 
 
 # ---- preemption ----------------------------------------------------------------------------------
@@ -228,5 +191,5 @@ def export_hf(state, model_cfg, out_dir: str | Path, dtype: Any = "bfloat16") ->
     return {}
   from cheers_jax.checkpoint.support_files import write_support_files
   index = save_hf_checkpoint(variables, model_cfg, out_dir, dtype=dtype)
-  write_support_files(out_dir, model_cfg)  # tokenizer + processor/generation configs: a self-contained export
+  write_support_files(out_dir, model_cfg)  # tokenizer + processor and generation config files: a self-contained export
   return index

@@ -18,21 +18,23 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
 
-from cheers_jax import sharding
+from cheers_jax import config as config_lib
+from cheers_jax import distributed, sharding
+from cheers_jax.data import batch as batch_lib
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ConfigError, ModelConfig
 from cheers_jax.train import checkpointing as ckpt_lib
 from cheers_jax.train import metrics as metrics_lib
+from cheers_jax.train import batching
 from cheers_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -55,38 +57,17 @@ class TrainResult:
 
 
 # ---- config checks ---------------------------------------------------------------------------------
-def _reference_keys() -> Optional[Any]:
-  try:
-    from configs import common
-  except ImportError:  # installed package without the configs folder
-    return None
-  return common.base_config()
-
-
 def check_config(config) -> ModelConfig:
   """Fails early, with a suggestion, on misspelt keys and inconsistent values."""
-  ref = _reference_keys()
-  if ref is not None:
-    # data.* is the pipeline's (it accepts optional extras such as data.num_threads)
-    for section in ("", "train", "checkpoint", "mesh"):
-      have = config if not section else config.get(section)
-      want = ref if not section else ref.get(section)
-      if have is None or want is None:
-        continue
-      for key in have.keys():
-        if key not in want and key not in ("export_hf",):
-          where = f"{section}.{key}" if section else key
-          close = difflib.get_close_matches(key, list(want.keys()), n=1)
-          hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(want.keys()))}"
-          raise ConfigError(f"unknown config key '{where}'{hint}")
+  config_lib.check_known_keys(config)
   cfg = ModelConfig.from_dict(config.model)
-  t = config.train
-  if t.nan_policy not in NAN_POLICIES:
-    raise ConfigError(f"train.nan_policy='{t.nan_policy}': choose one of {NAN_POLICIES}")
-  if t.batch_size % jax.process_count():
-    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {jax.process_count()} processes")
-  if t.batch_size % t.grad_accum:
-    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  train_config = config.train
+  if train_config.nan_policy not in NAN_POLICIES:
+    raise ConfigError(f"train.nan_policy='{train_config.nan_policy}': choose one of {NAN_POLICIES}")
+  distributed.check_batch_splits_over_processes(int(train_config.batch_size))
+  if train_config.batch_size % train_config.grad_accum:
+    raise ConfigError(f"train.batch_size={train_config.batch_size} is not divisible by "
+                      f"train.grad_accum={train_config.grad_accum}")
   if int(config.data.image_size) != cfg.vision.image_size:
     raise ConfigError(f"data.image_size={config.data.image_size} but model.vision.image_size="
                       f"{cfg.vision.image_size}; set both")
@@ -208,172 +189,212 @@ def train(config, workdir: str | os.PathLike, *, iterator: Optional[Iterator[dic
           evaluate: bool = True, samples: bool = True, progress: bool = True) -> TrainResult:
   """Train (or resume) `config` in `workdir`. See the module docstring.
 
-  iterator: batches in the pipeline's contract with get_state()/set_state() (default: the grain
+  iterator: batches in the batch contract with get_state()/set_state() (default: the grain
   pipeline). preemption: a PreemptionHandler (default: one that catches SIGTERM).
   export_hf: write workdir/hf at the end (default: config.export_hf if present, else True).
   """
-  workdir = Path(workdir)
-  cfg = check_config(config)
-  t = config.train
-  lead = jax.process_index() == 0
-  if lead:
-    workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  model = Cheers(cfg)
-  iterator = iterator if iterator is not None else _default_iterator(config)
-  checkpointer = ckpt_lib.Checkpointer.from_config(workdir, config)
-  own_handler = preemption is None
-  preemption = preemption or ckpt_lib.PreemptionHandler()
-  writer = metrics_lib.MetricWriter(workdir, enabled=lead)
-
+  trainer = Trainer(config, workdir, iterator=iterator, preemption=preemption, samples=samples, progress=progress)
   try:
-    state, shardings, resumed = ckpt_lib.restore_or_init(
-        config, workdir, mesh, jax.random.PRNGKey(int(config.seed)), iterator, checkpointer)
-    start = int(jax.device_get(state.step))
-    total = int(t.steps)
-    log.info("%s at step %d of %d; mesh %s; %d devices (%s)", "resumed" if resumed else "starting", start, total,
-             dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
-    step_fn = step_lib.make_train_step(model, config, mesh, shardings)
-    result = _run(config, cfg, model, state, step_fn, iterator, checkpointer, preemption, writer, workdir,
-                  mesh, start, total, progress and lead, samples)
-    if result.status != "done":
-      return result
-    state = result.state
-    if samples:  # every process: the sampler is SPMD over the global params
-      sample_images(model, state, config, workdir, result.step, writer)
-    do_export = export_hf if export_hf is not None else bool(config.get("export_hf", True))
-    if do_export:
-      hf_dir = workdir / "hf"
-      ckpt_lib.export_hf(state, cfg, hf_dir)
-      result.hf_dir = str(hf_dir)
-      log.info("exported the final params to %s (HF layout)", hf_dir)
-    if evaluate:
-      ev = evaluate_synthetic(model, state, config)
-      if ev is not None:
-        result.evaluation = ev
-        report = caption_report(ev)
-        if lead:
-          print(report + "\n  " + "\n  ".join(ev["examples"]), flush=True)
-        writer.write_scalars(result.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
+    trainer.restore()
+    result = trainer.run_steps()
+    if result.status == "done":
+      do_export = export_hf if export_hf is not None else bool(config.get("export_hf", True))
+      trainer.finish(result, export_hf=do_export, evaluate=evaluate)
     return result
   finally:
-    checkpointer.close()
-    writer.close()
-    if own_handler:
-      preemption.close()
+    trainer.close()
 
 
-def _run(config, cfg: ModelConfig, model: Cheers, state, step_fn: Callable, iterator, checkpointer, preemption,
-         writer, workdir: Path, mesh, start: int, total: int, show_progress: bool, samples: bool) -> TrainResult:
-  t = config.train
-  log_every = max(1, int(config.log_every))
-  sample_every = int(config.get("sample_every", 0) or 0)
-  every = max(1, int(config.checkpoint.every_steps))
-  batch_shardings = None
-  pending: list[tuple[int, dict]] = []  # (step number after the update, device metrics)
-  last_summary: dict = {}
-  seen_tokens = 0
-  seen_samples = 0
-  skipped_samples = 0
-  n_dev = jax.device_count()
-  device_kind = jax.devices()[0].device_kind
-  flops_cache: dict[tuple, float] = {}
-  step_flops = 0.0
-  compile_time = None
-  clock = _Clock()
+class Trainer:
+  """One run, in named phases: `restore` (or initialise) the state, `run_steps` (per step: stop if
+  preempted, fetch a batch, step, log, checkpoint, sample), `finish` (samples, HF export, caption
+  evaluation), `close`."""
 
-  bar = None
-  if show_progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, smoothing=0.1)
+  def __init__(self, config, workdir: str | os.PathLike, *, iterator: Optional[Iterator[dict]] = None,
+               preemption: Optional[ckpt_lib.PreemptionHandler] = None, samples: bool = True, progress: bool = True):
+    self.config = config
+    self.workdir = Path(workdir)
+    self.cfg = check_config(config)
+    self.lead = jax.process_index() == 0
+    if self.lead:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    self.mesh = sharding.make_mesh(dict(config.mesh))
+    self.model = Cheers(self.cfg)
+    self.iterator = iterator if iterator is not None else _default_iterator(config)
+    self.checkpointer = ckpt_lib.Checkpointer.from_config(self.workdir, config)
+    self.own_preemption = preemption is None
+    self.preemption = preemption or ckpt_lib.PreemptionHandler()
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.lead)
+    self.samples = samples
+    self.show_progress = progress and self.lead
+    self.total = int(config.train.steps)
+    self.state = self.step_fn = None
+    self.step = 0
+    self.meter = _Throughput(self.cfg, config.train.trainable)
+    self.pending: list[tuple[int, dict]] = []  # (step number after the update, device metrics)
+    self.last_summary: dict = {}
+    self.skipped_samples = 0
+    self.batch_shardings = None
 
-  def check_pending() -> list[tuple[int, dict]]:
-    """ONE device_get of the metrics since the last check; stops on non-finite values if asked."""
-    nonlocal pending
-    fetched = [(s, m) for s, m in zip([s for s, _ in pending], jax.device_get([m for _, m in pending]))]
-    pending = []
+  # -- phase 1 --
+  def restore(self) -> None:
+    """The latest checkpoint of the workdir (state + data position), else a fresh state."""
+    config, mesh = self.config, self.mesh
+    self.state, shardings, resumed = ckpt_lib.restore_or_init(
+        config, self.workdir, mesh, jax.random.PRNGKey(int(config.seed)), self.iterator, self.checkpointer)
+    self.step = int(jax.device_get(self.state.step))
+    log.info("%s at step %d of %d; mesh %s; %d devices (%s)", "resumed" if resumed else "starting", self.step,
+             self.total, dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
+    self.step_fn = step_lib.make_train_step(self.model, config, mesh, shardings)
+
+  # -- phase 2 --
+  def run_steps(self) -> TrainResult:
+    log_every = max(1, int(self.config.log_every))
+    sample_every = int(self.config.get("sample_every", 0) or 0)
+    every = max(1, int(self.config.checkpoint.every_steps))
+    bar = None
+    if self.show_progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, smoothing=0.1)
+    try:
+      while self.step < self.total:
+        if self.preemption.requested or self.checkpointer.reached_preemption(self.step):
+          return self._stop_preempted()
+        self._train_one_step()
+        if bar is not None:
+          bar.update(1)
+        if self.step % log_every == 0 or self.step == self.total:
+          self._log_metrics(bar)
+        if (self.step % every == 0 or self.step == self.total) and self.checkpointer.latest_step() != self.step:
+          self._save_checkpoint()
+        if self.samples and sample_every and self.step % sample_every == 0 and self.step != self.total:
+          sample_images(self.model, self.state, self.config, self.workdir, self.step, self.writer)
+    finally:
+      if bar is not None:
+        bar.close()
+    if self.pending:
+      self._fetch_metrics()
+    self.checkpointer.wait()
+    return TrainResult("done", self.step, self.state, self.last_summary)
+
+  def _train_one_step(self) -> None:
+    batch = next(self.iterator)
+    self.skipped_samples = int(batch.get("num_skipped", self.skipped_samples))
+    host = {k: v for k, v in batch.items() if k not in batch_lib.HOST_ONLY_KEYS and not k.startswith("_")}
+    if self.batch_shardings is None:
+      self.batch_shardings = batching.batch_shardings(self.mesh, host)
+    self.meter.count(host)
+    self.state, metrics = self.step_fn(self.state, batching.device_batch(host, self.batch_shardings))
+    self.step += 1
+    self.pending.append((self.step, metrics))
+    self.meter.stepped(metrics)
+
+  def _fetch_metrics(self) -> list[tuple[int, dict]]:
+    """ONE device_get of the metrics since the last fetch; stops on non-finite values if asked."""
+    fetched = list(zip([s for s, _ in self.pending], jax.device_get([m for _, m in self.pending])))
+    self.pending = []
     bad = _first_nonfinite(fetched)
-    if bad is not None and t.nan_policy == "stop":
-      last = checkpointer.latest_step()
+    if bad is not None and self.config.train.nan_policy == "stop":
+      last = self.checkpointer.latest_step()
       raise NonFiniteError(
           f"non-finite loss or gradient at step {bad} (train.nan_policy='stop'); the params were not updated "
           f"at that step and no checkpoint was written after it. Last good checkpoint: "
-          f"{'step ' + str(last) if last is not None else 'none'} in {checkpointer.directory}. Lower train.lr, "
+          f"{'step ' + str(last) if last is not None else 'none'} in {self.checkpointer.directory}. Lower train.lr, "
           f"check the data, or set --config.train.nan_policy=skip to skip such steps.")
     return fetched
 
-  step = start
-  try:
-    while step < total:
-      if preemption.requested or checkpointer.reached_preemption(step):
-        if pending:
-          check_pending()
-        if checkpointer.latest_step() != step:
-          checkpointer.save(step, state, iterator.get_state(), config, force=True)
-        checkpointer.wait()
-        log.warning("preempted (%s): saved step %d in %s; rerun the same command to resume",
-                    preemption.signal_name, step, checkpointer.directory)
-        return TrainResult("preempted", step, state, last_summary)
-
-      batch = next(iterator)
-      skipped_samples = int(batch.get("num_skipped", skipped_samples))
-      host = {k: v for k, v in batch.items() if k not in step_lib.HOST_ONLY_KEYS and not k.startswith("_")}
-      if batch_shardings is None:
-        batch_shardings = step_lib.batch_shardings(mesh, host)
-      b, s = host["token_ids"].shape
-      m = host["pixels"].shape[0]
-      key = (s, m)
-      if key not in flops_cache:  # per global sample, at this bucket length and slots per sample
-        flops_cache[key] = metrics_lib.flops_per_sample(cfg, s, cfg.vision.image_size, m / b, t.trainable)
-      step_flops += flops_cache[key] * b * jax.process_count()
-      seen_tokens += int(np.sum(host["valid"])) * jax.process_count()
-      seen_samples += b * jax.process_count()
-
-      state, metrics = step_fn(state, step_lib.device_batch(host, batch_shardings))
-      step += 1
-      pending.append((step, metrics))
-      clock.steps += 1
-
-      if compile_time is None:  # the first step includes compilation: time it on its own
-        jax.block_until_ready(metrics)
-        compile_time, _ = clock.lap()
-        step_flops = seen_tokens = seen_samples = 0
-      if bar is not None:
-        bar.update(1)
-
-      if step % log_every == 0 or step == total:
-        fetched = check_pending()
-        summary = _summarise(fetched)
-        dt, n = clock.lap()
-        if n:
-          summary["step_time"] = dt / n
-          summary["samples_per_s"] = seen_samples / dt
-          summary["tokens_per_s"] = seen_tokens / dt
-          util = metrics_lib.mfu(step_flops / dt, n_dev, device_kind)
-          if util is not None:
-            summary["mfu"] = util
-          summary["tflops_per_device"] = step_flops / dt / n_dev / 1e12
-        step_flops = seen_tokens = seen_samples = 0
-        summary["skipped_samples"] = skipped_samples
-        if not last_summary and compile_time is not None:
-          summary["compile_time"] = compile_time  # first log of this run
-        writer.write_scalars(step, summary)
-        last_summary = summary
-        if bar is not None:
-          bar.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['lr']:.2e}",
-                          mfu=f"{summary['mfu']:.1%}" if "mfu" in summary else "n/a")
-
-      if (step % every == 0 or step == total) and checkpointer.latest_step() != step:
-        if pending:
-          check_pending()  # never checkpoint past a non-finite step under 'stop'
-        checkpointer.save(step, state, iterator.get_state(), config, force=True)
-
-      if samples and sample_every and step % sample_every == 0 and step != total:
-        sample_images(model, state, config, workdir, step, writer)
-  finally:
+  def _log_metrics(self, bar) -> None:
+    summary = {**_summarise(self._fetch_metrics()), **self.meter.lap()}
+    summary["skipped_samples"] = self.skipped_samples
+    if not self.last_summary and self.meter.compile_time is not None:
+      summary["compile_time"] = self.meter.compile_time  # first log of this run
+    self.writer.write_scalars(self.step, summary)
+    self.last_summary = summary
     if bar is not None:
-      bar.close()
-  if pending:
-    check_pending()
-  checkpointer.wait()
-  return TrainResult("done", step, state, last_summary)
+      bar.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['lr']:.2e}",
+                      mfu=f"{summary['mfu']:.1%}" if "mfu" in summary else "n/a")
+
+  def _save_checkpoint(self) -> None:
+    if self.pending:
+      self._fetch_metrics()  # never checkpoint past a non-finite step under 'stop'
+    self.checkpointer.save(self.step, self.state, self.iterator.get_state(), self.config, force=True)
+
+  def _stop_preempted(self) -> TrainResult:
+    if self.pending:
+      self._fetch_metrics()
+    if self.checkpointer.latest_step() != self.step:
+      self.checkpointer.save(self.step, self.state, self.iterator.get_state(), self.config, force=True)
+    self.checkpointer.wait()
+    log.warning("preempted (%s): saved step %d in %s; rerun the same command to resume",
+                self.preemption.signal_name, self.step, self.checkpointer.directory)
+    return TrainResult("preempted", self.step, self.state, self.last_summary)
+
+  # -- phase 3 --
+  def finish(self, result: TrainResult, *, export_hf: bool, evaluate: bool) -> None:
+    state = result.state
+    if self.samples:  # every process: the sampler is SPMD over the global params
+      sample_images(self.model, state, self.config, self.workdir, result.step, self.writer)
+    if export_hf:
+      hf_dir = self.workdir / "hf"
+      ckpt_lib.export_hf(state, self.cfg, hf_dir)
+      result.hf_dir = str(hf_dir)
+      log.info("exported the final params to %s (HF layout)", hf_dir)
+    if evaluate:
+      ev = evaluate_synthetic(self.model, state, self.config)
+      if ev is not None:
+        result.evaluation = ev
+        if self.lead:
+          print(caption_report(ev) + "\n  " + "\n  ".join(ev["examples"]), flush=True)
+        self.writer.write_scalars(result.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+    if self.own_preemption:
+      self.preemption.close()
+
+
+class _Throughput:
+  """Steady-state step time, samples/s, tokens/s and MFU between log lines; the first step
+  (compilation) is timed on its own."""
+
+  def __init__(self, cfg: ModelConfig, trainable: str):
+    self.cfg, self.trainable = cfg, trainable
+    self.n_dev = jax.device_count()
+    self.device_kind = jax.devices()[0].device_kind
+    self.flops_per_sample: dict[tuple, float] = {}
+    self.flops = self.tokens = self.samples = 0
+    self.compile_time: Optional[float] = None
+    self.clock = _Clock()
+
+  def count(self, host: dict) -> None:
+    """Work of the batch about to run (global: this process's rows x process count)."""
+    b, s = host["token_ids"].shape
+    m = host["pixels"].shape[0]
+    if (s, m) not in self.flops_per_sample:  # per global sample, at this bucket length and slots per sample
+      self.flops_per_sample[(s, m)] = metrics_lib.flops_per_sample(self.cfg, s, self.cfg.vision.image_size, m / b,
+                                                                   self.trainable)
+    self.flops += self.flops_per_sample[(s, m)] * b * jax.process_count()
+    self.tokens += int(np.sum(host["valid"])) * jax.process_count()
+    self.samples += b * jax.process_count()
+
+  def stepped(self, metrics) -> None:
+    self.clock.steps += 1
+    if self.compile_time is None:  # the first step includes compilation: time it on its own
+      jax.block_until_ready(metrics)
+      self.compile_time, _ = self.clock.lap()
+      self.flops = self.tokens = self.samples = 0
+
+  def lap(self) -> dict[str, float]:
+    dt, n = self.clock.lap()
+    out = {}
+    if n:
+      out["step_time"] = dt / n
+      out["samples_per_s"] = self.samples / dt
+      out["tokens_per_s"] = self.tokens / dt
+      util = metrics_lib.mfu(self.flops / dt, self.n_dev, self.device_kind)
+      if util is not None:
+        out["mfu"] = util
+      out["tflops_per_device"] = self.flops / dt / self.n_dev / 1e12
+    self.flops = self.tokens = self.samples = 0
+    return out

@@ -206,9 +206,9 @@ def test_error_missing_config_and_bad_specs(split, cfg, tmp_path):
     with pytest.raises(ConfigError, match=message):
       parts_lib.parse_parts_spec(spec)
   # train.calibrate_latent_norm sets the latent statistics of a random VAE only: a VAE part brings its own
-  from cheers_jax.train.checkpointing import _vae_is_random
-  assert _vae_is_random("") and _vae_is_random("parts:llm=/a") and not _vae_is_random("parts:vae=/a")
-  assert not _vae_is_random("hf:/ckpt")
+  from cheers_jax.train.state import vae_is_random
+  assert vae_is_random("") and vae_is_random("parts:llm=/a") and not vae_is_random("parts:vae=/a")
+  assert not vae_is_random("hf:/ckpt")
 
 
 # ---- training and CLI ----------------------------------------------------------------------------
@@ -216,8 +216,10 @@ def test_init_from_parts_trains(split, tmp_path):
   """init_from=parts: puts the parts in the sharded train state (here an LLM part with fewer vocabulary
   rows: they fill the first rows of the sharded table), the rest as the random init; it trains."""
   from cheers_jax import sharding
-  from cheers_jax.train import step as step_lib
   from cheers_jax.model.cheers import Cheers
+  from cheers_jax.train import batching
+  from cheers_jax.train import state as state_lib
+  from cheers_jax.train import step as step_lib
   from tests.train.common import BATCH, IMAGE, SEQ, TOKENS, small_config
   from tests.train.fake_data import make_batch
   rows = 1000
@@ -225,12 +227,13 @@ def test_init_from_parts_trains(split, tmp_path):
   config = small_config(steps=2)
   config.init_from = "parts:" + ",".join(f"{p}={d}" for p, d in parts.items())
   mesh = sharding.make_mesh(dict(config.mesh))
-  state, shardings = step_lib.init_train_state(config, mesh)
+  state, shardings = state_lib.init_train_state(config, mesh)
   params = flat(jax.device_get(state.params))
   name = "model.language_model.layers.1.mlp.up_proj.weight"
   assert_bit_equal(hf_tensor({"params": jax.device_get(state.params)}, name).astype(ml_dtypes.bfloat16),
                    np.asarray(open_tensor_files(TINY)[name].get(name)), name)
-  init = parts_lib.random_variables(step_lib.model_config(config), jax.random.split(jax.random.PRNGKey(config.seed))[0],
+  init = parts_lib.random_variables(state_lib.model_config(config),
+                                    jax.random.split(jax.random.PRNGKey(config.seed))[0],
                                     {"params": shardings.params, "batch_stats": shardings.batch_stats})
   embed = params["language_model/embed_tokens"]
   np.testing.assert_array_equal(embed[:rows], np.asarray(open_tensor_files(parts["llm"])[EMBED].get(EMBED), np.float32))
@@ -239,11 +242,11 @@ def test_init_from_parts_trains(split, tmp_path):
     if path.split("/")[1] in HEADS and path.startswith("params/"):
       np.testing.assert_array_equal(params[path[len("params/"):]], np.asarray(want), err_msg=path)
   # two steps of the jitted train step on the same batch, as the loop runs it
-  model = Cheers(step_lib.model_config(config))
+  model = Cheers(state_lib.model_config(config))
   step_fn = step_lib.make_train_step(model, config, mesh, shardings)
   batch = make_batch(0, 0, BATCH, SEQ, IMAGE, TOKENS)
   batch.pop("num_skipped")
-  batch = step_lib.device_batch(batch, step_lib.batch_shardings(mesh, batch))
+  batch = batching.device_batch(batch, batching.batch_shardings(mesh, batch))
   state, first = step_fn(state, batch)
   state, second = step_fn(state, batch)
   first, second = jax.device_get((first, second))

@@ -18,8 +18,8 @@ def tiny():
   """(Cheers module, variables) of the tiny oracle checkpoint in fp32."""
   if not TINY.is_dir():
     pytest.skip(f"{TINY} not present")
-  from cheers_jax.generate import load_model
-  return load_model(str(TINY), None, "float32", need_generation=True)
+  from cheers_jax.infer.loader import load_hf
+  return load_hf(TINY, "float32", need_generation=True)
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def test_errors_before_loading(capsys, tmp_path):
   assert "no prompt" in _error(capsys, ["t2i", "--checkpoint", str(TINY)])
   assert "exactly one" in _error(capsys, ["chat", "--prompt", "hi"])
   assert "image file not found" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", str(tmp_path / "x.png")])
-  assert "Orbax" in _error(capsys, ["chat", "--workdir", str(tmp_path), "--prompt", "hi"])
+  assert "Orbax" in _error(capsys, ["chat", "--orbax", str(tmp_path), "--prompt", "hi"])
   assert "prompt-file" in _error(capsys, ["t2i", "--checkpoint", str(TINY), "--prompt-file", str(tmp_path / "none")])
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not (TINY.is_dir() and GOLDEN.is_file()), reason
 
 @pytest.fixture(scope="module")
 def runner():
-  from cheers_jax.parity import Runner
+  from cheers_jax.golden import Runner
   return Runner(str(TINY), dict(np.load(GOLDEN, allow_pickle=False)))
 
 
@@ -24,7 +24,7 @@ def manifest():
 
 @pytest.mark.parametrize("group", ["t2i", "i2t"])
 def test_group_matches_golden(runner, manifest, group):
-  from cheers_jax.parity import compare
+  from cheers_jax.golden import compare
   ours = getattr(runner, f"group_{group}")()
   expected = {k for k, v in manifest["arrays"].items() if k.startswith(group + ".") and v["role"] == "output"}
   assert expected <= set(ours), f"not computed: {sorted(expected - set(ours))}"

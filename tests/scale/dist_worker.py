@@ -9,7 +9,7 @@ same initial state, feeding a fixed global batch of BATCH samples in two ways:
   'global':   this process's rows of the globally indexed batch (image positions / slots count from
               row 0 of the GLOBAL batch), through jax.make_array_from_process_local_data;
   'pipeline': this process's rows collated on their own, indexed locally exactly as the data
-              pipeline hands each process its batch, through step_lib.device_batch (the loop's path).
+              pipeline hands each process its batch, through batching.device_batch (the loop's path).
 Writes OUT_PREFIX.<process_index>.json: {"global": [losses], "pipeline": [losses], ...}.
 """
 from __future__ import annotations
@@ -30,37 +30,41 @@ def main(out_prefix: str, local_devices: int) -> None:
   distributed.maybe_initialize()
 
   import numpy as np
-  from cheers_jax import sweep
+  from cheers_jax import config as config_lib
+  from cheers_jax import sharding
   from cheers_jax.model.cheers import Cheers
+  from cheers_jax.train import synthetic
+  from cheers_jax.train import batching
+  from cheers_jax.train import state as state_lib
   from cheers_jax.train import step as step_lib
   from tests.scale.common import SMALL_VOCAB, TINY
 
-  config = sweep.load_config(TINY, [SMALL_VOCAB, f"--config.train.batch_size={BATCH}", "--config.train.warmup_ratio=0.0",
+  config = config_lib.load(TINY, [SMALL_VOCAB, f"--config.train.batch_size={BATCH}", "--config.train.warmup_ratio=0.0",
                                     "--config.train.lr=0.001"])
   n, pid = jax.process_count(), jax.process_index()
-  mesh = sweep.make_layout_mesh({"fsdp": jax.device_count()})
-  spec = sweep.batch_spec(config, BATCH, seq_len=SEQ)
+  mesh = sharding.make_mesh_on_first_devices({"fsdp": jax.device_count()})
+  spec = synthetic.batch_spec(config, BATCH, seq_len=SEQ)
   per = BATCH // n
   rows = range(pid * per, (pid + 1) * per)
-  local = sweep.synthetic_batch(spec, rows)  # the pipeline's per-process batch: local indices
+  local = synthetic.synthetic_batch(spec, rows)  # the pipeline's per-process batch: local indices
   local.pop("num_skipped")
   shifted = dict(local)  # the same rows, indexed into the global batch
   shifted["image_positions"] = local["image_positions"] + rows.start * SEQ
   shifted["image_index"] = np.where(local["image_index"] >= 0,
                                     local["image_index"] + rows.start * spec.image_slots * spec.tokens_per_image, -1)
-  shardings = step_lib.batch_shardings(mesh, local)
+  shardings = batching.batch_shardings(mesh, local)
   compiled = None
   result = {"process_count": n, "process_index": pid, "devices": jax.device_count(),
             "local_devices": jax.local_device_count()}
   for mode, host in (("global", shifted), ("pipeline", local)):
-    state, state_shardings = sweep.synthetic_train_state(config, mesh, seed=0)
+    state, state_shardings = synthetic.synthetic_train_state(config, mesh, seed=0)
     if mode == "global":  # already globally indexed: straight to global arrays
       batch = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
                for k, v in host.items() if k in shardings}
     else:  # the loop's path: device_batch re-bases the local indices
-      batch = step_lib.device_batch(host, shardings)
+      batch = batching.device_batch(host, shardings)
     if compiled is None:
-      step_fn = step_lib.make_train_step(Cheers(step_lib.model_config(config)), config, mesh, state_shardings)
+      step_fn = step_lib.make_train_step(Cheers(state_lib.model_config(config)), config, mesh, state_shardings)
       compiled = step_fn.lower(state, batch).compile()
       _barrier("compiled")
     losses = []

@@ -36,10 +36,12 @@ def test_aot_memory_of_a_small_config(tmp_path):
   # the arguments are the whole train state (fp32 params + Adam moments) and the batch
   import jax
   import numpy as np
-  from cheers_jax import sweep
-  from cheers_jax.train import step as step_lib
-  config = sweep.load_config(TINY, [SMALL_VOCAB])
-  abstract, _ = step_lib.abstract_train_state(config, sweep.make_layout_mesh({"fsdp": 1}, jax.devices()[:1]))
+  from cheers_jax import config as config_lib
+  from cheers_jax import sharding
+  from cheers_jax.train import synthetic
+  from cheers_jax.train import state as state_lib
+  config = config_lib.load(TINY, [SMALL_VOCAB])
+  abstract, _ = state_lib.abstract_train_state(config, sharding.make_mesh_on_first_devices({"fsdp": 1}, jax.devices()[:1]))
   state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-  batch = sum(np.prod(s) * d.itemsize for s, d in sweep.batch_shapes(sweep.batch_spec(config, 8, seq_len=96)).values())
+  batch = sum(np.prod(s) * d.itemsize for s, d in synthetic.batch_shapes(synthetic.batch_spec(config, 8, seq_len=96)).values())
   assert gib["args_gib"] * 2 ** 30 == pytest.approx(state + batch, rel=0.01), (gib, state, batch)

@@ -5,14 +5,15 @@ import json
 
 import pytest
 
-from cheers_jax import sweep
+from cheers_jax import config as config_lib
 from cheers_jax.bench import train as bench_train
+from cheers_jax.train import synthetic
 from tests.scale.common import SMALL_VOCAB, TINY, run
 
 
 def test_reference_table_lines():
   """The side-by-side table with the reference's H100 figures, from rows as the sweep returns them."""
-  spec = sweep.batch_spec(sweep.load_config(bench_train.FULL_SIZE_CONFIG), 8, seq_len=400)
+  spec = synthetic.batch_spec(config_lib.load(bench_train.FULL_SIZE_CONFIG), 8, seq_len=400)
   assert spec.sample_len == 400  # the default batch is the reference's composition
   rows = [{"batch_size": 8, "status": "ok", "step_s": 0.567, "samples_per_s": 14.1, "peak_mem_gib": 60.0,
            "tflops_per_device": 229.0, "device_kind": "NVIDIA H100 80GB HBM3"},

@@ -74,7 +74,7 @@ def test_two_processes_equal_one(runs):
 @pytest.mark.heavy
 def test_two_processes_with_pipeline_batches(runs):
   """The loop's path: each process's batch indexed locally (as cheers_jax.data.pipeline collates it)
-  through step_lib.device_batch. Equal only if the step re-bases image positions / slots by the
+  through batching.device_batch. Equal only if the step re-bases image positions / slots by the
   process's row offset in the global batch."""
   single, multi = runs
   np.testing.assert_allclose(single["pipeline"], single["global"], rtol=0)  # one process: the same batch

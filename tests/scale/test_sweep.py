@@ -7,31 +7,36 @@ import os
 import numpy as np
 import pytest
 
+from cheers_jax import config as config_lib
+from cheers_jax import sharding
 from cheers_jax import sweep
+from cheers_jax.errors import UserError
 from cheers_jax.model.sequence import KIND_GEN, KIND_UND
+from cheers_jax.train import synthetic
+from cheers_jax.train import measure
 from tests.scale.common import SMALL_VOCAB, TINY, run
 
 
 def _tiny(*overrides: str):
-  return sweep.load_config(TINY, [SMALL_VOCAB, *overrides])
+  return config_lib.load(TINY, [SMALL_VOCAB, *overrides])
 
 
 # ---- fast: parsing ------------------------------------------------------------------------------------
 def test_parse_meshes_and_names():
-  assert sweep.parse_meshes("data=8;fsdp=8;fsdp=4,tensor=2") == [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
-  assert sweep.mesh_name({"data": 1, "fsdp": 4, "tensor": 2}) == "fsdp=4,tensor=2"
-  assert sweep.mesh_name({"data": 1, "fsdp": 1, "tensor": 1}) == "fsdp=1"
-  with pytest.raises(sweep.SweepError, match="AXIS=SIZE"):
-    sweep.parse_meshes("model=8")
+  assert sharding.parse_meshes("data=8;fsdp=8;fsdp=4,tensor=2") == [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
+  assert sharding.mesh_name({"data": 1, "fsdp": 4, "tensor": 2}) == "fsdp=4,tensor=2"
+  assert sharding.mesh_name({"data": 1, "fsdp": 1, "tensor": 1}) == "fsdp=1"
+  with pytest.raises(UserError, match="AXIS=SIZE"):
+    sharding.parse_meshes("model=8")
 
 
 def test_config_overrides():
   c = _tiny("--config.train.lr=0.5", "--config.data.seq_buckets=32,", "--config.model.remat_policy=full")
   assert c.model.text.vocab_size == 1024 and c.train.lr == 0.5 and tuple(c.data.seq_buckets) == (32,)
   assert c.model.remat_policy == "full"
-  with pytest.raises(sweep.SweepError, match="did you mean 'batch_size'"):
+  with pytest.raises(UserError, match="did you mean 'batch_size'"):
     _tiny("--config.train.batch_sise=4")
-  rest, overrides = sweep.split_overrides(["--steps", "2", "--config.train.lr", "0.1", "--config.seed=3"])
+  rest, overrides = config_lib.split_overrides(["--steps", "2", "--config.train.lr", "0.1", "--config.seed=3"])
   assert rest == ["--steps", "2"] and overrides == ["--config.train.lr=0.1", "--config.seed=3"]
 
 
@@ -39,9 +44,9 @@ def test_config_overrides():
 def test_synthetic_batch_contract():
   """Pipeline contract: shapes/dtypes, one real image per sample in slot b*K, every image token's
   index and flat position consistent, the reference mix of generation and understanding samples."""
-  spec = sweep.batch_spec(_tiny(), 8, seq_len=40, image_slots=2)
-  b = sweep.synthetic_batch(spec)
-  assert {k: (v.shape, v.dtype) for k, v in b.items() if k != "num_skipped"} == sweep.batch_shapes(spec)
+  spec = synthetic.batch_spec(_tiny(), 8, seq_len=40, image_slots=2)
+  b = synthetic.synthetic_batch(spec)
+  assert {k: (v.shape, v.dtype) for k, v in b.items() if k != "num_skipped"} == synthetic.batch_shapes(spec)
   n, s, k = spec.tokens_per_image, spec.seq_len, spec.image_slots
   assert list(b["image_kind"][::k]) == [KIND_UND, KIND_GEN] * 4 and not b["image_weight"][1::k].any()
   assert (b["valid"].sum(1) >= spec.sample_len - 1).all() and (b["valid"].sum(1) <= spec.sample_len).all()
@@ -54,16 +59,16 @@ def test_synthetic_batch_contract():
 
 def test_synthetic_batch_rows_are_independent():
   """Rows built alone (a process's half, indexed locally like the pipeline) equal the global batch's."""
-  spec = sweep.batch_spec(_tiny(), 4, seq_len=40)
-  full, half = sweep.synthetic_batch(spec), sweep.synthetic_batch(spec, range(2, 4))
+  spec = synthetic.batch_spec(_tiny(), 4, seq_len=40)
+  full, half = synthetic.synthetic_batch(spec), synthetic.synthetic_batch(spec, range(2, 4))
   for key in ("token_ids", "targets", "valid", "pixels", "t", "image_kind"):
     np.testing.assert_array_equal(half[key], full[key][2:])
   np.testing.assert_array_equal(half["image_positions"] + 2 * spec.seq_len, full["image_positions"][2:])
 
 
 def test_batch_too_long_is_a_clear_error():
-  with pytest.raises(sweep.SweepError, match="do not fit seq_len"):
-    sweep.batch_spec(_tiny(), 4, seq_len=40, text_len=64)
+  with pytest.raises(UserError, match="do not fit seq_len"):
+    synthetic.batch_spec(_tiny(), 4, seq_len=40, text_len=64)
 
 
 def test_report_helpers(tmp_path):
@@ -71,8 +76,8 @@ def test_report_helpers(tmp_path):
            "step_s": 0.5, "samples_per_s": 16.0, "peak_mem_gib": 0.1, "mem_source": "compiled"},
           {"mesh": "fsdp=8", "remat": "none", "attention": "xla", "batch_size": 8, "status": "oom",
            "error": "[run] RESOURCE_EXHAUSTED"}]
-  assert sweep.best_row(rows) is rows[0]
-  sweep.write_csv(rows, tmp_path / "s.csv")
+  assert measure.best_row(rows) is rows[0]
+  measure.write_csv(rows, tmp_path / "s.csv")
   sweep.plot(rows, tmp_path / "s.png")
   assert (tmp_path / "s.png").stat().st_size > 0
   assert "RESOURCE_EXHAUSTED" in sweep.format_table(rows)

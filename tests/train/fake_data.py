@@ -1,4 +1,4 @@
-"""Deterministic fake batches in the data pipeline's contract (until/besides cheers_jax.data.pipeline).
+"""Deterministic fake batches in the batch contract (cheers_jax.data.batch), without the data pipeline.
 
 Every batch is a pure function of (seed, batch index), so an iterator's state is just the index:
 `FakeIterator` mirrors grain's get_state()/set_state() and resumes exactly.
@@ -9,17 +9,19 @@ import json
 
 import numpy as np
 
-from cheers_jax.model.sequence import (IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_TOKEN_INDEX,
-                                       IMAGE_TOKEN_INDEX, assemble)
+from cheers_jax.data import batch as batch_lib
+from cheers_jax.model.sequence import assemble
+from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
+                               IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, USER_ID)
 
-IM_S, IM_E, NL = 151644, 151645, 198
+IM_S, IM_E, NL = CHAT_START_ID, CHAT_END_ID, NEWLINE_ID
 
 
 def _sample(rng: np.random.Generator, kind: str, text_len: int) -> tuple[list[int], list[int], float]:
   """ids, labels, t of one chat-formatted sample ('und' | 'gen' | 'text')."""
   words = [int(x) for x in rng.integers(100, 400, text_len)]
-  user = [IM_S, 872, NL]
-  asst = [IM_S, 77091, NL]
+  user = [IM_S, USER_ID, NL]
+  asst = [IM_S, ASSISTANT_ID, NL]
   if kind == "und":
     ids = user + [IM_START_ID, IMAGE_TOKEN_INDEX, IM_END_ID, IM_E, NL] + asst + words + [IM_E, NL]
     t = 1.0
@@ -30,7 +32,7 @@ def _sample(rng: np.random.Generator, kind: str, text_len: int) -> tuple[list[in
     ids = user + words[: text_len // 2] + [IM_E, NL] + asst + words[text_len // 2:] + [IM_E, NL]
     t = 0.0
   # labels: assistant turn + the structural ids in every turn (rae_qwen)
-  start = len(ids) - ids[::-1].index(77091) - 2
+  start = len(ids) - ids[::-1].index(ASSISTANT_ID) - 2
   labels = [x if (i >= start or x in (NL, IM_S, IM_E, IM_START_ID, IM_END_ID)) and x > 0 else IGNORE_INDEX
             for i, x in enumerate(ids)]
   return ids, labels, t
@@ -40,12 +42,7 @@ def make_batch(seed: int, index: int, batch_size: int, seq_len: int, image_size:
                kinds=("und", "gen"), text_len: int = 6) -> dict:
   rng = np.random.default_rng([seed, index])
   samples = [_sample(rng, kinds[(index * batch_size + b) % len(kinds)], text_len) for b in range(batch_size)]
-  width = max(len(s[0]) for s in samples)
-  ids = np.zeros((batch_size, width), np.int64)
-  att = np.zeros((batch_size, width), np.int64)
-  labels = np.full((batch_size, width), IGNORE_INDEX, np.int64)
-  for b, (i, l, _) in enumerate(samples):
-    ids[b, : len(i)], att[b, : len(i)], labels[b, : len(l)] = i, 1, l
+  ids, labels, att = batch_lib.pad_samples([s[0] for s in samples], [s[1] for s in samples])
   layout = assemble(ids, tokens_per_image, attention_mask=att, labels=labels, seq_len=seq_len,
                     check_fm_positions=True)
   m = layout.num_images
@@ -53,10 +50,8 @@ def make_batch(seed: int, index: int, batch_size: int, seq_len: int, image_size:
   kinds_ = layout.image_kind
   pixels[kinds_ == 0] = 0.0  # text-only samples carry a black dummy image
   t = np.array([samples[s][2] for s in layout.image_sample], np.float32)
-  return {"token_ids": layout.token_ids, "image_index": layout.image_index, "image_mask": layout.image_mask,
-          "positions": layout.positions, "targets": layout.targets, "valid": layout.valid, "pixels": pixels,
-          "t": t, "image_kind": kinds_.astype(np.int32), "image_weight": np.ones(m, np.float32),
-          "image_positions": layout.image_positions(tokens_per_image), "num_skipped": np.int32(0)}
+  # one image per sample (the text-only dummy included): one slot each
+  return batch_lib.from_assembled(layout, tokens_per_image, 1, pixels, t)
 
 
 class FakeIterator:

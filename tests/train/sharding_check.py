@@ -14,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from cheers_jax import sharding
 from cheers_jax.model.cheers import Cheers
+from cheers_jax.train import batching
+from cheers_jax.train import state as state_lib
 from cheers_jax.train import step as step_lib
 from tests.train.common import IMAGE, SEQ, TOKENS, adam_mu, compare_updates, small_config
 from tests.train.fake_data import make_batch
@@ -63,18 +65,18 @@ def main() -> int:
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   config = small_config()
   config.train.batch_size = BATCH
-  model = Cheers(step_lib.model_config(config))
+  model = Cheers(state_lib.model_config(config))
   batch = make_batch(0, 0, BATCH, SEQ, IMAGE, TOKENS)
   batch.pop("num_skipped")
 
   def run(mesh, state, shardings):
     step_fn = step_lib.make_train_step(model, config, mesh, shardings)
-    dev = step_lib.device_batch(batch, step_lib.batch_shardings(mesh, batch))
+    dev = batching.device_batch(batch, batching.batch_shardings(mesh, batch))
     new, metrics = step_fn(state, dev)
     return new, jax.device_get(metrics)
 
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  state, shardings = step_lib.init_train_state(config, one)
+  state, shardings = state_lib.init_train_state(config, one)
   initial = jax.device_get(state)
   ref_state, ref = run(one, state, shardings)
   ref_state = jax.device_get(ref_state)
@@ -82,9 +84,9 @@ def main() -> int:
   results = {}
   for name, shape in MESHES.items():
     mesh = sharding.make_mesh(shape)
-    _, shardings = step_lib.abstract_train_state(config, mesh)
+    _, shardings = state_lib.abstract_train_state(config, mesh)
     if name == "fsdp4_tensor2":  # created sharded by the jitted init, equal to the one-device init
-      state, shardings = step_lib.init_train_state(config, mesh)
+      state, shardings = state_lib.init_train_state(config, mesh)
       check_shardings(state, name)
       same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), state, initial))
       assert all(same), "the sharded init differs from the one-device init"

@@ -25,7 +25,7 @@ def test_help():
 def test_misspelt_override_is_a_clear_error(tmp_path):
   proc = run_cli("--config", "configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stepz=3")
   assert proc.returncode == 2
-  assert 'Did you mean "steps"' in proc.stderr and "--config.train.stepz=3" in proc.stderr
+  assert "did you mean 'steps'" in proc.stderr and "--config.train.stepz=3" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.listdir(tmp_path)  # nothing started
 

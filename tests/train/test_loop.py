@@ -12,7 +12,7 @@ import pytest
 from cheers_jax import sharding
 from cheers_jax.train import checkpointing as ckpt_lib
 from cheers_jax.train import metrics as metrics_lib
-from cheers_jax.train import step as step_lib
+from cheers_jax.train import state as state_lib
 from cheers_jax.train.loop import NonFiniteError, train
 from tests.train.common import fake_iterator, small_config, tree_max_abs_diff
 
@@ -106,7 +106,7 @@ def test_init_from_orbax_workdir(uninterrupted):
   workdir, result = uninterrupted
   config = small_config()
   mesh = sharding.make_mesh(dict(config.mesh))
-  state, _ = step_lib.init_train_state(config, mesh, init_from=f"orbax:{workdir}")
+  state, _ = state_lib.init_train_state(config, mesh, init_from=f"orbax:{workdir}")
   assert int(state.step) == 0  # a new run: fresh optimizer state, same params
   assert tree_max_abs_diff(jax.device_get(state.params), jax.device_get(result.state.params)) == 0.0
 
@@ -126,3 +126,12 @@ def test_nan_skip_goes_on_and_counts(tmp_path):
   assert records[2]["skipped_nonfinite"] == 1 and records[2]["loss"] is None  # NaN is logged as null
   assert records[1]["skipped_nonfinite"] == 0 and records[3]["skipped_nonfinite"] == 0
   assert np.isfinite(records[3]["loss"])
+
+
+def test_inference_loader_reads_a_training_run(uninterrupted):
+  """`generate --run WORKDIR`: the latest checkpoint's params, with the run's own model config."""
+  from cheers_jax.infer import loader
+  workdir, result = uninterrupted
+  model, variables = loader.load_run(workdir, "float32")
+  assert model.cfg == loader.inference_config(state_lib.model_config(small_config()), "float32")
+  assert tree_max_abs_diff(variables["params"], jax.device_get(result.state.params)) == 0.0

@@ -14,6 +14,8 @@ from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import metrics as metrics_lib
 from cheers_jax.train import optimizer as opt_lib
+from cheers_jax.train import batching
+from cheers_jax.train import state as state_lib
 from cheers_jax.train import step as step_lib
 from tests.train.common import (BATCH, IMAGE, ORACLE, SEQ, TOKENS, compare_updates, max_rel, small_config,
                                 tree_max_abs_diff)
@@ -34,14 +36,14 @@ def _clone(tree):
 def parity_setup():
   if not os.path.exists(GOLDEN):
     pytest.skip("oracle golden.npz not found")
-  from cheers_jax.parity import Runner
+  from cheers_jax.golden import Runner
   golden = dict(np.load(GOLDEN, allow_pickle=False))
   runner = Runner(CKPT, golden, "float32")
   config = small_config()
   config.init_from = f"hf:{CKPT}"
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  state, shardings = step_lib.init_train_state(config, mesh)
-  model = Cheers(step_lib.model_config(config))
+  state, shardings = state_lib.init_train_state(config, mesh)
+  model = Cheers(state_lib.model_config(config))
   step_fn = step_lib.make_train_step(model, config, mesh, shardings, donate=False, return_grads=True)
   return golden, runner, config, mesh, state, step_fn
 
@@ -52,15 +54,15 @@ def test_step_matches_oracle_loss_and_gradients(parity_setup, group):
   """Loss, AR/FM parts, per-module gradient norms and recorded gradients of the jitted step (golden x0
   fed through batch['x0'], fp32) equal the reference's to the oracle's 1e-4."""
   from cheers_jax.checkpoint.hf import hf_tensor
-  from cheers_jax.parity import nchw_to_nhwc
+  from cheers_jax.golden import nchw_to_nhwc
   golden, runner, config, mesh, state, step_fn = parity_setup
   layout, batch = runner.layout_batch(group, labels=True)
   batch.update(targets=layout.targets, image_kind=layout.image_kind.astype(np.int32),
                image_weight=np.ones(layout.num_images, np.float32),
                x0=nchw_to_nhwc(golden[f"{group}.x0"]).astype(np.float32))
-  shardings = step_lib.batch_shardings(mesh, batch)
+  shardings = batching.batch_shardings(mesh, batch)
   with jax.default_matmul_precision("highest"):
-    _, metrics, grads = step_fn(state, step_lib.device_batch(batch, shardings))
+    _, metrics, grads = step_fn(state, batching.device_batch(batch, shardings))
   metrics = jax.device_get(metrics)
   errors = {
       "loss": max_rel(metrics["loss"], golden[f"{group}.loss"]),
@@ -95,8 +97,8 @@ def test_step_matches_oracle_loss_and_gradients(parity_setup, group):
 def step_setup():
   config = small_config()
   mesh = sharding.make_mesh(dict(config.mesh))
-  state, shardings = step_lib.init_train_state(config, mesh)
-  model = Cheers(step_lib.model_config(config))
+  state, shardings = state_lib.init_train_state(config, mesh)
+  model = Cheers(state_lib.model_config(config))
   step_fn = step_lib.make_train_step(model, config, mesh, shardings)  # as the loop builds it
   batch = make_batch(0, 0, BATCH, SEQ, IMAGE, TOKENS)
   batch.pop("num_skipped")
@@ -105,7 +107,7 @@ def step_setup():
 
 def test_one_step_decreases_loss(step_setup):
   config, mesh, _, state, _, step_fn, batch = step_setup
-  dev = step_lib.device_batch(batch, step_lib.batch_shardings(mesh, batch))
+  dev = batching.device_batch(batch, batching.batch_shardings(mesh, batch))
   new, m0 = step_fn(_clone(state), dev)
   # the same step counter again gives the same noise: the loss difference is the update's alone
   again = _clone(new)  # the next call donates its input
@@ -125,7 +127,7 @@ def test_grad_accumulation_equals_full_batch(step_setup):
   config, mesh, model, state, shardings, step_fn, batch = step_setup
   accum = small_config(grad_accum=2)
   step2 = step_lib.make_train_step(model, accum, mesh, shardings)
-  dev = step_lib.device_batch(batch, step_lib.batch_shardings(mesh, batch))
+  dev = batching.device_batch(batch, batching.batch_shardings(mesh, batch))
   full_state, full = step_fn(_clone(state), dev)
   acc_state, acc = step2(_clone(state), dev)
   full, acc = jax.device_get((full, acc))
@@ -147,7 +149,7 @@ def test_nonfinite_step_is_skipped(step_setup):
   _, mesh, _, state, _, step_fn, batch = step_setup
   bad = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
   before = jax.device_get(state)
-  dev = step_lib.device_batch(bad, step_lib.batch_shardings(mesh, bad))
+  dev = batching.device_batch(bad, batching.batch_shardings(mesh, bad))
   copy = _clone(state)
   with jax.transfer_guard("disallow"):  # the step itself never moves data to or from the host
     new, m = step_fn(copy, dev)
@@ -161,7 +163,7 @@ def test_nonfinite_step_is_skipped(step_setup):
 # ---- optimizer ---------------------------------------------------------------------------------------
 def test_trainable_masks_and_frozen_state():
   config = small_config(trainable="align")
-  abstract, shardings = step_lib.abstract_train_state(config, sharding.make_mesh({"data": 1}))
+  abstract, shardings = state_lib.abstract_train_state(config, sharding.make_mesh({"data": 1}))
   mask = opt_lib.trainable_mask(abstract.params, "align")
   assert mask["language_model"]["embed_tokens"] is True
   assert mask["language_model"]["layers"]["mlp"]["up_proj"]["kernel"] is False
@@ -225,20 +227,20 @@ def test_latent_norm_calibration_standardises_a_random_vae(tmp_path):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   state, shardings, resumed = ckpt_lib.restore_or_init(config, tmp_path, mesh)
   assert not resumed
-  images = step_lib.calibration_images(config, 12)
+  images = state_lib.calibration_images(config, 12)
   assert images.shape == (12, IMAGE, IMAGE, 3) and 0.0 <= images.min() and images.max() <= 1.0
   stats = jax.device_get(state.batch_stats)
   bn = stats["vae_model"]["bn"]
   np.testing.assert_array_equal(bn["running_mean"], stats["vae_decoder_projector"]["bn"]["running_mean"])
   np.testing.assert_array_equal(bn["running_var"], stats["vae_decoder_projector"]["bn"]["running_var"])
   assert np.all(bn["running_var"] > 0) and np.any(bn["running_mean"] != 0)
-  model = Cheers(step_lib.model_config(config))
+  model = Cheers(state_lib.model_config(config))
   z = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
                              method=Cheers.encode), np.float64).reshape(-1, bn["running_mean"].shape[0])
   np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
   # BN divides by sqrt(var + eps): the variance is var / (var + eps), just under 1
   np.testing.assert_allclose(z.var(0), bn["running_var"] / (bn["running_var"] + model.cfg.vae.bn_eps), rtol=1e-3)
-  fresh, _ = step_lib.init_train_state(small_config(), mesh)
+  fresh, _ = state_lib.init_train_state(small_config(), mesh)
   assert tree_max_abs_diff(fresh.params, state.params) == 0.0  # only the statistics change
 
 

@@ -1,0 +1,77 @@
+"""The error contract of every `python -m cheers_jax.X` tool.
+
+- A user's mistake (`cheers_jax.errors.UserError`: bad arguments, config, files or data; a missing
+  file) prints ONE line `error: ...` that says what to do, and exits with status 2. `--debug` shows
+  its traceback instead.
+- Anything else is a bug: its traceback is printed as Python does.
+- Output folders that already hold results are never overwritten silently (`check_output_dir`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from cheers_jax.errors import UserError
+
+USAGE_ERROR = 2
+# Files the user named that cannot be opened are their mistake too.
+USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are user errors (one line, exit 2) instead of usage + exit."""
+
+  def error(self, message: str):
+    raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def one_line(message: str) -> str:
+  return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def run(main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]] = None,
+        debug: Optional[bool] = None) -> int:
+  """Calls `main(argv)` under the contract and returns its exit status. `--debug` in argv (or
+  debug=True, for tools whose flag parser owns it) re-raises a user error with its traceback."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if debug is None:
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+  try:
+    return int(main(argv) or 0)
+  except (UserError,) + USER_OS_ERRORS as e:
+    if debug:
+      raise
+    text = str(e) if isinstance(e, UserError) or not e.filename else f"{e.strerror or e}: {e.filename}"
+    print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
+    return USAGE_ERROR
+
+
+def comma_list(text: str, flag: str, cast: Callable = str) -> list:
+  """'1,2, 8' -> [1, 2, 8] (cast each item); a bad item is a user error naming `flag`."""
+  try:
+    items = [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    raise UserError(f"{flag} {text!r}: give a comma-separated list, e.g. {'1,8' if cast is int else 'a,b'}") from None
+  if not items:
+    raise UserError(f"{flag} {text!r}: give at least one value")
+  return items
+
+
+def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
+  """A folder for results: refused when it already holds files, unless `overwrite`."""
+  path = Path(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"output folder {path} is a file; give a folder")
+  if path.is_dir() and any(path.iterdir()) and not overwrite:
+    raise UserError(f"output folder {path} is not empty; choose another one or pass {flag} to replace its files")
+  return path
+
+
+def check_output_file(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
+  path = Path(path)
+  if path.exists() and not overwrite:
+    raise UserError(f"output file {path} exists; choose another name or pass {flag} to replace it")
+  return path

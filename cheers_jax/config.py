@@ -1,0 +1,295 @@
+"""The run config: its schema (`base_config`), the one loader (`load`) and the key checks.
+
+A config is an ml_collections ConfigDict. `load(path_or_name, overrides)` serves every tool (train,
+sweep, aot, bench):
+- a NAME is one of the configurations shipped here (`NAMED`: `tiny`, `cheers_1p5b`, the ones the
+  package's own tools default to), so `--config tiny` works from any directory and in an installed
+  package; the repository's top-level config folder re-exports them next to the training-stage
+  recipes, which build on `cheers_1p5b`;
+- a PATH is a Python file with `get_config()` (`FILE:ARG` calls `get_config(ARG)`), e.g. the recipes
+  in the repository's top-level config folder; the folder above the file's folder is put on sys.path,
+  so such a file may import its siblings as a package;
+- overrides are `--config.KEY=VALUE` (or `KEY=VALUE`) strings, converted to the type of the value they
+  replace. A key must exist, except below `model.` (ModelConfig.from_dict checks those keys).
+A misspelt key, here or in a config file, is a ConfigError naming the closest valid key.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+from cheers_jax.errors import ConfigError, unknown_key
+
+# Sections whose keys `check_known_keys` leaves to others: model to ModelConfig.from_dict, data to the
+# pipeline (it accepts optional extras such as data.num_threads, set in a config file).
+OPEN_SECTIONS = ("model", "data")
+EXTRA_TOP_KEYS = ("export_hf",)  # optional: read with config.get()
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run config has, with its default (the published model's shapes, batch 512)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = ""  # --workdir on the command line wins
+
+  # Keys of cheers_jax.model.config.ModelConfig (nested text / vision / vae).
+  c.model = ml_collections.ConfigDict(dict(
+      text={}, vision={}, vae={}, dtype="bfloat16", param_dtype="float32", remat_policy="none",
+      attention="xla", reference_bf16_casts=False, max_seq_len=4096))
+  # '' = random init; 'hf:DIR' = a Hugging Face checkpoint dir; 'orbax:DIR' = params from an orbax workdir;
+  # 'parts:vae=DIR,siglip=DIR,llm=DIR' (any subset) = pretrained parts, the rest random (checkpoint/parts.py).
+  c.init_from = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"          # synthetic | jsonl | tfds
+  c.data.jsonl_path = ""               # official conversation format (one JSON object per line)
+  c.data.image_root = ""               # folder the JSONL image paths are relative to
+  c.data.tfds_name = ""                # e.g. 'my_captions' (image + caption/label features)
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ""
+  c.data.tfds_image_key = "image"
+  c.data.tfds_text_key = "caption"     # a text feature, or a ClassLabel feature (its names are used)
+  c.data.tfds_tasks = ("t2i", "i2t")   # which samples a TFDS example becomes
+  c.data.image_size = 512              # must equal model.vision.image_size
+  c.data.seq_buckets = (512, 1024, 2048, 4096)  # static sequence lengths (few compiles)
+  c.data.max_images_per_sample = 2     # image slots per sample in a batch (editing = 2)
+  c.data.mix = ml_collections.ConfigDict(dict(und=3.0, gen=6.0, text=1.0))  # sampling ratios
+  c.data.cfg_data_rate = 0.2           # CFG dropout for generation samples
+  c.data.worker_count = 0              # grain worker processes (0 = in-process)
+  c.data.shuffle = True
+  c.data.synthetic_size = 20000        # examples in the synthetic source
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 512             # global batch (samples per optimizer step)
+  c.train.grad_accum = 1               # micro-batches per step (batch_size % grad_accum == 0)
+  c.train.lr = 1e-4
+  c.train.schedule = "constant"        # constant | cosine
+  c.train.warmup_ratio = 0.02
+  c.train.weight_decay = 0.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.clip_norm = 1.0
+  c.train.trainable = "all_but_vae"    # align | all_but_vae (the VAE encoder is always frozen)
+  c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
+  c.train.calibrate_latent_norm = 0    # random init only: set the VAE's latent BN stats from N training images
+  c.train.fm_weight = 1.0              # lambda
+  c.train.fm_gen_only = False          # True: FM loss on generation images only (paper variant)
+  c.train.ce_chunk = 1024              # sequence chunk of the chunked cross-entropy
+  c.train.nan_policy = "stop"          # stop | skip
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.log_every = 10
+  c.sample_every = 0                   # steps between sample grids (0 = only at the end)
+  c.sample_prompts = ("a red circle", "a blue square")
+  c.sample_steps = 20
+  c.sample_cfg = 4.0
+  return c
+
+
+# ---- the shipped configurations ---------------------------------------------------------------------
+def cheers_1p5b():
+  """The published Cheers model (Qwen2.5-1.5B + SigLIP2 so400m-like + FLUX.2-style VAE, 512x512).
+
+  Every shape is the config class default (cheers_jax.model.config); used with init_from='hf:DIR' to
+  evaluate or fine-tune the released weights.
+  """
+  c = base_config()
+  c.data.image_size = 512
+  c.train.batch_size = 512
+  c.checkpoint.every_steps = 1000
+  c.mesh.fsdp = -1
+  return c
+
+
+def tiny():
+  """The embedded default: a tiny Cheers on generated shapes; trains on a laptop CPU in minutes.
+
+  python -m cheers_jax.train --config tiny --workdir /tmp/cheers_tiny
+
+  Two choices differ from the published recipe, on purpose:
+  - 32-px images (one image token each): the step cost is then dominated by the 151,936-token LM head,
+    not the VAE, so the run fits in minutes;
+  - train.fm_gen_only=True: with the reference's default (FM on understanding images too, target 0) a
+    randomly initialised tokenizer path learns to make its image tokens constant, which meets the zero
+    target for free. Measured on understanding-only data: the image-token std across images fell from
+    0.16 to 0.007 in 250 steps. With this flag it stays at 0.14.
+  - train.calibrate_latent_norm=256: the random VAE's latent BatchNorm statistics are set from training
+    images (a trained VAE ships them), so latents have unit variance instead of std ~0.15 against FM's
+    unit noise.
+  Known limit: the tiny model learns the caption template (after ~125 steps every held-out caption is a
+  well-formed 'a {colour} {shape}') but not to read the image: every image gets the same caption, so the
+  accuracy equals the best image-blind answer. Measured: 250 and 1000 steps (colour 22 %, shape 22-28 %,
+  one distinct caption), also with 3x the lr on the tokenizer path, bigger shapes, or understanding-only
+  data. The cause is the random VAE: its GroupNorms remove each image's per-channel mean, i.e. the colour.
+  Ridge probes on 1200 held-out images at init decode the colour from the VAE latent at 66 % but from the
+  LLM's image token at 19 % (chance 17 %); with shapes covering ~3x the area (extent 0.7-0.95, not
+  0.3-0.6): latent 80 %, the decoded pixels' mean colour 19 %, the token 31 %. A trained VAE (the
+  published checkpoint, `init_from=hf:...`) does not lose the colour this way.
+  """
+  c = base_config()
+  c.model.text = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+  c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32)
+  c.model.vae = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, resolution=32)
+  c.model.dtype = "float32"
+  c.data.image_size = 32
+  c.data.seq_buckets = (96,)
+  c.data.max_images_per_sample = 1
+  c.data.mix = dict(und=3.0, gen=1.0, text=0.0)
+  c.data.synthetic_size = 4096
+  c.train.steps = 150  # the template is learnt by ~125 (see above); keeps the run in minutes
+  c.train.batch_size = 8
+  c.train.lr = 3e-3
+  c.train.schedule = "cosine"
+  c.train.warmup_ratio = 0.05
+  c.train.fm_gen_only = True
+  c.train.calibrate_latent_norm = 256  # the random VAE's latents have std ~0.15 otherwise
+  c.train.ce_chunk = 128               # ~17 text targets per sample: small chunks skip the padding
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.checkpoint.every_steps = 75
+  c.log_every = 10
+  c.sample_steps = 8
+  return c
+
+
+NAMED = {"tiny": tiny, "cheers_1p5b": cheers_1p5b}
+
+
+def check_known_keys(config) -> None:
+  """Every key outside OPEN_SECTIONS must be one of `base_config()`'s (a misspelt key is an error)."""
+  schema = base_config()
+  for section in ("", "train", "checkpoint", "mesh"):
+    have = config if not section else config.get(section)
+    want = schema if not section else schema.get(section)
+    if have is None or want is None:
+      continue
+    for key in have.keys():
+      if key not in want and not (not section and key in EXTRA_TOP_KEYS):
+        raise ConfigError(unknown_key(f"{section}.{key}" if section else key, key, want.keys()))
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def is_path(text: str) -> bool:
+  file = text.partition(":")[0]
+  return file.endswith(".py") or os.sep in file or "/" in file or os.path.exists(file)
+
+
+def _from_file(text: str) -> ml_collections.ConfigDict:
+  file, _, arg = text.partition(":")
+  if not os.path.isfile(file):
+    raise ConfigError(f"config file {file!r} not found")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(file)))
+  if root not in sys.path:  # a config file may import its siblings through its folder's package
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location(f"_cheers_config_{abs(hash(os.path.abspath(file)))}", file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config")
+    return get_config(arg) if arg else get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- a broken config file is the user's to fix
+    raise ConfigError(f"config file {file!r}: {type(e).__name__}: {e}") from e
+
+
+def load(path_or_name: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """A locked ConfigDict from a shipped config name or a config file, with overrides applied."""
+  text = str(path_or_name)
+  if is_path(text):
+    config = _from_file(text)
+  elif text in NAMED:
+    config = NAMED[text]()
+  else:
+    raise ConfigError(unknown_key(text, text, NAMED, noun="config name") +
+                      " (or give the path of a config file)")
+  apply_overrides(config, overrides)
+  check_known_keys(config)
+  config.lock()
+  return config
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separate --config.KEY=VALUE (and '--config.KEY VALUE') from the other arguments."""
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config."):
+      if "=" not in a and i + 1 < len(argv):
+        a, i = f"{a}={argv[i + 1]}", i + 1
+      overrides.append(a)
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides
+
+
+def _literal(raw: str) -> Any:
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def _coerce(raw: str, like: Any) -> Any:
+  """The override's text as the type of the value it replaces (as ml_collections' config_flags)."""
+  if isinstance(like, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+  if isinstance(like, int):
+    return int(raw)
+  if isinstance(like, float):
+    return float(raw)
+  if isinstance(like, (tuple, list)):
+    value = _literal(raw)
+    if not isinstance(value, (tuple, list)):
+      value = tuple(_literal(x.strip()) for x in raw.split(",") if x.strip())
+    return type(like)(value)
+  if like is None:
+    return _literal(raw)
+  return raw
+
+
+def apply_overrides(config, overrides: Iterable[str]) -> None:
+  """'--config.a.b=v' (or 'a.b=v'). Keys must exist, except below `model.`."""
+  for item in overrides:
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    key, eq, raw = text.partition("=")
+    if not eq:
+      raise ConfigError(f"override {item!r}: use --config.KEY=VALUE")
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+      if part not in node:
+        raise ConfigError(f"override {item!r}: " + unknown_key(".".join(parts[:i + 1]), part, node.keys()))
+      node = node[part]
+    last = parts[-1]
+    try:
+      if last in node:
+        value = _coerce(raw, node[last])
+      elif parts[0] == "model":  # e.g. model.text.vocab_size: validated by ModelConfig.from_dict
+        value = _literal(raw)
+      else:
+        raise ConfigError(f"override {item!r}: " + unknown_key(key, last, node.keys()))
+    except ValueError as e:
+      if isinstance(e, ConfigError):
+        raise
+      raise ConfigError(f"override {item!r}: {e}") from e
+    if hasattr(node, "unlocked"):
+      with node.unlocked():
+        node[last] = value
+    else:
+      node[last] = value
