@@ -56,6 +56,26 @@ CASES = {
                                                                     str(d / "o")], "config.json"),
     "convert-truncated-shard": ("cheers_jax.convert", lambda d: ["hf-to-orbax", "--hf", _truncated_checkpoint(d),
                                                                  "--out", str(d / "o")], "safetensors"),
+    "convert-assemble-unknown-config": ("cheers_jax.convert", lambda d: ["assemble", "--config", "tinyy", "--out",
+                                                                         str(d / "o")], "did you mean 'tiny'"),
+    "convert-assemble-missing-part": ("cheers_jax.convert", lambda d: ["assemble", "--llm", str(d / "none"),
+                                                                       "--config", "tiny", "--out", str(d / "o")],
+                                      "no such directory"),
+    "convert-split-out-not-empty": ("cheers_jax.convert", lambda d: ["split", "--hf", str(d), "--out",
+                                                                     _non_empty(d / "out")], "--overwrite"),
+    "evaluate-score-unknown-dataset": ("cheers_jax.evaluate.__main__", lambda d: [
+        "score", "--dataset", "NoSuchSet", "--predictions", str(d / "p.tsv")], "unknown dataset"),
+    "evaluate-two-model-sources": ("cheers_jax.evaluate.__main__", lambda d: [
+        "understanding", "--checkpoint", str(d), "--orbax", str(d), "--data", str(d / "x.tsv"), "--out",
+        str(d / "o")], "exactly one of"),
+    "evaluate-bad-argument": ("cheers_jax.evaluate.__main__", lambda d: [
+        "understanding", "--checkpoint", str(d), "--data", str(d / "x.tsv"), "--out", str(d / "o"),
+        "--batch-size", "x"], "--batch-size"),
+    "evaluate-geneval-missing-metadata": ("cheers_jax.evaluate.__main__", lambda d: [
+        "geneval", "--checkpoint", str(d), "--metadata", str(d / "none.jsonl"), "--out", str(d / "o")],
+                                          "--metadata"),
+    "bench-evaluate-missing-config": ("cheers_jax.bench.evaluate", lambda d: ["--config", str(d / "none.py")],
+                                      "not found"),
 }
 
 

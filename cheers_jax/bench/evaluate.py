@@ -1,7 +1,7 @@
 """Evaluation speed: understanding rows/s and seconds per GenEval prompt (4 images), through the same code
 as `python -m cheers_jax.evaluate`.
 
-  python -m cheers_jax.bench evaluate --config configs/tiny.py
+  python -m cheers_jax.bench evaluate --config tiny
   python -m cheers_jax.bench evaluate --full-size              # random weights, published shapes, bf16
   python -m cheers_jax.bench evaluate --checkpoint HF_DIR
 
@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cheers_jax import cli
+
 
 def synthetic_mcq(path: Path, rows: int, seed: int = 0) -> None:
   import pandas as pd
@@ -46,11 +48,15 @@ def synthetic_mcq(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   from cheers_jax.bench.generate import build_model
-  p = argparse.ArgumentParser(prog="python -m cheers_jax.bench evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench evaluate", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--config", help="ml_collections config file (its `model` section), random weights")
+  src.add_argument("--config", help="a shipped config name or a config file (its `model` section), random weights")
   src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
   src.add_argument("--full-size", action="store_true", help="published shapes (2.6 B params), random bf16 weights")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the config's; bf16 for the others")
