@@ -49,6 +49,15 @@ def run(main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]
     return USAGE_ERROR
 
 
+def add_model_source_flags(group, dtype_help: str = "") -> None:
+  """--checkpoint / --orbax / --run (exactly one: `cheers_jax.infer.loader.load_model`) and --dtype."""
+  group.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
+  group.add_argument("--orbax", help="Orbax export directory written by `cheers_jax.convert hf-to-orbax`")
+  group.add_argument("--run", help="training workdir of `cheers_jax.train` (its latest checkpoint)")
+  group.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute and parameter dtype (default: "
+                     "float32 on CPU, bfloat16 on GPU/TPU" + (f"; {dtype_help})" if dtype_help else ")"))
+
+
 def comma_list(text: str, flag: str, cast: Callable = str) -> list:
   """'1,2, 8' -> [1, 2, 8] (cast each item); a bad item is a user error naming `flag`."""
   try:

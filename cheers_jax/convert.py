@@ -94,6 +94,10 @@ def _split(args: argparse.Namespace) -> None:
   print("wrote " + ", ".join(f"{part} to {path}" for part, path in written.items()))
 
 
+def _add_overwrite(p: argparse.ArgumentParser, what: str = "the files") -> None:
+  p.add_argument("--overwrite", "--force", action="store_true", help=f"replace {what} of a non-empty output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(
       prog="python -m cheers_jax.convert", description=__doc__,
@@ -109,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                  f"{CONFIG_JSON})")
   a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="dtype of the stored arrays (default: float32, exact for bf16 checkpoints)")
-  a.add_argument("--overwrite", "--force", action="store_true", help="replace the files of a non-empty output "
-                 "directory")
+  _add_overwrite(a)
   a.set_defaults(run=_hf_to_orbax)
 
   b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors checkpoint",
@@ -126,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--no-lm-head", action="store_true",
                  help="with tied embeddings, do not store lm_head.weight (the published checkpoint "
                       "stores it as a copy of embed_tokens)")
-  b.add_argument("--overwrite", "--force", action="store_true", help="replace the files of a non-empty output "
-                 "directory")
+  _add_overwrite(b)
   b.set_defaults(run=_orbax_to_hf)
 
   c = sub.add_parser("assemble", help="pretrained parts (VAE, SigLIP2, Qwen2.5) -> HF Cheers checkpoint",
@@ -151,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="storage dtype (default: bfloat16, as published; exact for bf16 parts)")
   c.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                  help="largest shard, e.g. 5GB (default) or 500MB")
-  c.add_argument("--overwrite", "--force", action="store_true", help="replace the files of a non-empty output "
-                 "directory")
+  _add_overwrite(c)
   c.set_defaults(run=_assemble)
 
   d = sub.add_parser("split", help="HF Cheers checkpoint -> the parts' layouts (vae/, siglip/, llm/)",
@@ -162,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--out", required=True, metavar="DIR", help="output directory (gets vae/, siglip/, llm/)")
   d.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                  help="largest shard of the LLM part (default 5GB)")
-  d.add_argument("--overwrite", "--force", action="store_true", help="replace the parts in a non-empty output "
-                 "directory")
+  _add_overwrite(d, "the parts")
   d.set_defaults(run=_split)
   return p
 

@@ -241,11 +241,7 @@ def _t2i_texts(args) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   src = common.add_argument_group("model")
-  src.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
-  src.add_argument("--orbax", help="Orbax export directory written by `cheers_jax.convert hf-to-orbax`")
-  src.add_argument("--run", help="training workdir of `cheers_jax.train` (its latest checkpoint)")
-  src.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute and parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+  cli.add_model_source_flags(src)
   src.add_argument("--max-len", type=int, default=4096,
                    help="KV cache length: prompt + image tokens + new tokens must fit (default 4096)")
   src.add_argument("--seed", type=int, default=0, help="random seed (T2I prompt i uses seed + i)")

@@ -52,14 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  from cheers_jax.bench.generate import build_model
+  from cheers_jax.bench.generate import add_model_flags, build_model
   p = cli.ArgumentParser(prog="python -m cheers_jax.bench evaluate", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--config", help="a shipped config name or a config file (its `model` section), random weights")
-  src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
-  src.add_argument("--full-size", action="store_true", help="published shapes (2.6 B params), random bf16 weights")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the config's; bf16 for the others")
+  add_model_flags(p)
   p.add_argument("--rows", type=int, default=64, help="understanding rows (default 64)")
   p.add_argument("--batch-size", type=int, default=16, help="understanding batch (default 16)")
   p.add_argument("--answer-tokens", type=int, default=16, help="ids decoded per row (default 16)")

@@ -24,6 +24,15 @@ import numpy as np
 from cheers_jax import cli
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+  """The model flags `build_model` reads: one of --config / --checkpoint / --full-size, and --dtype."""
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--config", help="a shipped config name or a config file (its `model` section), random weights")
+  src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
+  src.add_argument("--full-size", action="store_true", help="published shapes (2.6 B params), random bf16 weights")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the config's; bf16 for the others")
+
+
 def build_model(args):
   """-> (Cheers, variables, description); the dtype policy is the inference loader's."""
   from cheers_jax.infer import loader
@@ -99,12 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: list[str]) -> int:
   p = cli.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--config", help="a shipped config name or a config file (its `model` section), random weights")
-  src.add_argument("--checkpoint", help="Hugging Face checkpoint directory")
-  src.add_argument("--full-size", action="store_true", help="published shapes (2.6 B params), random bf16 weights")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the config's; bf16 for the others")
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_flags(p)
   p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
   p.add_argument("--prompt-len", type=int, default=64, help="text tokens of the prefill prompt (+ one image)")
   p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default 128)")

@@ -20,12 +20,7 @@ from cheers_jax import cli
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-  g = p.add_argument_group("model")
-  g.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
-  g.add_argument("--orbax", help="Orbax export directory written by `cheers_jax.convert hf-to-orbax`")
-  g.add_argument("--run", help="training workdir of `cheers_jax.train` (its latest checkpoint)")
-  g.add_argument("--dtype", choices=("float32", "bfloat16"),
-                 help="compute dtype (default: float32 on CPU, bfloat16 on an accelerator, as the official bf16 run)")
+  cli.add_model_source_flags(p.add_argument_group("model"), dtype_help="bf16 as the official run")
 
 
 def build_parser() -> argparse.ArgumentParser:
