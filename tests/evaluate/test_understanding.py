@@ -149,3 +149,20 @@ def test_cli_errors(tmp_path, capsys):
   path = _write(tmp_path, "Unknown_Set", [dict(index=1, image=_b64(0), question="q")])
   assert main(["understanding", "--checkpoint", str(TINY), "--data", str(path), "--out", str(tmp_path)]) == 2
   assert "unknown dataset" in capsys.readouterr().err
+
+
+@needs_tiny
+def test_orbax_export_gives_the_checkpoints_answers(tiny, tmp_path):
+  """--orbax (an export of the tiny checkpoint) loads through the inference loader and answers as the
+  HF checkpoint does."""
+  from cheers_jax import convert
+  export = tmp_path / "orbax"
+  assert convert.main(["hf-to-orbax", "--hf", str(TINY), "--out", str(export)]) == 0
+  data = _mmbench(tmp_path)
+  common = ["--data", str(data), "--dtype", "float32", "--limit", "2", "--max-new-tokens", "3", "--no-progress"]
+  assert main(["understanding", "--orbax", str(export), "--out", str(tmp_path / "o"), *common]) == 0
+  kw = dict(limit=2, max_new_tokens=3, model=tiny, progress=False, log=lambda s: None)
+  run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(tmp_path / "hf"), **kw)
+  got, want = (pd.read_csv(tmp_path / d / "MMBench_DEV_EN_V11.tsv", sep="\t", dtype=str, keep_default_na=False)
+               for d in ("o", "hf"))
+  assert list(got["status"]) == ["ok", "ok"] and list(got["raw"]) == list(want["raw"])
