@@ -219,7 +219,8 @@ def run_cli(args) -> int:
   dtype = args.dtype or loader.default_dtype()
   t0 = time.perf_counter()
   model, variables = loader.load_model(args.checkpoint, args.orbax, args.run, dtype, need_generation=True)
-  print(f"loaded {args.checkpoint or args.orbax or args.run} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  print(f"loaded {args.checkpoint or args.orbax or args.run} ({dtype}) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr)
   tok = CheersTokenizer()
   if args.command == "geneval":
     res = run_geneval(model, variables, tok, args.metadata, args.out, images_per_prompt=args.images_per_prompt,
