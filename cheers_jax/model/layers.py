@@ -35,6 +35,33 @@ def torch_linear_init(fan_in_axis: int = -2) -> Callable:
   return init
 
 
+def acc32(op: Callable, lhs: Array, rhs: Array) -> Array:
+  """`op(lhs, rhs, preferred_element_type=float32)`: a GEMM or conv with fp32 accumulation (as torch).
+
+  With low-precision operands the backward takes the cotangent in the operands' dtype, so the backward
+  GEMMs are bf16 x bf16 with fp32 accumulation inside, as bf16 autograd does. Plain autodiff would
+  transpose through the fp32 result: every backward GEMM would take an f32 operand (twice the memory,
+  no tensor-core rate). In fp32 this is `op` itself.
+  """
+  low = lhs.dtype
+  if low == jnp.float32:
+    return op(lhs, rhs, preferred_element_type=jnp.float32)
+
+  @jax.custom_vjp
+  def f(a, b):
+    return op(a, b, preferred_element_type=jnp.float32)
+
+  def fwd(a, b):
+    return f(a, b), (a, b)
+
+  def bwd(res, ct):
+    _, vjp = jax.vjp(lambda a, b: op(a, b, preferred_element_type=low), *res)
+    return vjp(ct.astype(low))
+
+  f.defvjp(fwd, bwd)
+  return f(lhs, rhs.astype(low))
+
+
 class Dense(nn.Module):
   """y = x @ kernel (+ bias); kernel (in, out) with logical axes `axes`."""
   features: int
@@ -49,7 +76,7 @@ class Dense(nn.Module):
     kernel = self.param("kernel", partitioned(self.kernel_init or torch_linear_init(), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     # fp32 accumulation and bias add, one rounding to the compute dtype (as torch's addmm)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    y = acc32(jnp.dot, x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
@@ -135,13 +162,13 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
     raise ValueError(f"unknown attention implementation '{impl}' (use 'xla' or 'cudnn')")
   rep = h // kv
   qg = q.reshape(b, t, kv, rep, d)
-  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+  logits = acc32(functools.partial(jnp.einsum, "btgrd,bsgd->bgrts"), qg, k)
   logits = logits * (d ** -0.5)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
     logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
+  out = acc32(functools.partial(jnp.einsum, "bgrts,bsgd->btgrd"), probs, v)
   return out.reshape(b, t, h, d).astype(q.dtype)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cheers_jax.model.config import TextConfig
-from cheers_jax.model.layers import (Dense, RMSNorm, SwiGLU, apply_rope, attention, partitioned, rope_cos_sin,
+from cheers_jax.model.layers import (Dense, RMSNorm, SwiGLU, acc32, apply_rope, attention, partitioned, rope_cos_sin,
                                      scan_layers)
 
 Array = jax.Array
@@ -117,8 +117,7 @@ class Qwen2(nn.Module):
     return self.embed_tokens.T if self.cfg.tie_word_embeddings else self.lm_head
 
   def logits(self, hidden: Array) -> Array:
-    return jnp.dot(hidden.astype(self.dtype), self.head_kernel().astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    return acc32(jnp.dot, hidden.astype(self.dtype), self.head_kernel().astype(self.dtype))
 
   def __call__(self, embeds: Array, positions: Array, mask: Array, cache: Optional[dict] = None,
                cache_index: Optional[Array] = None):

@@ -10,7 +10,7 @@ import flax.linen as nn
 
 from cheers_jax.model.config import VisionConfig
 from cheers_jax.model.interp import interpolate_position_table
-from cheers_jax.model.layers import Dense, LayerNorm, attention, partitioned, scan_layers
+from cheers_jax.model.layers import Dense, LayerNorm, acc32, attention, partitioned, scan_layers
 
 Array = jax.Array
 
@@ -41,9 +41,9 @@ class PatchEmbeddings(nn.Module):
     b, h, w, _ = pixels.shape
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    x = jax.lax.conv_general_dilated(
-        pixels.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(p, p), padding="VALID",
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = acc32(conv, pixels.astype(self.dtype), kernel.astype(self.dtype))
     gh, gw = h // p, w // p
     x = (x + bias).astype(self.dtype).reshape(b, gh * gw, cfg.hidden_size)
     if (gh, gw) != (cfg.grid, cfg.grid):

@@ -5,6 +5,7 @@ order is c*4 + pi*2 + pj, as the reference's `c (i pi) (j pj) -> (c pi pj) i j`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cheers_jax.model.config import VAEConfig
-from cheers_jax.model.layers import attention, partitioned
+from cheers_jax.model.layers import acc32, attention, partitioned
 
 Array = jax.Array
 
@@ -72,9 +73,9 @@ class Conv(nn.Module):
     pad = self.padding
     if isinstance(pad, int):
       pad = ((pad, pad), (pad, pad))
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(self.stride, self.stride),
+                             padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = acc32(conv, x.astype(self.dtype), kernel.astype(self.dtype))
     return (y + bias).astype(self.dtype)
 
 

@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cheers_jax.model.layers import acc32
 from cheers_jax.model.sequence import IGNORE_INDEX, KIND_GEN
 
 Array = jax.Array
@@ -44,7 +45,7 @@ def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int
 
   @jax.checkpoint
   def compute(h, t):
-    logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    logits = acc32(jnp.dot, h.astype(dtype), kernel.astype(dtype))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.clip(t, 0, None)[:, None], axis=-1)[:, 0]
     return jnp.where(t != IGNORE_INDEX, lse - picked, 0.0), jnp.where(t != IGNORE_INDEX, lse, 0.0)
