@@ -31,9 +31,11 @@ LOGICAL_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
     ("kv", None),  # only 2 KV heads: too few to split
     ("modulation", "tensor"),
     ("vocab", "tensor"),
-    # conv channels (VAE): shard output channels over fsdp
+    # conv channels (VAE): whole. Sharding them over fsdp made XLA compute the VAE's weight gradients from
+    # channel-sharded activations of the GLOBAL batch (1.6x the temp memory at fsdp=4, tests/train/
+    # test_fsdp_memory.py); the two decoders are ~2 % of the parameters.
     ("conv_in", None),
-    ("conv_out", "fsdp"),
+    ("conv_out", None),
     ("layers", None),
     ("norm", None),
 )
@@ -81,10 +83,11 @@ def _spec_of_names(names: Sequence[Optional[str]], rules) -> P:
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
   """NamedShardings for boxed abstract variables (from `jax.eval_shape(init)`); unboxed leaves
-  (no logical names) are replicated."""
+  (no logical names) and vectors (norm scales, biases: tiny, and when split over fsdp XLA computes
+  their gradients from feature-sharded activations of the global batch) are replicated."""
   def one(leaf):
     value = leaf.unbox() if isinstance(leaf, nn.Partitioned) else leaf
-    names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    names = leaf.names if isinstance(leaf, nn.Partitioned) and value.ndim > 1 else ()
     return NamedSharding(mesh, _fit(_spec_of_names(names, rules), value.shape, mesh))
   return jax.tree_util.tree_map(one, abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
@@ -106,6 +109,36 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     used.update(axes)
     out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
   return P(*out)
+
+
+DATA_PARALLEL_AXES = ("data", "fsdp")
+
+
+def _without_data_axes(axes):
+  if axes is None:
+    return None
+  kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in DATA_PARALLEL_AXES)
+  return None if not kept else (kept[0] if len(kept) == 1 else kept)
+
+
+def gathered(x, names: Sequence[Optional[str]]):
+  """A parameter as a layer uses it: whole over the data-parallel axes (FSDP shards it at rest, so this is
+  the all-gather, done after the cast to the compute dtype), still split over `tensor`.
+
+  Pinning this makes XLA gather the weight instead of re-sharding the activations along their features
+  to match it (which keeps the GLOBAL batch on every device). The gradient comes back reduce-scattered.
+  A no-op outside `axis_rules_context` (init, single-device inference).
+  """
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    return x
+  in_use = tuple((name, _without_data_axes(axes)) for name, axes in rules)
+  seen: set = set()
+  unique = []  # a square kernel such as ('embed', 'embed'): the second use stays whole (as `_fit` does)
+  for name in names:
+    unique.append(None if name in seen else name)
+    seen.add(name)
+  return nn.with_logical_constraint(x, tuple(unique), rules=in_use)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

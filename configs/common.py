@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8
+  c.train.opt_state_dtype = "float32"  # Adam moments: float32 | bfloat16 (halves the optimizer state)
   c.train.clip_norm = 1.0
   c.train.trainable = "all_but_vae"    # align | all_but_vae (the VAE encoder is always frozen)
   c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'

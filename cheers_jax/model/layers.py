@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cheers_jax.sharding import gathered
+
 Array = jax.Array
 DType = Any
 
@@ -76,11 +78,11 @@ class Dense(nn.Module):
     kernel = self.param("kernel", partitioned(self.kernel_init or torch_linear_init(), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     # fp32 accumulation and bias add, one rounding to the compute dtype (as torch's addmm)
-    y = acc32(jnp.dot, x.astype(self.dtype), kernel.astype(self.dtype))
+    y = acc32(jnp.dot, x.astype(self.dtype), gathered(kernel.astype(self.dtype), self.axes))
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype).astype(jnp.float32)
+      y = y + gathered(bias.astype(self.dtype), self.axes[1:]).astype(jnp.float32)
     return y.astype(self.dtype)
 
 
@@ -97,7 +99,7 @@ class RMSNorm(nn.Module):
                         (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return weight.astype(self.dtype) * normed.astype(x.dtype).astype(self.dtype)
+    return gathered(weight.astype(self.dtype), (self.axis_name,)) * normed.astype(x.dtype).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -118,7 +120,8 @@ class LayerNorm(nn.Module):
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+    weight, bias = (gathered(v.astype(jnp.float32), (self.axis_name,)) for v in (weight, bias))
+    return (y * weight + bias).astype(self.dtype)
 
 
 # ---- rotary position embedding ---------------------------------------------------------------
@@ -184,6 +187,17 @@ class SwiGLU(nn.Module):
     gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj")(x)
     up = dense(self.hidden, ("embed", "mlp"), name="up_proj")(x)
     return dense(x.shape[-1], ("mlp", "embed"), name="down_proj")(nn.silu(gate) * up)
+
+
+# ---- activation sharding ---------------------------------------------------------------------
+
+def shard_batch(x: Array) -> Array:
+  """Keep an activation split over the batch mesh axes (logical 'activation_batch'), other dims whole.
+
+  Without it XLA's propagation may follow a weight that is sharded over fsdp and split an image or
+  token tensor along its features instead, keeping the GLOBAL batch on every device.
+  """
+  return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
 
 
 # ---- remat -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import flax.linen as nn
 from cheers_jax.model.config import VisionConfig
 from cheers_jax.model.interp import interpolate_position_table
 from cheers_jax.model.layers import Dense, LayerNorm, acc32, attention, partitioned, scan_layers
+from cheers_jax.sharding import gathered
 
 Array = jax.Array
 
@@ -43,12 +44,12 @@ class PatchEmbeddings(nn.Module):
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
     conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(p, p), padding="VALID",
                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    x = acc32(conv, pixels.astype(self.dtype), kernel.astype(self.dtype))
+    x = acc32(conv, pixels.astype(self.dtype), gathered(kernel.astype(self.dtype), (None, None, None, "vision_embed")))
     gh, gw = h // p, w // p
-    x = (x + bias).astype(self.dtype).reshape(b, gh * gw, cfg.hidden_size)
+    x = (x + gathered(bias, ("vision_embed",))).astype(self.dtype).reshape(b, gh * gw, cfg.hidden_size)
     if (gh, gw) != (cfg.grid, cfg.grid):
       table = interpolate_position_table(table.astype(jnp.float32), gh, gw)
-    return x + table.astype(self.dtype)[None]
+    return x + gathered(table.astype(self.dtype), (None, "vision_embed"))[None]
 
 
 class SelfAttention(nn.Module):
