@@ -115,6 +115,8 @@ def prepare_environment(target: Target) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
   if target.platform == "cuda":
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+  if target.platform == "tpu":  # libtpu locks /tmp/libtpu_lockfile for the chips; compiling uses none
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _gpu_topology(count: int) -> str:
@@ -137,19 +139,12 @@ def devices(target: Target, count: int) -> list:
       raise TargetError(f"{count} CPU devices needed, {len(cpu)} exist (set XLA_FLAGS="
                         f"--xla_force_host_platform_device_count={count} before jax starts)")
     return cpu[:count]
-  if target.platform == "cuda":
-    topo = topologies.get_topology_desc(target.name, "cuda", target_config=gpu_description(target.name),
-                                        topology=_gpu_topology(count))
-    return list(topo.devices)
-  return list(topologies.get_topology_desc(target.name[4:], "tpu").devices)
-
-
-def device_count(target: Target) -> Optional[int]:
-  """A TPU topology's chip count (its mesh must use all of them); None for targets of any size."""
-  if target.platform != "tpu":
-    return None
-  dims = re.findall(r"\d+", target.name.split(":")[-1])
-  count = 1
-  for d in dims:
-    count *= int(d)
-  return count
+  try:
+    if target.platform == "cuda":
+      topo = topologies.get_topology_desc(target.name, "cuda", target_config=gpu_description(target.name),
+                                          topology=_gpu_topology(count))
+      return list(topo.devices)
+    return list(topologies.get_topology_desc(target.name[4:], "tpu").devices)
+  except Exception as e:  # noqa: BLE001 -- the compiler's own message, on one line
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise TargetError(f"cannot create compile-only devices for {target.name}: {first}") from e
