@@ -6,7 +6,9 @@ only (see `cheers_jax/model/layers.py`); `LOGICAL_RULES` maps them here.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -121,6 +123,30 @@ def _without_data_axes(axes):
   return None if not kept else (kept[0] if len(kept) == 1 else kept)
 
 
+_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("cheers_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules_context(mesh: Optional[Mesh] = None, rules=LOGICAL_RULES) -> Iterator[None]:
+  """Activate the logical-axis rules (and the mesh the model's constraints resolve against) while a
+  step is traced. The mesh is passed explicitly: `with mesh:` is deprecated in jax 0.10, and under it
+  flax's constraints found no mesh and were silently dropped."""
+  token = _MESH.set(mesh)
+  try:
+    with nn.logical_axis_rules(rules):
+      yield
+  finally:
+    _MESH.reset(token)
+
+
+def constrain(x, names: Sequence[Optional[str]], rules=None):
+  """Pin an array's sharding by logical names (a no-op outside `axis_rules_context(mesh)`)."""
+  mesh = _MESH.get()
+  if mesh is None or not nn.get_logical_axis_rules():
+    return x
+  return nn.with_logical_constraint(x, tuple(names), rules=rules, mesh=mesh)
+
+
 def gathered(x, names: Sequence[Optional[str]]):
   """A parameter as a layer uses it: whole over the data-parallel axes (FSDP shards it at rest, so this is
   the all-gather, done after the cast to the compute dtype), still split over `tensor`.
@@ -130,7 +156,7 @@ def gathered(x, names: Sequence[Optional[str]]):
   A no-op outside `axis_rules_context` (init, single-device inference).
   """
   rules = nn.get_logical_axis_rules()
-  if not rules:
+  if not rules or _MESH.get() is None:
     return x
   in_use = tuple((name, _without_data_axes(axes)) for name, axes in rules)
   seen: set = set()
@@ -138,7 +164,7 @@ def gathered(x, names: Sequence[Optional[str]]):
   for name in names:
     unique.append(None if name in seen else name)
     seen.add(name)
-  return nn.with_logical_constraint(x, tuple(unique), rules=in_use)
+  return constrain(x, unique, rules=in_use)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -149,7 +175,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
-
-def axis_rules_context(rules=LOGICAL_RULES):
-  """Context manager that makes `nn.with_logical_constraint` resolve with our rules."""
-  return nn.logical_axis_rules(rules)

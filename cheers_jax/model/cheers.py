@@ -19,6 +19,7 @@ from cheers_jax.model.layers import dtype_of, shard_batch
 from cheers_jax.model.qwen2 import Qwen2, omni_mask
 from cheers_jax.model.siglip import SigLIP, UndProjector, pixel_shuffle
 from cheers_jax.model.vae import VAE, DecoderProjector
+from cheers_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -155,7 +156,7 @@ class Cheers(nn.Module):
       img = jnp.take(flat, jnp.clip(image_index, 0, flat.shape[0] - 1), axis=0)
     embeds = jnp.where((image_index >= 0)[..., None], img, text)
     embeds = jnp.where(valid[..., None], embeds, jnp.zeros_like(embeds))
-    return nn.with_logical_constraint(embeds, ("activation_batch", "activation_length", "activation_embed"))
+    return constrain(embeds, ("activation_batch", "activation_length", "activation_embed"))
 
   def multimodal(self, batch: dict, x0: Array, images_per_row: bool = False) -> dict:
     """Understanding / training forward up to the LLM states (Cheers.forward without labels).

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cheers_jax.sharding import gathered
+from cheers_jax.sharding import constrain, gathered
 
 Array = jax.Array
 DType = Any
@@ -197,7 +197,7 @@ def shard_batch(x: Array) -> Array:
   Without it XLA's propagation may follow a weight that is sharded over fsdp and split an image or
   token tensor along its features instead, keeping the GLOBAL batch on every device.
   """
-  return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+  return constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
 
 
 # ---- remat -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import flax.linen as nn
 from cheers_jax.model.config import TextConfig
 from cheers_jax.model.layers import (Dense, RMSNorm, SwiGLU, acc32, apply_rope, attention, partitioned, rope_cos_sin,
                                      scan_layers)
-from cheers_jax.sharding import gathered
+from cheers_jax.sharding import constrain, gathered
 
 Array = jax.Array
 
@@ -84,7 +84,7 @@ class DecoderLayer(nn.Module):
     x = x + h
     x = x + SwiGLU(cfg.intermediate_size, name="mlp", **kw)(
         RMSNorm(cfg.rms_norm_eps, axis_name="embed", name="post_attention_layernorm", **kw)(x))
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, (k, v)
 
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 from cheers_jax.model.config import VisionConfig
 from cheers_jax.model.interp import interpolate_position_table
 from cheers_jax.model.layers import Dense, LayerNorm, acc32, attention, partitioned, scan_layers
-from cheers_jax.sharding import gathered
+from cheers_jax.sharding import constrain, gathered
 
 Array = jax.Array
 
@@ -92,7 +92,7 @@ class EncoderLayer(nn.Module):
     ln = functools.partial(LayerNorm, eps=self.cfg.layer_norm_eps, axis_name="vision_embed", **kw)
     x = x + SelfAttention(self.cfg.num_heads, name="self_attn", **kw)(ln(name="layer_norm1")(x))
     x = x + MLP(self.cfg.intermediate_size, name="mlp", **kw)(ln(name="layer_norm2")(x))
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, None
 
 

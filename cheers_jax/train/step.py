@@ -400,7 +400,7 @@ def _build_train_step(model: Cheers, config, mesh: Mesh, state_shardings: TrainS
   repl = sharding.replicated(mesh)
 
   def step(state: TrainState, batch: dict):
-    with mesh, sharding.axis_rules_context():
+    with sharding.axis_rules_context(mesh):
       batch = dict(batch)
       x0 = batch.pop("x0", None)
       if x0 is None:
