@@ -4,6 +4,8 @@ r"""Ahead-of-time memory of the train step: will it fit, before you rent the har
   python -m cheers_jax.aot --meshes "fsdp=1;fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2" --per-device-batch 1,2,4,8 \
       --seq-len 400 --remat none --hbm-gib 79 --out aot.csv
   python -m cheers_jax.aot --config tiny --meshes "fsdp=2" --per-device-batch 1
+  python -m cheers_jax.aot --target h100 --meshes "fsdp=1" --per-device-batch 8,16
+  python -m cheers_jax.aot --target tpu:v5p:2x2x1 --meshes "fsdp=4" --per-device-batch 8
 
 For each (mesh, per-device batch) the full train step is lowered with `jax.ShapeDtypeStruct`s that carry
 the state and batch shardings (nothing is allocated) and compiled; `compiled.memory_analysis()` gives
@@ -12,15 +14,15 @@ the per-device bytes of the arguments (params, optimizer state, batch), outputs,
   total = arguments + outputs - aliased + temp
 is what the step needs at its peak, before allocator fragmentation and the runtime's own reserve.
 
-Devices: with enough accelerators attached (e.g. 8 GPUs for fsdp=8) the compile targets them; otherwise
-it runs on fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here before jax
-starts). CPU figures are an ESTIMATE of a GPU's: XLA:CPU fuses and schedules differently and keeps some
-bf16 work in fp32, so its temporaries differ from XLA:GPU's. On a GPU host, rerun there for the exact
-figure of that GPU (one GPU is enough for the 1-device mesh):
-  python -m cheers_jax.aot --meshes "fsdp=1" --per-device-batch 1,2,4,8
-With libtpu installed, `--tpu-topology NAME` compiles for a TPU slice without holding it: NAME is passed
-to `jax.experimental.topologies.get_topology_desc(NAME, 'tpu')` (as MaxText's train_compile.py does;
-untested here, no libtpu on the development machine).
+Targets (`--target`, cheers_jax.targets): `h100`, `a100`, `a100-40gb` compile with the real XLA:GPU
+compiler from a device description, and `tpu:TOPOLOGY` (e.g. tpu:v5p:2x2x1, tpu:v5e:2x4, tpu:v6e:2x2) with
+the real TPU compiler, on a host that has neither (`pip install -r requirements-aot.txt` brings both;
+as MaxText's train_compile.py): their memory_analysis() is that device's own figure. On TPU the row
+also has the compiled FLOPs and bytes (cost_analysis), their ratio to the model FLOPs
+(metrics.flops_per_sample x batch: the recompute overhead), and a roofline ESTIMATE of the step time,
+max(FLOPs / peak, bytes / HBM bandwidth), with the MFU that time implies.
+`--target cpu` (the default without the extra) uses fake XLA:CPU devices: an ESTIMATE only (XLA:CPU
+fuses and schedules differently and keeps some bf16 work in fp32).
 --per-device-batch counts the rows of one data shard: global batch = per-device batch x data x fsdp.
 The batch is the reference timing's mix (`--gen-fraction` generation samples, one image each, padded to
 `--seq-len`, see cheers_jax.train.synthetic.BatchSpec); pass `--seq-len 1024 --image-slots 2` to match a pipeline
@@ -39,13 +41,14 @@ from typing import Any, Optional, Sequence
 
 from cheers_jax import cli
 from cheers_jax import config as config_lib
-from cheers_jax import sharding
+from cheers_jax import sharding, targets
 from cheers_jax.train import measure, synthetic
 
 DEFAULT_CONFIG = "cheers_1p5b"
 DEFAULT_MESHES = "fsdp=1;fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2"
-FIELDS = ("mesh", "devices", "platform", "per_device_batch", "global_batch", "seq_len", "remat", "args_gib",
-          "outputs_gib", "alias_gib", "temp_gib", "total_gib", "fits", "compile_s", "status", "error")
+FIELDS = ("target", "mesh", "devices", "platform", "per_device_batch", "global_batch", "seq_len", "remat", "args_gib",
+          "outputs_gib", "alias_gib", "temp_gib", "total_gib", "memory_gib", "fits", "compiled_tflop", "model_tflop",
+          "recompute", "compiled_gb", "roofline_step_s_est", "roofline_mfu_est", "compile_s", "status", "error")
 GIB = 2.0 ** 30
 
 
@@ -61,13 +64,11 @@ def ensure_fake_devices(n: int) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def pick_devices(need: int, tpu_topology: str = "") -> tuple[list, str]:
-  """Compile targets: a TPU topology description, the attached accelerators if there are enough, else CPU."""
+def pick_devices(target: targets.Target, need: int) -> tuple[list, str]:
+  """Compile-only devices of `target`; the attached accelerators when the target is 'cpu' and they are enough."""
+  if target.platform != "cpu":
+    return targets.devices(target, need), target.name
   import jax
-  if tpu_topology:
-    from jax.experimental import topologies
-    devices = list(topologies.get_topology_desc(tpu_topology, "tpu").devices)
-    return devices, f"tpu topology {tpu_topology}"
   default = jax.devices()
   if default[0].platform != "cpu" and len(default) >= need:
     return default, default[0].platform
@@ -75,10 +76,29 @@ def pick_devices(need: int, tpu_topology: str = "") -> tuple[list, str]:
   return cpu, "cpu (estimate)" if default[0].platform == "cpu" else f"cpu (estimate; only {len(default)} {default[0].platform})"
 
 
-def aot_memory(config, mesh_shape: dict, per_device_batch: int, *,
-               batch: synthetic.BatchOptions = synthetic.BatchOptions(),
-               devices: Optional[Sequence] = None) -> dict[str, Any]:
-  """Compile the train step of `config` for `mesh_shape` on abstract inputs; per-device bytes (GiB).
+def cost_figures(compiled, model_flops: float, target: Optional[targets.Target]) -> dict[str, Any]:
+  """Compiled FLOPs and bytes (per device, from cost_analysis) against the model's; a roofline estimate."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend has it
+    cost = None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or not cost.get("flops"):
+    return {}
+  flops, nbytes = float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
+  out: dict[str, Any] = {"compiled_tflop": flops / 1e12, "compiled_gb": nbytes / 1e9, "model_tflop": model_flops / 1e12,
+                         "recompute": flops / model_flops if model_flops else None}
+  if target is not None and target.peak_tflops and target.hbm_gbps:
+    step = max(flops / (target.peak_tflops * 1e12), nbytes / (target.hbm_gbps * 1e9))
+    out.update(roofline_step_s_est=step, roofline_mfu_est=model_flops / step / (target.peak_tflops * 1e12))
+  return out
+
+
+def aot_memory(config, mesh_shape: dict, per_device_batch: int, *, batch: synthetic.BatchOptions = synthetic.BatchOptions(),
+               devices: Optional[Sequence] = None, target: Optional[targets.Target] = None) -> dict[str, Any]:
+  """Compile the train step of `config` for `mesh_shape` on abstract inputs; per-device bytes (GiB), and on
+  targets with a cost model the compiled FLOPs per device against the model's (see cost_figures).
 
   Never raises: a failure is a row with status 'error' or 'oom' (XLA may refuse a program that cannot fit).
   """
@@ -87,6 +107,7 @@ def aot_memory(config, mesh_shape: dict, per_device_batch: int, *,
   try:
     import jax
     from cheers_jax.model.cheers import Cheers
+    from cheers_jax.train import metrics as metrics_lib
     from cheers_jax.train import state as state_lib
     from cheers_jax.train import step as step_lib
     mesh = sharding.make_mesh_on_first_devices(mesh_shape, devices)
@@ -99,12 +120,17 @@ def aot_memory(config, mesh_shape: dict, per_device_batch: int, *,
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     step_fn = step_lib.make_train_step(Cheers(state_lib.model_config(c)), c, mesh, shardings)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, synthetic.abstract_batch(spec, mesh)).compile()
+    options = target.compiler_options if target is not None else {}
+    compiled = step_fn.lower(state, synthetic.abstract_batch(spec, mesh)).compile(compiler_options=options or None)
     row["compile_s"] = time.perf_counter() - t0
     mem = measure.memory_figures(compiled)
     if mem["total"] is None:
       raise RuntimeError("this backend has no memory_analysis()")
     row.update({f"{k}_gib": mem[k] / GIB for k in ("args", "outputs", "alias", "temp", "total")}, status="ok")
+    per_device_flops = metrics_lib.flops_per_sample(state_lib.model_config(c), spec.seq_len, spec.image_size,
+                                                    spec.image_slots, c.train.trainable) * layout.batch_size / mesh.devices.size
+    if target is not None and target.platform == "tpu":
+      row.update(cost_figures(compiled, per_device_flops, target))
     del compiled
   except Exception as e:  # noqa: BLE001 -- one failed combination is a row
     row.update(status=measure.classify_error(e), error=measure.short_error(e))
@@ -116,19 +142,24 @@ def aot_memory(config, mesh_shape: dict, per_device_batch: int, *,
   return row
 
 
-def format_table(rows: Sequence[dict], hbm_gib: float) -> str:
-  head = (f"{'mesh':<18} {'dev':>3} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} {'aliased':>7} "
-          f"{'temp':>7} {'total':>7} {'fits ' + format(hbm_gib, 'g') + ' GiB':>12} {'compile s':>9}")
-  lines = [head, " " * 44 + "(GiB per device)"]
+def format_table(rows: Sequence[dict], memory_gib: float) -> str:
+  head = (f"{'mesh':<18} {'dev':>3} {'remat':>5} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} "
+          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} {'compile s':>9}")
+  lines = [head, " " * 50 + "(GiB per device)"]
   f = lambda v: measure.fmt(v, ".2f")
   for r in rows:
+    lead = f"{r['mesh']:<18} {r.get('devices', ''):>3} {r.get('remat', ''):>5} {r['per_device_batch']:>5} "
     if r.get("status") != "ok":
-      lines.append(f"{r['mesh']:<18} {r.get('devices', ''):>3} {r['per_device_batch']:>5} "
-                   f"{r.get('global_batch', ''):>4}  {r['status']}: {r.get('error', '')}")
+      lines.append(f"{lead}{r.get('global_batch', ''):>4}  {r['status']}: {r.get('error', '')}")
       continue
-    lines.append(f"{r['mesh']:<18} {r['devices']:>3} {r['per_device_batch']:>5} {r['global_batch']:>4} "
-                 f"{r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} {f(r['alias_gib']):>7} "
-                 f"{f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>12} {measure.fmt(r['compile_s'], '.1f'):>9}")
+    line = (f"{lead}{r['global_batch']:>4} {r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} "
+            f"{f(r['alias_gib']):>7} {f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>15} "
+            f"{measure.fmt(r['compile_s'], '.1f'):>9}")
+    if r.get("compiled_tflop") is not None:
+      line += (f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's"
+               + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.)"
+                  if r.get("roofline_step_s_est") else ""))
+    lines.append(line)
   return "\n".join(lines)
 
 
@@ -137,18 +168,19 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config name or a config file (default: "
                  "cheers_1p5b, the full model); override values with --config.KEY=VALUE")
+  p.add_argument("--target", default="cpu", help=f"what to compile for: {targets.names()} (default cpu: fake CPU "
+                 "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`")
   p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"';'-separated meshes (default '{DEFAULT_MESHES}')")
   p.add_argument("--per-device-batch", default="1,2,4,8", help="comma-separated rows per data shard (default 1,2,4,8)")
   p.add_argument("--seq-len", type=int, default=400, help="static sequence length (default 400, the reference timing's)")
   p.add_argument("--text-len", type=int, help="text tokens per sample (default: 120, or what fits)")
   p.add_argument("--gen-fraction", type=float, default=0.5)
   p.add_argument("--image-slots", type=int, default=1, help="image slots per sample (default 1)")
-  p.add_argument("--remat", help="remat policy (default: the config's)")
+  p.add_argument("--remat", help="comma-separated remat policies, one row each (default: the config's)")
   p.add_argument("--attention", help="attention implementation (default: the config's)")
-  p.add_argument("--hbm-gib", type=float, default=79.0, help="device memory for the 'fits' column (H100 80GB: 79.6)")
+  p.add_argument("--hbm-gib", type=float, help="device memory for the 'fits' column (default: the target's; "
+                 "79 GiB for cpu)")
   p.add_argument("--fake-devices", type=int, help="CPU devices to create (default: the largest mesh)")
-  p.add_argument("--tpu-topology", default="", help="compile for a TPU slice without holding it (a topology name "
-                 "for jax.experimental.topologies.get_topology_desc; needs libtpu)")
   p.add_argument("--out", help="also write the rows to this CSV file (an existing one needs --overwrite)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   return p
@@ -161,36 +193,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: list[str]) -> int:
   rest, overrides = config_lib.split_overrides(argv)
   args = _parser().parse_args(rest)
+  target = targets.parse(args.target)
+  targets.check_installed(target)
   meshes = sharding.parse_meshes(args.meshes)
   per_device = cli.comma_list(args.per_device_batch, "--per-device-batch", int)
   config = config_lib.load(args.config, overrides)
+  remats = cli.comma_list(args.remat, "--remat") if args.remat else [config.model.remat_policy]
   with config.unlocked():
-    if args.remat:
-      config.model.remat_policy = args.remat
     if args.attention:
       config.model.attention = args.attention
   batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
   batch.spec(config, 1)
   if args.out:
     cli.check_output_file(args.out, args.overwrite)
+  memory_gib = args.hbm_gib or target.memory_gib or 79.0
   need = _devices_needed(meshes)
+  targets.prepare_environment(target)
   ensure_fake_devices(max(need, args.fake_devices or 0))
-  devices, platform = pick_devices(need, args.tpu_topology)
-  print(f"AOT memory of the train step: {args.config} {' '.join(overrides)}; {platform}, {len(devices)} devices; "
-        f"remat={config.model.remat_policy}", flush=True)
+  devices, platform = pick_devices(target, need)
+  print(f"AOT memory of the train step: {args.config} {' '.join(overrides)}; {platform}, {len(devices)} devices",
+        flush=True)
   rows = []
-  for mesh in meshes:
-    for b in per_device:
-      row = aot_memory(config, mesh, b, batch=batch, devices=devices)
-      row["platform"] = platform
-      row["fits"] = ("yes" if row["total_gib"] <= args.hbm_gib else "NO") if row.get("status") == "ok" else "?"
-      rows.append(row)
-      state = (f"total {row['total_gib']:.2f} GiB/device (compile {row['compile_s']:.0f} s)"
-               if row["status"] == "ok" else f"{row['status']}: {row.get('error')}")
-      print(f"  {row['mesh']} per-device batch {b}: {state}", flush=True)
-  print("\n" + format_table(rows, args.hbm_gib))
-  if platform.startswith("cpu"):
-    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); rerun on the target for exact ones.")
+  for remat in remats:
+    with config.unlocked():
+      config.model.remat_policy = remat
+    for mesh in meshes:
+      for b in per_device:
+        row = aot_memory(config, mesh, b, batch=batch, devices=devices, target=target)
+        row.update(target=target.name, platform=platform, memory_gib=memory_gib)
+        row["fits"] = ("yes" if row["total_gib"] <= memory_gib else "NO") if row.get("status") == "ok" else (
+            "NO" if row.get("status") == "oom" else "?")
+        rows.append(row)
+        state = (f"total {row['total_gib']:.2f} GiB/device (compile {row['compile_s']:.0f} s)"
+                 if row["status"] == "ok" else f"{row['status']}: {row.get('error')}")
+        print(f"  {row['mesh']} remat={remat} per-device batch {b}: {state}", flush=True)
+  print("\n" + format_table(rows, memory_gib))
+  if not target.exact:
+    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real compiler's.")
   if args.out:
     measure.write_csv(rows, args.out, FIELDS)
     print(f"wrote {args.out}")

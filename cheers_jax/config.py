@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8
+  c.train.opt_state_dtype = "float32"  # Adam moments: float32 | bfloat16 (halves the optimizer state)
   c.train.clip_norm = 1.0
   c.train.trainable = "all_but_vae"    # align | all_but_vae (the VAE encoder is always frozen)
   c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
@@ -107,6 +108,12 @@ def cheers_1p5b():
   c.train.batch_size = 512
   c.checkpoint.every_steps = 1000
   c.mesh.fsdp = -1
+  # Memory (python -m cheers_jax.aot --target h100, 512x512, seq 400, half generation, README "Scaling"):
+  # remat 'full' recomputes each layer's activations (SigLIP, LLM, DiT heads, VAE decoder blocks) and
+  # bf16 Adam moments (as the official code's bf16 AdamW) halve the optimizer state; together they fit
+  # batch 8 on one 80 GB H100 (48 GiB) and batch 16 (65 GiB).
+  c.model.remat_policy = "full"
+  c.train.opt_state_dtype = "bfloat16"
   return c
 
 

@@ -6,8 +6,10 @@ only (see `cheers_jax/model/layers.py`); `LOGICAL_RULES` maps them here.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -35,9 +37,11 @@ LOGICAL_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
     ("kv", None),  # only 2 KV heads: too few to split
     ("modulation", "tensor"),
     ("vocab", "tensor"),
-    # conv channels (VAE): shard output channels over fsdp
+    # conv channels (VAE): whole. Sharding them over fsdp made XLA compute the VAE's weight gradients from
+    # channel-sharded activations of the GLOBAL batch (1.6x the temp memory at fsdp=4, tests/train/
+    # test_fsdp_memory.py); the two decoders are ~2 % of the parameters.
     ("conv_in", None),
-    ("conv_out", "fsdp"),
+    ("conv_out", None),
     ("layers", None),
     ("norm", None),
 )
@@ -85,10 +89,11 @@ def _spec_of_names(names: Sequence[Optional[str]], rules) -> P:
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
   """NamedShardings for boxed abstract variables (from `jax.eval_shape(init)`); unboxed leaves
-  (no logical names) are replicated."""
+  (no logical names) and vectors (norm scales, biases: tiny, and when split over fsdp XLA computes
+  their gradients from feature-sharded activations of the global batch) are replicated."""
   def one(leaf):
     value = leaf.unbox() if isinstance(leaf, nn.Partitioned) else leaf
-    names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    names = leaf.names if isinstance(leaf, nn.Partitioned) and value.ndim > 1 else ()
     return NamedSharding(mesh, _fit(_spec_of_names(names, rules), value.shape, mesh))
   return jax.tree_util.tree_map(one, abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
@@ -112,6 +117,57 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*out)
 
 
+def _without_data_axes(axes):
+  if axes is None:
+    return None
+  kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in BATCH_AXES)
+  return None if not kept else (kept[0] if len(kept) == 1 else kept)
+
+
+_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("cheers_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules_context(mesh: Optional[Mesh] = None, rules=LOGICAL_RULES) -> Iterator[None]:
+  """Activate the logical-axis rules (and the mesh the model's constraints resolve against) while a
+  step is traced. The mesh is passed explicitly: `with mesh:` is deprecated in jax 0.10, and under it
+  flax's constraints found no mesh and were silently dropped."""
+  token = _MESH.set(mesh)
+  try:
+    with nn.logical_axis_rules(rules):
+      yield
+  finally:
+    _MESH.reset(token)
+
+
+def constrain(x, names: Sequence[Optional[str]], rules=None):
+  """Pin an array's sharding by logical names (a no-op outside `axis_rules_context(mesh)`)."""
+  mesh = _MESH.get()
+  if mesh is None or not nn.get_logical_axis_rules():
+    return x
+  return nn.with_logical_constraint(x, tuple(names), rules=rules, mesh=mesh)
+
+
+def gathered(x, names: Sequence[Optional[str]]):
+  """A parameter as a layer uses it: whole over the data-parallel axes (FSDP shards it at rest, so this is
+  the all-gather, done after the cast to the compute dtype), still split over `tensor`.
+
+  Pinning this makes XLA gather the weight instead of re-sharding the activations along their features
+  to match it (which keeps the GLOBAL batch on every device). The gradient comes back reduce-scattered.
+  A no-op outside `axis_rules_context` (init, single-device inference).
+  """
+  rules = nn.get_logical_axis_rules()
+  if not rules or _MESH.get() is None:
+    return x
+  in_use = tuple((name, _without_data_axes(axes)) for name, axes in rules)
+  seen: set = set()
+  unique = []  # a square kernel such as ('embed', 'embed'): the second use stays whole (as `_fit` does)
+  for name in names:
+    unique.append(None if name in seen else name)
+    seen.add(name)
+  return constrain(x, unique, rules=in_use)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
@@ -131,11 +187,6 @@ def leading_axis_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def axis_rules_context(rules=LOGICAL_RULES):
-  """Context manager that makes `nn.with_logical_constraint` resolve with our rules."""
-  return nn.logical_axis_rules(rules)
 
 
 # ---- mesh shapes as text and on a subset of the devices --------------------------------------------

@@ -10,6 +10,11 @@ import os
 
 import pytest
 
+# The suite is CPU-only by design (tiny configs, fake devices). Pin it, so that an environment with the
+# aot extra (libtpu, the CUDA plugin: requirements-aot.txt, installed by CI for the heavy set) does not
+# make jax probe for a TPU or GPU. JAX_PLATFORMS=cuda python -m pytest ... still chooses otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 HEAVY_HINT = ("heavy test (compile-bound minutes on a 2-core CPU): run `python -m pytest -m heavy tests` "
               "or set CHEERS_HEAVY_TESTS=1")
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cheers_jax.model.layers import (Dense, LayerNorm, RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin,
-                                     scan_layers)
+                                     scan_layers, shard_batch)
 
 Array = jax.Array
 
@@ -82,7 +82,7 @@ class DiTBlock(nn.Module):
 
     h = modulate(RMSNorm(1e-6, axis_name=ax, name="post_attention_layernorm", **kw)(x), shift_mlp, scale_mlp)
     x = x + gate_mlp * SwiGLU(4 * d, name="mlp", **kw)(h)
-    return x, None  # (carry, output) for nn.scan
+    return shard_batch(x), None  # (carry, output) for nn.scan
 
 
 class FinalLayer(nn.Module):

@@ -15,12 +15,26 @@ import flax.linen as nn
 
 from cheers_jax.model.cfm_head import DiTProjector, HiGate, TimeEmbedder
 from cheers_jax.model.config import ModelConfig
-from cheers_jax.model.layers import dtype_of
+from cheers_jax.model.layers import dtype_of, shard_batch
 from cheers_jax.model.qwen2 import Qwen2, omni_mask
 from cheers_jax.model.siglip import SigLIP, UndProjector, pixel_shuffle
 from cheers_jax.model.vae import VAE, DecoderProjector
+from cheers_jax.sharding import constrain
 
 Array = jax.Array
+
+
+def gather_in_rows(values: Array, index: Array, rows: int) -> Array:
+  """values[index] where values (rows*L, ...) is in per-row blocks of L and every index of row r
+  (index (rows, M)) lies in r's block [r*L, (r+1)*L), or is negative (then row r's first entry).
+
+  Gathering within each row is what keeps a batch sharded over rows local: a flat `jnp.take` over the
+  whole batch makes XLA gather every device's values onto every device.
+  """
+  block = values.shape[0] // rows
+  blocks = values.reshape(rows, block, *values.shape[1:])
+  local = jnp.clip(index - jnp.arange(rows, dtype=index.dtype)[:, None] * block, 0, block - 1)
+  return jnp.take_along_axis(blocks, local.reshape(*local.shape, *([1] * (values.ndim - 1))), axis=1)
 
 
 class Cheers(nn.Module):
@@ -31,7 +45,7 @@ class Cheers(nn.Module):
     kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
     t, v = cfg.text, cfg.vision
     self.vae_model = VAE(cfg.vae, **kw)
-    self.vae_decoder_projector = DecoderProjector(cfg.vae, **kw)
+    self.vae_decoder_projector = DecoderProjector(cfg.vae, remat_policy=cfg.remat_policy, **kw)
     self.vision_representation = SigLIP(v, remat_policy=cfg.remat_policy, **kw)
     self.und_projector = UndProjector(t.hidden_size, bf16_input=cfg.reference_bf16_casts, **kw)
     self.time_embed = TimeEmbedder(t.hidden_size, v.hidden_size, **kw)
@@ -76,11 +90,12 @@ class Cheers(nn.Module):
     """The tokenizer path of a task latent: decoder projector -> SigLIP -> und projector."""
     if self.cfg.reference_bf16_casts:
       x_t = x_t.astype(jnp.bfloat16)
-    pixel_hat = self.vae_decoder_projector(x_t)
+    pixel_hat = shard_batch(self.vae_decoder_projector(shard_batch(x_t)))
     p = self.cfg.vision.patch_size
     gh, gw = pixel_hat.shape[1] // p, pixel_hat.shape[2] // p
-    features = self.vision_representation.encode(pixel_hat)
-    return {"tokens": self.und_projector(features, gh, gw), "pixel_hat": pixel_hat, "features": features}
+    features = shard_batch(self.vision_representation.encode(pixel_hat))
+    tokens = shard_batch(self.und_projector(features, gh, gw))
+    return {"tokens": tokens, "pixel_hat": pixel_hat, "features": features}
 
   def times(self, t: Array) -> tuple[Array, Array]:
     """t (n,) -> (t_emb1 (n,1,text), t_emb2 (n,1,vision))."""
@@ -106,11 +121,11 @@ class Cheers(nn.Module):
     """
     p = self.cfg.vision.patch_size
     gh, gw = pixel_hat.shape[1] // p, pixel_hat.shape[2] // p
-    gen_out = self.gen_projector(image_hidden, t_emb1)
+    gen_out = shard_batch(self.gen_projector(shard_batch(image_hidden), t_emb1))
     low = pixel_shuffle(gen_out, gh // 2, gw // 2)
-    high = self.vision_representation.embeddings(pixel_hat)
+    high = shard_batch(self.vision_representation.embeddings(pixel_hat))
     hi_input, gate = self.hi_gate(low, high)
-    v = self.hi_projector(hi_input, t_emb2)
+    v = shard_batch(self.hi_projector(shard_batch(hi_input), t_emb2))
     n = v.shape[0]
     return {"velocity": v.reshape(n, gh, gw, v.shape[-1]), "gen_out": gen_out, "hi_low": low,
             "hi_input": hi_input, "gate": gate[..., 0]}
@@ -129,25 +144,30 @@ class Cheers(nn.Module):
     return t.astype(dtype_of(self.cfg.dtype)).astype(jnp.float32)
 
   def sequence_embeddings(self, token_ids: Array, image_index: Array, image_tokens: Array,
-                          valid: Array) -> Array:
+                          valid: Array, images_per_row: bool = False) -> Array:
     """Text embeddings with image slots filled from image_tokens (n_img, N, D) via image_index;
-    padding positions are zero vectors, as the reference pads."""
+    padding positions are zero vectors, as the reference pads. images_per_row: the batch follows the
+    pipeline's contract (slot b*K + i holds an image of row b), so the fill gathers within rows."""
     flat = image_tokens.reshape(-1, image_tokens.shape[-1]).astype(dtype_of(self.cfg.dtype))
     text = self.embed(token_ids)
-    img = jnp.take(flat, jnp.clip(image_index, 0, flat.shape[0] - 1), axis=0)
+    if images_per_row:
+      img = gather_in_rows(flat, image_index, token_ids.shape[0])
+    else:
+      img = jnp.take(flat, jnp.clip(image_index, 0, flat.shape[0] - 1), axis=0)
     embeds = jnp.where((image_index >= 0)[..., None], img, text)
-    return jnp.where(valid[..., None], embeds, jnp.zeros_like(embeds))
+    embeds = jnp.where(valid[..., None], embeds, jnp.zeros_like(embeds))
+    return constrain(embeds, ("activation_batch", "activation_length", "activation_embed"))
 
-  def multimodal(self, batch: dict, x0: Array) -> dict:
+  def multimodal(self, batch: dict, x0: Array, images_per_row: bool = False) -> dict:
     """Understanding / training forward up to the LLM states (Cheers.forward without labels).
 
     batch: token_ids, image_index, image_mask, valid, positions (B, S); pixels (n_img, H, W, 3);
-    t (n_img,).
+    t (n_img,). images_per_row: see `sequence_embeddings`.
     """
-    flow = self.flow_inputs(batch["pixels"], batch["t"], x0)
+    flow = self.flow_inputs(shard_batch(batch["pixels"]), batch["t"], x0)
     tok = self.image_tokens(flow["x_t"])
     embeds = self.sequence_embeddings(batch["token_ids"], batch["image_index"], tok["tokens"],
-                                      batch["valid"])
+                                      batch["valid"], images_per_row)
     mask = omni_mask(batch["image_mask"], batch["valid"])
     hidden, kv = self.llm(embeds, batch["positions"], mask)
     t1, t2 = self.times(self.quantise_t(batch["t"]))
@@ -158,11 +178,15 @@ class Cheers(nn.Module):
     """Everything the loss needs: LLM states, velocities of every image, FM targets.
 
     batch additionally holds image_positions (n_img, N): flat b*S+s positions of each image's tokens.
+    The batch follows the pipeline's contract (cheers_jax/data/pipeline.py): slot b*K + i holds an
+    image of row b, so every image gather stays within its row (and its device).
     """
-    out = self.multimodal(batch, x0)
+    out = self.multimodal(batch, x0, images_per_row=True)
     hidden = out["hidden"]
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    image_hidden = jnp.take(flat, batch["image_positions"], axis=0)
+    b, s, d = hidden.shape
+    m, n = batch["image_positions"].shape
+    image_hidden = gather_in_rows(hidden.reshape(b * s, d), batch["image_positions"].reshape(b, m // b * n),
+                                  b).reshape(m, n, d)
     head = self.velocity(image_hidden, out["t_emb1"], out["t_emb2"], out["pixel_hat"])
     return {**out, **head}
 

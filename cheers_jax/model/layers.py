@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cheers_jax.sharding import constrain, gathered
+
 Array = jax.Array
 DType = Any
 
@@ -35,6 +37,33 @@ def torch_linear_init(fan_in_axis: int = -2) -> Callable:
   return init
 
 
+def acc32(op: Callable, lhs: Array, rhs: Array) -> Array:
+  """`op(lhs, rhs, preferred_element_type=float32)`: a GEMM or conv with fp32 accumulation (as torch).
+
+  With low-precision operands the backward takes the cotangent in the operands' dtype, so the backward
+  GEMMs are bf16 x bf16 with fp32 accumulation inside, as bf16 autograd does. Plain autodiff would
+  transpose through the fp32 result: every backward GEMM would take an f32 operand (twice the memory,
+  no tensor-core rate). In fp32 this is `op` itself.
+  """
+  low = lhs.dtype
+  if low == jnp.float32:
+    return op(lhs, rhs, preferred_element_type=jnp.float32)
+
+  @jax.custom_vjp
+  def f(a, b):
+    return op(a, b, preferred_element_type=jnp.float32)
+
+  def fwd(a, b):
+    return f(a, b), (a, b)
+
+  def bwd(res, ct):
+    _, vjp = jax.vjp(lambda a, b: op(a, b, preferred_element_type=low), *res)
+    return vjp(ct.astype(low))
+
+  f.defvjp(fwd, bwd)
+  return f(lhs, rhs.astype(low))
+
+
 class Dense(nn.Module):
   """y = x @ kernel (+ bias); kernel (in, out) with logical axes `axes`."""
   features: int
@@ -49,11 +78,11 @@ class Dense(nn.Module):
     kernel = self.param("kernel", partitioned(self.kernel_init or torch_linear_init(), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     # fp32 accumulation and bias add, one rounding to the compute dtype (as torch's addmm)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    y = acc32(jnp.dot, x.astype(self.dtype), gathered(kernel.astype(self.dtype), self.axes))
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype).astype(jnp.float32)
+      y = y + gathered(bias.astype(self.dtype), self.axes[1:]).astype(jnp.float32)
     return y.astype(self.dtype)
 
 
@@ -70,7 +99,7 @@ class RMSNorm(nn.Module):
                         (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return weight.astype(self.dtype) * normed.astype(x.dtype).astype(self.dtype)
+    return gathered(weight.astype(self.dtype), (self.axis_name,)) * normed.astype(x.dtype).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -91,7 +120,8 @@ class LayerNorm(nn.Module):
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+    weight, bias = (gathered(v.astype(jnp.float32), (self.axis_name,)) for v in (weight, bias))
+    return (y * weight + bias).astype(self.dtype)
 
 
 # ---- rotary position embedding ---------------------------------------------------------------
@@ -135,13 +165,13 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
     raise ValueError(f"unknown attention implementation '{impl}' (use 'xla' or 'cudnn')")
   rep = h // kv
   qg = q.reshape(b, t, kv, rep, d)
-  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+  logits = acc32(functools.partial(jnp.einsum, "btgrd,bsgd->bgrts"), qg, k)
   logits = logits * (d ** -0.5)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
     logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
+  out = acc32(functools.partial(jnp.einsum, "bgrts,bsgd->btgrd"), probs, v)
   return out.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -157,6 +187,17 @@ class SwiGLU(nn.Module):
     gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj")(x)
     up = dense(self.hidden, ("embed", "mlp"), name="up_proj")(x)
     return dense(x.shape[-1], ("mlp", "embed"), name="down_proj")(nn.silu(gate) * up)
+
+
+# ---- activation sharding ---------------------------------------------------------------------
+
+def shard_batch(x: Array) -> Array:
+  """Keep an activation split over the batch mesh axes (logical 'activation_batch'), other dims whole.
+
+  Without it XLA's propagation may follow a weight that is sharded over fsdp and split an image or
+  token tensor along its features instead, keeping the GLOBAL batch on every device.
+  """
+  return constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
 
 
 # ---- remat -----------------------------------------------------------------------------------

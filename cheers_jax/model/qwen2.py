@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cheers_jax.model.config import TextConfig
-from cheers_jax.model.layers import (Dense, RMSNorm, SwiGLU, apply_rope, attention, partitioned, rope_cos_sin,
+from cheers_jax.model.layers import (Dense, RMSNorm, SwiGLU, acc32, apply_rope, attention, partitioned, rope_cos_sin,
                                      scan_layers)
+from cheers_jax.sharding import constrain, gathered
 
 Array = jax.Array
 
@@ -83,7 +84,7 @@ class DecoderLayer(nn.Module):
     x = x + h
     x = x + SwiGLU(cfg.intermediate_size, name="mlp", **kw)(
         RMSNorm(cfg.rms_norm_eps, axis_name="embed", name="post_attention_layernorm", **kw)(x))
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, (k, v)
 
 
@@ -113,12 +114,12 @@ class Qwen2(nn.Module):
     return jnp.take(self.embed_tokens, ids, axis=0).astype(self.dtype)
 
   def head_kernel(self) -> Array:
-    """(hidden, vocab) output projection."""
-    return self.embed_tokens.T if self.cfg.tie_word_embeddings else self.lm_head
+    """(hidden, vocab) output projection, in the compute dtype, gathered for use (see sharding.gathered)."""
+    kernel = self.embed_tokens.T if self.cfg.tie_word_embeddings else self.lm_head
+    return gathered(kernel.astype(self.dtype), ("embed", "vocab"))
 
   def logits(self, hidden: Array) -> Array:
-    return jnp.dot(hidden.astype(self.dtype), self.head_kernel().astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    return acc32(jnp.dot, hidden.astype(self.dtype), self.head_kernel())
 
   def __call__(self, embeds: Array, positions: Array, mask: Array, cache: Optional[dict] = None,
                cache_index: Optional[Array] = None):

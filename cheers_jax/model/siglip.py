@@ -10,7 +10,8 @@ import flax.linen as nn
 
 from cheers_jax.model.config import VisionConfig
 from cheers_jax.model.interp import interpolate_position_table
-from cheers_jax.model.layers import Dense, LayerNorm, attention, partitioned, scan_layers
+from cheers_jax.model.layers import Dense, LayerNorm, acc32, attention, partitioned, scan_layers
+from cheers_jax.sharding import constrain, gathered
 
 Array = jax.Array
 
@@ -41,14 +42,14 @@ class PatchEmbeddings(nn.Module):
     b, h, w, _ = pixels.shape
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    x = jax.lax.conv_general_dilated(
-        pixels.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(p, p), padding="VALID",
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = acc32(conv, pixels.astype(self.dtype), gathered(kernel.astype(self.dtype), (None, None, None, "vision_embed")))
     gh, gw = h // p, w // p
-    x = (x + bias).astype(self.dtype).reshape(b, gh * gw, cfg.hidden_size)
+    x = (x + gathered(bias, ("vision_embed",))).astype(self.dtype).reshape(b, gh * gw, cfg.hidden_size)
     if (gh, gw) != (cfg.grid, cfg.grid):
       table = interpolate_position_table(table.astype(jnp.float32), gh, gw)
-    return x + table.astype(self.dtype)[None]
+    return x + gathered(table.astype(self.dtype), (None, "vision_embed"))[None]
 
 
 class SelfAttention(nn.Module):
@@ -91,7 +92,7 @@ class EncoderLayer(nn.Module):
     ln = functools.partial(LayerNorm, eps=self.cfg.layer_norm_eps, axis_name="vision_embed", **kw)
     x = x + SelfAttention(self.cfg.num_heads, name="self_attn", **kw)(ln(name="layer_norm1")(x))
     x = x + MLP(self.cfg.intermediate_size, name="mlp", **kw)(ln(name="layer_norm2")(x))
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, None
 
 

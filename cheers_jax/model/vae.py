@@ -5,6 +5,7 @@ order is c*4 + pi*2 + pj, as the reference's `c (i pi) (j pj) -> (c pi pj) i j`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cheers_jax.model.config import VAEConfig
-from cheers_jax.model.layers import attention, partitioned
+from cheers_jax.model.layers import acc32, attention, maybe_remat, partitioned, shard_batch
+from cheers_jax.sharding import gathered
 
 Array = jax.Array
 
@@ -48,7 +50,7 @@ class GroupNorm(nn.Module):
     mean = jnp.mean(x32, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
     y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (y * weight + bias).astype(self.dtype)
+    return (y * gathered(weight, ("conv_out",)) + gathered(bias, ("conv_out",))).astype(self.dtype)
 
 
 class Conv(nn.Module):
@@ -72,10 +74,10 @@ class Conv(nn.Module):
     pad = self.padding
     if isinstance(pad, int):
       pad = ((pad, pad), (pad, pad))
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-    return (y + bias).astype(self.dtype)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(self.stride, self.stride),
+                             padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = acc32(conv, x.astype(self.dtype), gathered(kernel.astype(self.dtype), (None, None, "conv_in", "conv_out")))
+    return (y + gathered(bias, ("conv_out",))).astype(self.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -92,7 +94,7 @@ class ResnetBlock(nn.Module):
     h = Conv(self.out_channels, name="conv2", **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = Conv(self.out_channels, kernel=1, padding=0, name="nin_shortcut", **kw)(x)
-    return x + h
+    return shard_batch(x + h)
 
 
 class AttnBlock(nn.Module):
@@ -145,22 +147,26 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+  """remat_policy: rematerialise each resnet block (the trainable decoder projector's activations at
+  512 px are the step's largest)."""
   cfg: VAEConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
     cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    z = Conv(cfg.z_channels, kernel=1, padding=0, name="post_quant_conv", **kw)(z)
+    block = maybe_remat(ResnetBlock, self.remat_policy)
+    z = Conv(cfg.z_channels, kernel=1, padding=0, name="post_quant_conv", **kw)(shard_batch(z))
     h = Conv(cfg.ch * cfg.ch_mult[-1], name="conv_in", **kw)(z)
-    h = MidBlock(name="mid", **kw)(h)
+    h = maybe_remat(MidBlock, self.remat_policy)(name="mid", **kw)(h)
     for level in reversed(range(len(cfg.ch_mult))):
       for i in range(cfg.num_res_blocks + 1):
-        h = ResnetBlock(cfg.ch * cfg.ch_mult[level], name=f"up_{level}_block_{i}", **kw)(h)
+        h = block(cfg.ch * cfg.ch_mult[level], name=f"up_{level}_block_{i}", **kw)(h)
       if level != 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
-        h = Conv(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
+        h = shard_batch(Conv(h.shape[-1], name=f"up_{level}_upsample", **kw)(h))
     h = nn.swish(GroupNorm(name="norm_out", **kw)(h))
     return Conv(cfg.out_ch, name="conv_out", **kw)(h)
 
@@ -217,9 +223,10 @@ class DecoderProjector(nn.Module):
   cfg: VAEConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat_policy: str = "none"
 
   def setup(self):
-    self.decoder = Decoder(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.decoder = Decoder(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=self.remat_policy)
     self.bn = LatentNorm(self.cfg.latent_channels, self.cfg.bn_eps)
 
   def __call__(self, z: Array) -> Array:

@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cheers_jax.model.layers import acc32
+from cheers_jax.sharding import constrain
 from cheers_jax.model.sequence import IGNORE_INDEX, KIND_GEN
 
 Array = jax.Array
@@ -40,11 +42,14 @@ def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int
   pad = (-n) % chunk
   sorted_h = jnp.pad(jnp.take(flat_h, order, axis=0), ((0, pad), (0, 0)))
   sorted_t = jnp.pad(jnp.take(flat_t, order), (0, pad), constant_values=IGNORE_INDEX)
+  # the sort mixes rows of every device: hold the (few) labelled states whole on each, so the chunks'
+  # `lax.cond` only holds the vocabulary's collectives (a branch with batch collectives deadlocked XLA:CPU)
+  sorted_h, sorted_t = constrain(sorted_h, (None, None)), constrain(sorted_t, (None,))
   starts = jnp.arange(0, n + pad, chunk)
 
   @jax.checkpoint
   def compute(h, t):
-    logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    logits = acc32(jnp.dot, h.astype(dtype), kernel.astype(dtype))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.clip(t, 0, None)[:, None], axis=-1)[:, 0]
     return jnp.where(t != IGNORE_INDEX, lse - picked, 0.0), jnp.where(t != IGNORE_INDEX, lse, 0.0)

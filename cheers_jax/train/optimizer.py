@@ -145,6 +145,41 @@ def scale_by_module(multipliers: Mapping[tuple[str, ...], float]) -> optax.Gradi
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def scale_by_adam_stored_in(dtype, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                            ) -> optax.GradientTransformation:
+  """Adam's scaling (optax.scale_by_adam) with both moments STORED in `dtype` and updated in fp32.
+
+  bfloat16 halves the optimizer state (the official code's AdamW keeps bf16 moments, since its
+  parameters are bf16); the update itself is computed in fp32 from the rounded moments.
+  """
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros(p.shape, dtype)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
+                                  nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    f32 = lambda x: x.astype(jnp.float32)
+    mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
+    count = optax.safe_int32_increment(state.count)
+    c1 = 1 - b1 ** count.astype(jnp.float32)
+    c2 = 1 - b2 ** count.astype(jnp.float32)
+    new = jax.tree.map(lambda g, m, v: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), updates, mu, nu)
+    store = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
+    return new, optax.ScaleByAdamState(count=count, mu=store(mu), nu=store(nu))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_stored_in(learning_rate, b1: float, b2: float, eps: float, weight_decay: float, mask,
+                    moment_dtype: str) -> optax.GradientTransformation:
+  """optax.adamw's chain with `scale_by_adam_stored_in(moment_dtype)` (same state layout)."""
+  return optax.chain(scale_by_adam_stored_in(jnp.dtype(moment_dtype), b1, b2, eps),
+                     optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """clip_by_global_norm(clip_norm) -> AdamW(schedule) [-> per-module lr factors]. Init it on the
   TRAINABLE tree (`partition`).
@@ -154,9 +189,16 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """
   schedule = make_schedule(train_cfg)
   # mask is a function of the params, not a schedule: keep it out of the injected hyperparameters
-  adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-      learning_rate=schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
-      weight_decay=float(train_cfg.weight_decay), mask=_decay_mask)
+  hyper = dict(learning_rate=schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
+               weight_decay=float(train_cfg.weight_decay), mask=_decay_mask)
+  moment_dtype = str(train_cfg.get("opt_state_dtype", "float32"))
+  if moment_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"train.opt_state_dtype='{moment_dtype}': use float32 or bfloat16")
+  if moment_dtype == "float32":
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(**hyper)
+  else:
+    adamw = optax.inject_hyperparams(adamw_stored_in, static_args=("mask", "moment_dtype"))(
+        **hyper, moment_dtype=moment_dtype)
   clip = float(train_cfg.clip_norm)
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else [optax.identity()]
   multipliers = parse_lr_multipliers(train_cfg.get("lr_multipliers", ""))

@@ -138,7 +138,7 @@ def _build_train_step(model: Cheers, config, mesh: Mesh, state_shardings: state_
   repl = sharding.replicated(mesh)
 
   def step(state: state_lib.TrainState, batch: dict):
-    with mesh, sharding.axis_rules_context():
+    with sharding.axis_rules_context(mesh):
       batch = dict(batch)
       x0 = batch.pop("x0", None)
       if x0 is None:
