@@ -8,7 +8,10 @@ turned off for compile speed (same numerics, measured bit-identical on the train
 import os
 import tempfile
 
-_FAST = "--xla_llvm_disable_expensive_passes=true"
+# fast compiles; and XLA:CPU's concurrency-optimised scheduler off: with the activation shardings in force,
+# it lets a fake device start two independent collectives in different orders and the 8-device step
+# deadlocked (collective rendezvous timeouts) on 2 cores
+_FAST = "--xla_llvm_disable_expensive_passes=true --xla_cpu_enable_concurrency_optimized_scheduler=false"
 if _FAST not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST).strip()
 CACHE_DIR = os.environ.get("CHEERS_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "cheers_jax_test_jax_cache"))

@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from tests.train.common import REPO
-from tests.train.conftest import CACHE_DIR
+from tests.train.conftest import _FAST, CACHE_DIR
 
 
 @pytest.mark.slow
 def test_meshes_match_one_device_and_shard_as_the_rules_say():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_llvm_disable_expensive_passes=true "
+  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 " + _FAST + " "
                       + " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f))
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
