@@ -115,8 +115,7 @@ def prepare_environment(target: Target) -> None:
   client, so the default backend must stay the CPU and the plugin must not demand a driver."""
   if target.platform in ("cuda", "tpu"):
     os.environ["JAX_PLATFORMS"] = "cpu"
-  if target.platform == "cuda":
-    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # an installed CUDA plugin must not look for a driver
   if target.platform == "tpu":  # libtpu locks /tmp/libtpu_lockfile for the chips; compiling uses none
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 

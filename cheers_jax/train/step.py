@@ -138,7 +138,8 @@ def _build_train_step(model: Cheers, config, mesh: Mesh, state_shardings: state_
   repl = sharding.replicated(mesh)
 
   def step(state: state_lib.TrainState, batch: dict):
-    with sharding.axis_rules_context(mesh):
+    # train.activation_shardings: the model's activation constraints and gathered weights take effect
+    with sharding.axis_rules_context(mesh if config.train.get("activation_shardings", False) else None):
       batch = dict(batch)
       x0 = batch.pop("x0", None)
       if x0 is None:
