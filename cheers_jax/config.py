@@ -76,10 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.opt_state_dtype = "float32"  # Adam moments: float32 | bfloat16 (halves the optimizer state)
-  # Pin activations batch-sharded and weights gathered for use (sharding.constrain / gathered). Off: with
-  # it on, XLA:CPU mismatched collectives between 2 processes (tests/scale/test_distributed.py) and
-  # deadlocked 8 fake devices; the H100 AOT compile at fsdp=8, B/device 8 went 39.0 -> 38.3 GiB with it.
-  c.train.activation_shardings = False
+  # Pin activations batch-sharded and weights gathered for use (sharding.constrain / gathered): without it
+  # per-device memory GREW with fsdp (tests/train/test_fsdp_memory.py: 0.085 -> 0.088 GiB at fsdp=4 vs
+  # 0.085 -> 0.077 with it). Set False for multi-PROCESS runs on XLA:CPU: its thunk runtime then ran two
+  # processes' collectives in different orders (gloo size mismatch; tests/scale/test_distributed.py).
+  c.train.activation_shardings = True
   c.train.clip_norm = 1.0
   c.train.trainable = "all_but_vae"    # align | all_but_vae (the VAE encoder is always frozen)
   c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
