@@ -40,8 +40,8 @@ def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int
   pad = (-n) % chunk
   sorted_h = jnp.pad(jnp.take(flat_h, order, axis=0), ((0, pad), (0, 0)))
   sorted_t = jnp.pad(jnp.take(flat_t, order), (0, pad), constant_values=IGNORE_INDEX)
-  # the sort mixes rows of every device: hold the (few) labelled states whole on each, so the chunks'
-  # `lax.cond` only holds the vocabulary's collectives (a branch with batch collectives deadlocked XLA:CPU)
+  # the sort mixes every device's rows: the (few) labelled states are held whole on each device, so the
+  # chunk loop has no batch collectives (it is replicated work; a shard-local sort is the next step)
   sorted_h, sorted_t = constrain(sorted_h, (None, None)), constrain(sorted_t, (None,))
   ce, lse = _chunked_ce(sorted_h.reshape(-1, chunk, d), kernel.astype(dtype), sorted_t.reshape(-1, chunk),
                         n_labelled)
