@@ -20,7 +20,9 @@ the real TPU compiler, on a host that has neither (`pip install -r requirements-
 as MaxText's train_compile.py): their memory_analysis() is that device's own figure. On TPU the row
 also has the compiled FLOPs and bytes (cost_analysis), their ratio to the model FLOPs
 (metrics.flops_per_sample x batch: the recompute overhead), and a roofline ESTIMATE of the step time,
-max(FLOPs / peak, bytes / HBM bandwidth), with the MFU that time implies.
+max(FLOPs / peak, bytes / HBM bandwidth), with the MFU that time implies. CAVEAT: XLA's cost model counts a
+while loop's body once, so with scanned layers (the default) compiled FLOPs and bytes are LOWER BOUNDS and
+the ratio can fall below 1 (full size on v5p: 0.59) and the MFU estimate above 100 %.
 `--target cpu` (the default without the extra) uses fake XLA:CPU devices: an ESTIMATE only (XLA:CPU
 fuses and schedules differently and keeps some bf16 work in fp32).
 --per-device-batch counts the rows of one data shard: global batch = per-device batch x data x fsdp.
@@ -157,7 +159,8 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
             f"{measure.fmt(r['compile_s'], '.1f'):>9}")
     if r.get("compiled_tflop") is not None:
       line += (f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's"
-               + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.)"
+               + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.; "
+                  "scanned loop bodies counted once)"
                   if r.get("roofline_step_s_est") else ""))
     lines.append(line)
   return "\n".join(lines)
