@@ -24,15 +24,14 @@ from cheers_jax.errors import UserError
 
 GIB = 2.0 ** 30
 GPU_TARGETS = ("h100", "a100", "a100-40gb")
-# bf16 dense peak TFLOP/s of one GPU (data sheets; SXM parts)
-GPU_PEAK_TFLOPS = {"h100": 989.0, "a100": 312.0, "a100-40gb": 312.0}
-# per TPU chip: (HBM GiB usable by XLA, bf16 peak TFLOP/s, HBM GB/s); Cloud TPU system-architecture pages
+# per TPU chip: (HBM GiB usable by XLA, HBM GB/s); Cloud TPU system-architecture pages. Peak FLOP/s of every
+# device come from train.metrics.PEAK_TFLOPS (one table for MFU and the roofline).
 TPU_CHIPS = {
-    "v4": (32.0, 275.0, 1228.0),
-    "v5e": (15.75, 197.0, 819.0),
-    "v5litepod": (15.75, 197.0, 819.0),
-    "v5p": (95.74, 459.0, 2765.0),
-    "v6e": (31.25, 918.0, 1640.0),
+    "v4": (32.0, 1228.0),
+    "v5e": (15.75, 819.0),
+    "v5litepod": (15.75, 819.0),
+    "v5p": (95.74, 2765.0),
+    "v6e": (31.25, 1640.0),
 }
 AOT_EXTRA = "pip install -r requirements-aot.txt"
 
@@ -82,6 +81,12 @@ def _proto_number(text: str, field: str) -> float:
   return float(m.group(1))
 
 
+def _peak_tflops(device_kind: str) -> Optional[float]:
+  from cheers_jax.train import metrics
+  peak = metrics.peak_flops_per_device(device_kind)
+  return None if peak is None else peak / 1e12
+
+
 def parse(name: str) -> Target:
   """The target's figures; raises TargetError for an unknown name (no jax needed)."""
   name = name.strip().lower()
@@ -89,7 +94,7 @@ def parse(name: str) -> Target:
     return Target("cpu", "cpu", None, None, None)
   if name in GPU_TARGETS:
     text = gpu_description(name)
-    return Target(name, "cuda", _proto_number(text, "device_memory_size") / GIB, GPU_PEAK_TFLOPS[name],
+    return Target(name, "cuda", _proto_number(text, "device_memory_size") / GIB, _peak_tflops(name),
                   _proto_number(text, "memory_bandwidth") / 1e9)
   if name.startswith("tpu:"):
     topology = name[4:]
@@ -97,8 +102,8 @@ def parse(name: str) -> Target:
     if not topology or chip not in TPU_CHIPS:
       raise TargetError(f"unknown TPU topology '{topology}'; give GENERATION:SHAPE with a generation of "
                         f"{', '.join(sorted(TPU_CHIPS))}, e.g. tpu:v5p:2x2x1")
-    mem, tflops, gbps = TPU_CHIPS[chip]
-    return Target(name, "tpu", mem, tflops, gbps)
+    mem, gbps = TPU_CHIPS[chip]
+    return Target(name, "tpu", mem, _peak_tflops("tpu " + ("v5e" if chip == "v5litepod" else chip)), gbps)
   raise TargetError(f"unknown target '{name}'; known: {names()}")
 
 

@@ -162,6 +162,7 @@ def flops_per_sample(cfg: ModelConfig, seq_len: int, image_size: int, images_per
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
     ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0), ("tpu v4", 275.0),
+    ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),
 )
 
 
