@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,20 +14,12 @@ from cheers_jax.data.images import (
     preprocess_generation,
     preprocess_understanding,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLDEN_FILES = {
-    "tiny": REPO_ROOT.parent / "shared" / "oracle" / "golden.npz",
-    "tiny_b": Path("/tmp/oracle_b/golden.npz"),
-}
+from tests.oracle import instance_params
 
 
-@pytest.fixture(scope="module", params=sorted(GOLDEN_FILES))
+@pytest.fixture(scope="module", params=instance_params())
 def golden(request):
-  path = GOLDEN_FILES[request.param]
-  if not path.exists():
-    pytest.skip(f"golden file {path} not present")
-  with np.load(path, allow_pickle=False) as g:
+  with np.load(request.param / "golden.npz", allow_pickle=False) as g:
     return {k: g[k] for k in g.files if k.startswith("preprocess.")}
 
 
