@@ -104,14 +104,8 @@ class Decoder:
     if self.mesh is None:
       return batch
     import jax
-    from cheers_jax.sharding import batch_sharding, replicated
-    n = self.mesh.devices.size
-    out = {}
-    for k, v in batch.items():
-      v = np.asarray(v)
-      sharding = batch_sharding(self.mesh, v.ndim) if v.ndim and v.shape[0] % n == 0 else replicated(self.mesh)
-      out[k] = jax.device_put(v, sharding)
-    return out
+    from cheers_jax.sharding import leading_axis_sharding
+    return {k: jax.device_put(np.asarray(v), leading_axis_sharding(self.mesh, np.shape(v))) for k, v in batch.items()}
 
   def __call__(self, rows: list[PreparedRow]) -> list[np.ndarray]:
     from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts
