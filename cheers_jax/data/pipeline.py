@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -130,12 +129,7 @@ def _to_rgb(image: Any) -> Image.Image:
   if isinstance(image, (str, os.PathLike)):
     return load_image(image)
   if isinstance(image, (bytes, bytearray)):
-    try:
-      with Image.open(io.BytesIO(image)) as im:
-        im.load()
-        return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-      raise BadImageError(f"cannot decode image bytes: {e}") from e
+    return load_image(image)
   arr = np.asarray(image)
   if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)) \
       or 0 in arr.shape:
