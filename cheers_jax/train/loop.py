@@ -60,6 +60,7 @@ class TrainResult:
 def check_config(config) -> ModelConfig:
   """Fails early, with a suggestion, on misspelt keys and inconsistent values."""
   config_lib.check_known_keys(config)
+  config_lib.check_values(config)
   cfg = ModelConfig.from_dict(config.model)
   train_config = config.train
   if train_config.nan_policy not in NAN_POLICIES:

@@ -37,3 +37,11 @@ def test_bad_values_are_clear_errors(tmp_path):
   assert proc.returncode == 2 and "configs/missing.py" in proc.stderr and "Traceback" not in proc.stderr
   proc = run_cli("--config", "configs/tiny.py")
   assert proc.returncode != 0 and "--workdir" in proc.stderr
+
+
+def test_impossible_config_values_exit_2_before_anything_starts(tmp_path):
+  """Issue 13 item 5 through the CLI: one line naming the key, nothing written."""
+  proc = run_cli("--config", "tiny", f"--workdir={tmp_path}", "--config.train.batch_size=0")
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and lines == [lines[-1]] and "train.batch_size=0" in lines[-1], proc.stderr
+  assert not os.listdir(tmp_path)
