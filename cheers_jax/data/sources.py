@@ -17,6 +17,7 @@ made in-process, with `describe` / `parse_caption` so an evaluation can check ca
 """
 from __future__ import annotations
 
+import array
 import collections
 import json
 import os
@@ -78,16 +79,15 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------- JSONL
-def _category_of_line(line: bytes) -> int:
-  # Cheap byte test (no JSON parse) so indexing millions of lines stays fast; escaped text needs a parse.
-  if b"\\u" in line:
-    try:
-      line = json.dumps(json.loads(line), ensure_ascii=False).encode()
-    except ValueError:
-      pass
-  if b"<image_gen>" in line:
-    return GEN
-  return UND if b"<image>" in line else TEXT
+BAD = 3  # the category of a JSONL line that is not a usable record: never drawn, reported once
+MAX_NAMED_BAD_LINES = 1000  # bad lines kept by name for the report (all of them are counted)
+
+
+class BadLine(NamedTuple):
+  index: int        # the record index (blank lines are not records)
+  line_number: int  # 1-based line of the file
+  id: str           # the record's id when it can be read, else FILE:INDEX
+  error: str
 
 
 class JsonlSource:
@@ -97,22 +97,34 @@ class JsonlSource:
      "gpt", "value": "... <im_start><image><im_end> ..."}]}
 
   Images are matched to the <image> / <image_gen> placeholders in conversation order (editing: the
-  source image is <image>, the target <image_gen>). Lines are indexed by byte offset (the file is never
-  loaded whole); a line that is not a valid record yields a marker.
+  source image is <image>, the target <image_gen>). The file is read once, line by line, never whole
+  (the index keeps 17 bytes per line), and every line is PARSED: its category comes from its parsed
+  placeholders. A line that is not a valid record (cut off, not JSON, no `conversations`, images that
+  do not match the placeholders, non-UTF-8) is category BAD: never drawn, listed in `bad_lines` (the
+  first MAX_NAMED_BAD_LINES; `num_bad_lines` counts all) for the pipeline to report, a marker if read.
   """
 
   def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike = "") -> None:
     self.path = os.fspath(path)
     # Relative image paths resolve against image_root, or the JSONL's folder when none is given.
     self.image_root = os.fspath(image_root) or os.path.dirname(os.path.abspath(self.path))
-    offsets, ends, cats = [], [], []
+    offsets, ends, cats = array.array("q"), array.array("q"), array.array("b")
+    self.bad_lines: list[BadLine] = []
+    self.num_bad_lines = 0
     with open(self.path, "rb") as f:
       pos = 0
-      for line in f:
+      for line_number, line in enumerate(f, 1):
         if line.strip():
+          example = self._read(line, len(offsets))
+          if is_marker(example):
+            cats.append(BAD)
+            self.num_bad_lines += 1
+            if len(self.bad_lines) < MAX_NAMED_BAD_LINES:
+              self.bad_lines.append(BadLine(len(offsets), line_number, example["id"], example["error"]))
+          else:
+            cats.append(category_of_kinds(example["image_kinds"]))
           offsets.append(pos)
           ends.append(pos + len(line))
-          cats.append(_category_of_line(line))
         pos += len(line)
     self._offsets = np.asarray(offsets, np.int64)
     self._ends = np.asarray(ends, np.int64)
@@ -145,24 +157,30 @@ class JsonlSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(index)
-    line = self._read_line(index)
+    return self._read(self._read_line(index), index)
+
+  def _read(self, line: bytes, index: int) -> Example:
+    """One line -> an example, or a marker saying why it is not one."""
     fallback_id = f"{os.path.basename(self.path)}:{index}"
     try:
       record = json.loads(line)
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError included
       m = _ID_RE.search(line)  # best effort, so the warning names the sample
       return marker(m.group(1).decode(errors="replace") if m else fallback_id, f"malformed JSON line: {e}")
     try:
       return self._parse(record, fallback_id)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       rid = record.get("id", fallback_id) if isinstance(record, dict) else fallback_id
-      return marker(str(rid), f"malformed record: {type(e).__name__}: {e}")
+      what = f"no {e} field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+      return marker(str(rid), f"malformed record: {what}")
 
   def _parse(self, record: Mapping[str, Any], fallback_id: str) -> Example:
     if not isinstance(record, Mapping):
       raise TypeError("a line must hold a JSON object")
     rid = str(record.get("id", fallback_id))
     messages = normalize_messages(record["conversations"])
+    if not messages:
+      raise ValueError("empty conversations")
     for m in messages:
       if not isinstance(m["content"], str):
         raise TypeError("message values must be strings")

@@ -119,8 +119,10 @@ def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
     state, shardings = state_lib.init_train_state(config, mesh, rng, init_from)
     count = int(config.train.get("calibrate_latent_norm", 0))
     if count > 0 and state_lib.vae_is_random(init_from):  # a checkpoint or a VAE part brings its own statistics
-      state = state_lib.calibrate_latent_norm(config, state, shardings, state_lib.calibration_images(config, count))
-      logging.info("latent BN statistics of the random VAE calibrated on %d training images", count)
+      images = state_lib.calibration_images(config, count)
+      state = state_lib.calibrate_latent_norm(config, state, shardings, images)
+      short = f" (of the {count} asked: the first samples held no more)" if len(images) < count else ""
+      logging.info("latent BN statistics of the random VAE calibrated on %d training images%s", len(images), short)
     return state, shardings, False
   abstract, shardings = state_lib.abstract_train_state(config, mesh)
   state, data_state, saved_config = checkpointer.restore(abstract, shardings, latest)

@@ -189,25 +189,30 @@ def calibrate_latent_norm(config, state: TrainState, shardings: TrainState, imag
   return state.replace(batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
 
 
-def calibration_images(config, count: int) -> np.ndarray:
-  """The first `count` images of the training source, preprocessed as generation targets (n, S, S, 3)."""
-  from cheers_jax.data import images as images_lib
-  from cheers_jax.data import sources
-  size = int(config.data.image_size)
-  source = sources.make_source(config.data, int(config.seed))
-  out = []
-  for index in range(min(len(source), 8 * count)):  # a bounded scan: text-only samples carry no image
-    example = source[index]
-    if sources.is_marker(example):
+def calibration_images(config, count: int, source: Any = None) -> np.ndarray:
+  """Up to `count` training images, exactly as the pipeline prepares them, from the first samples (in
+  source order) of the kinds data.mix draws that the pipeline ACCEPTS (a sample it would skip, too long
+  or with a bad image, gives none; a text-only sample's dummy is not an image): (n, S, S, 3), n <= count
+  (fewer when the first 8 x count such samples hold fewer). No image at all is a ConfigError saying why."""
+  import collections
+  from cheers_jax.data import pipeline, sources
+  from cheers_jax.model.sequence import KIND_PREPENDED
+  source = sources.make_source(config.data, int(config.seed)) if source is None else source
+  prepare = pipeline.PrepareExample(pipeline.spec_from_config(config))
+  drawn = [c for c, name in enumerate(sources.CATEGORIES)
+           if name != "text" and float(config.data.mix.get(name, 0.0)) > 0]
+  candidates = np.flatnonzero(np.isin(np.asarray(source.categories()), drawn))[:8 * count]  # a bounded scan
+  out, skips = [], collections.Counter()
+  for index in candidates:
+    prepared = prepare(int(index), source[int(index)])
+    if "skip" in prepared:
+      skips[prepared["skip"]] += 1
       continue
-    for image in example["images"]:
-      try:
-        image = images_lib.load_image(image) if isinstance(image, str) else image
-        out.append(images_lib.preprocess_generation(image, size).pixel_values.transpose(1, 2, 0))
-      except (OSError, ValueError):  # BadImageError is a ValueError
-        continue  # the pipeline counts and reports bad images; calibration just uses the others
+    out += [px for px, kind in zip(prepared["pixels"], prepared["image_kind"]) if kind != KIND_PREPENDED]
     if len(out) >= count:
       break
   if not out:
-    raise ConfigError("train.calibrate_latent_norm: the training source gave no readable image")
+    why = ", ".join(f"{reason}: {n}" for reason, n in skips.items()) or "none has an image"
+    raise ConfigError(f"train.calibrate_latent_norm={count}: the first {len(candidates)} samples with images "
+                      f"gave no image the pipeline accepts ({why}); fix the data or set it to 0")
   return np.stack(out[:count]).astype(np.float32)
