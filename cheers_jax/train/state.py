@@ -21,7 +21,7 @@ from cheers_jax import sharding
 from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.errors import ConfigError
 from cheers_jax.model.cheers import Cheers, init_variables
-from cheers_jax.model.config import ModelConfig
+from cheers_jax.model.config import ModelConfig, describe_differences, differences
 from cheers_jax.train import optimizer as opt_lib
 
 PyTree = Any
@@ -115,7 +115,8 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
 
   variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
   if init_from.startswith("hf:"):
-    from cheers_jax.checkpoint.hf import load_hf_checkpoint
+    from cheers_jax.checkpoint.hf import load_hf_checkpoint, read_hf_config
+    _check_same_architecture(cfg, read_hf_config(init_from[3:]), init_from)  # before any tensor is read
     loaded_cfg, variables = load_hf_checkpoint(init_from[3:], cfg=cfg, dtype=jnp.float32,
                                                shardings=variable_shardings)
     _check_same_architecture(cfg, loaded_cfg, init_from)
@@ -141,13 +142,18 @@ def vae_is_random(init_from: str) -> bool:
   return not init_from
 
 
+# ModelConfig fields that do not change the stored arrays (numerics, layout in memory, truncation)
+NOT_ARCHITECTURE = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention", "reference_bf16_casts",
+                    "max_seq_len")
+
+
 def _check_same_architecture(cfg: ModelConfig, loaded: ModelConfig, where: str) -> None:
-  keep = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention", "reference_bf16_casts",
-          "max_seq_len")
-  a = cfg.replace(**{k: getattr(loaded, k) for k in keep})
-  if a != loaded:
-    raise ConfigError(f"{where}: the checkpoint's model differs from config.model:\n  checkpoint {loaded}\n"
-                      f"  config     {cfg}\nset config.model to the checkpoint's shapes")
+  diffs = differences(cfg, loaded, ignore=NOT_ARCHITECTURE)
+  if diffs:
+    fix = " ".join(f"--config.model.{k}={vb!r}".replace("'", "") for k, _, vb in diffs[:4])
+    raise ConfigError(f"{where}: the checkpoint's model differs from config.model in {len(diffs)} field(s): "
+                      f"{describe_differences(diffs, 'config', 'checkpoint')}; set config.model to the "
+                      f"checkpoint's shapes (e.g. {fix})")
 
 
 def _with_variables(config, rng: Array, variables: dict, shardings: TrainState) -> TrainState:

@@ -315,6 +315,21 @@ def test_latent_calibration_uses_only_accepted_samples_and_reports_the_real_coun
   assert "calibrated on 2 training images (of the 256 asked" in caplog.text
 
 
+def test_init_from_hf_with_other_shapes_names_the_differing_fields():
+  """Issue 13 item 7: init_from=hf:DIR with another model's shapes printed two whole ModelConfigs; the
+  error now names each differing field with both values, before any tensor is read."""
+  from cheers_jax.errors import ConfigError
+  config = small_config()
+  config.model.text = dict(config.model.text, num_layers=3)
+  config.init_from = f"hf:{CKPT}"
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  with pytest.raises(ConfigError) as e:
+    state_lib.init_train_state(config, mesh)
+  msg = str(e.value)
+  assert "1 field(s): text.num_layers: 3 (config) vs 2 (checkpoint)" in msg and "--config.model.text.num_layers=2" in msg
+  assert "TextConfig(" not in msg and "\n" not in msg
+
+
 # ---- FLOPs -------------------------------------------------------------------------------------------
 def test_flops_match_the_oracle_count():
   """Full size, 512x512, seq 400: 16.2 TFLOP per training sample (oracle README), per module too."""
