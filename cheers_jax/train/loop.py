@@ -244,6 +244,9 @@ class Trainer:
     self.state, shardings, resumed = ckpt_lib.restore_or_init(
         config, self.workdir, mesh, jax.random.PRNGKey(int(config.seed)), self.iterator, self.checkpointer)
     self.step = int(jax.device_get(self.state.step))
+    replayed = self.writer.drop_after(self.step)  # the steps after the checkpoint run again
+    if replayed:
+      log.info("dropped %d metrics.jsonl rows after step %d (those steps run again)", replayed, self.step)
     log.info("%s at step %d of %d; mesh %s; %d devices (%s)", "resumed" if resumed else "starting", self.step,
              self.total, dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
     self.step_fn = step_lib.make_train_step(self.model, config, mesh, shardings)

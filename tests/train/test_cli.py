@@ -68,3 +68,16 @@ def test_resuming_with_another_model_config_names_the_fields_without_noise(tmp_p
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert len(errors) == 1 and "model.text.num_layers: 3 (now) vs 2 (checkpoint)" in errors[0], proc.stderr[-3000:]
   assert "Event loop" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_preempted_run_exits_75(tmp_path, monkeypatch, capsys):
+  """Issue 13 item 8: a preempted run exited 0, like a finished one. SIGTERM -> checkpoint -> exit 75
+  (EX_TEMPFAIL, documented in --help, README and launch/README.md; the SLURM script requeues on it)."""
+  from cheers_jax.train import __main__ as train_main
+  from cheers_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("preempted", 4))
+  train_main.parse_flags(["train", "--config", "tiny", f"--workdir={tmp_path}"])
+  assert train_main.main(["train"]) == train_main.EXIT_PREEMPTED == 75
+  monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("done", 6))
+  assert train_main.main(["train"]) == 0
+  assert "75" in (train_main.__doc__ or "") and "preempted" in capsys.readouterr().out

@@ -135,3 +135,22 @@ def test_inference_loader_reads_a_training_run(uninterrupted):
   model, variables = loader.load_run(workdir, "float32")
   assert model.cfg == loader.inference_config(state_lib.model_config(small_config()), "float32")
   assert tree_max_abs_diff(variables["params"], jax.device_get(result.state.params)) == 0.0
+
+
+def test_resume_after_a_kill_never_repeats_a_step_in_metrics_jsonl(uninterrupted, tmp_path):
+  """Issue 13 item 8: after a SIGKILL (here: the last checkpoint never written, a metrics line cut short)
+  the resumed run replays steps 5-6; metrics.jsonl held them twice. Now it holds every step once, with
+  the replayed values (equal to the uninterrupted run's)."""
+  import shutil
+  ref_dir, _ = uninterrupted
+  shutil.copytree(ref_dir, tmp_path / "run")
+  run = tmp_path / "run"
+  shutil.rmtree(run / "hf")
+  shutil.rmtree(ckpt_lib.checkpoint_dir(run) / "6")  # killed before step 6's checkpoint: resumes at 4
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "loss": 1.')  # the write the kill cut short
+  result = train(small_config(), run, iterator=fake_iterator(), export_hf=False, **QUIET)
+  assert result.status == "done" and result.step == 6
+  steps = [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl") if "loss" in r]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert losses(run) == losses(ref_dir)
