@@ -254,8 +254,10 @@ class _BatchIterator(grain.DatasetIterator):
       if "skip" in item:
         skips.append((item["id"], item["skip"], item["message"]))
         if len(skips) > limit:
-          raise RuntimeError(f"{len(skips)} consecutive samples were skipped while filling one batch; the "
-                             f"data looks broken (last: {skips[-1]})")
+          reasons = collections.Counter(reason for _, reason, _ in skips)
+          raise UserError(f"{len(skips)} consecutive samples were skipped while filling one batch "
+                          f"({', '.join(f'{r}: {n}' for r, n in reasons.items())}); the data looks broken. "
+                          f"Last: {skips[-1][0]}: {skips[-1][2]}")
       else:
         samples.append(item)
     batch = collate(samples, self._spec)

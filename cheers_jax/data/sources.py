@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cheers_jax.data.tokenizer import GEN_IMAGE_TEXT, UND_IMAGE_TEXT, normalize_messages
+from cheers_jax.errors import ConfigError, UserError
 
 
 # Sample categories for mixing (config.data.mix keys), by the kinds of the sample's images.
@@ -111,7 +112,11 @@ class JsonlSource:
     offsets, ends, cats = array.array("q"), array.array("q"), array.array("b")
     self.bad_lines: list[BadLine] = []
     self.num_bad_lines = 0
-    with open(self.path, "rb") as f:
+    try:
+      f = open(self.path, "rb")
+    except OSError as e:  # missing, a folder, unreadable, a symlink loop: the user's path to fix
+      raise UserError(f"cannot read the JSONL file {self.path!r} (data.jsonl_path): {e.strerror or e}") from e
+    with f:
       pos = 0
       for line_number, line in enumerate(f, 1):
         if line.strip():
@@ -406,11 +411,11 @@ def make_source(data_config: Any, seed: int = 0):
     return SyntheticShapes(data_config.synthetic_size, data_config.image_size, seed)
   if kind == "jsonl":
     if not data_config.jsonl_path:
-      raise ValueError("config.data.jsonl_path is empty")
+      raise ConfigError("data.source='jsonl' but data.jsonl_path is empty: give --config.data.jsonl_path=FILE")
     return JsonlSource(data_config.jsonl_path, data_config.image_root)
   if kind == "tfds":
     if not data_config.tfds_name:
-      raise ValueError("config.data.tfds_name is empty")
+      raise ConfigError("data.source='tfds' but data.tfds_name is empty: give --config.data.tfds_name=NAME")
     return TfdsSource(data_config.tfds_name, data_config.tfds_split, data_config.tfds_data_dir or None,
                       data_config.tfds_image_key, data_config.tfds_text_key, tuple(data_config.tfds_tasks))
-  raise ValueError(f"unknown config.data.source {kind!r}: synthetic | jsonl | tfds")
+  raise ConfigError(f"data.source={kind!r}: choose synthetic, jsonl or tfds")

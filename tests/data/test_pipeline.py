@@ -452,7 +452,7 @@ def _bad_lines_jsonl(tmp_path: Path, mix_text: bool = False) -> tuple[Path, dict
   """Good und/gen lines mixed with every kind of bad line the byte test used to class as text."""
   Image.fromarray(_image(5, (40, 40, 3))).save(tmp_path / "ok.png")
   conv = lambda h, g: [{"from": "human", "value": h}, {"from": "gpt", "value": g}]
-  und = conv("<im_start><image><im_end>\nWhat is this?", "A square.")
+  und = conv("<im_start><image><im_end>", "A square.")  # 30 tokens with the image's 4: fits a 32 bucket
   gen = conv("A square.", "<im_start><image_gen><im_end>")
   good = [json.dumps({"id": f"und{i}", "image": "ok.png", "conversations": und}) for i in range(3)] + \
          [json.dumps({"id": f"gen{i}", "image": "ok.png", "conversations": gen}) for i in range(3)]
@@ -510,3 +510,23 @@ def test_a_file_with_no_usable_line_of_the_wanted_kinds_says_so(tmp_path: Path, 
   with pytest.raises(UserError, match="no usable sample of the kinds data.mix draws") as info:
     make_train_iterator(config)
   assert str(path) in str(info.value) and wanted in str(info.value)
+
+
+def test_unreadable_paths_and_all_bad_data_are_user_errors(tmp_path: Path):
+  """Probes beyond issue 13's list: a JSONL path that is a symlink loop (or empty), and an image root that
+  is one (every image unreadable), are one-line user errors, not tracebacks."""
+  import os
+  os.symlink("loop", tmp_path / "loop")
+  with pytest.raises(UserError, match="cannot read the JSONL file .*loop.*symbolic links"):
+    make_train_iterator(_jsonl_config(tmp_path / "loop"))
+  config = _jsonl_config(tmp_path / "loop")
+  config.data.jsonl_path = ""
+  with pytest.raises(UserError, match="data.jsonl_path is empty"):
+    make_train_iterator(config)
+  conv = [{"from": "human", "value": "<im_start><image><im_end>"}, {"from": "gpt", "value": "A square."}]
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps({"id": f"s{i}", "image": "x.png", "conversations": conv}) + "\n"
+                          for i in range(3)))
+  it = make_train_iterator(_jsonl_config(path, image_root=str(tmp_path / "loop")))
+  with pytest.raises(UserError, match=r"consecutive samples were skipped .*bad_image.*symbolic links"):
+    next(it)
