@@ -404,6 +404,23 @@ class SyntheticShapes:
 
 
 # ------------------------------------------------------------------------------------------ config
+_JSONL_CACHE: dict = {}
+
+
+def _indexed_jsonl(path: str, image_root: str) -> JsonlSource:
+  """One index per unchanged file: the pipeline and the latent calibration share it (a 1 GB file takes
+  ~40 s to parse)."""
+  try:
+    st = os.stat(path)
+    key = (os.path.abspath(path), os.fspath(image_root), st.st_mtime_ns, st.st_size, st.st_ino)
+  except OSError:
+    return JsonlSource(path, image_root)  # its own error message
+  if key not in _JSONL_CACHE:
+    _JSONL_CACHE.clear()  # keep one
+    _JSONL_CACHE[key] = JsonlSource(path, image_root)
+  return _JSONL_CACHE[key]
+
+
 def make_source(data_config: Any, seed: int = 0):
   """The source `config.data` names: synthetic | jsonl | tfds."""
   kind = data_config.source
@@ -412,7 +429,7 @@ def make_source(data_config: Any, seed: int = 0):
   if kind == "jsonl":
     if not data_config.jsonl_path:
       raise ConfigError("data.source='jsonl' but data.jsonl_path is empty: give --config.data.jsonl_path=FILE")
-    return JsonlSource(data_config.jsonl_path, data_config.image_root)
+    return _indexed_jsonl(data_config.jsonl_path, data_config.image_root)
   if kind == "tfds":
     if not data_config.tfds_name:
       raise ConfigError("data.source='tfds' but data.tfds_name is empty: give --config.data.tfds_name=NAME")
