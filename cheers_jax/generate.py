@@ -235,6 +235,8 @@ def _t2i_texts(args) -> list[str]:
       lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
     except OSError as e:
       raise CLIError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+      raise CLIError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     texts += [x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#")]
   if not texts:
     raise CLIError("no prompt: give prompts as arguments, with --prompt, or one per line in --prompt-file")

@@ -92,9 +92,17 @@ CASES = {
                                 "model.text.num_layers='many'"),
     "convert-bad-config-json": ("cheers_jax.convert", lambda d: ["assemble", "--config", _bad_config_json(d), "--out",
                                                                  str(d / "o")], "num_hidden_layers=-1"),
+    "generate-binary-prompt-file": ("cheers_jax.generate", lambda d: ["t2i", "--checkpoint", str(d), "--prompt-file",
+                                                                    _binary_file(d), "--out", str(d / "o")],
+                                    "not UTF-8"),
     "convert-orbax-neither": ("cheers_jax.convert", lambda d: ["orbax-to-hf", "--orbax", str(d), "--out", str(d / "o")],
                               "training workdir"),
 }
+
+
+def _binary_file(d) -> str:
+  (d / "prompts.txt").write_bytes(bytes(range(128, 256)))
+  return str(d / "prompts.txt")
 
 
 def _bad_config_json(d) -> str:
