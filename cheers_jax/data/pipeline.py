@@ -23,7 +23,11 @@ to `config.model.max_seq_len`, or with an image cut by that truncation), a sampl
 than `max_images_per_sample`, or one whose labels do not place the flow-matching states on its images
 is skipped and replaced by the next one; each skip logs ONE warning line with the sample id and the
 reason, and is counted in `iterator.skipped` ({reason: count}, checkpointed with the state) and in
-the batch's `num_skipped`.
+the batch's `num_skipped`. Records the source finds unusable while indexing (a JSONL line that is cut
+off, has no `conversations`, or images that do not match its placeholders: category `sources.BAD`)
+are never drawn; process 0 names each once (with its line number) before the first batch and counts
+them as 'malformed', whatever data.mix draws. An image PIL refuses (its decompression-bomb limit
+included) is a bad image like any other.
 
 Batches follow the contract of `cheers_jax.data.batch` (keys, dtypes, shapes and slot placement), with
 B = per-process batch = train.batch_size // process_count, S = bucket and K = max_images_per_sample.
@@ -49,9 +53,9 @@ from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import sources as sources_lib
 from cheers_jax.data.images import (BadImageError, load_image, preprocess_generation,
                                     preprocess_understanding)
-from cheers_jax.errors import UserError
 from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IMAGE_GEN_TOKEN_INDEX,
                                        IMAGE_TOKEN_INDEX, CheersTokenizer, cfg_dropout_ids)
+from cheers_jax.errors import UserError
 from cheers_jax.model.sequence import (KIND_GEN, KIND_PREPENDED, KIND_UND, SequenceError, assemble)
 
 log = logging.getLogger(__name__)
@@ -392,7 +396,7 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
     wanted = [name for name in sources_lib.CATEGORIES if float(mix.get(name, 0.0)) > 0]
     have = ", ".join(f"{n} {k}" for k, n in counts.items()) + (f", {bad} unusable" if bad else "")
     raise UserError(f"{_source_name(source)} has no usable sample of the kinds data.mix draws "
-                    f"({', '.join(wanted) or 'none'}): it holds {have} (records by kind); "
+                    f"({', '.join(wanted) or 'none'}): it holds {have}; "
                     + ("fix the data or give the kinds it has a positive data.mix weight" if len(cats) > bad
                        else "the source has no usable record at all"))
   if len(pools) == 1:

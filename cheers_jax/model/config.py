@@ -22,9 +22,6 @@ class FieldError(ConfigError):
     self.field, self.value, self.wanted = field, value, wanted
 
 
-_POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "bn_eps", "dit_rope_theta")
-
-
 def _check_field_values(obj, prefix: str) -> None:
   """Types and ranges of a config dataclass's own fields (not the nested ones): ints are integers
   >= 1, floats finite and > 0, booleans booleans, strings strings, ch_mult a tuple of integers >= 1. A
