@@ -26,7 +26,11 @@ DUMMY_NOISE_SIDE = 256  # the processor's noise image for `images=[None]` is 256
 
 
 class BadImageError(UserError):
-  """An image file is missing, unreadable or corrupt."""
+  """An image file is missing, unreadable or corrupt; `reason` says why without naming the file."""
+
+  def __init__(self, message: str, reason: str = ""):
+    super().__init__(message)
+    self.reason = reason or message
 
 
 class Preprocessed(NamedTuple):
@@ -47,12 +51,14 @@ def open_image(source: str | os.PathLike | bytes | bytearray, name: str | None =
       im.load()
       return im.convert(mode) if mode else im.copy()
   except FileNotFoundError as e:
-    raise BadImageError(f"image file not found: {shown!r}") from e
+    raise BadImageError(f"image file not found: {shown!r}", "file not found") from e
   except Image.DecompressionBombError as e:
-    raise BadImageError(f"image {shown!r} is too large to decode safely: {e}") from e
+    reason = f"too large to decode safely: {e}"
+    raise BadImageError(f"image {shown!r} is {reason}", reason) from e
   except Exception as e:  # noqa: BLE001 -- PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
     reason = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
-    raise BadImageError(f"cannot read image {shown!r}: {reason or type(e).__name__}") from e
+    reason = reason or type(e).__name__
+    raise BadImageError(f"cannot read image {shown!r}: {reason}", reason) from e
 
 
 def load_image(source: str | os.PathLike | bytes | bytearray, name: str | None = None) -> Image.Image:

@@ -154,7 +154,7 @@ def decode_image(b64: str, file_name: str = "image.jpg"):
   try:
     im = open_image(base64.b64decode(b64, validate=False), name=file_name)
   except (binascii.Error, BadImageError) as e:
-    reason = str(e) if isinstance(e, binascii.Error) else str(e).split(": ", 1)[-1]
+    reason = getattr(e, "reason", str(e))
     raise BadRowImage(f"cannot decode image {file_name!r} ({shown!r}): {reason}") from e
   if im.mode in ("RGBA", "P", "LA"):
     im = im.convert("RGB")
