@@ -175,15 +175,15 @@ def _parser() -> argparse.ArgumentParser:
                  "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`")
   p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"';'-separated meshes (default '{DEFAULT_MESHES}')")
   p.add_argument("--per-device-batch", default="1,2,4,8", help="comma-separated rows per data shard (default 1,2,4,8)")
-  p.add_argument("--seq-len", type=int, default=400, help="static sequence length (default 400, the reference timing's)")
-  p.add_argument("--text-len", type=int, help="text tokens per sample (default: 120, or what fits)")
-  p.add_argument("--gen-fraction", type=float, default=0.5)
-  p.add_argument("--image-slots", type=int, default=1, help="image slots per sample (default 1)")
+  p.add_argument("--seq-len", type=cli.POSITIVE_INT, default=400, help="static sequence length (default 400, the reference timing's)")
+  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="text tokens per sample (default: 120, or what fits)")
+  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5)
+  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
   p.add_argument("--remat", help="comma-separated remat policies, one row each (default: the config's)")
   p.add_argument("--attention", help="attention implementation (default: the config's)")
-  p.add_argument("--hbm-gib", type=float, help="device memory for the 'fits' column (default: the target's; "
+  p.add_argument("--hbm-gib", type=cli.POSITIVE, help="device memory for the 'fits' column (default: the target's; "
                  "79 GiB for cpu)")
-  p.add_argument("--fake-devices", type=int, help="CPU devices to create (default: the largest mesh)")
+  p.add_argument("--fake-devices", type=cli.POSITIVE_INT, help="CPU devices to create (default: the largest mesh)")
   p.add_argument("--out", help="also write the rows to this CSV file (an existing one needs --overwrite)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   return p

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -67,6 +68,36 @@ def comma_list(text: str, flag: str, cast: Callable = str) -> list:
   if not items:
     raise UserError(f"{flag} {text!r}: give at least one value")
   return items
+
+
+# ---- numeric flags: argparse `type=` functions. A bad value (NaN, inf, out of range) is rejected where
+# the argument is parsed, as "argument --flag: ..." (one line, exit 2), before anything slow starts.
+def number(cast: Callable = float, *, minimum: Optional[float] = None, above: Optional[float] = None,
+           maximum: Optional[float] = None, hint: str = "") -> Callable[[str], float]:
+  """A parser of one finite number of type `cast` with value >= minimum, > above and <= maximum."""
+  def parse(text: str):
+    try:
+      value = cast(text)
+    except (TypeError, ValueError):
+      raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
+    bounds = ([f">= {minimum:g}"] if minimum is not None else []) + ([f"> {above:g}"] if above is not None else []) \
+        + ([f"<= {maximum:g}"] if maximum is not None else [])
+    ok = math.isfinite(value) and (minimum is None or value >= minimum) and (above is None or value > above) \
+        and (maximum is None or value <= maximum)
+    if not ok:
+      kind = "an integer" if cast is int else "a finite number"
+      wanted = f"{kind} {' and '.join(bounds)}" if bounds else kind
+      raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}{f' ({hint})' if hint else ''}")
+    return value
+  parse.__name__ = cast.__name__  # argparse names the type in some messages
+  return parse
+
+
+FINITE = number(float)
+POSITIVE = number(float, above=0)
+NON_NEGATIVE = number(float, minimum=0)
+POSITIVE_INT = number(int, minimum=1)
+NON_NEGATIVE_INT = number(int, minimum=0)
 
 
 def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Iterable, Sequence
@@ -188,6 +189,94 @@ def check_known_keys(config) -> None:
         raise ConfigError(unknown_key(f"{section}.{key}" if section else key, key, want.keys()))
 
 
+# Numeric keys and their ranges: (key, lowest, lowest allowed?, highest, highest allowed?, what it means).
+# None = unbounded. NaN and infinities are always refused.
+_RANGES = (
+    ("seed", 0, True, None, True, ""),
+    ("train.steps", 1, True, None, True, "optimizer steps"),
+    ("train.batch_size", 1, True, None, True, "global batch"),
+    ("train.grad_accum", 1, True, None, True, "micro-batches per step"),
+    ("train.lr", 0, False, None, True, "peak learning rate"),
+    ("train.warmup_ratio", 0, True, 1, True, "share of the steps"),
+    ("train.weight_decay", 0, True, None, True, ""),
+    ("train.b1", 0, True, 1, False, "Adam beta1"),
+    ("train.b2", 0, True, 1, False, "Adam beta2"),
+    ("train.eps", 0, False, None, True, "Adam epsilon"),
+    ("train.clip_norm", 0, True, None, True, "0 turns clipping off"),
+    ("train.calibrate_latent_norm", 0, True, None, True, "0 turns it off"),
+    ("train.fm_weight", 0, True, None, True, "lambda"),
+    ("train.ce_chunk", 1, True, None, True, ""),
+    ("checkpoint.every_steps", 1, True, None, True, ""),
+    ("checkpoint.keep", 0, True, None, True, "0 keeps every checkpoint"),
+    ("log_every", 1, True, None, True, ""),
+    ("sample_every", 0, True, None, True, "0 = only at the end"),
+    ("sample_steps", 1, True, None, True, ""),
+    ("sample_cfg", 0, True, None, True, "1 turns guidance off"),
+    ("data.image_size", 1, True, None, True, ""),
+    ("data.max_images_per_sample", 1, True, None, True, ""),
+    ("data.cfg_data_rate", 0, True, 1, True, "a probability"),
+    ("data.worker_count", 0, True, None, True, "0 = in-process"),
+    ("data.synthetic_size", 1, True, None, True, ""),
+    ("data.num_threads", 1, True, None, True, ""),
+    ("data.prefetch", 1, True, None, True, ""),
+)
+
+
+def _lookup(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if node is None or not hasattr(node, "get"):
+      return None
+    node = node.get(part)
+  return node
+
+
+def _number(key: str, value, what: str = "a number") -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f"{key}={value!r}: give {what}")
+  if not math.isfinite(value):
+    raise ConfigError(f"{key}={value!r}: give a finite number")
+  return value
+
+
+def check_values(config) -> None:
+  """Every numeric value is a finite number in its range (`_RANGES`), with the key named: a negative
+  step count or learning rate, a zero batch, a NaN are refused before anything starts."""
+  for key, low, low_ok, high, high_ok, note in _RANGES:
+    value = _lookup(config, key)
+    if value is None:
+      continue
+    want_int = isinstance(_lookup(base_config(), key), int) or key in ("data.num_threads", "data.prefetch")
+    _number(key, value, "an integer" if want_int else "a number")
+    bad = ((low is not None and (value < low or (value == low and not low_ok)))
+           or (high is not None and (value > high or (value == high and not high_ok)))
+           or (want_int and int(value) != value))
+    if bad:
+      rng = " and ".join(([f"{'>=' if low_ok else '>'} {low}"] if low is not None else [])
+                         + ([f"{'<=' if high_ok else '<'} {high}"] if high is not None else []))
+      raise ConfigError(f"{key}={value!r}: must be {'an integer' if want_int else 'a number'} {rng}"
+                        + (f" ({note})" if note else ""))
+  for axis, size in dict(config.get("mesh") or {}).items():
+    if isinstance(size, bool) or not isinstance(size, int) or not (size == -1 or size >= 1):
+      raise ConfigError(f"mesh.{axis}={size!r}: give a device count >= 1, or -1 for the rest of the devices")
+  data = config.get("data")
+  if data is not None:
+    buckets = data.get("seq_buckets")
+    if buckets is not None:
+      if (not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
+          or list(buckets) != sorted(set(buckets))):
+        raise ConfigError(f"data.seq_buckets={tuple(buckets)!r}: give strictly increasing token counts >= 1")
+    mix = data.get("mix")
+    if mix is not None:
+      weights = {name: _number(f"data.mix.{name}", w) for name, w in dict(mix).items()}
+      for name, w in weights.items():
+        if w < 0:
+          raise ConfigError(f"data.mix.{name}={w!r}: a sampling weight must be >= 0")
+      if not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"data.mix {weights}: every weight is 0, so nothing would be drawn; give at least one "
+                          "kind (und, gen, text) a positive weight")
+
+
 # ---- loading -------------------------------------------------------------------------------------
 def is_path(text: str) -> bool:
   file = text.partition(":")[0]
@@ -225,6 +314,7 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> ml_collections.Con
                       " (or give the path of a config file)")
   apply_overrides(config, overrides)
   check_known_keys(config)
+  check_values(config)
   config.lock()
   return config
 

@@ -1,7 +1,7 @@
 """Convert Cheers checkpoints between the published HF layout and Orbax.
 
   python -m cheers_jax.convert hf-to-orbax --hf HF_DIR --out ORBAX_DIR [--dtype float32]
-  python -m cheers_jax.convert orbax-to-hf --orbax ORBAX_DIR --out HF_DIR [--dtype bfloat16]
+  python -m cheers_jax.convert orbax-to-hf --orbax ORBAX_DIR|TRAIN_WORKDIR --out HF_DIR [--dtype bfloat16]
   python -m cheers_jax.convert assemble --vae DIR --siglip DIR --llm DIR --config CONFIG --out HF_DIR
   python -m cheers_jax.convert split --hf HF_DIR --out PARTS_DIR
 
@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from cheers_jax import cli
 from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_checkpoint, save_hf_checkpoint
-from cheers_jax.checkpoint.orbax import CONFIG_JSON, STATE_DIR, load_export, save_export
+from cheers_jax.checkpoint.hf import CheckpointError
+from cheers_jax.checkpoint.orbax import (CHECKPOINT_DIR, CONFIG_JSON, STATE_DIR, is_export, is_run, load_export,
+                                         load_run_model, save_export)
 from cheers_jax.checkpoint.support_files import write_support_files
 
 
@@ -62,7 +64,13 @@ def _hf_to_orbax(args: argparse.Namespace) -> None:
 def _orbax_to_hf(args: argparse.Namespace) -> None:
   out = Path(args.out)
   _prepare_out(out, args.overwrite)
-  cfg, variables = load_export(args.orbax)
+  if is_export(args.orbax):
+    cfg, variables = load_export(args.orbax)
+  elif is_run(args.orbax):
+    cfg, variables = load_run_model(args.orbax)  # a training workdir: its latest (or the given) step
+  else:
+    raise CheckpointError(f"--orbax {args.orbax}: neither an Orbax export ({STATE_DIR}/ + {CONFIG_JSON}, written by "
+                          f"hf-to-orbax) nor a training workdir (with {CHECKPOINT_DIR}/, written by cheers_jax.train)")
   index = save_hf_checkpoint(variables, cfg, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                              store_lm_head=not args.no_lm_head)
   write_support_files(out, cfg)
@@ -117,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
   a.set_defaults(run=_hf_to_orbax)
 
   b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors checkpoint",
-                     description="Load an Orbax checkpoint written by hf-to-orbax (or by training, in "
-                                 "the same layout) and export config.json, sharded safetensors and the "
-                                 "index in the published checkpoint's layout.")
-  b.add_argument("--orbax", required=True, metavar="DIR", help=f"directory with state/ and {CONFIG_JSON}")
+                     description="Load an Orbax export written by hf-to-orbax, or the params of a training "
+                                 "workdir's latest checkpoint (or of WORKDIR/checkpoints/STEP), and export "
+                                 "config.json, sharded safetensors and the index in the published "
+                                 "checkpoint's layout.")
+  b.add_argument("--orbax", required=True, metavar="DIR", help=f"an Orbax export (state/ and {CONFIG_JSON}) or a "
+                 f"training workdir ({CHECKPOINT_DIR}/; the latest step, or give WORKDIR/{CHECKPOINT_DIR}/STEP)")
   b.add_argument("--out", required=True, metavar="DIR", help="output HF checkpoint directory")
   b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                  help="storage dtype of the floating tensors (default: bfloat16, as published)")

@@ -80,12 +80,18 @@ def save_images(images: np.ndarray, prompts: Sequence[str], out_dir: Path, first
   return paths
 
 
-def _load_source(path: str, resolution: int, patch: int) -> np.ndarray:
-  from cheers_jax.data.images import BadImageError, load_image, preprocess_understanding
+def _read_image(path: str):
+  """The --image file decoded (checked before the model loads: a bad file fails in a second)."""
+  from cheers_jax.data.images import BadImageError, load_image
   try:
-    img = load_image(path)
+    return load_image(path)
   except BadImageError as e:
-    raise CLIError(f"{e}; give a readable PNG/JPEG/WebP file") from e
+    raise CLIError(f"--image: {e}; give a readable PNG/JPEG/WebP file") from e
+
+
+def _load_source(args, resolution: int, patch: int) -> np.ndarray:
+  from cheers_jax.data.images import preprocess_understanding
+  img = getattr(args, "source_image", None) or _read_image(args.image)
   return preprocess_understanding(img, resolution=resolution, patch_size=patch).pixel_values.transpose(1, 2, 0)
 
 
@@ -153,7 +159,7 @@ def cmd_chat(args, model, variables, tokenizer) -> int:
 def cmd_ask(args, model, variables, tokenizer) -> int:
   from cheers_jax.data.tokenizer import UND_IMAGE_TEXT
   cfg = model.cfg
-  image = _load_source(args.image, cfg.vision.image_size, cfg.vision.patch_size)
+  image = _load_source(args, cfg.vision.image_size, cfg.vision.patch_size)
   questions = args.prompt or ["Describe this image."]
   prompts = [tokenizer.build_prompt(f"{UND_IMAGE_TEXT}\n{_check_text(q)}", system_prompt=args.system)
              for q in questions]
@@ -204,7 +210,7 @@ def cmd_t2i(args, model, variables, tokenizer) -> int:
 def cmd_edit(args, model, variables, tokenizer) -> int:
   from cheers_jax.infer.t2i import edit_images, edit_prompt
   cfg = model.cfg
-  source = _load_source(args.image, cfg.vision.image_size, cfg.vision.patch_size)
+  source = _load_source(args, cfg.vision.image_size, cfg.vision.patch_size)
   instructions = [_check_text(p) for p in (args.prompt or [])]
   if not instructions:
     raise CLIError("edit needs an instruction: --prompt \"make the sky purple\"")
@@ -229,6 +235,8 @@ def _t2i_texts(args) -> list[str]:
       lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
     except OSError as e:
       raise CLIError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+      raise CLIError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     texts += [x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#")]
   if not texts:
     raise CLIError("no prompt: give prompts as arguments, with --prompt, or one per line in --prompt-file")
@@ -242,23 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   src = common.add_argument_group("model")
   cli.add_model_source_flags(src)
-  src.add_argument("--max-len", type=int, default=4096,
+  src.add_argument("--max-len", type=cli.POSITIVE_INT, default=4096,
                    help="KV cache length: prompt + image tokens + new tokens must fit (default 4096)")
-  src.add_argument("--seed", type=int, default=0, help="random seed (T2I prompt i uses seed + i)")
+  src.add_argument("--seed", type=cli.NON_NEGATIVE_INT, default=0, help="random seed (T2I prompt i uses seed + i)")
   txt = common.add_argument_group("text decoding")
-  txt.add_argument("--max-new-tokens", type=int, help="text tokens to generate (chat/ask 256; t2i/edit 0 = none "
+  txt.add_argument("--max-new-tokens", type=cli.NON_NEGATIVE_INT, help="text tokens to generate (chat/ask 256; t2i/edit 0 = none "
                    "after the image)")
-  txt.add_argument("--temperature", type=float, help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)")
-  txt.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off, the reference default)")
-  txt.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off, the reference default)")
-  txt.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (the reference default)")
+  txt.add_argument("--temperature", type=cli.NON_NEGATIVE, help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)")
+  txt.add_argument("--top-p", type=cli.number(float, above=0, maximum=1, hint="1 turns it off"), default=1.0, help="nucleus sampling (1 = off, the reference default)")
+  txt.add_argument("--top-k", type=cli.NON_NEGATIVE_INT, default=0, help="top-k sampling (0 = off, the reference default)")
+  txt.add_argument("--repetition-penalty", type=cli.number(float, above=0, hint="1 turns it off"), default=1.0, help="1 = off (the reference default)")
   txt.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
 
   flow = argparse.ArgumentParser(add_help=False)
   g = flow.add_argument_group("image generation")
-  g.add_argument("--steps", type=int, default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
-  g.add_argument("--cfg", type=float, default=9.5, help="classifier-free guidance scale (1 = off; default 9.5)")
-  g.add_argument("--shift", type=float, default=0.5, help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
+  g.add_argument("--steps", type=cli.number(int, minimum=1, hint="at least 1 denoising step; published default 80"), default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
+  g.add_argument("--cfg", type=cli.number(float, minimum=0, hint="1 turns guidance off"), default=9.5, help="classifier-free guidance scale (1 = off; default 9.5)")
+  g.add_argument("--shift", type=cli.number(float, above=0, hint="published default 0.5"), default=0.5, help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
   g.add_argument("--out", default="outputs", help="output folder for the PNGs (default ./outputs; must be empty "
                  "or new unless --overwrite)")
   g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
@@ -277,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("prompts", nargs="*", help="prompts (or use --prompt / --prompt-file)")
   t.add_argument("--prompt", action="append", help="a prompt (repeatable)")
   t.add_argument("--prompt-file", help="text file, one prompt per line ('#' lines skipped)")
-  t.add_argument("--batch-size", type=int, default=4, help="prompts per batch (default 4)")
+  t.add_argument("--batch-size", type=cli.POSITIVE_INT, default=4, help="prompts per batch (default 4)")
   e = sub.add_parser("edit", parents=[common, flow], help="edit an image following an instruction")
   e.add_argument("--image", required=True, help="source image file")
   e.add_argument("--prompt", action="append", help="editing instruction (repeatable: one output each)")
@@ -307,8 +315,10 @@ def _validate(args) -> None:
     if args.batch_size < 1:
       raise CLIError(f"--batch-size {args.batch_size} must be >= 1")
     _t2i_texts(args)
-  if args.command in ("ask", "edit") and not os.path.isfile(args.image):
-    raise CLIError(f"image file not found: {args.image!r}")
+  if args.command in ("ask", "edit"):
+    if not os.path.isfile(args.image):
+      raise CLIError(f"image file not found: {args.image!r}")
+    args.source_image = _read_image(args.image)
   if args.command in ("t2i", "edit"):
     cli.check_output_dir(args.out, args.overwrite)
 

@@ -107,13 +107,13 @@ def _parser() -> argparse.ArgumentParser:
                  "(default: the config's)")
   p.add_argument("--batch-sizes", help="comma-separated GLOBAL batch sizes (default: train.batch_size)")
   p.add_argument("--attention", help="comma-separated attention implementations: xla, cudnn (default: the config's)")
-  p.add_argument("--steps", type=int, default=5, help="timed steps per layout (median; default 5)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed steps after the compile (default 1)")
-  p.add_argument("--seq-len", type=int, help="static sequence length (default: the smallest data.seq_buckets)")
-  p.add_argument("--text-len", type=int, help="text tokens per sample (default 120 = the reference's 400-token "
+  p.add_argument("--steps", type=cli.POSITIVE_INT, default=5, help="timed steps per layout (median; default 5)")
+  p.add_argument("--warmup", type=cli.NON_NEGATIVE_INT, default=1, help="untimed steps after the compile (default 1)")
+  p.add_argument("--seq-len", type=cli.POSITIVE_INT, help="static sequence length (default: the smallest data.seq_buckets)")
+  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="text tokens per sample (default 120 = the reference's 400-token "
                  "samples at 512x512, or what fits seq-len)")
-  p.add_argument("--gen-fraction", type=float, default=0.5, help="share of generation samples (default 0.5)")
-  p.add_argument("--image-slots", type=int, default=1, help="image slots per sample (default 1; the pipeline "
+  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5, help="share of generation samples (default 0.5)")
+  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1; the pipeline "
                  "uses data.max_images_per_sample)")
   p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
                  help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
   p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
                  help="one subprocess per layout (auto: unless jax.distributed is in use)")
-  p.add_argument("--timeout", type=float, default=3600.0, help="seconds per layout in subprocess mode")
+  p.add_argument("--timeout", type=cli.POSITIVE, default=3600.0, help="seconds per layout in subprocess mode")
   return p
 
 

@@ -76,7 +76,42 @@ CASES = {
                                           "--metadata"),
     "bench-evaluate-missing-config": ("cheers_jax.bench.evaluate", lambda d: ["--config", str(d / "none.py")],
                                       "not found"),
+    # issue 13: NaN / impossible numbers, where the flag or the config is parsed
+    "generate-nan-cfg": ("cheers_jax.generate", lambda d: ["t2i", "--checkpoint", str(d), "a cat", "--cfg", "nan"],
+                         "argument --cfg"),
+    "evaluate-geneval-nan-shift": ("cheers_jax.evaluate.__main__", lambda d: [
+        "geneval", "--checkpoint", str(d), "--metadata", str(d / "m.jsonl"), "--out", str(d / "o"), "--shift",
+        "nan"], "argument --shift"),
+    "bench-generate-nan-cfg": ("cheers_jax.bench.generate", lambda d: ["--config", "tiny", "--cfg", "nan"],
+                               "argument --cfg"),
+    "sweep-zero-steps": ("cheers_jax.sweep", lambda d: ["--config", "tiny", "--steps", "0"], "argument --steps"),
+    "sweep-negative-train-steps": ("cheers_jax.sweep", lambda d: ["--config", "tiny", "--config.train.steps=-5"],
+                                   "train.steps=-5"),
+    "aot-string-model-number": ("cheers_jax.aot", lambda d: ["--config", "cheers_1p5b",
+                                                             "--config.model.text.num_layers=many"],
+                                "model.text.num_layers='many'"),
+    "convert-bad-config-json": ("cheers_jax.convert", lambda d: ["assemble", "--config", _bad_config_json(d), "--out",
+                                                                 str(d / "o")], "num_hidden_layers=-1"),
+    "generate-binary-prompt-file": ("cheers_jax.generate", lambda d: ["t2i", "--checkpoint", str(d), "--prompt-file",
+                                                                    _binary_file(d), "--out", str(d / "o")],
+                                    "not UTF-8"),
+    "convert-orbax-neither": ("cheers_jax.convert", lambda d: ["orbax-to-hf", "--orbax", str(d), "--out", str(d / "o")],
+                              "training workdir"),
 }
+
+
+def _binary_file(d) -> str:
+  (d / "prompts.txt").write_bytes(bytes(range(128, 256)))
+  return str(d / "prompts.txt")
+
+
+def _bad_config_json(d) -> str:
+  import json
+  from cheers_jax.model.config import ModelConfig
+  config = ModelConfig().to_hf_dict()
+  config["text_config"]["num_hidden_layers"] = -1
+  (d / "config.json").write_text(json.dumps(config))
+  return str(d / "config.json")
 
 
 def _golden(d) -> str:

@@ -63,23 +63,23 @@ def _parser() -> argparse.ArgumentParser:
                    "with --config.KEY=VALUE")
   src.add_argument("--full-size", action="store_true", help="the published model (config cheers_1p5b: 2.6 B "
                    "params, bf16 compute, 512x512)")
-  p.add_argument("--batch-size", type=int, help="global batch (default 8; --full-size: 4 and 8)")
+  p.add_argument("--batch-size", type=cli.POSITIVE_INT, help="global batch (default 8; --full-size: 4 and 8)")
   p.add_argument("--batch-sizes", help="comma-separated global batches (instead of --batch-size)")
-  p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed steps after the compile (default 1)")
+  p.add_argument("--steps", type=cli.POSITIVE_INT, default=10, help="timed steps (median; default 10)")
+  p.add_argument("--warmup", type=cli.NON_NEGATIVE_INT, default=1, help="untimed steps after the compile (default 1)")
   p.add_argument("--mesh", help="AXIS=SIZE pairs, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: the config's mesh)")
   p.add_argument("--remat", help="remat policy: none, full, dots, dots_no_batch (default: the config's)")
   p.add_argument("--attention", help="attention implementation: xla, cudnn (default: the config's)")
-  p.add_argument("--seq-len", type=int, help="static sequence length (default: 400 with --full-size, else the "
+  p.add_argument("--seq-len", type=cli.POSITIVE_INT, help="static sequence length (default: 400 with --full-size, else the "
                  "config's smallest bucket)")
-  p.add_argument("--text-len", type=int, help="random text tokens per sample (default 120, or what fits)")
-  p.add_argument("--gen-fraction", type=float, default=0.5, help="share of generation samples (default 0.5)")
-  p.add_argument("--image-slots", type=int, default=1, help="image slots per sample (default 1)")
+  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="random text tokens per sample (default 120, or what fits)")
+  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5, help="share of generation samples (default 0.5)")
+  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
   p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
                  help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
   p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
                  help="one subprocess per batch size (auto: unless jax.distributed is in use)")
-  p.add_argument("--timeout", type=float, default=3600.0, help="seconds per batch size in subprocess mode")
+  p.add_argument("--timeout", type=cli.POSITIVE, default=3600.0, help="seconds per batch size in subprocess mode")
   return p
 
 

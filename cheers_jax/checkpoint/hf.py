@@ -404,8 +404,10 @@ def open_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None
   """(config, {HF name: open file}) of a Cheers checkpoint whose tensors have been checked against its
   config.json (headers only: nothing is read yet). `cfg` as in load_hf_checkpoint."""
   ckpt_dir = Path(ckpt_dir)
+  if not (ckpt_dir / CONFIG_FILE).is_file():
+    read_hf_config(ckpt_dir)  # the error naming the missing config.json
+  files = open_tensor_files(ckpt_dir)  # before the config's values: is it a checkpoint at all?
   cfg = _merge_numerics(read_hf_config(ckpt_dir), cfg)
-  files = open_tensor_files(ckpt_dir)
   abstract = abstract_variables(cfg)
   shapes = _flat_shapes(abstract)
   expected = hf_tensor_shapes(abstract, store_lm_head=False)

@@ -3,8 +3,8 @@
 1. An EXPORT (`python -m cheers_jax.convert hf-to-orbax`, read by `generate --orbax`):
      DIR/state/               Orbax StandardCheckpointer tree {'params', 'batch_stats'}
      DIR/model_config.json    ModelConfig.to_dict(): converting back needs no other input
-2. A TRAINING RUN's workdir (`python -m cheers_jax.train`, read by `init_from=orbax:DIR` and
-   `generate --run`):
+2. A TRAINING RUN's workdir (`python -m cheers_jax.train`, read by `init_from=orbax:DIR`,
+   `generate --run` and `convert orbax-to-hf`):
      WORKDIR/checkpoints/<step>/state    the whole TrainState (params, BN statistics, optimizer state,
                                          step, rng), restored straight into its shardings
      WORKDIR/checkpoints/<step>/data     the data iterator's state (JSON): a resumed run goes on with
@@ -90,6 +90,8 @@ def _restore_run(workdir: PathLike, step: Optional[int], args: Callable[[], Any]
   manager = ocp.CheckpointManager(directory.absolute(), item_names=RUN_ITEMS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
+    if step is not None and step not in manager.all_steps():
+      raise CheckpointError(f"no checkpoint of step {step} in {directory} (steps: {sorted(manager.all_steps())})")
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {directory}")
@@ -102,6 +104,34 @@ def load_run_config(workdir: PathLike, step: Optional[int] = None) -> tuple[int,
   """(step, the run's config as a dict) of a training workdir's latest (or given) checkpoint."""
   step, out = _restore_run(workdir, step, lambda: ocp.args.Composite(config=ocp.args.JsonRestore()))
   return step, dict(out.config or {})
+
+
+def run_step_dir(path: PathLike) -> tuple[Path, Optional[int]]:
+  """(workdir, step) of a training workdir, its checkpoints/ folder (latest step: None) or one step's
+  folder WORKDIR/checkpoints/STEP."""
+  path = Path(path)
+  if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
+    return path.parent, int(path.name)
+  return path, None
+
+
+def is_run(path: PathLike) -> bool:
+  workdir, _ = run_step_dir(path)
+  return workdir.name == CHECKPOINT_DIR and workdir.is_dir() or (workdir / CHECKPOINT_DIR).is_dir()
+
+
+def load_run_model(path: PathLike) -> tuple[ModelConfig, dict]:
+  """(the run's ModelConfig, {'params', 'batch_stats'} in their stored dtypes on the first device) of a
+  training workdir's latest checkpoint (or of WORKDIR/checkpoints/STEP); no optimizer state is read."""
+  from cheers_jax.checkpoint.hf import abstract_variables
+  workdir, step = run_step_dir(path)
+  step, saved = load_run_config(workdir, step)
+  if "model" not in saved:
+    raise CheckpointError(f"{workdir}: the checkpoint of step {step} does not record the run's config")
+  cfg = ModelConfig.from_dict(saved["model"])
+  abstract = abstract_variables(cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return cfg, load_run_variables(workdir, abstract, jax.tree.map(lambda _: device, abstract), step)
 
 
 def load_run_variables(workdir: PathLike, abstract_variables: Mapping[str, PyTree], shardings: Mapping[str, PyTree],

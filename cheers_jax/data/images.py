@@ -11,6 +11,7 @@ reference training loader converts to RGB first, as done here.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import NamedTuple
 
@@ -25,7 +26,11 @@ DUMMY_NOISE_SIDE = 256  # the processor's noise image for `images=[None]` is 256
 
 
 class BadImageError(UserError):
-  """An image file is missing, unreadable or corrupt."""
+  """An image file is missing, unreadable or corrupt; `reason` says why without naming the file."""
+
+  def __init__(self, message: str, reason: str = ""):
+    super().__init__(message)
+    self.reason = reason or message
 
 
 class Preprocessed(NamedTuple):
@@ -33,17 +38,32 @@ class Preprocessed(NamedTuple):
   grid_hw: tuple[int, int]  # (H // 16, W // 16)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-  """Opens an image fully (so truncation shows up here, not later) and returns it as RGB."""
+def open_image(source: str | os.PathLike | bytes | bytearray, name: str | None = None,
+               mode: str | None = None) -> Image.Image:
+  """THE one place images are decoded: a file path or encoded bytes -> a fully loaded PIL image, in
+  `mode` (default: its own), loaded here so truncation shows up here, not later. Any decoder failure,
+  PIL's decompression-bomb guard included (a header claiming more than 2 x Image.MAX_IMAGE_PIXELS
+  pixels; the limit stays), is a BadImageError naming the file (`name` for bytes)."""
+  is_bytes = isinstance(source, (bytes, bytearray))
+  shown = name or ("image bytes" if is_bytes else os.fspath(source))
   try:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(source) if is_bytes else source) as im:
       im.load()
-      return im.convert("RGB")
+      return im.convert(mode) if mode else im.copy()
   except FileNotFoundError as e:
-    raise BadImageError(f"image file not found: {os.fspath(path)!r}") from e
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    # PIL reports corrupt or truncated files as OSError / SyntaxError / ValueError depending on format.
-    raise BadImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+    raise BadImageError(f"image file not found: {shown!r}", "file not found") from e
+  except Image.DecompressionBombError as e:
+    reason = f"too large to decode safely: {e}"
+    raise BadImageError(f"image {shown!r} is {reason}", reason) from e
+  except Exception as e:  # noqa: BLE001 -- PIL's decoders raise many types (OSError, SyntaxError, ValueError, ...)
+    reason = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+    reason = reason or type(e).__name__
+    raise BadImageError(f"cannot read image {shown!r}: {reason}", reason) from e
+
+
+def load_image(source: str | os.PathLike | bytes | bytearray, name: str | None = None) -> Image.Image:
+  """`open_image` as RGB (what every model input is made from)."""
+  return open_image(source, name, mode="RGB")
 
 
 def _as_rgb(image: Image.Image | np.ndarray) -> Image.Image:

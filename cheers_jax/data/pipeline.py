@@ -23,7 +23,11 @@ to `config.model.max_seq_len`, or with an image cut by that truncation), a sampl
 than `max_images_per_sample`, or one whose labels do not place the flow-matching states on its images
 is skipped and replaced by the next one; each skip logs ONE warning line with the sample id and the
 reason, and is counted in `iterator.skipped` ({reason: count}, checkpointed with the state) and in
-the batch's `num_skipped`.
+the batch's `num_skipped`. Records the source finds unusable while indexing (a JSONL line that is cut
+off, has no `conversations`, or images that do not match its placeholders: category `sources.BAD`)
+are never drawn; process 0 names each once (with its line number) before the first batch and counts
+them as 'malformed', whatever data.mix draws. An image PIL refuses (its decompression-bomb limit
+included) is a bad image like any other.
 
 Batches follow the contract of `cheers_jax.data.batch` (keys, dtypes, shapes and slot placement), with
 B = per-process batch = train.batch_size // process_count, S = bucket and K = max_images_per_sample.
@@ -37,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -52,6 +55,7 @@ from cheers_jax.data.images import (BadImageError, load_image, preprocess_genera
                                     preprocess_understanding)
 from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IMAGE_GEN_TOKEN_INDEX,
                                        IMAGE_TOKEN_INDEX, CheersTokenizer, cfg_dropout_ids)
+from cheers_jax.errors import UserError
 from cheers_jax.model.sequence import (KIND_GEN, KIND_PREPENDED, KIND_UND, SequenceError, assemble)
 
 log = logging.getLogger(__name__)
@@ -130,12 +134,7 @@ def _to_rgb(image: Any) -> Image.Image:
   if isinstance(image, (str, os.PathLike)):
     return load_image(image)
   if isinstance(image, (bytes, bytearray)):
-    try:
-      with Image.open(io.BytesIO(image)) as im:
-        im.load()
-        return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-      raise BadImageError(f"cannot decode image bytes: {e}") from e
+    return load_image(image)
   arr = np.asarray(image)
   if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)) \
       or 0 in arr.shape:
@@ -259,8 +258,10 @@ class _BatchIterator(grain.DatasetIterator):
       if "skip" in item:
         skips.append((item["id"], item["skip"], item["message"]))
         if len(skips) > limit:
-          raise RuntimeError(f"{len(skips)} consecutive samples were skipped while filling one batch; the "
-                             f"data looks broken (last: {skips[-1]})")
+          reasons = collections.Counter(reason for _, reason, _ in skips)
+          raise UserError(f"{len(skips)} consecutive samples were skipped while filling one batch "
+                          f"({', '.join(f'{r}: {n}' for r, n in reasons.items())}); the data looks broken. "
+                          f"Last: {skips[-1][0]}: {skips[-1][2]}")
       else:
         samples.append(item)
     batch = collate(samples, self._spec)
@@ -288,16 +289,36 @@ class TrainIterator(grain.DatasetIterator):
   `num_skipped`. `get_state()` is JSON-serialisable (grain's orbax CheckpointHandler accepts it)."""
   _MUTATES_ELEMENT_SPEC = False
 
-  def __init__(self, parent: grain.DatasetIterator) -> None:
+  def __init__(self, parent: grain.DatasetIterator, source_report: Any = None) -> None:
     super().__init__(parent)
     self.skipped: dict[str, int] = {r: 0 for r in SKIP_REASONS}
     self.recent_skips: collections.deque = collections.deque(maxlen=256)  # (id, reason, message)
+    # Records the source found unusable while indexing (never drawn): reported with the first batch,
+    # one line each, and counted once as 'malformed' (a resumed state already holds the count).
+    self._source_report = source_report
+    self._source_counted = False
 
   @property
   def num_skipped(self) -> int:
     return sum(self.skipped.values())
 
+  def _report_source(self) -> None:
+    report, self._source_report = self._source_report, None
+    named, total, name = report
+    for line in named:
+      message = f"line {line.line_number} of {name}: {line.error}"
+      log.warning("skipped sample %s (%s): %s", line.id, "malformed", message)
+      self.recent_skips.append((line.id, "malformed", message))
+    if total > len(named):
+      log.warning("skipped %d more unusable lines of %s (only the first %d are named)", total - len(named), name,
+                  len(named))
+    if not self._source_counted:
+      self.skipped["malformed"] += total
+      self._source_counted = True
+
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._source_report is not None:
+      self._report_source()
     batch = next(self._parent)
     for sid, reason, message in batch.pop("_skips"):
       log.warning("skipped sample %s (%s): %s", sid, reason, message)
@@ -313,11 +334,16 @@ class TrainIterator(grain.DatasetIterator):
     self._parent.set_state(state["pipeline"])
     self.skipped = {r: 0 for r in SKIP_REASONS}
     self.skipped.update({k: int(v) for k, v in state["skipped"].items()})
+    self._source_counted = True  # the saved counts include the source's unusable records
 
 
 class _TrainIterDataset(grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, source_report: Any = None) -> None:
+    super().__init__(parent)
+    self._source_report = source_report
+
   def __iter__(self) -> TrainIterator:
-    return TrainIterator(self._parent.__iter__())
+    return TrainIterator(self._parent.__iter__(), self._source_report)
 
 
 # ------------------------------------------------------------------------------------ the stream
@@ -338,9 +364,17 @@ def _derived_seed(seed: int, *salt: int) -> int:
   return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])  # < 2**32, as grain wants
 
 
+def _source_name(source: Any) -> str:
+  return getattr(source, "path", None) or type(source).__name__
+
+
 def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool = True) -> grain.MapDataset:
-  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch."""
+  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch.
+  Samples of a kind the mix gives weight 0 are not drawn (said once); unusable records (category
+  sources.BAD) never are. No usable sample of a wanted kind is a UserError that says what there is."""
   cats = np.asarray(source.categories())
+  counts = {name: int(np.sum(cats == c)) for c, name in enumerate(sources_lib.CATEGORIES)}
+  bad = int(np.sum(cats == sources_lib.BAD))
   pools, weights = [], []
   for c, name in enumerate(sources_lib.CATEGORIES):
     weight = float(mix.get(name, 0.0))
@@ -349,6 +383,9 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
       log.warning("data.mix gives %r weight %g but the source has no %r samples; ignored", name, weight, name)
       continue
     if weight <= 0:
+      if len(idx):
+        log.warning("%d %r samples of %s are not drawn: data.mix.%s=%g", len(idx), name, _source_name(source),
+                    name, weight)
       continue
     ds = grain.MapDataset.source(_Subset(source, idx))
     if shuffle:
@@ -356,7 +393,12 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
     pools.append(ds.repeat())
     weights.append(weight)
   if not pools:
-    raise ValueError(f"no samples to draw: the source's categories and data.mix {dict(mix)} do not overlap")
+    wanted = [name for name in sources_lib.CATEGORIES if float(mix.get(name, 0.0)) > 0]
+    have = ", ".join(f"{n} {k}" for k, n in counts.items()) + (f", {bad} unusable" if bad else "")
+    raise UserError(f"{_source_name(source)} has no usable sample of the kinds data.mix draws "
+                    f"({', '.join(wanted) or 'none'}): it holds {have}; "
+                    + ("fix the data or give the kinds it has a positive data.mix weight" if len(cats) > bad
+                       else "the source has no usable record at all"))
   if len(pools) == 1:
     return pools[0]
   ds = grain.MapDataset.mix(pools, weights)
@@ -388,7 +430,10 @@ def make_train_dataset(config: Any, *, seed: int | None = None, process_index: i
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-  return _TrainIterDataset(batched)
+  report = None
+  if process_index == 0 and getattr(source, "num_bad_lines", 0):  # one process reports and counts them
+    report = (list(source.bad_lines), int(source.num_bad_lines), _source_name(source))
+  return _TrainIterDataset(batched, report)
 
 
 def make_train_iterator(config: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,

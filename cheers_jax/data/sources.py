@@ -17,6 +17,7 @@ made in-process, with `describe` / `parse_caption` so an evaluation can check ca
 """
 from __future__ import annotations
 
+import array
 import collections
 import json
 import os
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cheers_jax.data.tokenizer import GEN_IMAGE_TEXT, UND_IMAGE_TEXT, normalize_messages
+from cheers_jax.errors import ConfigError, UserError
 
 
 # Sample categories for mixing (config.data.mix keys), by the kinds of the sample's images.
@@ -78,16 +80,15 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------- JSONL
-def _category_of_line(line: bytes) -> int:
-  # Cheap byte test (no JSON parse) so indexing millions of lines stays fast; escaped text needs a parse.
-  if b"\\u" in line:
-    try:
-      line = json.dumps(json.loads(line), ensure_ascii=False).encode()
-    except ValueError:
-      pass
-  if b"<image_gen>" in line:
-    return GEN
-  return UND if b"<image>" in line else TEXT
+BAD = 3  # the category of a JSONL line that is not a usable record: never drawn, reported once
+MAX_NAMED_BAD_LINES = 1000  # bad lines kept by name for the report (all of them are counted)
+
+
+class BadLine(NamedTuple):
+  index: int        # the record index (blank lines are not records)
+  line_number: int  # 1-based line of the file
+  id: str           # the record's id when it can be read, else FILE:INDEX
+  error: str
 
 
 class JsonlSource:
@@ -97,22 +98,38 @@ class JsonlSource:
      "gpt", "value": "... <im_start><image><im_end> ..."}]}
 
   Images are matched to the <image> / <image_gen> placeholders in conversation order (editing: the
-  source image is <image>, the target <image_gen>). Lines are indexed by byte offset (the file is never
-  loaded whole); a line that is not a valid record yields a marker.
+  source image is <image>, the target <image_gen>). The file is read once, line by line, never whole
+  (the index keeps 17 bytes per line), and every line is PARSED: its category comes from its parsed
+  placeholders. A line that is not a valid record (cut off, not JSON, no `conversations`, images that
+  do not match the placeholders, non-UTF-8) is category BAD: never drawn, listed in `bad_lines` (the
+  first MAX_NAMED_BAD_LINES; `num_bad_lines` counts all) for the pipeline to report, a marker if read.
   """
 
   def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike = "") -> None:
     self.path = os.fspath(path)
     # Relative image paths resolve against image_root, or the JSONL's folder when none is given.
     self.image_root = os.fspath(image_root) or os.path.dirname(os.path.abspath(self.path))
-    offsets, ends, cats = [], [], []
-    with open(self.path, "rb") as f:
+    offsets, ends, cats = array.array("q"), array.array("q"), array.array("b")
+    self.bad_lines: list[BadLine] = []
+    self.num_bad_lines = 0
+    try:
+      f = open(self.path, "rb")
+    except OSError as e:  # missing, a folder, unreadable, a symlink loop: the user's path to fix
+      raise UserError(f"cannot read the JSONL file {self.path!r} (data.jsonl_path): {e.strerror or e}") from e
+    with f:
       pos = 0
-      for line in f:
+      for line_number, line in enumerate(f, 1):
         if line.strip():
+          example = self._read(line, len(offsets))
+          if is_marker(example):
+            cats.append(BAD)
+            self.num_bad_lines += 1
+            if len(self.bad_lines) < MAX_NAMED_BAD_LINES:
+              self.bad_lines.append(BadLine(len(offsets), line_number, example["id"], example["error"]))
+          else:
+            cats.append(category_of_kinds(example["image_kinds"]))
           offsets.append(pos)
           ends.append(pos + len(line))
-          cats.append(_category_of_line(line))
         pos += len(line)
     self._offsets = np.asarray(offsets, np.int64)
     self._ends = np.asarray(ends, np.int64)
@@ -145,24 +162,30 @@ class JsonlSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(index)
-    line = self._read_line(index)
+    return self._read(self._read_line(index), index)
+
+  def _read(self, line: bytes, index: int) -> Example:
+    """One line -> an example, or a marker saying why it is not one."""
     fallback_id = f"{os.path.basename(self.path)}:{index}"
     try:
       record = json.loads(line)
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError included
       m = _ID_RE.search(line)  # best effort, so the warning names the sample
       return marker(m.group(1).decode(errors="replace") if m else fallback_id, f"malformed JSON line: {e}")
     try:
       return self._parse(record, fallback_id)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       rid = record.get("id", fallback_id) if isinstance(record, dict) else fallback_id
-      return marker(str(rid), f"malformed record: {type(e).__name__}: {e}")
+      what = f"no {e} field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+      return marker(str(rid), f"malformed record: {what}")
 
   def _parse(self, record: Mapping[str, Any], fallback_id: str) -> Example:
     if not isinstance(record, Mapping):
       raise TypeError("a line must hold a JSON object")
     rid = str(record.get("id", fallback_id))
     messages = normalize_messages(record["conversations"])
+    if not messages:
+      raise ValueError("empty conversations")
     for m in messages:
       if not isinstance(m["content"], str):
         raise TypeError("message values must be strings")
@@ -381,6 +404,23 @@ class SyntheticShapes:
 
 
 # ------------------------------------------------------------------------------------------ config
+_JSONL_CACHE: dict = {}
+
+
+def _indexed_jsonl(path: str, image_root: str) -> JsonlSource:
+  """One index per unchanged file: the pipeline and the latent calibration share it (a 1 GB file takes
+  ~40 s to parse)."""
+  try:
+    st = os.stat(path)
+    key = (os.path.abspath(path), os.fspath(image_root), st.st_mtime_ns, st.st_size, st.st_ino)
+  except OSError:
+    return JsonlSource(path, image_root)  # its own error message
+  if key not in _JSONL_CACHE:
+    _JSONL_CACHE.clear()  # keep one
+    _JSONL_CACHE[key] = JsonlSource(path, image_root)
+  return _JSONL_CACHE[key]
+
+
 def make_source(data_config: Any, seed: int = 0):
   """The source `config.data` names: synthetic | jsonl | tfds."""
   kind = data_config.source
@@ -388,11 +428,11 @@ def make_source(data_config: Any, seed: int = 0):
     return SyntheticShapes(data_config.synthetic_size, data_config.image_size, seed)
   if kind == "jsonl":
     if not data_config.jsonl_path:
-      raise ValueError("config.data.jsonl_path is empty")
-    return JsonlSource(data_config.jsonl_path, data_config.image_root)
+      raise ConfigError("data.source='jsonl' but data.jsonl_path is empty: give --config.data.jsonl_path=FILE")
+    return _indexed_jsonl(data_config.jsonl_path, data_config.image_root)
   if kind == "tfds":
     if not data_config.tfds_name:
-      raise ValueError("config.data.tfds_name is empty")
+      raise ConfigError("data.source='tfds' but data.tfds_name is empty: give --config.data.tfds_name=NAME")
     return TfdsSource(data_config.tfds_name, data_config.tfds_split, data_config.tfds_data_dir or None,
                       data_config.tfds_image_key, data_config.tfds_text_key, tuple(data_config.tfds_tasks))
-  raise ValueError(f"unknown config.data.source {kind!r}: synthetic | jsonl | tfds")
+  raise ConfigError(f"data.source={kind!r}: choose synthetic, jsonl or tfds")

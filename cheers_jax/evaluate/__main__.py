@@ -34,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
   u.add_argument("--data", required=True, help="VLMEvalKit TSV (e.g. $LMUData/MMBench_DEV_EN_V11.tsv)")
   u.add_argument("--dataset", help="benchmark name: picks the prompt and the scorer (default: the file's stem)")
   u.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
-  u.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
-  u.add_argument("--limit", type=int, help="only the first N rows (a quick look)")
-  u.add_argument("--max-new-tokens", type=int,
+  u.add_argument("--batch-size", type=cli.POSITIVE_INT, default=16, help="rows decoded together (default 16)")
+  u.add_argument("--limit", type=cli.POSITIVE_INT, help="only the first N rows (a quick look)")
+  u.add_argument("--max-new-tokens", type=cli.POSITIVE_INT,
                  help="cap on answer tokens (default: the reference's own limit, prompt + answer <= 1025 ids)")
-  u.add_argument("--bucket", type=int, default=64, help="prompt lengths are padded to a multiple of this (compiles)")
-  u.add_argument("--save-every", type=int, default=1, help="write the predictions file every N batches (default 1)")
+  u.add_argument("--bucket", type=cli.POSITIVE_INT, default=64, help="prompt lengths are padded to a multiple of this (compiles)")
+  u.add_argument("--save-every", type=cli.POSITIVE_INT, default=1, help="write the predictions file every N batches (default 1)")
   u.add_argument("--no-progress", action="store_true", help="no progress bar")
 
   s = sub.add_parser("score", help="re-score a predictions TSV without a model")
@@ -53,18 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     if name == "geneval":
       g.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
-      g.add_argument("--images-per-prompt", type=int, default=d["images_per_prompt"],
+      g.add_argument("--images-per-prompt", type=cli.POSITIVE_INT, default=d["images_per_prompt"],
                      help=f"default {d['images_per_prompt']} (run_short.sh --batch_size 4)")
     else:
       g.add_argument("--prompts", required=True, help="DPG-Bench prompts folder (one .txt per prompt)")
     g.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    g.add_argument("--steps", type=int, default=d["steps"], help=f"Euler steps (default {d['steps']}: {d['steps_src']})")
-    g.add_argument("--cfg", type=float, default=d["cfg"], help=f"guidance scale (default {d['cfg']}: {d['cfg_src']})")
-    g.add_argument("--shift", type=float, default=d["shift"],
+    g.add_argument("--steps", type=cli.POSITIVE_INT, default=d["steps"], help=f"Euler steps (default {d['steps']}: {d['steps_src']})")
+    g.add_argument("--cfg", type=cli.NON_NEGATIVE, default=d["cfg"], help=f"guidance scale (default {d['cfg']}: {d['cfg_src']})")
+    g.add_argument("--shift", type=cli.POSITIVE, default=d["shift"],
                    help=f"time shift a (default {d['shift']}: {d['shift_src']})")
-    g.add_argument("--seed", type=int, default=0, help="image n of prompt i uses seed + i * images-per-prompt + n")
-    g.add_argument("--batch-size", type=int, default=8, help="images generated together (default 8)")
-    g.add_argument("--limit", type=int, help="only the first N prompts")
+    g.add_argument("--seed", type=cli.NON_NEGATIVE_INT, default=0, help="image n of prompt i uses seed + i * images-per-prompt + n")
+    g.add_argument("--batch-size", type=cli.POSITIVE_INT, default=8, help="images generated together (default 8)")
+    g.add_argument("--limit", type=cli.POSITIVE_INT, help="only the first N prompts")
   return p
 
 

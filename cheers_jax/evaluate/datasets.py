@@ -148,25 +148,25 @@ _SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", 
 def decode_image(b64: str, file_name: str = "image.jpg"):
   """A base64 image as the wrapper reads it: decoded, palette/alpha modes to RGB, written in the format
   of `file_name`'s extension (JPEG at PIL's defaults for VLMEvalKit's `<index>.jpg`), read back as RGB."""
-  from PIL import Image, UnidentifiedImageError
+  from PIL import Image
+  from cheers_jax.data.images import BadImageError, open_image
+  shown = b64 if len(b64) <= 64 else b64[:20] + "..."
   try:
-    raw = base64.b64decode(b64, validate=False)
-    with Image.open(io.BytesIO(raw)) as im:
-      im.load()
-      if im.mode in ("RGBA", "P", "LA"):
-        im = im.convert("RGB")
-      fmt = _SAVE_FORMATS.get(os.path.splitext(file_name)[1].lower())
-      if fmt is None:
-        return im.convert("RGB")
-      buf = io.BytesIO()
-      im.save(buf, format=fmt)
-    with Image.open(io.BytesIO(buf.getvalue())) as back:
-      back.load()
-      return back.convert("RGB")
-  except (binascii.Error, UnidentifiedImageError, OSError, SyntaxError, ValueError, KeyError) as e:
-    shown = b64 if len(b64) <= 64 else b64[:20] + "..."
-    reason = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+    im = open_image(base64.b64decode(b64, validate=False), name=file_name)
+  except (binascii.Error, BadImageError) as e:
+    reason = getattr(e, "reason", str(e))
     raise BadRowImage(f"cannot decode image {file_name!r} ({shown!r}): {reason}") from e
+  if im.mode in ("RGBA", "P", "LA"):
+    im = im.convert("RGB")
+  fmt = _SAVE_FORMATS.get(os.path.splitext(file_name)[1].lower())
+  if fmt is None:
+    return im.convert("RGB")
+  buf = io.BytesIO()
+  try:
+    im.save(buf, format=fmt)
+  except (OSError, ValueError, KeyError) as e:
+    raise BadRowImage(f"cannot decode image {file_name!r} ({shown!r}): {e}") from e
+  return open_image(buf.getvalue(), name=file_name, mode="RGB")
 
 
 def preprocess_row_images(row, resolution: int, patch_size: int) -> list[np.ndarray]:

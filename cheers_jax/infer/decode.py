@@ -54,11 +54,13 @@ class SamplingConfig:
     return self.temperature <= 1e-6
 
   def validate(self) -> "SamplingConfig":
+    if not 0.0 <= self.temperature < float("inf"):  # NaN fails too: it would sample garbage
+      raise GenerationError(f"temperature={self.temperature} must be a finite number >= 0 (<= 1e-6 is greedy)")
     if not 0.0 < self.top_p <= 1.0:
       raise GenerationError(f"top_p={self.top_p} must be in (0, 1] (1 turns it off)")
-    if self.top_k < 0:
+    if int(self.top_k) != self.top_k or self.top_k < 0:
       raise GenerationError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
-    if self.repetition_penalty <= 0:
+    if not 0.0 < self.repetition_penalty < float("inf"):
       raise GenerationError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 turns it off)")
     return self
 

@@ -96,14 +96,7 @@ def load_orbax_export(ckpt_dir: PathLike, dtype: str) -> tuple[Cheers, dict]:
 
 def load_run(workdir: PathLike, dtype: str) -> tuple[Cheers, dict]:
   """The params of a training workdir's latest checkpoint, with the run's own model config."""
-  step, saved = orbax_lib.load_run_config(workdir)
-  if "model" not in saved:
-    raise CheckpointError(f"{workdir}: the checkpoint of step {step} does not record the run's config")
-  cfg = ModelConfig.from_dict(saved["model"])
-  abstract = abstract_variables(cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shardings = jax.tree.map(lambda _: device, abstract)
-  variables = orbax_lib.load_run_variables(workdir, abstract, shardings, step)
+  cfg, variables = orbax_lib.load_run_model(workdir)
   return _ready(cfg, variables, dtype)
 
 

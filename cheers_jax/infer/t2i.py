@@ -164,6 +164,8 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
   seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
   if len(seeds) != b:
     raise GenerationError(f"{b} prompts but {len(seeds)} seeds")
+  if cfg_scale is not None and not 0.0 <= float(cfg_scale) < float("inf"):  # NaN would give a black image
+    raise GenerationError(f"cfg_scale={cfg_scale} must be a finite number >= 0 (1 or None turns guidance off)")
   use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
   rows, row_images, row_seeds = list(prompts), list(images), list(seeds)
   if use_cfg:
@@ -200,7 +202,7 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
 def _check_flow_args(steps: int, alpha: float) -> None:
   if int(steps) != steps or steps < 1:
     raise GenerationError(f"steps={steps}: need at least 1 denoising step (the published default is 80)")
-  if not alpha > 0:
+  if not 0 < alpha < float("inf"):
     raise GenerationError(f"shift alpha={alpha} must be > 0 (the published default is 0.5)")
 
 

@@ -7,9 +7,63 @@ complete file the official code loads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from cheers_jax.errors import ConfigError, unknown_key
+
+
+class FieldError(ConfigError):
+  """A config field holds a value of the wrong type or range; `field` is its dotted name (e.g.
+  'text.num_layers'), so a caller can name it as its user wrote it (a config.json key, a --config key)."""
+
+  def __init__(self, field: str, value: Any, wanted: str):
+    super().__init__(f"{field}={value!r}: must be {wanted}")
+    self.field, self.value, self.wanted = field, value, wanted
+
+
+def _check_field_values(obj, prefix: str) -> None:
+  """Types and ranges of a config dataclass's own fields (not the nested ones): ints are integers
+  >= 1, floats finite and > 0, booleans booleans, strings strings, ch_mult a tuple of integers >= 1. A
+  string where a number belongs is named here instead of failing later inside arithmetic."""
+  for f in dataclasses.fields(obj):
+    value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "int":
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FieldError(name, value, "an integer >= 1")
+    elif kind == "float":
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise FieldError(name, value, "a finite number > 0")
+    elif kind == "bool":
+      if not isinstance(value, bool):
+        raise FieldError(name, value, "true or false")
+    elif kind == "str":
+      if not isinstance(value, str):
+        raise FieldError(name, value, "a string")
+    elif f.name == "ch_mult":
+      if (not isinstance(value, tuple) or not value
+          or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in value)):
+        raise FieldError(name, value, "a non-empty list of integers >= 1")
+
+
+def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+  """(dotted field, value in a, value in b) for every field where two (nested) configs differ."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  fa = flat(a.to_dict() if hasattr(a, "to_dict") else dict(a))
+  fb = flat(b.to_dict() if hasattr(b, "to_dict") else dict(b))
+  norm = lambda v: tuple(v) if isinstance(v, list) else v
+  return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+          if k.split(".")[-1] not in ignore and norm(fa.get(k)) != norm(fb.get(k))]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], a_name: str, b_name: str) -> str:
+  """'text.num_layers: 3 (config) vs 2 (checkpoint), ...' for an error message."""
+  return ", ".join(f"{k}: {va!r} ({a_name}) vs {vb!r} ({b_name})" for k, va, vb in diffs)
 
 
 def _check_keys(cls, values: Mapping[str, Any], where: str, ignore=()) -> None:
@@ -17,6 +71,22 @@ def _check_keys(cls, values: Mapping[str, Any], where: str, ignore=()) -> None:
   for key in values:
     if key not in valid and key not in ignore:
       raise ConfigError(unknown_key(f"{where}.{key}", key, valid))
+
+
+# config.json's names of our fields, where they differ (for error messages)
+_OURS_OF_HF = {"text": {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                        "num_key_value_heads": "num_kv_heads"},
+               "vision": {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                          "vision_use_head": "use_head"}}
+
+
+def _float(value: Any) -> Any:
+  """A JSON number as float; anything else as it is, for the field checks to name."""
+  return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _tuple(value: Any) -> Any:
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +101,9 @@ class TextConfig:
   rope_theta: float = 1e6
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = True
+
+  def __post_init__(self):
+    _check_field_values(self, "text.")
 
   @property
   def head_dim(self) -> int:
@@ -49,6 +122,9 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6
   use_head: bool = True  # the MAP pooling head: in the checkpoint, unused by Cheers
 
+  def __post_init__(self):
+    _check_field_values(self, "vision.")
+
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
@@ -65,6 +141,9 @@ class VAEConfig:
   out_ch: int = 3
   resolution: int = 512
   bn_eps: float = 1e-4
+
+  def __post_init__(self):
+    _check_field_values(self, "vae.")
 
   @property
   def latent_channels(self) -> int:
@@ -92,6 +171,7 @@ class ModelConfig:
   reference_bf16_casts: bool = True
 
   def __post_init__(self):
+    _check_field_values(self, "")
     if self.vae.ch != self.vae.latent_channels:
       raise ConfigError(
           f"vae.ch ({self.vae.ch}) must equal 4 * vae.z_channels ({self.vae.latent_channels}): the "
@@ -114,14 +194,17 @@ class ModelConfig:
     """From a nested dict / ConfigDict with our own key names; unknown keys are errors."""
     d = dict(d)
     _check_keys(cls, d, "model")
-    sub = {}
-    for name, sub_cls in (("text", TextConfig), ("vision", VisionConfig), ("vae", VAEConfig)):
-      values = dict(d.pop(name, {}) or {})
-      _check_keys(sub_cls, values, f"model.{name}")
-      if "ch_mult" in values:
-        values["ch_mult"] = tuple(values["ch_mult"])
-      sub[name] = sub_cls(**values)
-    return cls(**sub, **d)
+    try:
+      sub = {}
+      for name, sub_cls in (("text", TextConfig), ("vision", VisionConfig), ("vae", VAEConfig)):
+        values = dict(d.pop(name, {}) or {})
+        _check_keys(sub_cls, values, f"model.{name}")
+        if isinstance(values.get("ch_mult"), (list, tuple)):
+          values["ch_mult"] = tuple(values["ch_mult"])
+        sub[name] = sub_cls(**values)
+      return cls(**sub, **d)
+    except FieldError as e:  # named as the user wrote it: model.text.num_layers
+      raise FieldError(f"model.{e.field}", e.value, e.wanted) from None
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -136,35 +219,51 @@ class ModelConfig:
     for key in hf:
       if key not in known_top:
         raise ConfigError(unknown_key(key, key, known_top, noun="config.json key"))
-    t = dict(hf.get("text_config", {}))
-    v = dict(hf.get("vision_representation_config", {}))
-    enc = dict(hf.get("vae_encoder_config", {}))
-    dec = dict(hf.get("vae_decoder_config", {}))
+    sections = ("text_config", "vision_representation_config", "vae_encoder_config", "vae_decoder_config")
+    for section in sections:  # every published config.json has them (their keys may take defaults)
+      if not isinstance(hf.get(section), Mapping):
+        raise ConfigError(f"no {section} section (a Cheers config.json has all of {', '.join(sections)})"
+                          if section not in hf else
+                          f"{section} must be an object, got {hf[section]!r}")
+    t, v, enc, dec = (dict(hf[section]) for section in sections)
     for key in ("ch", "ch_mult", "num_res_blocks", "z_channels"):
       if key in enc and key in dec and enc[key] != dec[key]:
         raise ConfigError(f"vae_encoder_config.{key}={enc[key]} differs from vae_decoder_config.{key}="
                           f"{dec[key]}; cheers-jax assumes one VAE shape")
+    try:
+      return cls._from_hf_sections(hf, t, v, enc, dec, overrides)
+    except FieldError as e:  # named as config.json spells it: text_config.num_hidden_layers
+      section, _, field = e.field.partition(".")
+      hf_section = {"text": "text_config", "vision": "vision_representation_config"}.get(section)
+      hf_key = {v2: k for k, v2 in _OURS_OF_HF.get(section, {}).items()}.get(field, field)
+      where = f"{hf_section}.{hf_key}" if hf_section else (
+          f"vae_encoder_config.{field} / vae_decoder_config.{field}" if section == "vae"
+          else {"max_seq_len": "tokenizer_model_max_length"}.get(e.field, e.field))
+      raise ConfigError(f"{where}={e.value!r}: must be {e.wanted}") from None
+
+  @classmethod
+  def _from_hf_sections(cls, hf, t, v, enc, dec, overrides) -> "ModelConfig":
     vae_vals = {**enc, **dec}
     text = TextConfig(
         hidden_size=t.get("hidden_size", 1536), intermediate_size=t.get("intermediate_size", 8960),
         num_layers=t.get("num_hidden_layers", 28), num_heads=t.get("num_attention_heads", 12),
         num_kv_heads=t.get("num_key_value_heads", 2), vocab_size=t.get("vocab_size", 151936),
-        rope_theta=float(t.get("rope_theta", 1e6)), rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        rope_theta=_float(t.get("rope_theta", 1e6)), rms_norm_eps=_float(t.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", True))))
     vision = VisionConfig(
         hidden_size=v.get("hidden_size", 1152), intermediate_size=v.get("intermediate_size", 4304),
         num_layers=v.get("num_hidden_layers", 27), num_heads=v.get("num_attention_heads", 16),
         patch_size=v.get("patch_size", 16), image_size=v.get("image_size", 512),
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)), use_head=bool(v.get("vision_use_head", True)))
+        layer_norm_eps=_float(v.get("layer_norm_eps", 1e-6)), use_head=bool(v.get("vision_use_head", True)))
     if "num_patches" in v and v["num_patches"] != vision.grid ** 2:
       raise ConfigError(f"vision num_patches={v['num_patches']} but (image_size/patch_size)^2 = {vision.grid ** 2}")
     vae = VAEConfig(
-        ch=vae_vals.get("ch", 128), ch_mult=tuple(vae_vals.get("ch_mult", (1, 2, 4, 4))),
+        ch=vae_vals.get("ch", 128), ch_mult=_tuple(vae_vals.get("ch_mult", (1, 2, 4, 4))),
         num_res_blocks=vae_vals.get("num_res_blocks", 2), z_channels=vae_vals.get("z_channels", 32),
         in_channels=vae_vals.get("in_channels", 3), out_ch=vae_vals.get("out_ch", 3),
         resolution=vae_vals.get("resolution", 512))
     return cls(text=text, vision=vision, vae=vae,
-               max_seq_len=int(hf.get("tokenizer_model_max_length", 4096)), **overrides)
+               max_seq_len=hf.get("tokenizer_model_max_length", 4096), **overrides)
 
   def to_hf_dict(self) -> dict:
     """A complete config.json (every value explicit) in the reference's nesting."""

@@ -10,7 +10,9 @@ position). On SIGTERM a checkpoint is written at the next step boundary before e
 final params are exported to WORKDIR/hf in the published HF layout, sample images go to
 WORKDIR/samples, metrics to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR).
 Multi-host: start one process per host (see launch/); cheers_jax.distributed reads the environment.
-A mistake in the config or the flags is one line `error: ...` and exit status 2 (--debug: traceback).
+Exit status: 0 finished; 2 a mistake in the config, the flags or the data (one line `error: ...`;
+--debug: traceback); 3 stopped on a non-finite loss (train.nan_policy=stop); 75 preempted (SIGTERM): a
+checkpoint is saved, rerun the same command to resume (75 = EX_TEMPFAIL, "try again"; launch/ requeues).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ _EVAL = flags.DEFINE_bool("eval", True, "After training on the synthetic shapes,
                           "report colour/shape accuracy against chance.")
 _SAMPLES = flags.DEFINE_bool("samples", True, "Write sample images of config.sample_prompts.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error too.")
+
+EXIT_NONFINITE = 3    # stopped on a non-finite loss or gradient (train.nan_policy='stop')
+EXIT_PREEMPTED = 75   # SIGTERM: checkpoint saved, rerun to resume (sysexits.h EX_TEMPFAIL)
 
 _OVERRIDES: list[str] = []  # the --config.KEY=VALUE arguments, set aside before absl parses the rest
 
@@ -76,9 +81,9 @@ def _train(argv: list[str]) -> int:
     result = train(config, workdir, export_hf=_EXPORT_HF.value, evaluate=_EVAL.value, samples=_SAMPLES.value)
   except NonFiniteError as e:
     print(f"training stopped: {e}", file=sys.stderr)
-    return 3
+    return EXIT_NONFINITE
   print(f"{result.status} at step {result.step}; workdir {workdir}", flush=True)
-  return 0
+  return EXIT_PREEMPTED if result.status == "preempted" else 0
 
 
 def main(argv: list[str]) -> int:

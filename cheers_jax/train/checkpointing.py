@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cheers_jax.checkpoint.orbax import CHECKPOINT_DIR, RUN_ITEMS
+from cheers_jax.errors import ConfigError
 from cheers_jax.train import state as state_lib
 
 PyTree = Any
@@ -96,6 +97,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
     return out.state, decode_iterator_state(out.data or {}), out.config or {}
 
+  def saved_config(self, step: int) -> dict:
+    """The run config stored with checkpoint `step` (read alone: no array is touched)."""
+    out = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(out.config or {})
+
   def reached_preemption(self, step: int) -> bool:
     """Multi-host: JAX's preemption sync point (all hosts agree on the step)."""
     return self.manager.reached_preemption(step)
@@ -119,16 +125,47 @@ def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
     state, shardings = state_lib.init_train_state(config, mesh, rng, init_from)
     count = int(config.train.get("calibrate_latent_norm", 0))
     if count > 0 and state_lib.vae_is_random(init_from):  # a checkpoint or a VAE part brings its own statistics
-      state = state_lib.calibrate_latent_norm(config, state, shardings, state_lib.calibration_images(config, count))
-      logging.info("latent BN statistics of the random VAE calibrated on %d training images", count)
+      images = state_lib.calibration_images(config, count)
+      state = state_lib.calibrate_latent_norm(config, state, shardings, images)
+      short = f" (of the {count} asked: the first samples held no more)" if len(images) < count else ""
+      logging.info("latent BN statistics of the random VAE calibrated on %d training images%s", len(images), short)
     return state, shardings, False
+  where = checkpointer.directory / str(latest)
+  check_resumable(config, checkpointer.saved_config(latest), where)  # before any array is restored
   abstract, shardings = state_lib.abstract_train_state(config, mesh)
   state, data_state, saved_config = checkpointer.restore(abstract, shardings, latest)
-  _check_model_config(config, saved_config, checkpointer.directory / str(latest))
+  _check_model_config(config, saved_config, where)
   if iterator is not None and data_state is not None:
     iterator.set_state(data_state)
   logging.info("resumed from %s at step %d", checkpointer.directory, latest)
   return state, shardings, True
+
+
+# train keys that shape the stored state (the optimizer state's tree and dtypes)
+STATE_TRAIN_KEYS = ("trainable", "opt_state_dtype", "lr_multipliers")
+
+
+def check_resumable(config, saved: Mapping[str, Any], where: Path) -> None:
+  """A checkpoint restores only into the state of the model (and optimizer) it was saved from: any
+  difference that changes the stored arrays is a ConfigError naming the fields, in one paragraph."""
+  if not saved or "model" not in saved:
+    return
+  from cheers_jax.model.config import ModelConfig, describe_differences, differences
+  try:
+    then = ModelConfig.from_dict(saved["model"])
+  except (ConfigError, TypeError, ValueError):  # a config this version cannot read: leave it to the restore
+    return
+  now = ModelConfig.from_dict(config.model)
+  ignore = tuple(k for k in state_lib.NOT_ARCHITECTURE if k != "scan_layers")  # scanning changes the tree
+  diffs = [(f"model.{k}", a, b) for k, a, b in differences(now, then, ignore=ignore)]
+  saved_train, train = saved.get("train", {}), config_json(config).get("train", {})
+  diffs += [(f"train.{k}", train.get(k), saved_train[k]) for k in STATE_TRAIN_KEYS
+            if k in saved_train and train.get(k) != saved_train[k]]
+  if diffs:
+    raise ConfigError(
+        f"cannot resume from {where}: the checkpoint was saved with another config in {len(diffs)} field(s): "
+        f"{describe_differences(diffs, 'now', 'checkpoint')}. Resume with the config the run was started with "
+        f"(e.g. {' '.join(f'--config.{k}={b}' for k, _, b in diffs[:3])}), or start a new run in another --workdir")
 
 
 def _check_model_config(config, saved: Mapping[str, Any], where: Path) -> None:

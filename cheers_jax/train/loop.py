@@ -60,6 +60,7 @@ class TrainResult:
 def check_config(config) -> ModelConfig:
   """Fails early, with a suggestion, on misspelt keys and inconsistent values."""
   config_lib.check_known_keys(config)
+  config_lib.check_values(config)
   cfg = ModelConfig.from_dict(config.model)
   train_config = config.train
   if train_config.nan_policy not in NAN_POLICIES:
@@ -243,6 +244,9 @@ class Trainer:
     self.state, shardings, resumed = ckpt_lib.restore_or_init(
         config, self.workdir, mesh, jax.random.PRNGKey(int(config.seed)), self.iterator, self.checkpointer)
     self.step = int(jax.device_get(self.state.step))
+    replayed = self.writer.drop_after(self.step)  # the steps after the checkpoint run again
+    if replayed:
+      log.info("dropped %d metrics.jsonl rows after step %d (those steps run again)", replayed, self.step)
     log.info("%s at step %d of %d; mesh %s; %d devices (%s)", "resumed" if resumed else "starting", self.step,
              self.total, dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
     self.step_fn = step_lib.make_train_step(self.model, config, mesh, shardings)

@@ -253,6 +253,33 @@ class MetricWriter:
     numeric = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     self.writer.write_scalars(int(step), numeric)
 
+  def drop_after(self, step: int) -> int:
+    """Removes metrics.jsonl's rows of steps after `step`, and a last line cut short by a kill: a run
+    resumed from checkpoint `step` replays those steps, so the file never holds a step twice. Returns
+    the number of rows dropped."""
+    if not self.enabled:
+      return 0
+    path = self.workdir / "metrics.jsonl"
+    self._jsonl.close()
+    kept, dropped = [], 0
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+          keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by SIGKILL
+          keep = False
+        if keep:
+          kept.append(line if line.endswith("\n") else line + "\n")
+        elif line.strip():
+          dropped += 1
+    if dropped:
+      tmp = path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(kept))
+      os.replace(tmp, path)
+    self._jsonl = open(path, "a", buffering=1)
+    return dropped
+
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """images: name -> (N, H, W, C) or (H, W, C) floats in [0, 1] or uint8."""
     if not self.enabled:

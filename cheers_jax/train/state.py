@@ -21,7 +21,7 @@ from cheers_jax import sharding
 from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.errors import ConfigError
 from cheers_jax.model.cheers import Cheers, init_variables
-from cheers_jax.model.config import ModelConfig
+from cheers_jax.model.config import ModelConfig, describe_differences, differences
 from cheers_jax.train import optimizer as opt_lib
 
 PyTree = Any
@@ -115,7 +115,8 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
 
   variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
   if init_from.startswith("hf:"):
-    from cheers_jax.checkpoint.hf import load_hf_checkpoint
+    from cheers_jax.checkpoint.hf import load_hf_checkpoint, read_hf_config
+    _check_same_architecture(cfg, read_hf_config(init_from[3:]), init_from)  # before any tensor is read
     loaded_cfg, variables = load_hf_checkpoint(init_from[3:], cfg=cfg, dtype=jnp.float32,
                                                shardings=variable_shardings)
     _check_same_architecture(cfg, loaded_cfg, init_from)
@@ -141,13 +142,18 @@ def vae_is_random(init_from: str) -> bool:
   return not init_from
 
 
+# ModelConfig fields that do not change the stored arrays (numerics, layout in memory, truncation)
+NOT_ARCHITECTURE = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention", "reference_bf16_casts",
+                    "max_seq_len")
+
+
 def _check_same_architecture(cfg: ModelConfig, loaded: ModelConfig, where: str) -> None:
-  keep = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention", "reference_bf16_casts",
-          "max_seq_len")
-  a = cfg.replace(**{k: getattr(loaded, k) for k in keep})
-  if a != loaded:
-    raise ConfigError(f"{where}: the checkpoint's model differs from config.model:\n  checkpoint {loaded}\n"
-                      f"  config     {cfg}\nset config.model to the checkpoint's shapes")
+  diffs = differences(cfg, loaded, ignore=NOT_ARCHITECTURE)
+  if diffs:
+    fix = " ".join(f"--config.model.{k}={vb!r}".replace("'", "") for k, _, vb in diffs[:4])
+    raise ConfigError(f"{where}: the checkpoint's model differs from config.model in {len(diffs)} field(s): "
+                      f"{describe_differences(diffs, 'config', 'checkpoint')}; set config.model to the "
+                      f"checkpoint's shapes (e.g. {fix})")
 
 
 def _with_variables(config, rng: Array, variables: dict, shardings: TrainState) -> TrainState:
@@ -189,25 +195,30 @@ def calibrate_latent_norm(config, state: TrainState, shardings: TrainState, imag
   return state.replace(batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
 
 
-def calibration_images(config, count: int) -> np.ndarray:
-  """The first `count` images of the training source, preprocessed as generation targets (n, S, S, 3)."""
-  from cheers_jax.data import images as images_lib
-  from cheers_jax.data import sources
-  size = int(config.data.image_size)
-  source = sources.make_source(config.data, int(config.seed))
-  out = []
-  for index in range(min(len(source), 8 * count)):  # a bounded scan: text-only samples carry no image
-    example = source[index]
-    if sources.is_marker(example):
+def calibration_images(config, count: int, source: Any = None) -> np.ndarray:
+  """Up to `count` training images, exactly as the pipeline prepares them, from the first samples (in
+  source order) of the kinds data.mix draws that the pipeline ACCEPTS (a sample it would skip, too long
+  or with a bad image, gives none; a text-only sample's dummy is not an image): (n, S, S, 3), n <= count
+  (fewer when the first 8 x count such samples hold fewer). No image at all is a ConfigError saying why."""
+  import collections
+  from cheers_jax.data import pipeline, sources
+  from cheers_jax.model.sequence import KIND_PREPENDED
+  source = sources.make_source(config.data, int(config.seed)) if source is None else source
+  prepare = pipeline.PrepareExample(pipeline.spec_from_config(config))
+  drawn = [c for c, name in enumerate(sources.CATEGORIES)
+           if name != "text" and float(config.data.mix.get(name, 0.0)) > 0]
+  candidates = np.flatnonzero(np.isin(np.asarray(source.categories()), drawn))[:8 * count]  # a bounded scan
+  out, skips = [], collections.Counter()
+  for index in candidates:
+    prepared = prepare(int(index), source[int(index)])
+    if "skip" in prepared:
+      skips[prepared["skip"]] += 1
       continue
-    for image in example["images"]:
-      try:
-        image = images_lib.load_image(image) if isinstance(image, str) else image
-        out.append(images_lib.preprocess_generation(image, size).pixel_values.transpose(1, 2, 0))
-      except (OSError, ValueError):  # BadImageError is a ValueError
-        continue  # the pipeline counts and reports bad images; calibration just uses the others
+    out += [px for px, kind in zip(prepared["pixels"], prepared["image_kind"]) if kind != KIND_PREPENDED]
     if len(out) >= count:
       break
   if not out:
-    raise ConfigError("train.calibrate_latent_norm: the training source gave no readable image")
+    why = ", ".join(f"{reason}: {n}" for reason, n in skips.items()) or "none has an image"
+    raise ConfigError(f"train.calibrate_latent_norm={count}: the first {len(candidates)} samples with images "
+                      f"gave no image the pipeline accepts ({why}); fix the data or set it to 0")
   return np.stack(out[:count]).astype(np.float32)

@@ -366,6 +366,30 @@ def test_error_unknown_config_key(tmp_path):
   assert "config.json" in str(e.value)
 
 
+@needs_tiny
+@pytest.mark.parametrize("edit, named", [
+    (lambda c: c["text_config"].update(num_hidden_layers=-1), "text_config.num_hidden_layers=-1"),
+    (lambda c: c.pop("text_config"), "no text_config section"),
+    (lambda c: c["text_config"].update(hidden_size="64"), "text_config.hidden_size='64'"),
+    (lambda c: c["vision_representation_config"].update(layer_norm_eps=None), "layer_norm_eps=None"),
+])
+def test_config_json_values_are_checked_before_the_tensors(tmp_path, edit, named):
+  """Issue 13 item 7: num_hidden_layers=-1 or no text_config passed and failed later as "24 unexpected /
+  312 missing tensors"; a string where a number belongs raised "TypeError: not all arguments converted
+  during string formatting". Each is now a ConfigError naming the config.json key."""
+  dst = tmp_path / "ckpt"
+  shutil.copytree(TINY, dst)
+  os.chmod(dst, 0o755)
+  cfg = json.loads((dst / "config.json").read_text())
+  edit(cfg)
+  (dst / "config.json").unlink()
+  (dst / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ConfigError) as e:
+    load_hf_checkpoint(dst)
+  msg = str(e.value)
+  assert named in msg and "config.json" in msg and "tensors" not in msg and "\n" not in msg, msg
+
+
 def test_error_no_checkpoint_files(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "umm"}))
   with pytest.raises(CheckpointError, match="model.safetensors"):

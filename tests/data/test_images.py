@@ -101,3 +101,32 @@ def test_load_image(tmp_path):
   with pytest.raises(BadImageError, match="cut.png"):
     load_image(truncated)
   assert issubclass(BadImageError, ValueError)
+
+
+def write_bomb_png(path, side: int = 20000) -> str:
+  """A 100-byte PNG whose header claims side x side pixels: over 2 x PIL's MAX_IMAGE_PIXELS, so
+  Image.open raises DecompressionBombError (the pixel data is never there)."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+  png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+         + chunk(b"IDAT", zlib.compress(b"\x00" * 4)) + chunk(b"IEND", b""))
+  with open(path, "wb") as f:
+    f.write(png)
+  return str(path)
+
+
+def test_image_over_the_pixel_limit_is_a_bad_image_naming_the_file(tmp_path):
+  """Issue 13 item 1: PIL's DecompressionBombError (limit kept) is a BadImageError naming the file,
+  for paths and for encoded bytes, so training skips it and the CLIs print one line."""
+  bomb = write_bomb_png(tmp_path / "huge.png")
+  assert Image.MAX_IMAGE_PIXELS and 20000 ** 2 > 2 * Image.MAX_IMAGE_PIXELS  # the limit itself stays
+  with pytest.raises(BadImageError, match=r"huge\.png.*too large"):
+    load_image(bomb)
+  with pytest.raises(BadImageError, match=r"huge\.png"):
+    load_image(open(bomb, "rb").read(), name="huge.png")
+  from cheers_jax.data.pipeline import preprocess_image
+  with pytest.raises(BadImageError, match="too large"):
+    preprocess_image(open(bomb, "rb").read(), "und", 32)

@@ -15,6 +15,7 @@ from cheers_jax.data import pipeline
 from cheers_jax.data.images import preprocess_generation, preprocess_understanding
 from cheers_jax.data.pipeline import PipelineSpec, PrepareExample, collate, make_train_iterator
 from cheers_jax.data.sources import category_of_kinds, is_marker
+from cheers_jax.errors import UserError
 from cheers_jax.data.tokenizer import (IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_TOKEN_INDEX,
                                        IMAGE_TOKEN_INDEX, NO_MEAN_ID, CheersTokenizer)
 from cheers_jax.model.sequence import assemble
@@ -445,3 +446,87 @@ def test_cfg_dropout_in_batches():
       rows[kind][1] += 1
   assert rows[1][0] == 0 and rows[1][1] > 100
   assert abs(rows[2][0] / rows[2][1] - 0.2) < 0.06
+
+
+def _bad_lines_jsonl(tmp_path: Path, mix_text: bool = False) -> tuple[Path, dict[str, str]]:
+  """Good und/gen lines mixed with every kind of bad line the byte test used to class as text."""
+  Image.fromarray(_image(5, (40, 40, 3))).save(tmp_path / "ok.png")
+  conv = lambda h, g: [{"from": "human", "value": h}, {"from": "gpt", "value": g}]
+  und = conv("<im_start><image><im_end>", "A square.")  # 30 tokens with the image's 4: fits a 32 bucket
+  gen = conv("A square.", "<im_start><image_gen><im_end>")
+  good = [json.dumps({"id": f"und{i}", "image": "ok.png", "conversations": und}) for i in range(3)] + \
+         [json.dumps({"id": f"gen{i}", "image": "ok.png", "conversations": gen}) for i in range(3)]
+  bad = {
+      "noconv": json.dumps({"id": "noconv", "image": "ok.png", "turns": und}),           # no `conversations`
+      "noplaceholder": json.dumps({"id": "noplaceholder", "image": "ok.png",             # image, no placeholder
+                                   "conversations": conv("What is this?", "A square.")}),
+      "cut": json.dumps({"id": "cut", "image": "ok.png", "conversations": und})[:40],     # cut off mid-way
+      "empty": json.dumps({"id": "empty", "conversations": []}),
+      "latin1": '{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}',
+  }
+  lines = good[:3] + list(bad.values())[:3] + good[3:] + list(bad.values())[3:]
+  if mix_text:
+    lines.append(json.dumps({"id": "text0", "conversations": conv("Hi.", "Hello.")}))
+  path = tmp_path / "mixed.jsonl"
+  with open(path, "wb") as f:
+    for line in lines:
+      f.write((line.encode("latin-1") if "latin1" in line else line.encode()) + b"\n")
+  return path, bad
+
+
+def test_every_bad_jsonl_line_is_named_and_counted_whatever_the_mix(tmp_path: Path, caplog):
+  """Issue 13 item 3: lines are classed by their parsed content, so with data.mix.text=0 (configs/tiny.py)
+  a line without `conversations`, with an image but no placeholder, cut off, empty or not UTF-8 is still
+  read, named once (id, line number) and counted as 'malformed', not silently dropped."""
+  path, bad = _bad_lines_jsonl(tmp_path, mix_text=True)
+  config = _jsonl_config(path, mix={"und": 1.0, "gen": 1.0, "text": 0.0}, seq_buckets=(64,), max_images_per_sample=1)
+  with caplog.at_level(logging.WARNING, logger="cheers_jax.data.pipeline"):
+    it = make_train_iterator(config)
+    batches = [next(it) for _ in range(3)]
+  skipped = {sid: message for sid, reason, message in it.recent_skips if reason == "malformed"}
+  assert set(skipped) == set(bad) and it.skipped["malformed"] == len(bad)  # each once, never re-drawn
+  assert int(batches[-1]["num_skipped"]) == it.num_skipped == len(bad)
+  assert "line 5 of" in skipped["noplaceholder"] and "0 image placeholders" in skipped["noplaceholder"]
+  assert "conversations" in skipped["noconv"] and "malformed JSON" in skipped["cut"]
+  text = caplog.text
+  assert all(sid in text for sid in bad) and "1 'text' samples" in text and "data.mix.text=0" in text
+  # resuming restores the count without counting the lines again
+  again = make_train_iterator(config)
+  again.set_state(it.get_state())
+  next(again)
+  assert again.skipped["malformed"] == len(bad)
+
+
+@pytest.mark.parametrize("content, wanted", [
+    ("", "0 und, 0 gen, 0 text"),
+    ('{"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Yo."}]}\n',
+     "1 text"),
+    ('{"id": "cut", "conv\n{"nope": 1}\n', "2 unusable"),
+])
+def test_a_file_with_no_usable_line_of_the_wanted_kinds_says_so(tmp_path: Path, content: str, wanted: str):
+  path = tmp_path / "data.jsonl"
+  path.write_text(content)
+  config = _jsonl_config(path, mix={"und": 3.0, "gen": 1.0, "text": 0.0})
+  with pytest.raises(UserError, match="no usable sample of the kinds data.mix draws") as info:
+    make_train_iterator(config)
+  assert str(path) in str(info.value) and wanted in str(info.value)
+
+
+def test_unreadable_paths_and_all_bad_data_are_user_errors(tmp_path: Path):
+  """Probes beyond issue 13's list: a JSONL path that is a symlink loop (or empty), and an image root that
+  is one (every image unreadable), are one-line user errors, not tracebacks."""
+  import os
+  os.symlink("loop", tmp_path / "loop")
+  with pytest.raises(UserError, match="cannot read the JSONL file .*loop.*symbolic links"):
+    make_train_iterator(_jsonl_config(tmp_path / "loop"))
+  config = _jsonl_config(tmp_path / "loop")
+  config.data.jsonl_path = ""
+  with pytest.raises(UserError, match="data.jsonl_path is empty"):
+    make_train_iterator(config)
+  conv = [{"from": "human", "value": "<im_start><image><im_end>"}, {"from": "gpt", "value": "A square."}]
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps({"id": f"s{i}", "image": "x.png", "conversations": conv}) + "\n"
+                          for i in range(3)))
+  it = make_train_iterator(_jsonl_config(path, image_root=str(tmp_path / "loop")))
+  with pytest.raises(UserError, match=r"consecutive samples were skipped .*bad_image.*symbolic links"):
+    next(it)

@@ -119,3 +119,14 @@ def test_decode_image_goes_through_the_file_format():
   assert rgba.mode == "RGB"
   with pytest.raises(BadRowImage):
     decode_image("bm90IGFuIGltYWdl", "1.jpg")  # "not an image"
+
+
+def test_an_image_over_the_pixel_limit_is_a_failed_row(tmp_path):
+  """Issue 13 item 1 in evaluation: a base64 image PIL refuses as a decompression bomb is a BadRowImage
+  (the row is reported and counted as failed), through the one image decoder."""
+  import base64
+
+  from tests.data.test_images import write_bomb_png
+  raw = open(write_bomb_png(tmp_path / "huge.png"), "rb").read()
+  with pytest.raises(BadRowImage, match="huge.jpg.*too large|too large.*huge.jpg"):
+    decode_image(base64.b64encode(raw).decode(), "huge.jpg")

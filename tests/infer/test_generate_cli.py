@@ -75,3 +75,46 @@ def test_errors_after_loading(tiny, capsys, tmp_path):
   assert "cannot read image" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", str(bad)])
   err = _error(capsys, ["chat", "--checkpoint", str(TINY), "--prompt", "hello " * 10, "--max-len", "16"])
   assert "does not fit" in err and "--max-len" in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["t2i", "a cat", "--cfg", "nan"], "--cfg"),
+    (["t2i", "a cat", "--cfg", "inf"], "--cfg"),
+    (["t2i", "a cat", "--shift", "nan"], "--shift"),
+    (["t2i", "a cat", "--batch-size", "0"], "--batch-size"),
+    (["t2i", "a cat", "--steps", "-3"], "--steps"),
+    (["chat", "--prompt", "hi", "--temperature", "nan"], "--temperature"),
+    (["chat", "--prompt", "hi", "--temperature", "-1"], "--temperature"),
+    (["chat", "--prompt", "hi", "--top-p", "nan"], "--top-p"),
+    (["chat", "--prompt", "hi", "--top-k", "-2"], "--top-k"),
+    (["chat", "--prompt", "hi", "--repetition-penalty", "nan"], "--repetition-penalty"),
+    (["chat", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["chat", "--prompt", "hi", "--max-len", "0"], "--max-len"),
+])
+def test_nan_and_impossible_sampling_numbers_exit_2_naming_the_flag(argv, flag, capsys, tmp_path):
+  """Issue 13 item 2: `--cfg nan` wrote a black image and `--temperature nan` printed '!!!!' with exit 0.
+  Every sampling number is checked where it is parsed: one line naming the flag, before any loading."""
+  err = _error(capsys, argv[:1] + ["--checkpoint", str(tmp_path)] + argv[1:] + ["--out", str(tmp_path / "o")]
+               if argv[0] == "t2i" else argv[:1] + ["--checkpoint", str(tmp_path)] + argv[1:])
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
+  assert "config.json" not in err  # rejected before the (missing) checkpoint is looked at
+
+
+def test_sampling_library_rejects_nan():
+  """The library's own checks (for callers that bypass the CLI)."""
+  from cheers_jax.infer.decode import GenerationError, SamplingConfig
+  for bad in (dict(temperature=float("nan")), dict(repetition_penalty=float("nan")), dict(top_p=float("nan"))):
+    with pytest.raises(GenerationError):
+      SamplingConfig(**bad).validate()
+
+
+def test_image_over_the_pixel_limit_is_one_line_before_loading(capsys, tmp_path):
+  """Issue 13 item 1 at inference: `ask` / `edit` with an image PIL refuses as a decompression bomb."""
+  from tests.data.test_images import write_bomb_png
+  bomb = write_bomb_png(tmp_path / "huge.png")
+  for argv in (["ask", "--checkpoint", str(tmp_path), "--image", bomb],
+               ["edit", "--checkpoint", str(tmp_path), "--image", bomb, "--prompt", "x", "--out", str(tmp_path / "o")]):
+    err = _error(capsys, argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "huge.png" in lines[0] and "too large" in lines[0] and "--image" in lines[0], err

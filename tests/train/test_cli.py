@@ -37,3 +37,47 @@ def test_bad_values_are_clear_errors(tmp_path):
   assert proc.returncode == 2 and "configs/missing.py" in proc.stderr and "Traceback" not in proc.stderr
   proc = run_cli("--config", "configs/tiny.py")
   assert proc.returncode != 0 and "--workdir" in proc.stderr
+
+
+def test_impossible_config_values_exit_2_before_anything_starts(tmp_path):
+  """Issue 13 item 5 through the CLI: one line naming the key, nothing written."""
+  proc = run_cli("--config", "tiny", f"--workdir={tmp_path}", "--config.train.batch_size=0")
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and lines == [lines[-1]] and "train.batch_size=0" in lines[-1], proc.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_resuming_with_another_model_config_names_the_fields_without_noise(tmp_path):
+  """Issue 13 item 6: resuming a workdir with a changed model config buried "requested shape (3, 64), stored
+  (2, 64)" in ~375 lines of "Event loop is closed" tracebacks (exit 1). The stored config is now compared
+  BEFORE any array is restored: exit 2, one line naming the field with both values, nothing else."""
+  import jax
+  import numpy as np
+
+  from cheers_jax import config as config_lib
+  from cheers_jax import sharding
+  from cheers_jax.train import checkpointing as ckpt_lib
+  from cheers_jax.train import state as state_lib
+  config = config_lib.load("tiny")  # what `--config tiny` saved: a step-1 checkpoint (zeros suffice)
+  abstract, _ = state_lib.abstract_train_state(config, sharding.make_mesh(dict(config.mesh)))
+  checkpointer = ckpt_lib.Checkpointer(tmp_path)
+  checkpointer.save(1, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract), None, config, force=True)
+  checkpointer.close()
+  proc = run_cli("--config", "tiny", f"--workdir={tmp_path}", "--config.model.text.num_layers=3")
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert len(errors) == 1 and "model.text.num_layers: 3 (now) vs 2 (checkpoint)" in errors[0], proc.stderr[-3000:]
+  assert "Event loop" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_preempted_run_exits_75(tmp_path, monkeypatch, capsys):
+  """Issue 13 item 8: a preempted run exited 0, like a finished one. SIGTERM -> checkpoint -> exit 75
+  (EX_TEMPFAIL, documented in --help, README and launch/README.md; the SLURM script requeues on it)."""
+  from cheers_jax.train import __main__ as train_main
+  from cheers_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("preempted", 4))
+  train_main.parse_flags(["train", "--config", "tiny", f"--workdir={tmp_path}"])
+  assert train_main.main(["train"]) == train_main.EXIT_PREEMPTED == 75
+  monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("done", 6))
+  assert train_main.main(["train"]) == 0
+  assert "75" in (train_main.__doc__ or "") and "preempted" in capsys.readouterr().out

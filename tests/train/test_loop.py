@@ -135,3 +135,64 @@ def test_inference_loader_reads_a_training_run(uninterrupted):
   model, variables = loader.load_run(workdir, "float32")
   assert model.cfg == loader.inference_config(state_lib.model_config(small_config()), "float32")
   assert tree_max_abs_diff(variables["params"], jax.device_get(result.state.params)) == 0.0
+
+
+def test_resume_after_a_kill_never_repeats_a_step_in_metrics_jsonl(uninterrupted, tmp_path):
+  """Issue 13 item 8: after a SIGKILL (here: the last checkpoint never written, a metrics line cut short)
+  the resumed run replays steps 5-6; metrics.jsonl held them twice. Now it holds every step once, with
+  the replayed values (equal to the uninterrupted run's)."""
+  import shutil
+  ref_dir, _ = uninterrupted
+  shutil.copytree(ref_dir, tmp_path / "run")
+  run = tmp_path / "run"
+  shutil.rmtree(run / "hf")
+  shutil.rmtree(ckpt_lib.checkpoint_dir(run) / "6")  # killed before step 6's checkpoint: resumes at 4
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "loss": 1.')  # the write the kill cut short
+  result = train(small_config(), run, iterator=fake_iterator(), export_hf=False, **QUIET)
+  assert result.status == "done" and result.step == 6
+  steps = [r["step"] for r in metrics_lib.read_jsonl(run / "metrics.jsonl") if "loss" in r]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert losses(run) == losses(ref_dir)
+
+
+def test_training_over_a_jsonl_full_of_bad_lines_finishes_and_names_and_counts_each(tmp_path, caplog):
+  """Issue 13, "done means": a run over a JSONL mixing every kind of bad line and bad image with good
+  samples finishes; each bad record is named once in the log and counted in metrics.jsonl."""
+  import json
+  import logging
+
+  from PIL import Image
+
+  from cheers_jax.data.pipeline import SKIP_REASONS
+  from tests.data.test_images import write_bomb_png
+  from tests.data.test_pipeline import _bad_lines_jsonl
+  path, bad_lines = _bad_lines_jsonl(tmp_path)  # good und/gen lines on ok.png + 5 unusable lines
+  good = (tmp_path / "ok.png").read_bytes()
+  (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+  write_bomb_png(tmp_path / "bomb.png")
+  os.symlink("loop", tmp_path / "loop")
+  (tmp_path / "folder.png").mkdir()
+  conv = [{"from": "human", "value": "<im_start><image><im_end>"}, {"from": "gpt", "value": "A square."}]
+  bad_images = {"missing": "none.png", "cut": "cut.png", "bomb": "bomb.png", "loop": "loop/x.png",
+                "folder": "folder.png"}
+  with open(path, "a") as f:
+    for name, image in bad_images.items():
+      f.write(json.dumps({"id": f"img_{name}", "image": image, "conversations": conv}) + "\n")
+    f.write(json.dumps({"id": "too_long", "image": "ok.png", "conversations": [
+        conv[0], {"from": "gpt", "value": " ".join(["word"] * 80)}]}) + "\n")
+  config = small_config()  # its batch shapes (4 x 32 tokens, one 64-px image each): the step compiled above serves
+  config.data.update(dict(source="jsonl", jsonl_path=str(path), image_root="", shuffle=True,
+                          mix={"und": 3.0, "gen": 1.0, "text": 0.0}, cfg_data_rate=0.0, num_threads=2))
+  with caplog.at_level(logging.WARNING, logger="cheers_jax.data.pipeline"):
+    result = train(config, tmp_path / "run", export_hf=False, **QUIET)
+  assert result.status == "done" and result.step == 6
+  named = {r.getMessage().split()[2]: r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()}
+  assert set(bad_lines) <= set(named) and all(named[k].count("malformed") for k in bad_lines)
+  drawn_bad = {f"img_{k}" for k in bad_images} | {"too_long"}
+  assert set(named) == set(bad_lines) | drawn_bad  # 18 und draws over 9 und lines: every one came up
+  assert "too large" in named["img_bomb"] and "symbolic links" in named["img_loop"]
+  rows = [r for r in metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in rows)
+  assert rows[-1]["skipped_samples"] >= len(bad_lines)  # every unusable line, plus the bad images drawn so far
+  assert set(SKIP_REASONS) >= {"malformed", "bad_image"}

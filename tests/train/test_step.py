@@ -253,6 +253,7 @@ def test_latent_norm_calibration_standardises_a_random_vae(tmp_path):
   mean / variance over the first training images, so encode() gives mean 0 and variance 1 on them."""
   from cheers_jax.train import checkpointing as ckpt_lib
   config = small_config(calibrate_latent_norm=12)
+  config.data.seq_buckets = (64,)  # the synthetic samples are ~35 tokens: at 32 the pipeline skips them all
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   state, shardings, resumed = ckpt_lib.restore_or_init(config, tmp_path, mesh)
   assert not resumed
@@ -271,6 +272,62 @@ def test_latent_norm_calibration_standardises_a_random_vae(tmp_path):
   np.testing.assert_allclose(z.var(0), bn["running_var"] / (bn["running_var"] + model.cfg.vae.bn_eps), rtol=1e-3)
   fresh, _ = state_lib.init_train_state(small_config(), mesh)
   assert tree_max_abs_diff(fresh.params, state.params) == 0.0  # only the statistics change
+
+
+def test_latent_calibration_uses_only_accepted_samples_and_reports_the_real_count(tmp_path, caplog):
+  """Issue 13 item 4: the calibration said "calibrated on 256 training images" when it had used 2, and took
+  images from samples the pipeline skips (here an over-long one, all white). It now prepares samples as the
+  pipeline does, skips what the pipeline skips (the over-long one, a decompression bomb, a missing file)
+  and logs the count it used."""
+  import json
+  import logging
+
+  from PIL import Image
+
+  from cheers_jax.data.images import preprocess_understanding
+  from cheers_jax.train import checkpointing as ckpt_lib
+  from tests.data.test_images import write_bomb_png
+  rng = np.random.default_rng(0)
+  good = [rng.integers(0, 120, (IMAGE, IMAGE, 3), dtype=np.uint8) for _ in range(2)]
+  for i, arr in enumerate(good):
+    Image.fromarray(arr).save(tmp_path / f"good{i}.png")
+  Image.fromarray(np.full((IMAGE, IMAGE, 3), 255, np.uint8)).save(tmp_path / "white.png")
+  write_bomb_png(tmp_path / "bomb.png")
+  conv = lambda answer: [{"from": "human", "value": "<im_start><image><im_end>\nWhat is it?"},
+                         {"from": "gpt", "value": answer}]
+  lines = [{"id": "long", "image": "white.png", "conversations": conv(" ".join(["word"] * 80))},
+           {"id": "g0", "image": "good0.png", "conversations": conv("A square.")},
+           {"id": "bomb", "image": "bomb.png", "conversations": conv("A square.")},
+           {"id": "missing", "image": "none.png", "conversations": conv("A square.")},
+           {"id": "g1", "image": "good1.png", "conversations": conv("A square.")}]
+  (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  config = small_config(calibrate_latent_norm=256)
+  config.data.source, config.data.jsonl_path, config.data.seq_buckets = "jsonl", str(tmp_path / "data.jsonl"), (64,)
+
+  images = state_lib.calibration_images(config, 256)
+  assert images.shape == (2, IMAGE, IMAGE, 3) and not (images == 1.0).all(axis=(1, 2, 3)).any()
+  for got, arr in zip(images, good):
+    np.testing.assert_array_equal(got, preprocess_understanding(arr, IMAGE).pixel_values.transpose(1, 2, 0))
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  with caplog.at_level(logging.INFO):
+    ckpt_lib.restore_or_init(config, tmp_path / "run", mesh)
+  assert "calibrated on 2 training images (of the 256 asked" in caplog.text
+
+
+def test_init_from_hf_with_other_shapes_names_the_differing_fields():
+  """Issue 13 item 7: init_from=hf:DIR with another model's shapes printed two whole ModelConfigs; the
+  error now names each differing field with both values, before any tensor is read."""
+  from cheers_jax.errors import ConfigError
+  config = small_config()
+  config.model.text = dict(config.model.text, num_layers=3)
+  config.init_from = f"hf:{CKPT}"
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  with pytest.raises(ConfigError) as e:
+    state_lib.init_train_state(config, mesh)
+  msg = str(e.value)
+  assert "1 field(s): text.num_layers: 3 (config) vs 2 (checkpoint)" in msg and "--config.model.text.num_layers=2" in msg
+  assert "TextConfig(" not in msg and "\n" not in msg
 
 
 # ---- FLOPs -------------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""The run config loader: impossible values are refused with the key named (issue 13 item 5)."""
+from __future__ import annotations
+
+import pytest
+
+from cheers_jax import config as config_lib
+from cheers_jax.errors import ConfigError
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=-5", "train.steps"),          # was: exit 0, "done at step 0", an untrained export
+    ("train.lr=-1", "train.lr"),                # was: trained
+    ("train.batch_size=0", "train.batch_size"),  # was: "max() arg is an empty sequence" after 22 s
+    ("train.lr=nan", "train.lr"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+    ("train.b2=1.0", "train.b2"),
+    ("data.cfg_data_rate=-0.1", "data.cfg_data_rate"),
+    ("data.mix.und=-1", "data.mix.und"),
+    ("data.seq_buckets=(96,64)", "data.seq_buckets"),
+    ("mesh.fsdp=0", "mesh.fsdp"),
+    ("checkpoint.every_steps=0", "checkpoint.every_steps"),
+    ("log_every=0", "log_every"),
+    ("sample_cfg=inf", "sample_cfg"),
+    ("seed=-1", "seed"),
+])
+def test_impossible_values_are_config_errors_naming_the_key(override, key):
+  with pytest.raises(ConfigError) as info:
+    config_lib.load("tiny", [override])
+  message = str(info.value)
+  assert message.startswith(key + "=") and "\n" not in message, message
+
+
+def test_a_mix_with_every_weight_zero_is_refused():
+  with pytest.raises(ConfigError, match="every weight is 0"):
+    config_lib.load("tiny", ["data.mix.und=0", "data.mix.gen=0", "data.mix.text=0"])
+
+
+def test_shipped_configs_and_recipes_pass():
+  import glob
+  import os
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in config_lib.NAMED:
+    config_lib.load(name)
+  for path in glob.glob(os.path.join(repo, "configs", "stage*.py")):
+    config_lib.load(path)
