@@ -48,7 +48,7 @@ def _check_field_values(obj, prefix: str) -> None:
 
 
 def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
-  """(dotted field, value in a, value in b) for every field where two (nested) configs differ."""
+  """(dotted field, value in a, value in b) for every field where two (nested) model configurations differ."""
   def flat(d, prefix=""):
     out = {}
     for k, v in d.items():
