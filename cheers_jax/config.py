@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   # processes' collectives in different orders (gloo size mismatch; tests/scale/test_distributed.py).
   c.train.activation_shardings = True
   c.train.clip_norm = 1.0
-  c.train.trainable = "all_but_vae"    # align | all_but_vae (the VAE encoder is always frozen)
+  c.train.trainable = "all_but_vae"    # align | all_but_vae | all_but_vision_tokenizer (VAE encoder: always frozen)
   c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
   c.train.calibrate_latent_norm = 0    # random init only: set the VAE's latent BN stats from N training images
   c.train.fm_weight = 1.0              # lambda
@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # ---- the shipped configurations ---------------------------------------------------------------------
+# The embedded default's pretrained VAE, package data made by `python -m cheers_jax.train.tiny_parts`.
+TINY_VAE_PART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_parts", "vae")
+
+
 def cheers_1p5b():
   """The published Cheers model (Qwen2.5-1.5B + SigLIP2 so400m-like + FLUX.2-style VAE, 512x512).
 
@@ -148,6 +152,7 @@ def tiny():
   published checkpoint, `init_from=hf:...`) does not lose the colour this way.
   """
   c = base_config()
+  c.init_from = "parts:vae=" + TINY_VAE_PART
   c.model.text = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
   c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32)
   c.model.vae = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, resolution=32)

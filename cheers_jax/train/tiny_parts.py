@@ -84,8 +84,8 @@ def chroma(x):
   return x - jnp.mean(x, axis=-1, keepdims=True)
 
 
-def pretrain_vae(cfg: ModelConfig, image_size: int, *, steps: int = 600, batch_size: int = 32, lr: float = 2e-3,
-                 noise_scale: float = 0.1, latent_l2: float = 1e-4, chroma_weight: float = 10.0,
+def pretrain_vae(cfg: ModelConfig, image_size: int, *, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3,
+                 noise_scale: float = 0.1, latent_l2: float = 1e-4, chroma_weight: float = 5.0,
                  stats_images: int = 1024, seed: int = 0, log_every: int = 50) -> tuple[dict, dict]:
   """Trains `VAE(cfg.vae)` to reconstruct `draw_shapes` images; returns (variables, report).
 
@@ -173,10 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m cheers_jax.train.tiny_parts", description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="folder to write the parts into (OUT/vae)")
   parser.add_argument("--config", default="tiny", help="the run config whose model shapes the parts take")
-  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=2e-3)
-  parser.add_argument("--chroma_weight", type=float, default=10.0)
+  parser.add_argument("--chroma_weight", type=float, default=5.0)
   parser.add_argument("--stats_images", type=int, default=1024,
                       help="images the latent BatchNorm statistics are taken over")
   parser.add_argument("--seed", type=int, default=0)
@@ -192,7 +192,9 @@ def _make(args) -> int:
   variables, report = pretrain_vae(cfg, image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    chroma_weight=args.chroma_weight, stats_images=args.stats_images, seed=args.seed)
   report.update(command="python -m cheers_jax.train.tiny_parts --out OUT --config {} --steps {} --batch_size {} "
-                        "--lr {} --seed {}".format(args.config, args.steps, args.batch_size, args.lr, args.seed))
+                        "--lr {} --chroma_weight {} --seed {}".format(args.config, args.steps, args.batch_size, args.lr,
+                                                                       args.chroma_weight, args.seed)
+                        + "".join(f" --set {x}" for x in args.set))
   part_dir = write_vae_part(variables, cfg, Path(args.out), report)
   print(f"wrote {part_dir} (reconstruction mse {report['reconstruction_mse']:.5f}, mean-colour error "
         f"{report['mean_colour_abs_error']:.4f})", flush=True)
