@@ -102,8 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # ---- the shipped configurations ---------------------------------------------------------------------
-# The embedded default's pretrained VAE, package data made by `python -m cheers_jax.train.tiny_parts`.
-TINY_VAE_PART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_parts", "vae")
+# The embedded default's pretrained parts (VAE, SigLIP), package data made by `python -m cheers_jax.train.tiny_parts`.
+TINY_PARTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_parts")
 
 
 def cheers_1p5b():
@@ -152,7 +152,7 @@ def tiny():
   published checkpoint, `init_from=hf:...`) does not lose the colour this way.
   """
   c = base_config()
-  c.init_from = "parts:vae=" + TINY_VAE_PART
+  c.init_from = "parts:vae={0}/vae,siglip={0}/siglip".format(TINY_PARTS)
   c.model.text = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
   c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32)
   c.model.vae = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, resolution=32)

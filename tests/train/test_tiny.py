@@ -1,8 +1,8 @@
 """The embedded default's own parts and its read-and-draw evaluation.
 
 - the shape judge of the t2i evaluation reads the training set's images right;
-- `python -m cheers_jax.train.tiny_parts` runs (a few steps) and writes a VAE part that loads; the
-  shipped part (package data) loads into the tiny default, keeps colour, and the config points at it;
+- `python -m cheers_jax.train.tiny_parts` runs (a few steps) and writes VAE and SigLIP parts that load;
+  the shipped parts (package data) load into the tiny default, keep colour, and the config points at them;
 - the labelled grid and eval.json summary;
 - heavy: the README's first command from scratch meets the issue's figures, and its exported checkpoint
   answers `generate ask` (one batched call, --jsonl) on shapes this test draws itself.
@@ -42,17 +42,19 @@ def test_judge_reads_the_training_images():
   assert shapes_eval.judge_image(np.full((32, 32, 3), 0.8, np.float32)) == (None, None)  # grey: nothing drawn
 
 
-def test_tiny_default_starts_from_the_shipped_vae_part():
+def test_tiny_default_starts_from_the_shipped_parts():
   config = config_lib.load("tiny")
   spec = parts_lib.parse_parts_spec(config.init_from[len("parts:"):])
-  assert Path(spec["vae"]) == tiny_parts.ASSET_DIR / "vae" and Path(spec["vae"]).is_absolute()
-  size = sum(p.stat().st_size for p in (tiny_parts.ASSET_DIR / "vae").iterdir())
-  assert size < 4 * 2 ** 20, f"shipped part is {size / 2 ** 20:.1f} MiB"
+  assert spec == {"vae": str(tiny_parts.ASSET_DIR / "vae"), "siglip": str(tiny_parts.ASSET_DIR / "siglip")}
+  assert all(Path(d).is_absolute() for d in spec.values())  # resolves from any working directory
+  size = sum(p.stat().st_size for p in tiny_parts.ASSET_DIR.rglob("*") if p.is_file())
+  assert size < 3 * 2 ** 20, f"shipped parts take {size / 2 ** 20:.1f} MiB"
 
 
-def test_shipped_vae_part_loads_and_keeps_colour():
+def test_shipped_parts_load_and_keep_colour():
   cfg = tiny_cfg()
-  variables = parts_lib.load_parts({"vae": tiny_parts.ASSET_DIR / "vae"}, cfg, jax.random.PRNGKey(0))
+  parts = {p: tiny_parts.ASSET_DIR / p for p in ("vae", "siglip")}
+  variables = parts_lib.load_parts(parts, cfg, jax.random.PRNGKey(0))
   shapes = sources.SyntheticShapes(64, 32, 1)
   images = np.stack([shapes.render(i) for i in range(64)]).astype(np.float32) / 255.0
   model = Cheers(cfg)
@@ -62,15 +64,19 @@ def test_shipped_vae_part_loads_and_keeps_colour():
   wanted = [tuple(shapes.label(i)) for i in range(64)]
   scores = shapes_eval.score_generations(wanted, recon)
   assert scores["t2i_colour_acc"] >= 0.9, scores  # the round trip keeps the colour (a random VAE: grey)
+  # the ViT's tokens differ from image to image more than they share (a random ViT's: 0.2 x their mean)
+  tokens = np.asarray(model.apply(variables, latents, method=Cheers.image_tokens)["tokens"]).reshape(64, -1)
+  assert tokens.std(0).mean() > np.abs(tokens.mean(0)).mean(), (tokens.std(0).mean(), np.abs(tokens.mean(0)).mean())
 
 
-def test_pretraining_command_writes_a_loadable_part(tmp_path):
-  assert tiny_parts.main(["--out", str(tmp_path), "--steps", "2", "--batch_size", "4", "--stats_images", "128"]) == 0
-  part = tmp_path / "vae"
-  assert json.loads((part / "report.json").read_text())["steps"] == 2
+def test_pretraining_command_writes_loadable_parts(tmp_path):
+  argv = ["--out", str(tmp_path), "--steps", "2", "--siglip_steps", "2", "--batch_size", "4", "--stats_images", "128"]
+  assert tiny_parts.main(argv) == 0
   cfg = tiny_cfg()
-  files = parts_lib.open_part("vae", part, cfg)  # names, shapes and config.json checked against the tiny model
-  assert set(files) == set(parts_lib.open_part("vae", tiny_parts.ASSET_DIR / "vae", cfg))
+  for part in ("vae", "siglip"):
+    assert json.loads((tmp_path / part / "report.json").read_text())["steps"] == 2
+    files = parts_lib.open_part(part, tmp_path / part, cfg)  # names, shapes, config.json checked against tiny
+    assert set(files) == set(parts_lib.open_part(part, tiny_parts.ASSET_DIR / part, cfg))
 
 
 def test_labelled_grid_and_summary(tmp_path):
