@@ -1,26 +1,31 @@
-r"""Tiny parts made by the project: the embedded default's VAE, pretrained as an autoencoder on shapes.
+r"""Tiny parts made by the project: the embedded default's VAE and ViT, pretrained on drawn shapes.
 
 The paper's stage 1 starts from pretrained parts (FLUX.2 VAE, SigLIP2, Qwen2.5). The embedded default
 (`cheers_jax.config.tiny`) starts the same way from parts this module makes:
 
-  python -m cheers_jax.train.tiny_parts --out cheers_jax/assets/tiny_parts   # regenerates the shipped part
+  python -m cheers_jax.train.tiny_parts --out cheers_jax/assets/tiny_parts   # regenerates the shipped parts
 
-- the VAE (encoder + decoder of `cheers_jax.model.vae`, the tiny config's shapes) is trained to
-  reconstruct coloured shapes (pixel MSE; the decoder sees the latent with a little noise, so it stays
-  smooth around the codes the flow head will sample). The shapes are drawn more widely than the
-  training set's (any RGB colour, sizes 0.15-0.95 of the image, some without anti-aliasing), so the
-  part is not tied to the six colours. A random VAE's GroupNorms discard each image's colour; a trained
-  one keeps it in the latent (the reconstruction error says so).
-- its latent BatchNorm statistics are the latents' per-channel mean and variance over training
-  images, as a published VAE ships them (`bn.running_mean`, `bn.running_var`).
+- vae: the VAE (encoder + decoder of `cheers_jax.model.vae`, the tiny config's shapes) is trained to
+  reconstruct shapes: pixel MSE + 5 x the MSE of the chroma (each pixel minus its channel mean: the
+  colour, a small part of the pixel error but all a caption needs); the decoder sees the latent with a
+  little noise, so it stays smooth around the codes the flow head will sample. The shapes are drawn
+  more widely than the training set's (any RGB colour, sizes 0.15-0.95 of the image, some without
+  anti-aliasing). Its latent BatchNorm statistics are the latents' per-channel mean and variance, as a
+  published VAE ships them. Measured: 1500 steps, reconstruction mse 0.0025 (pixel MSE alone, 800
+  steps: grey reconstructions, the colour lost by the GroupNorms).
+- siglip: the tiny ViT (`cheers_jax.model.siglip`) is trained to tell the six colours and three shapes
+  apart from VAE round-trip images (what Cheers' understanding path feeds it), through weight-decayed
+  linear classifiers on its patch tokens. Measured: 1000 steps, held-out colour 100 %, shape 73 %.
+- the LLM is not made here: its 151,936-row embedding table (39 MB at hidden 64) is too big to ship.
 
-The part is written in the FLUX.2 layout `checkpoint/parts.py` reads (`ae.safetensors`, BFL names,
-`config.json` with the Cheers VAE keys), matrices and kernels in bfloat16, vectors in float32 (~2 MB).
-Everything is a function of --seed: the command reproduces the shipped files.
+Parts are written in the layouts `checkpoint/parts.py` reads (VAE: `ae.safetensors`, BFL names,
+`config.json` with the Cheers VAE keys; SigLIP2: `model.safetensors`, `vision_model.*`, HF config.json),
+matrices and kernels in bfloat16, vectors in float32 (2.0 + 0.3 MB), with a report.json of the command
+and its figures. Everything is drawn from --seed; on another machine the bits may differ (XLA:CPU).
+~20 min (VAE) + ~4 min (ViT) on 2 cores.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -35,6 +40,7 @@ import numpy as np
 import optax
 from PIL import Image, ImageDraw
 
+from cheers_jax import cli
 from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.checkpoint import safetensors_io as st
 from cheers_jax.checkpoint.hf import CONFIG_FILE, hf_tensor
@@ -155,7 +161,7 @@ def _siglip_tokens(siglip: SigLIP, pixels):
   return siglip.encode(pixels)
 
 
-def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, steps: int = 300,
+def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, steps: int = 1000,
                     batch_size: int = 64, lr: float = 2e-3, head_decay: float = 1e-2, seed: int = 0,
                     log_every: int = 50) -> tuple[dict, dict]:
   """Trains the tiny ViT (`SigLIP(cfg.vision)`) to tell the six colours and three shapes apart.
@@ -263,14 +269,18 @@ def tiny_model_config(config_name: str = "tiny", overrides: Sequence[str] = ()) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m cheers_jax.train.tiny_parts", description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="folder to write the parts into (OUT/vae)")
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = cli.ArgumentParser(prog="python -m cheers_jax.train.tiny_parts", description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="folder to write the parts into (OUT/vae, OUT/siglip)")
   parser.add_argument("--config", default="tiny", help="the run config whose model shapes the parts take")
   parser.add_argument("--parts", default="vae,siglip", help="which parts to make: vae, siglip or vae,siglip")
   parser.add_argument("--vae", default=str(ASSET_DIR / "vae"), help="the VAE part the SigLIP pretraining reads "
                       "images through when --parts has no vae (default: the shipped one)")
   parser.add_argument("--steps", type=int, default=1500, help="VAE steps")
-  parser.add_argument("--siglip_steps", type=int, default=300)
+  parser.add_argument("--siglip_steps", type=int, default=1000, help="ViT steps")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--chroma_weight", type=float, default=5.0)
@@ -280,8 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE (repeatable)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  from cheers_jax import cli
-  return cli.run(lambda _: _make(args), [])
+  return _make(args)
 
 
 def load_vae_variables(part_dir: Path, cfg: ModelConfig) -> dict:
