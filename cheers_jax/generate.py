@@ -3,6 +3,7 @@
   python -m cheers_jax.generate chat --checkpoint HF_DIR --prompt "Tell me a joke"
   python -m cheers_jax.generate chat --checkpoint HF_DIR                 # interactive, multi-turn
   python -m cheers_jax.generate ask  --checkpoint HF_DIR --image cat.png --prompt "Describe this image."
+  python -m cheers_jax.generate ask  --checkpoint HF_DIR --image a.png --image photos/ --jsonl   # one batch
   python -m cheers_jax.generate t2i  --checkpoint HF_DIR "a red bicycle" "a lighthouse at dusk" --out out/
   python -m cheers_jax.generate t2i  --checkpoint HF_DIR --prompt-file prompts.txt --batch-size 8 --out out/
   python -m cheers_jax.generate edit --checkpoint HF_DIR --image cat.png --prompt "make it a tiger" --out out/
@@ -17,6 +18,7 @@ Images go to --out, which must be empty or new unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -89,10 +91,13 @@ def _read_image(path: str):
     raise CLIError(f"--image: {e}; give a readable PNG/JPEG/WebP file") from e
 
 
-def _load_source(args, resolution: int, patch: int) -> np.ndarray:
+def _pixels(img, resolution: int, patch: int) -> np.ndarray:
   from cheers_jax.data.images import preprocess_understanding
-  img = getattr(args, "source_image", None) or _read_image(args.image)
   return preprocess_understanding(img, resolution=resolution, patch_size=patch).pixel_values.transpose(1, 2, 0)
+
+
+def _load_source(args, resolution: int, patch: int) -> np.ndarray:
+  return _pixels(getattr(args, "source_image", None) or _read_image(args.image), resolution, patch)
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -156,14 +161,55 @@ def cmd_chat(args, model, variables, tokenizer) -> int:
   return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _ask_images(args) -> list[str]:
+  """The --image arguments as files: a folder gives its image files (sorted by name)."""
+  files = []
+  for item in args.image:
+    if os.path.isdir(item):
+      found = sorted(str(p) for p in Path(item).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+      if not found:
+        raise CLIError(f"--image {item!r} is a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
+      files += found
+    elif os.path.isfile(item):
+      files.append(item)
+    else:
+      raise CLIError(f"image file not found: {item!r}")
+  return files
+
+
+def _ask_sources(args) -> tuple[list[str], list]:
+  """The ask images' files and their decoded pictures, read once (in _validate, before the model loads)."""
+  if getattr(args, "ask_sources", None) is None:
+    files = _ask_images(args)
+    args.ask_sources = (files, [_read_image(f) for f in files])
+  return args.ask_sources
+
+
 def cmd_ask(args, model, variables, tokenizer) -> int:
+  """Every question about every image, answered in one batched call (image-major order)."""
   from cheers_jax.data.tokenizer import UND_IMAGE_TEXT
+  from cheers_jax.infer.decode import generate_text
   cfg = model.cfg
-  image = _load_source(args, cfg.vision.image_size, cfg.vision.patch_size)
-  questions = args.prompt or ["Describe this image."]
-  prompts = [tokenizer.build_prompt(f"{UND_IMAGE_TEXT}\n{_check_text(q)}", system_prompt=args.system)
-             for q in questions]
-  _answer(model, variables, tokenizer, prompts, [[image] for _ in prompts], args)
+  files, decoded = _ask_sources(args)
+  images = [_pixels(img, cfg.vision.image_size, cfg.vision.patch_size) for img in decoded]
+  questions = [_check_text(q) for q in (args.prompt or ["Describe this image."])]
+  pairs = [(f, i, q) for i, f in enumerate(files) for q in questions]
+  prompts = [tokenizer.build_prompt(f"{UND_IMAGE_TEXT}\n{q}", system_prompt=args.system) for _, _, q in pairs]
+  if len(pairs) == 1 and not args.jsonl:
+    _answer(model, variables, tokenizer, prompts, [[images[0]]], args)  # streamed as it grows
+    return 0
+  ids = generate_text(model, variables, prompts, [[images[i]] for _, i, _ in pairs],
+                      max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed,
+                      max_len=args.max_len, dummy_seeds=[args.seed + k for k in range(len(prompts))])
+  for (f, _, q), x in zip(pairs, ids):
+    answer = tokenizer.decode(x, skip_special_tokens=True).strip()
+    if args.jsonl:
+      print(json.dumps({"image": f, "prompt": q, "answer": answer}, ensure_ascii=False))
+    else:
+      print(f"{f}: {answer}" if len(questions) == 1 else f"{f} [{q}]: {answer}")
   return 0
 
 
@@ -278,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--prompt", action="append", help="a message; repeat for a batch of independent prompts")
   c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it grows")
   a = sub.add_parser("ask", parents=[common], help="answer questions about an image")
-  a.add_argument("--image", required=True, help="image file")
+  a.add_argument("--image", required=True, action="append", help="image file or folder of images (repeatable; "
+                 "every image is answered in one batched call)")
   a.add_argument("--prompt", action="append", help="question (repeatable; default 'Describe this image.')")
   a.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it grows")
+  a.add_argument("--jsonl", action="store_true", help="print one JSON object per answer: image, prompt, answer")
   t = sub.add_parser("t2i", parents=[common, flow], help="text to image")
   t.add_argument("prompts", nargs="*", help="prompts (or use --prompt / --prompt-file)")
   t.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -315,7 +363,9 @@ def _validate(args) -> None:
     if args.batch_size < 1:
       raise CLIError(f"--batch-size {args.batch_size} must be >= 1")
     _t2i_texts(args)
-  if args.command in ("ask", "edit"):
+  if args.command == "ask":
+    _ask_sources(args)
+  if args.command == "edit":
     if not os.path.isfile(args.image):
       raise CLIError(f"image file not found: {args.image!r}")
     args.source_image = _read_image(args.image)

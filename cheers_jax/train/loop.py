@@ -35,6 +35,7 @@ from cheers_jax.model.config import ConfigError, ModelConfig
 from cheers_jax.train import checkpointing as ckpt_lib
 from cheers_jax.train import metrics as metrics_lib
 from cheers_jax.train import batching
+from cheers_jax.train import shapes_eval
 from cheers_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,35 @@ def evaluate_synthetic(model: Cheers, state, config, num_images: int = 96) -> Op
   scores = sources.score_captions(wanted, texts)
   examples = [f"{sources.describe(w)!r} -> {t!r}" for w, t in zip(wanted[:6], texts)]
   return {**scores, "num_images": num_images, "examples": examples}
+
+
+def evaluate_synthetic_generation(model: Cheers, state, config, workdir: Path, step: int,
+                                  writer: Optional[metrics_lib.MetricWriter] = None,
+                                  samples_per_prompt: int = 4) -> dict:
+  """Every colour-shape prompt drawn `samples_per_prompt` times (seeds 0..), judged by
+  shapes_eval.judge_image; the grid (each prompt under its image) to workdir/samples and TensorBoard."""
+  from cheers_jax.data.sources import T2I_PROMPT, describe
+  from cheers_jax.data.tokenizer import CheersTokenizer
+  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
+  tok = CheersTokenizer()
+  wanted = [label for label in shapes_eval.all_prompts() for _ in range(samples_per_prompt)]
+  texts = [describe(label) for label in wanted]
+  ids = [t2i_prompt(tok, T2I_PROMPT.format(caption=t)) for t in texts]
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  out = text_to_image(model, variables, ids, steps=int(config.sample_steps), cfg_scale=float(config.sample_cfg),
+                      seeds=list(range(len(ids))))
+  images = np.asarray(out.images)
+  scores = shapes_eval.score_generations(wanted, images)
+  if jax.process_index() == 0:
+    grid = shapes_eval.labelled_grid(images, texts, columns=3 * samples_per_prompt)
+    path = workdir / "samples" / f"step_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+    Image.fromarray(grid).save(path)
+    scores["grid"] = str(path)
+    if writer is not None:
+      writer.write_images(step, {"samples": grid})
+  return scores
 
 
 def caption_report(ev: dict) -> str:
@@ -336,8 +366,15 @@ class Trainer:
   # -- phase 3 --
   def finish(self, result: TrainResult, *, export_hf: bool, evaluate: bool) -> None:
     state = result.state
+    generation = None
     if self.samples:  # every process: the sampler is SPMD over the global params
-      sample_images(self.model, state, self.config, self.workdir, result.step, self.writer)
+      if self.config.data.source == "synthetic":  # every colour-shape prompt, judged and labelled
+        generation = evaluate_synthetic_generation(self.model, state, self.config, self.workdir, result.step,
+                                                   self.writer)
+        if self.lead:
+          print(shapes_eval.generation_report(generation), flush=True)
+      else:
+        sample_images(self.model, state, self.config, self.workdir, result.step, self.writer)
     if export_hf:
       hf_dir = self.workdir / "hf"
       ckpt_lib.export_hf(state, self.cfg, hf_dir)
@@ -350,6 +387,14 @@ class Trainer:
         if self.lead:
           print(caption_report(ev) + "\n  " + "\n  ".join(ev["examples"]), flush=True)
         self.writer.write_scalars(result.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
+    if self.config.data.source == "synthetic" and (result.evaluation or generation):
+      summary = shapes_eval.eval_summary(result.evaluation, generation)
+      summary["timing_s"] = self.meter.timing()
+      result.evaluation = {**(result.evaluation or {}), **summary}
+      if self.lead:
+        shapes_eval.write_eval(self.workdir / "eval.json", summary)
+        self.writer.write_scalars(result.step, {f"eval/{k}": v for k, v in generation.items()
+                                                if isinstance(v, float)} if generation else {})
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -369,6 +414,7 @@ class _Throughput:
     self.flops_per_sample: dict[tuple, float] = {}
     self.flops = self.tokens = self.samples = 0
     self.compile_time: Optional[float] = None
+    self.step_seconds, self.steady_steps = 0.0, 0
     self.clock = _Clock()
 
   def count(self, host: dict) -> None:
@@ -389,8 +435,15 @@ class _Throughput:
       self.compile_time, _ = self.clock.lap()
       self.flops = self.tokens = self.samples = 0
 
+  def timing(self) -> dict[str, float]:
+    """Seconds of the first step (compilation included) and of the steady steps so far."""
+    return {"first_step_compile": round(self.compile_time or 0.0, 1), "steps": round(self.step_seconds, 1),
+            "steady_steps": self.steady_steps}
+
   def lap(self) -> dict[str, float]:
     dt, n = self.clock.lap()
+    self.step_seconds += dt
+    self.steady_steps += n
     out = {}
     if n:
       out["step_time"] = dt / n

@@ -137,6 +137,9 @@ def training_factors(trainable: str = "all_but_vae") -> dict[str, int]:
   if trainable == "all_but_vae":
     return {"vae_encoder": 1, "vae_decoder_projector": 3, "siglip": 3, "und_projector": 3, "llm": 3, "lm_head": 3,
             "time_embed": 3, "gen_projector": 3, "hi_gate": 3, "hi_projector": 3}
+  if trainable == "all_but_vision_tokenizer":
+    return {"vae_encoder": 1, "vae_decoder_projector": 1, "siglip": 1, "und_projector": 3, "llm": 3, "lm_head": 3,
+            "time_embed": 3, "gen_projector": 3, "hi_gate": 3, "hi_projector": 3}
   if trainable == "align":
     return {"vae_encoder": 1, "vae_decoder_projector": 1, "siglip": 1, "und_projector": 3, "llm": 2, "lm_head": 3,
             "time_embed": 3, "gen_projector": 3, "hi_gate": 3, "hi_projector": 3}

@@ -9,7 +9,10 @@ Trainable sets (SPEC.md stage table, the reference's align.yaml / sft.yaml):
 - `align`: und_projector, gen_projector, hi_projector, hi_gate, time_embed, embed_tokens (tied with
   the LM head; an untied `lm_head` is trainable too);
 - `all_but_vae`: everything but `vae_model` (the SigLIP pooling head stays trainable but never gets a
-  gradient, as in the reference).
+  gradient, as in the reference);
+- `all_but_vision_tokenizer`: everything but the pretrained vision tokenizer (`vae_model`,
+  `vae_decoder_projector`, `vision_representation`): for a run that starts from pretrained parts and
+  should keep them (the embedded default; no gradient flows below `und_projector`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ PyTree = Any
 ALIGN_MODULES = ("und_projector", "gen_projector", "hi_projector", "hi_gate", "time_embed")
 ALIGN_LEAVES = (("language_model", "embed_tokens"), ("language_model", "lm_head"))
 FROZEN_ALWAYS = ("vae_model",)
-TRAINABLE_SETS = ("align", "all_but_vae")
+TOKENIZER_MODULES = ("vae_model", "vae_decoder_projector", "vision_representation")
+TRAINABLE_SETS = ("align", "all_but_vae", "all_but_vision_tokenizer")
 
 
 def trainable_mask(params: PyTree, trainable: str) -> PyTree:
@@ -41,6 +45,8 @@ def trainable_mask(params: PyTree, trainable: str) -> PyTree:
       mask[path] = False
     elif trainable == "all_but_vae":
       mask[path] = True
+    elif trainable == "all_but_vision_tokenizer":
+      mask[path] = path[0] not in TOKENIZER_MODULES
     else:
       mask[path] = path[0] in ALIGN_MODULES or tuple(path[:2]) in ALIGN_LEAVES
   return traverse_util.unflatten_dict(mask)

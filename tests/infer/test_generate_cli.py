@@ -118,3 +118,27 @@ def test_image_over_the_pixel_limit_is_one_line_before_loading(capsys, tmp_path)
     err = _error(capsys, argv)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "huge.png" in lines[0] and "too large" in lines[0] and "--image" in lines[0], err
+
+
+@needs_tiny
+def test_ask_answers_every_image_in_one_batched_call(tiny, tmp_path, capsys, monkeypatch):
+  from cheers_jax.infer import decode
+  calls = []
+  real = decode.generate_text
+  monkeypatch.setattr(decode, "generate_text", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  for i, colour in enumerate([(220, 40, 40), (40, 80, 220)]):
+    Image.new("RGB", (40, 30), colour).save(folder / f"{i}.png")
+  (folder / "notes.txt").write_text("not an image")
+  single = tmp_path / "one.png"
+  Image.new("RGB", (32, 32), (40, 170, 60)).save(single)
+  assert main(["ask", "--checkpoint", str(TINY), "--image", str(single), "--image", str(folder), "--prompt", "What?",
+               "--max-new-tokens", "3", "--jsonl"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert calls == [3]  # one call, all three images
+  assert [x["image"] for x in lines] == [str(single), str(folder / "0.png"), str(folder / "1.png")]
+  assert all(x["prompt"] == "What?" and isinstance(x["answer"], str) for x in lines)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert "without image files" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", str(empty)])

@@ -23,6 +23,11 @@ def small_config(**train):
   # 64-px images (4 tokens each) and the reference's FM-on-every-image default: the tests cover these
   c.model.vision.image_size = c.model.vae.resolution = c.data.image_size = IMAGE
   c.train.fm_gen_only = False
+  # random init, everything but the VAE trained, lambda 1: the paths these tests cover (the shipped tiny
+  # default starts from its parts with the tokenizer frozen: tests/train/test_tiny.py)
+  c.init_from = ""
+  c.train.trainable = "all_but_vae"
+  c.train.fm_weight = 1.0
   c.train.calibrate_latent_norm = 0  # tested on its own (test_step); the fake batches need no calibration
   c.train.schedule = "constant"
   c.train.ce_chunk = 256
