@@ -121,7 +121,7 @@ def cheers_1p5b():
   # Memory (python -m cheers_jax.aot --target h100, 512x512, seq 400, half generation, README "Scaling"):
   # remat 'full' recomputes each layer's activations (SigLIP, LLM, DiT heads, VAE decoder blocks) and
   # bf16 Adam moments (as the official code's bf16 AdamW) halve the optimizer state; together they fit
-  # batch 8 on one 80 GB H100 (48 GiB) and batch 16 (65 GiB).
+  # batch 8 on one 80 GB H100 (38 GiB) and batch 16 (49 GiB).
   c.model.remat_policy = "full"
   c.train.opt_state_dtype = "bfloat16"
   return c

@@ -168,6 +168,16 @@ def gathered(x, names: Sequence[Optional[str]]):
   return constrain(x, unique, rules=in_use)
 
 
+def batch_groups(rows: int) -> int:
+  """Into how many row blocks the active mesh (`axis_rules_context`) splits a batch of `rows`: its data
+  shards where they divide the rows, else 1 (also outside the context)."""
+  mesh = _MESH.get()
+  if mesh is None or not nn.get_logical_axis_rules():
+    return 1
+  shards = data_shards(mesh)
+  return shards if rows % shards == 0 else 1
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -14,38 +14,47 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cheers_jax import sharding
 from cheers_jax.sharding import constrain
 from cheers_jax.model.sequence import IGNORE_INDEX, KIND_GEN
 
 Array = jax.Array
+KERNEL_AXES = ("embed", "vocab")  # the LM head's logical axes (as the parameter's, sharded at rest)
 
 
 def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int = 1024,
-                        dtype=jnp.float32) -> tuple[Array, Array]:
+                        dtype=jnp.float32, groups: int | None = None) -> tuple[Array, Array]:
   """Per-position CE (0 where target == -100) of logits = hidden @ kernel, in fp32.
 
   hidden (B, S, D), kernel (D, V), targets (B, S). Returns (ce (B, S), lse (B, S); lse is 0 at
-  unlabelled positions). Labelled positions are moved to the front (a stable sort) and processed
-  in chunks; chunks past the last labelled position are skipped with `lax.cond`, forward and
-  backward, so the cost follows the number of text targets, not B*S (most positions of a Cheers
-  batch are image tokens or prompts).
+  unlabelled positions). The rows are cut into `groups` blocks (default: the active mesh's data shards,
+  `sharding.batch_groups`), so each device sorts and scores only its own rows: a global sort would move
+  every labelled state to every device and make each compute the LM head for the whole batch. Within a
+  block the labelled positions are moved to the front (a stable sort) and processed in chunks; chunks past
+  the fullest block's last labelled position are skipped with `lax.cond`, forward and backward, so the
+  cost follows the number of text targets, not B*S (most positions of a Cheers batch are image tokens or
+  prompts).
   """
   b, s, d = hidden.shape
-  n = b * s
-  flat_h = hidden.reshape(n, d)
-  flat_t = targets.reshape(n)
-  order = jnp.argsort(flat_t == IGNORE_INDEX, stable=True)  # labelled first
-  n_labelled = jnp.sum(flat_t != IGNORE_INDEX)
+  g = sharding.batch_groups(b) if groups is None else groups
+  if b % g:
+    raise ValueError(f"{b} rows cannot be split into {g} CE groups")
+  n = (b // g) * s
+  flat_h = hidden.reshape(g, n, d)
+  flat_t = targets.reshape(g, n)
+  order = jnp.argsort(flat_t == IGNORE_INDEX, axis=1, stable=True)  # labelled first, within each block
+  n_labelled = jnp.max(jnp.sum(flat_t != IGNORE_INDEX, axis=1))
   chunk = min(chunk, n)
   pad = (-n) % chunk
-  sorted_h = jnp.pad(jnp.take(flat_h, order, axis=0), ((0, pad), (0, 0)))
-  sorted_t = jnp.pad(jnp.take(flat_t, order), (0, pad), constant_values=IGNORE_INDEX)
-  # the sort mixes every device's rows: the (few) labelled states are held whole on each device, so the
-  # chunk loop has no batch collectives (it is replicated work; a shard-local sort is the next step)
-  sorted_h, sorted_t = constrain(sorted_h, (None, None)), constrain(sorted_t, (None,))
-  ce, lse = _chunked_ce(sorted_h.reshape(-1, chunk, d), kernel.astype(dtype), sorted_t.reshape(-1, chunk),
-                        n_labelled)
-  unsort = lambda x: jnp.zeros((n,), jnp.float32).at[order].set(x.reshape(-1)[:n]).reshape(b, s)
+  sorted_h = jnp.pad(jnp.take_along_axis(flat_h, order[:, :, None], axis=1), ((0, 0), (0, pad), (0, 0)))
+  sorted_t = jnp.pad(jnp.take_along_axis(flat_t, order, axis=1), ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+  sorted_h = constrain(sorted_h, ("activation_batch", None, None))
+  sorted_t = constrain(sorted_t, ("activation_batch", None))
+  to_chunks = lambda x: jnp.swapaxes(x.reshape(g, -1, chunk, *x.shape[2:]), 0, 1)  # (C, G, chunk, ...)
+  ce, lse = _chunked_ce(to_chunks(sorted_h), kernel.astype(dtype), to_chunks(sorted_t), n_labelled)
+  rows = jnp.arange(g)[:, None]
+  unsort = lambda x: (jnp.zeros((g, n), jnp.float32).at[rows, order]
+                      .set(jnp.swapaxes(x, 0, 1).reshape(g, -1)[:, :n]).reshape(b, s))
   return unsort(ce), unsort(lse)
 
 
@@ -55,8 +64,9 @@ def _chunk_logits(h: Array, kernel: Array) -> Array:
 
 @jax.custom_vjp
 def _chunked_ce(h: Array, kernel: Array, t: Array, n_labelled: Array) -> tuple[Array, Array]:
-  """h (C, chunk, D) sorted states, kernel (D, V) in the compute dtype, t (C, chunk) sorted targets ->
-  (ce, lse) (C, chunk). Chunks from `n_labelled` on hold no target and are skipped (`lax.cond`).
+  """h (C, G, chunk, D) sorted states of G row blocks, kernel (D, V) in the compute dtype, t (C, G, chunk)
+  sorted targets -> (ce, lse) (C, G, chunk). Chunks from `n_labelled` on hold no target in any block and
+  are skipped (`lax.cond`).
 
   The gradient is written out (softmax - onehot, per chunk, the kernel's gradient summed in a carry):
   autodiff through the chunk loop kept one kernel-sized residual PER CHUNK (bf16[chunks, 1536, 151936]:
@@ -65,20 +75,20 @@ def _chunked_ce(h: Array, kernel: Array, t: Array, n_labelled: Array) -> tuple[A
 
 
 def _ce_forward(h, kernel, t, n_labelled):
-  chunk = h.shape[1]
+  block = h.shape[1:3]
 
   def compute(h_c, t_c):
     logits = _chunk_logits(h_c, kernel)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.clip(t_c, 0, None)[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logits, jnp.clip(t_c, 0, None)[..., None], axis=-1)[..., 0]
     return jnp.where(t_c != IGNORE_INDEX, lse - picked, 0.0), jnp.where(t_c != IGNORE_INDEX, lse, 0.0)
 
   def one(args):
     start, h_c, t_c = args
-    zeros = jnp.zeros((chunk,), jnp.float32)
+    zeros = jnp.zeros(block, jnp.float32)
     return jax.lax.cond(start < n_labelled, compute, lambda *_: (zeros, zeros), h_c, t_c)
 
-  starts = jnp.arange(h.shape[0]) * chunk
+  starts = jnp.arange(h.shape[0]) * h.shape[2]
   return jax.lax.map(one, (starts, h, t))
 
 
@@ -89,27 +99,33 @@ def _ce_fwd(h, kernel, t, n_labelled):
 
 def _ce_bwd(res, cts):
   """d ce / d logits = softmax - onehot(target), d lse / d logits = softmax (at labelled positions);
-  the logits' gradient enters the GEMMs in the compute dtype, with fp32 accumulation (as acc32)."""
+  the logits' gradient enters the GEMMs in the compute dtype, with fp32 accumulation (as acc32). Each
+  chunk's kernel gradient is reduce-scattered into a carry split like the (embed, vocab) parameter: a
+  carry per row block summed at the end made XLA all-gather all of them (f32[8, 1536, 151936], 7 GiB
+  per device at fsdp=8); with the few chunks of a shard-local CE this is about one reduction per step."""
   h, kernel, t, n_labelled, lse = res
   g_ce, g_lse = cts
-  chunk, d = h.shape[1], h.shape[2]
+  groups, chunk, d = h.shape[1], h.shape[2], h.shape[3]
+  cell = (jnp.arange(groups)[:, None], jnp.arange(chunk)[None, :])
 
   def grads(dk, h_c, t_c, lse_c, gce_c, glse_c):
     valid = t_c != IGNORE_INDEX
-    p = jnp.exp(_chunk_logits(h_c, kernel) - lse_c[:, None])
-    g = p * jnp.where(valid, gce_c + glse_c, 0.0)[:, None]
-    g = g.at[jnp.arange(chunk), jnp.clip(t_c, 0, None)].add(-jnp.where(valid, gce_c, 0.0))
+    p = jnp.exp(_chunk_logits(h_c, kernel) - lse_c[..., None])
+    g = p * jnp.where(valid, gce_c + glse_c, 0.0)[..., None]
+    g = g.at[cell + (jnp.clip(t_c, 0, None),)].add(-jnp.where(valid, gce_c, 0.0))
     g = g.astype(kernel.dtype)
     dh = jnp.dot(g, kernel.T, preferred_element_type=jnp.float32)
-    return dk + jnp.dot(h_c.astype(kernel.dtype).T, g, preferred_element_type=jnp.float32), dh
+    dk_c = jnp.einsum("gcd,gcv->dv", h_c.astype(kernel.dtype), g, preferred_element_type=jnp.float32)
+    return dk + constrain(dk_c, KERNEL_AXES), dh
 
   def body(dk, xs):
     start, h_c, t_c, lse_c, gce_c, glse_c = xs
-    skip = lambda dk, *_: (dk, jnp.zeros((chunk, d), jnp.float32))
+    skip = lambda dk, *_: (dk, jnp.zeros((groups, chunk, d), jnp.float32))
     return jax.lax.cond(start < n_labelled, grads, skip, dk, h_c, t_c, lse_c, gce_c, glse_c)
 
   starts = jnp.arange(h.shape[0]) * chunk
-  dk, dh = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), (starts, h, t, lse, g_ce, g_lse))
+  dk0 = constrain(jnp.zeros(kernel.shape, jnp.float32), KERNEL_AXES)
+  dk, dh = jax.lax.scan(body, dk0, (starts, h, t, lse, g_ce, g_lse))
   return dh.astype(h.dtype), dk.astype(kernel.dtype), None, None
 
 

@@ -24,15 +24,16 @@ print(json.dumps(rows))
 @pytest.mark.heavy
 def test_per_device_memory_falls_as_fsdp_grows():
   """The tiny model in bf16 at 64 px (16 image tokens), 4 samples per device, fsdp=1 vs fsdp=4 on fake
-  CPU devices: the arguments shrink (sharded params and Adam), the temporaries do not grow by more
-  than the gathered weights' share, and the total falls. Measured: temp 0.094 -> 0.102 GiB; before the
-  weights were gathered for use and the image gathers kept within rows it was 0.094 -> 0.149."""
+  CPU devices: the arguments shrink (sharded params and Adam), the temporaries shrink too, and the total
+  falls. Measured: temp 0.094 -> 0.087 GiB since the CE is
+  shard-local (0.094 -> 0.102 before; 0.094 -> 0.149 before the weights were gathered for use and the
+  image gathers kept within rows). Each compile takes ~5 min on a loaded 2-core machine."""
   over = [SMALL_VOCAB, "--config.model.dtype=bfloat16", "--config.data.image_size=64",
           "--config.model.vision.image_size=64", "--config.model.vae.resolution=64"]
-  proc = run(["-c", CODE, TINY, *over], devices=4, timeout=900)
+  proc = run(["-c", CODE, TINY, *over], devices=4, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   one, four = json.loads(proc.stdout.strip().splitlines()[-1])
   assert one["status"] == four["status"] == "ok", (one, four)
   assert four["args_gib"] < 0.7 * one["args_gib"], (one, four)
-  assert four["temp_gib"] < 1.15 * one["temp_gib"], (one, four)
+  assert four["temp_gib"] < one["temp_gib"], (one, four)
   assert four["total_gib"] < one["total_gib"], (one, four)
