@@ -218,48 +218,41 @@ def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, s
   return {"params": state["siglip"]}, report
 
 
-def siglip_part_tensors(variables: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """The SigLIP2-layout tensors (`vision_model.*`) of a `SigLIP` module's params, bfloat16 matrices."""
-  wrapped = {"params": {"vision_representation": variables["params"]}}
+PART_FILES = {"vae": parts_lib.VAE_FILE, "siglip": "model.safetensors"}
+
+
+def part_tensors(part: str, wrapped: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """The part's published-layout tensors (`parts.part_layouts(cfg)[part]` names) from Cheers-shaped
+  variables: matrices and kernels in bfloat16, vectors (biases, norms, BN statistics) in float32."""
   out = {}
-  for name in parts_lib.part_layouts(cfg)["siglip"]:
-    x = np.asarray(hf_tensor(wrapped, parts_lib.cheers_source_name("siglip", name)), np.float32)
+  for name in parts_lib.part_layouts(cfg)[part]:
+    if name.endswith(parts_lib.COUNTER):
+      continue
+    x = np.asarray(hf_tensor(wrapped, parts_lib.cheers_source_name(part, name)), np.float32)
     out[name] = np.ascontiguousarray(x.astype(ml_dtypes.bfloat16) if x.ndim > 1 else x)
   return out
 
 
-def write_siglip_part(variables: dict, cfg: ModelConfig, out_dir: Path, report: Optional[dict] = None) -> Path:
-  part_dir = Path(out_dir) / "siglip"
+def write_part(part: str, wrapped: dict, cfg: ModelConfig, out_dir: Path, report: Optional[dict] = None) -> Path:
+  """Writes the part's tensors + `config.json` (+ `report.json`) into out_dir/PART; returns that folder."""
+  part_dir = Path(out_dir) / part
   part_dir.mkdir(parents=True, exist_ok=True)
-  st.save_file(siglip_part_tensors(variables, cfg), part_dir / "model.safetensors", {"format": "pt"})
-  (part_dir / CONFIG_FILE).write_text(json.dumps(parts_lib.part_config("siglip", cfg), indent=2) + "\n")
+  st.save_file(part_tensors(part, wrapped, cfg), part_dir / PART_FILES[part], {"format": "pt"})
+  (part_dir / CONFIG_FILE).write_text(json.dumps(parts_lib.part_config(part, cfg), indent=2) + "\n")
   if report is not None:
     (part_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   return part_dir
-
-
-def vae_part_tensors(variables: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """The FLUX.2-layout tensors (`parts.part_layouts(cfg)['vae']` names) of a `VAE` module's variables:
-  matrices and kernels in bfloat16, vectors (biases, norms, BN statistics) in float32."""
-  wrapped = {"params": {"vae_model": variables["params"]}, "batch_stats": {"vae_model": variables["batch_stats"]}}
-  out = {}
-  for name in parts_lib.part_layouts(cfg)["vae"]:
-    if name.endswith(parts_lib.COUNTER):
-      continue
-    x = np.asarray(hf_tensor(wrapped, parts_lib.cheers_source_name("vae", name)), np.float32)
-    out[name] = np.ascontiguousarray(x.astype(ml_dtypes.bfloat16) if x.ndim > 1 else x)
-  return out
 
 
 def write_vae_part(variables: dict, cfg: ModelConfig, out_dir: Path, report: Optional[dict] = None) -> Path:
-  """Writes `ae.safetensors` + `config.json` (+ `report.json`) into out_dir/vae; returns that folder."""
-  part_dir = Path(out_dir) / "vae"
-  part_dir.mkdir(parents=True, exist_ok=True)
-  st.save_file(vae_part_tensors(variables, cfg), part_dir / parts_lib.VAE_FILE, {"format": "pt"})
-  (part_dir / CONFIG_FILE).write_text(json.dumps(parts_lib.part_config("vae", cfg), indent=2) + "\n")
-  if report is not None:
-    (part_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  return part_dir
+  """A `VAE` module's variables as the FLUX.2-layout part in out_dir/vae."""
+  wrapped = {"params": {"vae_model": variables["params"]}, "batch_stats": {"vae_model": variables["batch_stats"]}}
+  return write_part("vae", wrapped, cfg, out_dir, report)
+
+
+def write_siglip_part(variables: dict, cfg: ModelConfig, out_dir: Path, report: Optional[dict] = None) -> Path:
+  """A `SigLIP` module's params as the SigLIP2-layout part (`vision_model.*`) in out_dir/siglip."""
+  return write_part("siglip", {"params": {"vision_representation": variables["params"]}}, cfg, out_dir, report)
 
 
 def tiny_model_config(config_name: str = "tiny", overrides: Sequence[str] = ()) -> tuple[ModelConfig, int]:
