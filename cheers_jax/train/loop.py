@@ -125,28 +125,30 @@ def save_image_grid(images: np.ndarray, path: Path) -> None:
 
 def sample_images(model: Cheers, state, config, workdir: Path, step: int,
                   writer: Optional[metrics_lib.MetricWriter] = None) -> Optional[Path]:
-  """T2I samples of config.sample_prompts as a PNG row (+ TensorBoard); None if t2i is unavailable."""
+  """T2I samples of config.sample_prompts as a PNG row (+ TensorBoard); None without prompts."""
   prompts = list(config.get("sample_prompts", ()) or ())
   if not prompts:
     return None
-  try:
-    from cheers_jax.data.sources import T2I_PROMPT
-    from cheers_jax.data.tokenizer import CheersTokenizer
-    from cheers_jax.infer.t2i import t2i_prompt, text_to_image
-  except ImportError as e:
-    log.info("no sample images: %s", e)
-    return None
+  images = draw_captions(model, state, config, prompts)
+  path = workdir / "samples" / f"step_{step:07d}.png"
+  if jax.process_index() == 0:
+    save_image_grid(images, path)
+    if writer is not None:
+      writer.write_images(step, {"samples": images})
+  return path
+
+
+def draw_captions(model: Cheers, state, config, captions: list[str]) -> np.ndarray:
+  """T2I of each caption in the training prompt template (seeds 0..), with the config's sampler settings."""
+  from cheers_jax.data.sources import T2I_PROMPT
+  from cheers_jax.data.tokenizer import CheersTokenizer
+  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
   tok = CheersTokenizer()
-  ids = [t2i_prompt(tok, T2I_PROMPT.format(caption=p)) for p in prompts]
+  ids = [t2i_prompt(tok, T2I_PROMPT.format(caption=c)) for c in captions]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   out = text_to_image(model, variables, ids, steps=int(config.sample_steps), cfg_scale=float(config.sample_cfg),
                       seeds=list(range(len(ids))))
-  path = workdir / "samples" / f"step_{step:07d}.png"
-  if jax.process_index() == 0:
-    save_image_grid(np.asarray(out.images), path)
-    if writer is not None:
-      writer.write_images(step, {"samples": np.asarray(out.images)})
-  return path
+  return np.asarray(out.images)
 
 
 def evaluate_synthetic(model: Cheers, state, config, num_images: int = 96) -> Optional[dict]:
@@ -181,17 +183,10 @@ def evaluate_synthetic_generation(model: Cheers, state, config, workdir: Path, s
                                   samples_per_prompt: int = 4) -> dict:
   """Every colour-shape prompt drawn `samples_per_prompt` times (seeds 0..), judged by
   shapes_eval.judge_image; the grid (each prompt under its image) to workdir/samples and TensorBoard."""
-  from cheers_jax.data.sources import T2I_PROMPT, describe
-  from cheers_jax.data.tokenizer import CheersTokenizer
-  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
-  tok = CheersTokenizer()
+  from cheers_jax.data.sources import describe
   wanted = [label for label in shapes_eval.all_prompts() for _ in range(samples_per_prompt)]
   texts = [describe(label) for label in wanted]
-  ids = [t2i_prompt(tok, T2I_PROMPT.format(caption=t)) for t in texts]
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  out = text_to_image(model, variables, ids, steps=int(config.sample_steps), cfg_scale=float(config.sample_cfg),
-                      seeds=list(range(len(ids))))
-  images = np.asarray(out.images)
+  images = draw_captions(model, state, config, texts)
   scores = shapes_eval.score_generations(wanted, images)
   if jax.process_index() == 0:
     grid = shapes_eval.labelled_grid(images, texts, columns=3 * samples_per_prompt)
