@@ -196,3 +196,27 @@ def test_training_over_a_jsonl_full_of_bad_lines_finishes_and_names_and_counts_e
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in rows)
   assert rows[-1]["skipped_samples"] >= len(bad_lines)  # every unusable line, plus the bad images drawn so far
   assert set(SKIP_REASONS) >= {"malformed", "bad_image"}
+
+
+def test_sample_row_of_the_configured_prompts(uninterrupted, tmp_path):
+  """Non-synthetic data: config.sample_prompts are drawn as one PNG row and sent to TensorBoard."""
+  from PIL import Image
+  from cheers_jax.model.cheers import Cheers
+  from cheers_jax.train.loop import sample_images
+  from cheers_jax.train.state import model_config
+  _, result = uninterrupted
+  config = small_config()
+  with config.unlocked():
+    config.sample_prompts = ("a red circle", "a blue square")
+    config.sample_steps = 2
+  written = []
+
+  class Writer:
+    def write_images(self, step, images):
+      written.append((step, {k: v.shape for k, v in images.items()}))
+
+  path = sample_images(Cheers(model_config(config)), result.state, config, tmp_path, 6, Writer())
+  row = np.asarray(Image.open(path))
+  size = row.shape[0]
+  assert path.name == "step_0000006.png" and row.shape == (size, 2 * size, 3)
+  assert written == [(6, {"samples": (2, size, size, 3)})]
