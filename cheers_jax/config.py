@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_buckets = (512, 1024, 2048, 4096)  # static sequence lengths (few compiles)
   c.data.max_images_per_sample = 2     # image slots per sample in a batch (editing = 2)
   c.data.mix = ml_collections.ConfigDict(dict(und=3.0, gen=6.0, text=1.0))  # sampling ratios
+  # A first phase: the stream's first `first_samples` samples (global) follow `first_mix` instead (0 = none).
+  c.data.first_samples = 0
+  c.data.first_mix = ml_collections.ConfigDict(dict(und=0.0, gen=1.0, text=0.0))
   c.data.cfg_data_rate = 0.2           # CFG dropout for generation samples
   c.data.worker_count = 0              # grain worker processes (0 = in-process)
   c.data.shuffle = True
@@ -242,6 +245,7 @@ _RANGES = (
     ("data.cfg_data_rate", 0, True, 1, True, "a probability"),
     ("data.worker_count", 0, True, None, True, "0 = in-process"),
     ("data.synthetic_size", 1, True, None, True, ""),
+    ("data.first_samples", 0, True, None, True, "0 = no first phase"),
     ("data.num_threads", 1, True, None, True, ""),
     ("data.prefetch", 1, True, None, True, ""),
 )
@@ -291,14 +295,16 @@ def check_values(config) -> None:
       if (not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
           or list(buckets) != sorted(set(buckets))):
         raise ConfigError(f"data.seq_buckets={tuple(buckets)!r}: give strictly increasing token counts >= 1")
-    mix = data.get("mix")
-    if mix is not None:
-      weights = {name: _number(f"data.mix.{name}", w) for name, w in dict(mix).items()}
+    for key in ("mix", "first_mix"):
+      mix = data.get(key)
+      if mix is None or (key == "first_mix" and not data.get("first_samples", 0)):
+        continue
+      weights = {name: _number(f"data.{key}.{name}", w) for name, w in dict(mix).items()}
       for name, w in weights.items():
         if w < 0:
-          raise ConfigError(f"data.mix.{name}={w!r}: a sampling weight must be >= 0")
+          raise ConfigError(f"data.{key}.{name}={w!r}: a sampling weight must be >= 0")
       if not any(w > 0 for w in weights.values()):
-        raise ConfigError(f"data.mix {weights}: every weight is 0, so nothing would be drawn; give at least one "
+        raise ConfigError(f"data.{key} {weights}: every weight is 0, so nothing would be drawn; give at least one "
                           "kind (und, gen, text) a positive weight")
 
 

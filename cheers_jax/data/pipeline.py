@@ -61,7 +61,6 @@ from cheers_jax.model.sequence import (KIND_GEN, KIND_PREPENDED, KIND_UND, Seque
 log = logging.getLogger(__name__)
 
 T_MIN, T_MAX = 1e-6, 1.0 - 1e-6
-LATENT_DOWNSAMPLE = 32  # VAE 8x, 2x2 patchify, und projector 2x2: one LLM token per 32x32 pixels
 SKIP_REASONS = ("malformed", "bad_image", "too_long", "too_many_images", "bad_sequence")
 SHUFFLE_WINDOW = 1024  # shuffle window over the mixed stream (an index permutation, no buffer): the
 # mix ratios hold exactly over each window
@@ -79,18 +78,24 @@ class PipelineSpec:
   max_seq_len: int  # the model's truncation length (reference: 4096)
   cfg_data_rate: float
   seed: int
+  patch_size: int = 16  # the model's ViT patch (= latent cell); the und projector merges 2x2 patches per token
 
   def __post_init__(self) -> None:
-    if self.image_size % LATENT_DOWNSAMPLE:
-      raise ValueError(f"image_size {self.image_size} must be a multiple of {LATENT_DOWNSAMPLE}")
+    if self.image_size % self.token_pixels:
+      raise ValueError(f"image_size {self.image_size} must be a multiple of {self.token_pixels} (one LLM token per "
+                       f"2x2 patches of {self.patch_size} pixels)")
     if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
       raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
     if self.seed < 0:
       raise ValueError("seed must be >= 0")
 
   @property
+  def token_pixels(self) -> int:
+    return 2 * self.patch_size
+
+  @property
   def tokens_per_image(self) -> int:
-    return (self.image_size // LATENT_DOWNSAMPLE) ** 2
+    return (self.image_size // self.token_pixels) ** 2
 
   @property
   def max_bucket(self) -> int:
@@ -120,7 +125,8 @@ def spec_from_config(config: Any, *, seed: int | None = None, process_count: int
       max_images_per_sample=int(data.max_images_per_sample),
       max_seq_len=max_seq_len,
       cfg_data_rate=float(data.cfg_data_rate),
-      seed=int(config.seed if seed is None else seed))
+      seed=int(config.seed if seed is None else seed),
+      patch_size=int((model.get("vision", None) or {}).get("patch_size", 16)) if model is not None else 16)
 
 
 # ------------------------------------------------------------------------------------ per sample
@@ -144,10 +150,10 @@ def _to_rgb(image: Any) -> Image.Image:
   return Image.fromarray(arr).convert("RGB")
 
 
-def preprocess_image(image: Any, kind: str, image_size: int) -> np.ndarray:
+def preprocess_image(image: Any, kind: str, image_size: int, patch_size: int = 16) -> np.ndarray:
   """float32 (H, W, 3) in [0, 1]: understanding = long side + pad, generation = short side + crop."""
   fn = preprocess_understanding if kind == "und" else preprocess_generation
-  return fn(_to_rgb(image), resolution=image_size).pixel_values.transpose(1, 2, 0)
+  return fn(_to_rgb(image), resolution=image_size, patch_size=patch_size).pixel_values.transpose(1, 2, 0)
 
 
 class PrepareExample:
@@ -207,7 +213,7 @@ class PrepareExample:
     pixels, t = [], []
     for image, kind in zip(images, kinds):
       try:
-        pixels.append(preprocess_image(image, kind, spec.image_size))
+        pixels.append(preprocess_image(image, kind, spec.image_size, spec.patch_size))
       except BadImageError as e:
         return skip_record(sid, "bad_image", str(e))
       t.append(float(np.clip(rng.uniform(), T_MIN, T_MAX)) if kind == "gen" else 1.0)
@@ -407,6 +413,31 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
   return ds
 
 
+class _Sequenced:
+  """Random access over `first`'s first `count` records, then `rest` from its start (a two-phase stream)."""
+
+  def __init__(self, first: grain.MapDataset, count: int, rest: grain.MapDataset) -> None:
+    self.first, self.count, self.rest = first, int(count), rest
+
+  def __len__(self) -> int:
+    return len(self.rest)
+
+  def __getitem__(self, i: int) -> Any:
+    return self.first[i] if i < self.count else self.rest[i - self.count]
+
+
+def phased_stream(source: Any, data: Any, seed: int) -> grain.MapDataset:
+  """`mixed_stream` by data.mix, or, with data.first_samples > 0, its first data.first_samples records
+  (global, before the split over processes) drawn by data.first_mix and the rest by data.mix."""
+  shuffle = bool(data.get("shuffle", True))
+  rest = mixed_stream(source, data.mix, seed, shuffle)
+  first_samples = int(data.get("first_samples", 0))
+  if first_samples <= 0:
+    return rest
+  first = mixed_stream(source, data.first_mix, _derived_seed(seed, 3), shuffle)
+  return grain.MapDataset.source(_Sequenced(first, first_samples, rest))
+
+
 def make_train_dataset(config: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
                        tokenizer: CheersTokenizer | None = None, source: Any = None) -> grain.IterDataset:
   """The pipeline as a grain IterDataset (iterate it, or use `make_train_iterator`). `source` overrides
@@ -417,7 +448,7 @@ def make_train_dataset(config: Any, *, seed: int | None = None, process_index: i
   data = config.data
   if source is None:
     source = sources_lib.make_source(data, spec.seed)
-  ds = mixed_stream(source, data.mix, spec.seed, bool(data.get("shuffle", True)))
+  ds = phased_stream(source, data, spec.seed)
   ds = ds.map_with_index(PrepareExample(spec, tokenizer))  # the index is the global stream index
   ds = ds[process_index::process_count]
   threads = int(data.get("num_threads", 8))

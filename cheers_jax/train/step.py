@@ -110,7 +110,8 @@ def make_loss_and_grad(model: Cheers, config, mesh: Optional[Mesh] = None) -> Ca
 
 def latent_shape(cfg: ModelConfig, pixels_shape: tuple[int, ...]) -> tuple[int, ...]:
   m, h, w, _ = pixels_shape
-  return (m, h // 16, w // 16, cfg.vae.latent_channels)
+  p = cfg.vision.patch_size  # one latent cell per ViT patch
+  return (m, h // p, w // p, cfg.vae.latent_channels)
 
 
 def make_train_step(model: Cheers, config, mesh: Mesh, state_shardings: Optional[state_lib.TrainState] = None,

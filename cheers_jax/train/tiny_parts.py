@@ -118,7 +118,8 @@ def pretrain_vae(cfg: ModelConfig, image_size: int, *, steps: int = 1500, batch_
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
   opt_state = tx.init(params)
-  latent_shape = (batch_size, image_size // 8, image_size // 8, cfg.vae.z_channels)
+  side = image_size // 2 ** (len(cfg.vae.ch_mult) - 1)  # the encoder halves the image once per level but the last
+  latent_shape = (batch_size, side, side, cfg.vae.z_channels)
 
   def loss_fn(p, pixels, noise):
     recon, z = vae.apply({"params": p}, pixels, noise, noise_scale, method=_reconstruct)

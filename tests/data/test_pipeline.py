@@ -358,6 +358,40 @@ def test_mix_ratios():
   np.testing.assert_allclose(frac, [0.1, 0.3, 0.6], atol=0.01)
 
 
+def test_first_phase_then_the_mix_and_resume_across_the_boundary():
+  examples = [_example(i, ("und", "gen", "text")[i % 3]) for i in range(3072)]
+  config = _config(batch_size=16, image_size=32, seq_buckets=(64,), max_images_per_sample=1,
+                   mix={"und": 3.0, "gen": 6.0, "text": 1.0}, first_samples=64,
+                   first_mix={"und": 0.0, "gen": 1.0, "text": 0.0})
+  it = make_train_iterator(config, source=ListSource(examples))
+  kinds = lambda batch: np.bincount(batch["image_kind"][batch["image_index"].max(axis=1)], minlength=3)
+  for _ in range(3):
+    assert kinds(next(it)).tolist() == [0, 0, 16]  # generation only (kinds 0 text, 1 und, 2 gen)
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(2)]
+  assert kinds(want[0]).tolist() == [0, 0, 16]
+  counts = kinds(want[1]) + sum(kinds(next(it)) for _ in range(63))  # the next 1024 samples: one mix window
+  np.testing.assert_allclose(counts / counts.sum(), [0.1, 0.3, 0.6], atol=0.01)
+  resumed = make_train_iterator(config, source=ListSource(examples))
+  resumed.set_state(state)
+  for w in want:
+    g = next(resumed)
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+
+
+def test_tokens_per_image_follow_the_patch_size():
+  config = _config(batch_size=2, image_size=32, seq_buckets=(96,), max_images_per_sample=1)
+  assert pipeline.spec_from_config(config).tokens_per_image == 1  # 32 px, patch 16: 2x2 patches, one token
+  config.model.vision = dict(config.model.vision, patch_size=8)
+  spec = pipeline.spec_from_config(config)
+  assert spec.tokens_per_image == 4
+  batch = next(make_train_iterator(config))
+  assert batch["image_positions"].shape == (2, 4) and batch["pixels"].shape == (2, 32, 32, 3)
+  with pytest.raises(ValueError, match="multiple of 16"):
+    _spec(image_size=40, patch_size=8)
+
+
 def test_processes_get_disjoint_halves():
   examples = [_example(i, "text") for i in range(64)]
   config = _config(batch_size=8, image_size=32, seq_buckets=(64,), mix={"und": 1.0, "gen": 1.0, "text": 1.0})

@@ -347,3 +347,25 @@ def test_flops_match_the_oracle_count():
   assert metrics_lib.peak_flops_per_device("TPU v5 lite") == 197e12
   assert metrics_lib.peak_flops_per_device("cpu") is None and metrics_lib.mfu(1e12, 1, "cpu") is None
   assert metrics_lib.mfu(989e12 / 2, 2, "NVIDIA H100") == pytest.approx(0.25)
+
+
+def test_a_patch_of_8_pixels_trains():
+  # patch 8 with a 2-level VAE (4x down, then the 2x2 patchify): one latent cell per patch, 4 tokens per
+  # 32-px image; the pipeline and the step derive every size from the patch
+  config = small_config()
+  config.model.vision = dict(config.model.vision, image_size=32, patch_size=8)
+  config.model.vae = dict(config.model.vae, resolution=32, ch_mult=(1, 2, 2))
+  config.data.image_size = 32
+  mesh = sharding.make_mesh(dict(config.mesh))
+  state, shardings = state_lib.init_train_state(config, mesh)
+  model = Cheers(state_lib.model_config(config))
+  assert model.cfg.tokens_per_image == 4
+  step_fn = step_lib.make_train_step(model, config, mesh, shardings)
+  batch = make_batch(0, 0, BATCH, SEQ, 32, 4)
+  batch.pop("num_skipped")
+  dev = batching.device_batch(batch, batching.batch_shardings(mesh, batch))
+  new, m0 = step_fn(_clone(state), dev)
+  _, m1 = step_fn(_clone(new).replace(step=_clone(state.step)), dev)
+  m0, m1 = jax.device_get((m0, m1))
+  assert int(m0["skipped_nonfinite"]) == 0 and np.isfinite(m0["loss_fm"])
+  assert m1["loss"] < m0["loss"]
