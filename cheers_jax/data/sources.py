@@ -63,8 +63,11 @@ def category_of_kinds(kinds: Sequence[str]) -> int:
 
 
 def t2i_messages(caption: str) -> list[dict[str, str]]:
-  return [{"role": "user", "content": T2I_PROMPT.format(caption=caption)},
-          {"role": "assistant", "content": GEN_IMAGE_TEXT}]
+  return t2i_prompt_messages(T2I_PROMPT.format(caption=caption))
+
+
+def t2i_prompt_messages(prompt: str) -> list[dict[str, str]]:
+  return [{"role": "user", "content": prompt}, {"role": "assistant", "content": GEN_IMAGE_TEXT}]
 
 
 def i2t_messages(caption: str) -> list[dict[str, str]]:
@@ -305,6 +308,14 @@ class ShapeLabel(NamedTuple):
   shape: str
 
 
+def shapes_prompt(caption: str) -> str:
+  """The T2I prompt text of a synthetic shape: its caption in capitals ('a red circle' -> 'Generate an
+  image: A RED CIRCLE'). Capitals tokenize differently from the caption's words, so the prompt's word
+  vectors are not the ones the captions are predicted with: with a from-scratch 2-layer LLM and tied
+  embeddings, shared words left the image position unable to read the prompt (cheers_jax.config.tiny)."""
+  return T2I_PROMPT.format(caption=caption.upper())
+
+
 def describe(label: ShapeLabel | tuple[str, str]) -> str:
   """The caption of a shape: ('red', 'circle') -> 'a red circle'."""
   colour, shape = label
@@ -347,8 +358,8 @@ def score_captions(wanted: Sequence[ShapeLabel], texts: Sequence[str]) -> dict[s
 
 class SyntheticShapes:
   """One coloured shape (circle / square / triangle) at a random position and size on a plain grey
-  background, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd ones t2i. Everything is
-  a function of (seed, index), so any process regenerates the same example.
+  background, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd ones t2i (prompt:
+  `shapes_prompt`). Everything is a function of (seed, index), so any process regenerates the same example.
   """
 
   def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0) -> None:
@@ -399,7 +410,7 @@ class SyntheticShapes:
     if index % 2 == 0:
       return {"id": f"shapes/{index}", "messages": i2t_messages(caption), "images": [image],
               "image_kinds": ["und"]}
-    return {"id": f"shapes/{index}", "messages": t2i_messages(caption), "images": [image],
+    return {"id": f"shapes/{index}", "messages": t2i_prompt_messages(shapes_prompt(caption)), "images": [image],
             "image_kinds": ["gen"]}
 
 

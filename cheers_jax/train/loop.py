@@ -139,12 +139,13 @@ def sample_images(model: Cheers, state, config, workdir: Path, step: int,
 
 
 def draw_captions(model: Cheers, state, config, captions: list[str]) -> np.ndarray:
-  """T2I of each caption in the training prompt template (seeds 0..), with the config's sampler settings."""
-  from cheers_jax.data.sources import T2I_PROMPT
+  """T2I of each caption in the training data's prompt form (seeds 0..), with the config's sampler settings."""
+  from cheers_jax.data.sources import T2I_PROMPT, shapes_prompt
   from cheers_jax.data.tokenizer import CheersTokenizer
   from cheers_jax.infer.t2i import t2i_prompt, text_to_image
   tok = CheersTokenizer()
-  ids = [t2i_prompt(tok, T2I_PROMPT.format(caption=c)) for c in captions]
+  prompt = shapes_prompt if config.data.source == "synthetic" else T2I_PROMPT.format
+  ids = [t2i_prompt(tok, prompt(caption=c)) for c in captions]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   out = text_to_image(model, variables, ids, steps=int(config.sample_steps), cfg_scale=float(config.sample_cfg),
                       seeds=list(range(len(ids))))
@@ -180,7 +181,7 @@ def evaluate_synthetic(model: Cheers, state, config, num_images: int = 96) -> Op
 
 def evaluate_synthetic_generation(model: Cheers, state, config, workdir: Path, step: int,
                                   writer: Optional[metrics_lib.MetricWriter] = None,
-                                  samples_per_prompt: int = 4) -> dict:
+                                  samples_per_prompt: int = 8) -> dict:
   """Every colour-shape prompt drawn `samples_per_prompt` times (seeds 0..), judged by
   shapes_eval.judge_image; the grid (each prompt under its image) to workdir/samples and TensorBoard."""
   from cheers_jax.data.sources import describe

@@ -99,7 +99,7 @@ def test_synthetic_deterministic_and_described():
   i2t, t2i = a[4], a[5]
   assert i2t["image_kinds"] == ["und"] and i2t["messages"][1]["content"] == describe(a.label(4))
   assert "<image>" in i2t["messages"][0]["content"]
-  assert t2i["image_kinds"] == ["gen"] and t2i["messages"][0]["content"].endswith(describe(a.label(5)))
+  assert t2i["image_kinds"] == ["gen"] and t2i["messages"][0]["content"] == sources.shapes_prompt(describe(a.label(5)))
   assert t2i["messages"][1]["content"] == "<im_start><image_gen><im_end>"
   assert i2t["images"][0].shape == (32, 32, 3) and i2t["images"][0].dtype == np.uint8
   assert describe(("red", "circle")) == "a red circle"
@@ -107,6 +107,18 @@ def test_synthetic_deterministic_and_described():
   assert parse_caption("a red blue circle") is None and parse_caption("nothing") is None
   labels = {a.label(i) for i in range(64)}
   assert {l.colour for l in labels} <= set(COLOURS) and {l.shape for l in labels} == set(SHAPES)
+
+
+def test_shapes_prompts_share_no_token_with_the_captions():
+  # the T2I prompt's colour and shape words must not be the caption's (tied embeddings, cheers_jax.config.tiny)
+  from cheers_jax.data.tokenizer import CheersTokenizer
+  tok = CheersTokenizer()
+  assert sources.shapes_prompt("a red circle") == "Generate an image: A RED CIRCLE"
+  for colour in COLOURS:
+    for shape in SHAPES:
+      caption = describe((colour, shape))
+      words = set(tok.encode(caption)[1:])  # the caption's colour and shape tokens
+      assert not words & set(tok.encode(sources.shapes_prompt(caption))), caption
 
 
 def test_synthetic_image_shows_its_colour():
