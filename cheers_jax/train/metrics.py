@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -234,19 +235,33 @@ class MetricWriter:
     self.enabled = enabled
     self.workdir = Path(workdir)
     self._jsonl = None
-    self.writer: Any = ConsoleWriter()
+    self._writer: Any = ConsoleWriter()
+    self._opening: Optional[threading.Thread] = None
     self.backend = "console"
     if not enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
     if tensorboard:
-      try:
-        from clu import metric_writers  # imports TensorFlow
-        self.writer = metric_writers.create_default_writer(str(self.workdir), asynchronous=False)
-        self.backend = "clu"
-      except Exception as e:  # no TensorFlow / tensorboard on this machine
-        logging.warning("TensorBoard writer unavailable (%s); logging to the console and metrics.jsonl", e)
+      # CLU imports TensorFlow (seconds): done in a thread, so it overlaps the first step's compilation;
+      # the first write waits for it
+      self._opening = threading.Thread(target=self._open_clu, name="clu-writer", daemon=True)
+      self._opening.start()
+
+  def _open_clu(self) -> None:
+    try:
+      from clu import metric_writers  # imports TensorFlow
+      self._writer = metric_writers.create_default_writer(str(self.workdir), asynchronous=False)
+      self.backend = "clu"
+    except Exception as e:  # no TensorFlow / tensorboard on this machine
+      logging.warning("TensorBoard writer unavailable (%s); logging to the console and metrics.jsonl", e)
+
+  @property
+  def writer(self) -> Any:
+    if self._opening is not None:
+      self._opening.join()
+      self._opening = None
+    return self._writer
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
