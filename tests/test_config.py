@@ -17,6 +17,7 @@ from cheers_jax.errors import ConfigError
     ("train.b2=1.0", "train.b2"),
     ("data.cfg_data_rate=-0.1", "data.cfg_data_rate"),
     ("data.mix.und=-1", "data.mix.und"),
+    ("data.first_samples=-1", "data.first_samples"),
     ("data.seq_buckets=(96,64)", "data.seq_buckets"),
     ("mesh.fsdp=0", "mesh.fsdp"),
     ("checkpoint.every_steps=0", "checkpoint.every_steps"),
@@ -34,6 +35,14 @@ def test_impossible_values_are_config_errors_naming_the_key(override, key):
 def test_a_mix_with_every_weight_zero_is_refused():
   with pytest.raises(ConfigError, match="every weight is 0"):
     config_lib.load("tiny", ["data.mix.und=0", "data.mix.gen=0", "data.mix.text=0"])
+
+
+def test_a_first_phase_mix_is_checked_when_there_is_a_first_phase():
+  with pytest.raises(ConfigError, match="^data.first_mix.gen=-2"):
+    config_lib.load("tiny", ["data.first_samples=64", "data.first_mix.gen=-2"])
+  with pytest.raises(ConfigError, match="data.first_mix .*every weight is 0"):
+    config_lib.load("tiny", ["data.first_samples=64", "data.first_mix.gen=0"])
+  config_lib.load("tiny", ["data.first_mix.gen=0"])  # no first phase: its mix is not used
 
 
 def test_shipped_configs_and_recipes_pass():
