@@ -70,7 +70,8 @@ def _example(i: int, kind: str, words: int = 1) -> dict:
 def _config(batch_size: int = 4, **data: Any):
   c = tiny.get_config()
   c.train.batch_size = batch_size
-  c.data.image_size = 64  # 4 tokens per image (the tests below count them)
+  c.data.image_size = 64  # 4 tokens per image at the published patch 16 (the tests below count them)
+  c.model.vision.patch_size = 16
   c.data.num_threads = 2
   for k, v in data.items():
     c.data[k] = v

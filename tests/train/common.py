@@ -22,6 +22,9 @@ def small_config(**train):
   c = tiny.get_config()
   # 64-px images (4 tokens each) and the reference's FM-on-every-image default: the tests cover these
   c.model.vision.image_size = c.model.vae.resolution = c.data.image_size = IMAGE
+  # the published model's geometry (patch 16, a 3-level VAE: 32 px per token); tiny's patch 8 has its own test
+  c.model.vision.patch_size = 16
+  c.model.vae.ch_mult = (1, 1, 2, 2)
   c.train.fm_gen_only = False
   # random init, everything but the VAE trained, lambda 1: the paths these tests cover (the shipped tiny
   # default starts from its parts with the tokenizer frozen: tests/train/test_tiny.py)

@@ -29,7 +29,9 @@ def gemm_operand_types(hlo_text: str) -> list[tuple[str, list[str]]]:
 def test_bf16_train_step_has_no_f32_gemm_operand():
   """The whole train step of the tiny model in bf16, as lowered before XLA's passes: no dot or conv,
   forward or backward, takes an f32 operand (the loss's logits and softmax stay fp32 by accumulation)."""
-  config = config_lib.load(TINY, [SMALL_VOCAB, "--config.model.dtype=bfloat16"])
+  # the published geometry (patch 16, a 3-level VAE), as the convolution count below assumes
+  config = config_lib.load(TINY, [SMALL_VOCAB, "--config.model.dtype=bfloat16", "--config.model.vision.patch_size=16",
+                                  "--config.model.vae.ch_mult=(1,1,2,2)"])
   mesh = sharding.make_mesh_on_first_devices({"fsdp": 1}, jax.devices()[:1])
   abstract, shardings = state_lib.abstract_train_state(config, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
