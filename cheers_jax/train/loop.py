@@ -190,8 +190,7 @@ def evaluate_synthetic_generation(model: Cheers, state, config, workdir: Path, s
   images = draw_captions(model, state, config, texts)
   scores = shapes_eval.score_generations(wanted, images)
   if jax.process_index() == 0:
-    # each image under the caption part of its prompt, as the model read it (shapes_prompt: capitals)
-    grid = shapes_eval.labelled_grid(images, [t.upper() for t in texts], columns=3 * samples_per_prompt)
+    grid = shapes_eval.labelled_grid(images, texts, columns=3 * samples_per_prompt)
     path = workdir / "samples" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image
