@@ -45,6 +45,10 @@ def hue(rgb: np.ndarray) -> np.ndarray:
   return sector / 6
 
 
+_NAMES = list(sources.COLOURS)
+_PALETTE_HUES = hue(np.asarray([sources.COLOURS[n] for n in _NAMES], np.float32) / 255.0)
+
+
 def judge_image(image: np.ndarray) -> tuple[Optional[str], Optional[str]]:
   """(colour, shape) that an image (H, W, 3) in [0, 1] (or uint8) shows, each None when unclear."""
   x = np.asarray(image, np.float32)
@@ -54,11 +58,9 @@ def judge_image(image: np.ndarray) -> tuple[Optional[str], Optional[str]]:
   mask = (x.max(-1) - x.min(-1)) > CHROMA_MIN
   if mask.sum() < MIN_PIXELS:
     return None, None
-  names = list(sources.COLOURS)
-  palette = hue(np.asarray([sources.COLOURS[n] for n in names], np.float32) / 255.0)
-  gap = np.abs(hue(x[mask])[:, None] - palette[None])
+  gap = np.abs(hue(x[mask])[:, None] - _PALETTE_HUES[None])
   nearest = np.argmin(np.minimum(gap, 1.0 - gap), axis=1)  # hue is circular
-  colour = names[int(np.bincount(nearest, minlength=len(names)).argmax())]
+  colour = _NAMES[int(np.bincount(nearest, minlength=len(_NAMES)).argmax())]
   ys, xs = np.nonzero(mask)
   box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
   fill = mask.sum() / box
