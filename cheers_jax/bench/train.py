@@ -136,7 +136,7 @@ def _main(argv: list[str]) -> int:
     batch_sizes = [args.batch_size]
   else:
     batch_sizes = [4, 8] if args.full_size else [8]
-  mesh = sharding.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
+  mesh = sharding.parse_meshes(args.mesh, "--mesh")[0] if args.mesh else dict(config.mesh)
   seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
   batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)
   specs = {b: batch.spec(config, b) for b in batch_sizes}
