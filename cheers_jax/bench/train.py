@@ -18,7 +18,7 @@ the rest understanding samples, one image each at the config's size, --text-len 
         FlopCounterMode (matrix multiplies, convolutions and attention at 2 FLOPs per multiply-add;
         x3 for trainable modules = forward + backward, x1 for the frozen VAE encoder); 16.2 TFLOP at
         full size, 512x512, seq 400 (the oracle's count of the reference).
-    P = dense bf16 peak FLOP/s of one device (metrics.PEAK_TFLOPS: H100 989 TFLOP/s); MFU is n/a where
+    P = dense bf16 peak FLOP/s of one device (targets.CHIPS: H100 989 TFLOP/s); MFU is n/a where
         the peak is unknown (CPU).
   peak memory = the devices' peak_bytes_in_use (GPU/TPU), else the compiled step's memory_analysis()
         (arguments + outputs - aliased + temp, per device; CPU).
