@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheers_jax.config import model_config
 from cheers_jax.data import batch as batch_lib
 from cheers_jax.data.tokenizer import ALWAYS_LABELLED_IDS
 from cheers_jax.errors import UserError
 from cheers_jax.infer.loader import fake_constant
-from cheers_jax.model.config import ModelConfig
 from cheers_jax.model.sequence import assemble
 from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
                                IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, SYSTEM_ID, USER_ID)
@@ -83,7 +83,7 @@ REFERENCE_TEXT_LEN = 120  # the reference timing's samples: 120 + 24 + 256 = 400
 def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_len: Optional[int] = None,
                gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0) -> BatchSpec:
   """Defaults: seq_len = the config's smallest bucket; text_len = the reference's 120, or what fits."""
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = model_config(config)
   n = cfg.tokens_per_image
   seq_len = int(seq_len or min(config.data.seq_buckets))
   text_len = int(text_len or max(2, min(REFERENCE_TEXT_LEN, seq_len - CHAT_TOKENS - n)))
