@@ -34,6 +34,7 @@ not fatal). The last line is `RESULT {json}`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any, Optional, Sequence
@@ -41,7 +42,6 @@ from typing import Any, Optional, Sequence
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
-from cheers_jax.errors import UserError
 from cheers_jax.train import measure, synthetic
 
 FULL_SIZE_CONFIG = "cheers_1p5b"
@@ -59,8 +59,7 @@ def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group()
-  src.add_argument("--config", help="a shipped config name or a config file (default: tiny); override values "
-                   "with --config.KEY=VALUE")
+  cli.add_config_flags(src)  # default: tiny
   src.add_argument("--full-size", action="store_true", help="the published model (config cheers_1p5b: 2.6 B "
                    "params, bf16 compute, 512x512)")
   p.add_argument("--batch-size", type=cli.POSITIVE_INT, help="global batch (default 8; --full-size: 4 and 8)")
@@ -70,11 +69,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", help="AXIS=SIZE pairs, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: the config's mesh)")
   p.add_argument("--remat", help="remat policy: none, full, dots, dots_no_batch (default: the config's)")
   p.add_argument("--attention", help="attention implementation: xla, cudnn (default: the config's)")
-  p.add_argument("--seq-len", type=cli.POSITIVE_INT, help="static sequence length (default: 400 with --full-size, else the "
-                 "config's smallest bucket)")
-  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="random text tokens per sample (default 120, or what fits)")
-  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5, help="share of generation samples (default 0.5)")
-  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
+  cli.add_batch_shape_flags(p, seq_len_help="400 with --full-size, else the config's smallest data.seq_buckets")
   p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
                  help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
   p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
@@ -124,11 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  rest, overrides = config_lib.split_overrides(argv)
-  args = _parser().parse_args(rest)
+  args, overrides = cli.parse_config_args(_parser(), argv)
   config_path = FULL_SIZE_CONFIG if args.full_size else (args.config or DEFAULT_CONFIG)
-  if args.steps < 1 or args.warmup < 0:
-    raise UserError("--steps must be >= 1 and --warmup >= 0")
   config = config_lib.load(config_path, overrides)
   if args.batch_sizes:
     batch_sizes = cli.comma_list(args.batch_sizes, "--batch-sizes", int)
@@ -138,7 +130,7 @@ def _main(argv: list[str]) -> int:
     batch_sizes = [4, 8] if args.full_size else [8]
   mesh = sharding.parse_meshes(args.mesh, "--mesh")[0] if args.mesh else dict(config.mesh)
   seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
-  batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  batch = dataclasses.replace(synthetic.BatchOptions.from_args(args), seq_len=seq_len)
   specs = {b: batch.spec(config, b) for b in batch_sizes}
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention

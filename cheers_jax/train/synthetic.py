@@ -203,6 +203,11 @@ class BatchOptions:
   gen_fraction: float = 0.5
   image_slots: int = 1
 
+  @classmethod
+  def from_args(cls, args) -> "BatchOptions":
+    """From the flags of cli.add_batch_shape_flags."""
+    return cls(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
+
   def spec(self, config, batch_size: int) -> BatchSpec:
     return batch_spec(config, batch_size, seq_len=self.seq_len, text_len=self.text_len,
                       gen_fraction=self.gen_fraction, image_slots=self.image_slots, seed=int(config.seed))
