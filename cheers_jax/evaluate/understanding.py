@@ -33,11 +33,10 @@ import numpy as np
 from cheers_jax.evaluate.datasets import BadRowImage, DatasetError, dataset_spec, image_cells, read_tsv
 from cheers_jax.evaluate.parallel import Workers, progress_bar, replicate, round_up
 from cheers_jax.evaluate.prompts import build_row_prompt
-from cheers_jax.evaluate.scoring import read_predictions, score_frame
+from cheers_jax.evaluate.scoring import OWN_COLUMNS, read_predictions, score_frame
 
 REFERENCE_MAX_INPUT_IDS = 1024  # Cheers.generate: `if input_ids.size(1) > max_input_tokens: break`
 ANSWER_SLOT_BUCKET = 128
-OUTPUT_COLUMNS = ("raw", "prediction", "extracted", "status", "error")
 
 
 def reference_answer_budget(prompt_ids: int, cap: Optional[int] = None) -> int:
@@ -165,7 +164,7 @@ def _write_outputs(spec, data, results: dict, path: Path, final: bool) -> dict:
     values = np.full(len(frame), None, dtype=object)
     values[answered] = scored[col].to_numpy(dtype=object)
     frame[col] = values
-  _write_atomic(frame[[c for c in frame.columns if c not in OUTPUT_COLUMNS] + list(OUTPUT_COLUMNS)], path)
+  _write_atomic(frame[[c for c in frame.columns if c not in OWN_COLUMNS] + list(OWN_COLUMNS)], path)
   if final:
     score_json_path(path).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
   return scores
