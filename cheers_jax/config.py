@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from cheers_jax import package_data
 from cheers_jax.errors import ConfigError, unknown_key
 
 # Sections whose keys `check_known_keys` leaves to others: model to ModelConfig.from_dict, data to the
@@ -107,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ---- the shipped configurations ---------------------------------------------------------------------
 # The embedded default's pretrained parts (VAE, SigLIP), package data made by `python -m cheers_jax.train.tiny_parts`.
-TINY_PARTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_parts")
+TINY_PARTS = str(package_data.TINY_PARTS)
 
 
 def cheers_1p5b():

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cheers_jax.data import batch as batch_lib
+from cheers_jax.data.tokenizer import ALWAYS_LABELLED_IDS
 from cheers_jax.errors import UserError
+from cheers_jax.infer.loader import fake_constant
 from cheers_jax.model.config import ModelConfig
 from cheers_jax.model.sequence import assemble
 from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
@@ -105,9 +107,8 @@ def _sample(spec: BatchSpec, i: int) -> tuple[list[int], list[int], float]:
   u = [CHAT_START_ID, USER_ID, NEWLINE_ID] + user + [CHAT_END_ID, NEWLINE_ID]
   a = [CHAT_START_ID, ASSISTANT_ID, NEWLINE_ID] + asst + [CHAT_END_ID, NEWLINE_ID]
   ids = sys_ids + u + a
-  structural = {NEWLINE_ID, CHAT_START_ID, CHAT_END_ID, IM_START_ID, IM_END_ID}
-  labels = [IGNORE_INDEX] * (len(sys_ids) + len(u)) + a
-  labels = [x if x in structural else lab for x, lab in zip(ids, labels)]
+  labels = [IGNORE_INDEX] * (len(sys_ids) + len(u)) + a  # the tokenizer's rule (build_conversation)
+  labels = [x if x in ALWAYS_LABELLED_IDS else lab for x, lab in zip(ids, labels)]
   labels = [IGNORE_INDEX if lab in (IMAGE_TOKEN_INDEX, IMAGE_GEN_TOKEN_INDEX) else lab for lab in labels]
   return ids, labels, t
 
@@ -170,11 +171,9 @@ def synthetic_train_state(config, mesh, seed: int = 0):
   tx = opt_lib.make_optimizer(config.train)
 
   def fill(path, leaf, salt):
-    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-    if name in ("weight", "scale", "running_var"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name.endswith("bias") or name == "running_mean":
-      return jnp.zeros(leaf.shape, leaf.dtype)
+    constant = fake_constant(path)
+    if constant is not None:
+      return jnp.full(leaf.shape, constant, leaf.dtype)
     # flat index from broadcasted iotas (not a reshaped 1-D iota): partitions without gathers
     index = jnp.full(leaf.shape, salt * 0x9E3779B1 % 2 ** 32, jnp.uint32)
     stride = 1
