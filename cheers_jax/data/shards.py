@@ -90,26 +90,37 @@ def shard_name(stem: str, number: int, count: int) -> str:
   return f"{stem}-{number:05d}-of-{count:05d}{SHARD_SUFFIX}"
 
 
-def write_shard(path: str, records: Iterable[bytes], categories: Sequence[int], lengths: Sequence[int],
-                num_images: Sequence[int], meta: Mapping[str, Any]) -> None:
-  """Writes a shard and then its index, each to a temporary name renamed into place: a shard whose
-  index exists is complete (an interrupted writer leaves only temporary files)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
-  count = 0
-  for record in records:
-    writer.write(record)
-    count += 1
-  writer.close()
-  if count != len(categories):
-    raise AssertionError(f"{count} records written, {len(categories)} indexed")
-  os.replace(tmp, path)
-  meta = {**meta, "format_version": FORMAT_VERSION, "records": count, "shard_bytes": os.path.getsize(path)}
-  index = index_path(path)
-  tmp_index = f"{index}.tmp{os.getpid()}.npz"
-  np.savez(tmp_index, category=np.asarray(categories, np.int8), length=np.asarray(lengths, np.int32),
-           num_images=np.asarray(num_images, np.int8), meta=np.asarray(json.dumps(meta)))
-  os.replace(tmp_index, index)
+class ShardWriter:
+  """Writes one shard, then its index, each to a temporary name renamed into place: a shard whose index
+  exists is complete (an interrupted writer leaves only temporary files). Records stream to disk."""
+
+  def __init__(self, path: str) -> None:
+    self.path = os.fspath(path)
+    self._tmp = f"{self.path}.tmp{os.getpid()}"
+    self._writer = ArrayRecordWriter(self._tmp, WRITER_OPTIONS)
+    self._category, self._length, self._num_images = [], [], []
+
+  def add(self, record: bytes, category: int, length: int, num_images: int) -> None:
+    self._writer.write(record)
+    self._category.append(category)
+    self._length.append(length)
+    self._num_images.append(num_images)
+
+  def __len__(self) -> int:
+    return len(self._category)
+
+  def close(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Finishes the shard; `meta` goes into its index. Returns the index's meta."""
+    self._writer.close()
+    os.replace(self._tmp, self.path)
+    meta = {**meta, "format_version": FORMAT_VERSION, "records": len(self),
+            "shard_bytes": os.path.getsize(self.path)}
+    index = index_path(self.path)
+    tmp_index = f"{index}.tmp{os.getpid()}.npz"
+    np.savez(tmp_index, category=np.asarray(self._category, np.int8), length=np.asarray(self._length, np.int32),
+             num_images=np.asarray(self._num_images, np.int8), meta=np.asarray(json.dumps(meta)))
+    os.replace(tmp_index, index)
+    return meta
 
 
 class ShardIndex(NamedTuple):

@@ -454,7 +454,8 @@ class ShardSource:
       for bad in ix.meta.get("bad", []):
         self.num_bad_lines += 1
         if len(self.bad_lines) < MAX_NAMED_BAD_LINES:
-          self.bad_lines.append(BadLine(-1, bad["line"], bad["id"], f"{bad['source']}: {bad['error']}"))
+          self.bad_lines.append(BadLine(-1, bad["line"], bad["id"],
+                                        f"left out when {bad['source']} was prepared: {bad['error']}"))
     self._records = None  # opened on first read, in each process
 
   def _data_source(self) -> grain.sources.ArrayRecordDataSource:
