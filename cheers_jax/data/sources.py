@@ -160,8 +160,11 @@ class JsonlSource:
     return state
 
   def __del__(self) -> None:
-    if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-      os.close(self._fd)
+    try:
+      if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+        os.close(self._fd)
+    except (AttributeError, TypeError):  # at interpreter exit the os module may already be gone
+      pass
 
   def _read_line(self, index: int) -> bytes:
     if self._fd is None or self._pid != os.getpid():
