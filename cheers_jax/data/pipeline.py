@@ -68,6 +68,10 @@ _PLACEHOLDER_OF_KIND = {"und": IMAGE_TOKEN_INDEX, "gen": IMAGE_GEN_TOKEN_INDEX}
 _SEQ_KIND_OF_KIND = {"und": KIND_UND, "gen": KIND_GEN}
 
 
+class DataWorkerError(RuntimeError):
+  """A grain worker process of the pipeline died (killed, crashed); raised instead of waiting for it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
   """Everything the per-sample and per-batch steps need (plain values, picklable)."""
@@ -326,7 +330,14 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     if self._source_report is not None:
       self._report_source()
-    batch = next(self._parent)
+    try:
+      batch = next(self._parent)
+    except RuntimeError as e:
+      if "Worker process was terminated" not in str(e):  # grain's words for a worker that died
+        raise
+      self._parent.close()  # stops the other workers: none outlives the run
+      raise DataWorkerError(f"a data loader process (data.worker_count) died: {e} If it was killed for memory, "
+                            "lower data.worker_count or data.prefetch; the run resumes from its last checkpoint") from e
     for sid, reason, message in batch.pop("_skips"):
       log.warning("skipped sample %s (%s): %s", sid, reason, message)
       self.skipped[reason] += 1
