@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"          # synthetic | jsonl | tfds
   c.data.jsonl_path = ""               # official conversation format (one JSON object per line)
   c.data.image_root = ""               # folder the JSONL image paths are relative to
+  # Several sources by weight (replaces source/jsonl_path when given): entries {'path': JSONL file, glob or
+  # folder of prepared shards (python -m cheers_jax.data.prepare), 'weight': 1.0, 'image_root': ''}, or paths.
+  # The weights mix the sources within each kind; data.mix still sets the und : gen : text ratio on top.
+  c.data.sources = ()
   c.data.tfds_name = ""                # e.g. 'my_captions' (image + caption/label features)
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""
