@@ -167,8 +167,9 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
       if i >= warmup:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times) if times else float("nan")
-    flops = metrics_lib.flops_per_sample(cfg, spec.seq_len, spec.image_size, spec.image_slots,
-                                         c.train.trainable) * layout.batch_size
+    # the rows' FLOPs, padding included (packed rows: spec.rows rows of several samples)
+    flops = metrics_lib.flops_per_sample(cfg, spec.seq_len, spec.image_size, spec.slots_per_row,
+                                         c.train.trainable) * spec.rows
     util = metrics_lib.mfu(flops / step_s, n_dev, kind)
     peak = device_peak_bytes(mesh.local_devices)
     row.update(status="ok", step_s=step_s, samples_per_s=layout.batch_size / step_s, tokens_per_s=valid_tokens / step_s,

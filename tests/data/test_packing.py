@@ -207,3 +207,23 @@ def test_packed_loss_and_gradients_equal_unpacked_on_the_oracle_model():
   print(f"packed vs unpacked: loss {float(s_packed['loss']):.7f} vs {float(s_flat['loss']):.7f}, "
         f"gradient max diff {worst:.1e} of max |g| {scale:.1e}")
   assert worst <= 1e-5 * scale
+
+
+def test_bench_compares_the_same_mix_samples_packed_and_unpacked(capsys):
+  """`bench train --mix` builds the same samples both ways (same real tokens and images, fewer rows
+  packed); `bench train --padding` prints the figure without compiling anything."""
+  from cheers_jax import config as config_lib
+  from cheers_jax.bench import train as bench_train
+  from cheers_jax.train import synthetic
+  buckets = "--config.data.seq_buckets=(512,1024,2048,4096)"
+  flat_config = config_lib.load("tiny", [buckets])
+  packed_config_ = config_lib.load("tiny", [buckets, "--config.data.packing=True", "--config.data.pack_images=12"])
+  flat_spec, packed_spec = (synthetic.batch_spec(c, 16, mix=True) for c in (flat_config, packed_config_))
+  flat, packed = synthetic.synthetic_batch(flat_spec), synthetic.synthetic_batch(packed_spec)
+  assert packed_spec.rows < flat_spec.rows == 16 and packed["token_ids"].shape == (packed_spec.rows, 4096)
+  assert packing.samples_in(packed) == packing.samples_in(flat) == 16
+  assert packed["valid"].sum() == flat["valid"].sum() and packed["image_weight"].sum() == flat["image_weight"].sum()
+  assert packed_spec.padding < flat_spec.padding
+  assert bench_train.main(["--config", "tiny", "--padding", "--batch-size", "8", buckets]) == 0
+  out = capsys.readouterr().out
+  assert "unpacked, 8 per batch" in out and "packed, 8 rows of 4096 tokens" in out and out.splitlines()[-1].startswith("RESULT ")
