@@ -130,7 +130,8 @@ def aot_memory(config, mesh_shape: dict, per_device_batch: int, *, batch: synthe
       raise RuntimeError("this backend has no memory_analysis()")
     row.update({f"{k}_gib": mem[k] / GIB for k in ("args", "outputs", "alias", "temp", "total")}, status="ok")
     per_device_flops = metrics_lib.flops_per_sample(state_lib.model_config(c), spec.seq_len, spec.image_size,
-                                                    spec.slots_per_row, c.train.trainable) * spec.rows / mesh.devices.size
+                                                    spec.slots_per_row, c.train.trainable) * spec.rows
+    per_device_flops /= mesh.devices.size
     if target is not None and target.platform == "tpu":
       row.update(cost_figures(compiled, per_device_flops, target))
     del compiled

@@ -130,7 +130,8 @@ def packed_layout(ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarra
     span = slice(off, off + n)
     token_ids[row, span], image_index[row, span] = one.token_ids[b, :n], one.image_index[b, :n]
     image_mask[row, span], valid[row, span] = one.image_mask[b, :n], True
-    positions[row, span], lab[row, span], targets[row, span] = one.positions[b, :n], one.labels[b, :n], one.targets[b, :n]
+    positions[row, span], lab[row, span] = one.positions[b, :n], one.labels[b, :n]
+    targets[row, span] = one.targets[b, :n]
     segment_ids[row, span] = int(segment_ids[row].max()) + 1
   return AssembledBatch(token_ids, image_index, image_mask, valid, positions, lab, targets, one.image_kind,
                         one.image_sample, offsets[one.image_sample] + one.image_start, segment_ids,

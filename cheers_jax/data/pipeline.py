@@ -36,8 +36,9 @@ as many whole samples as fit (`cheers_jax.data.packing`).
 Micro-batching for grad_accum is the train step's job.
 
 Config keys read: data.{source, jsonl_path, image_root, tfds_*, synthetic_size, image_size, seq_buckets,
-max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count, packing, pack_len, pack_images}, train.batch_size, model.max_seq_len,
-seed; optional data.num_threads (reader threads, default 8) and data.prefetch (samples read ahead).
+max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count, packing, pack_len, pack_images},
+train.batch_size, model.max_seq_len, seed; optional data.num_threads (reader threads, default 8) and
+data.prefetch (samples read ahead).
 """
 from __future__ import annotations
 

@@ -203,7 +203,8 @@ def test_packed_loss_and_gradients_equal_unpacked_on_the_oracle_model():
     assert float(s_packed[key]) == pytest.approx(float(s_flat[key]), rel=1e-6, abs=1e-7), key
   leaves_flat, leaves_packed = jax.tree.leaves(g_flat), jax.tree.leaves(g_packed)
   scale = max(float(np.max(np.abs(x))) for x in leaves_flat if x.size)
-  worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - b))) for a, b in zip(leaves_packed, leaves_flat) if a.size)
+  worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - b)))
+              for a, b in zip(leaves_packed, leaves_flat) if a.size)
   print(f"packed vs unpacked: loss {float(s_packed['loss']):.7f} vs {float(s_flat['loss']):.7f}, "
         f"gradient max diff {worst:.1e} of max |g| {scale:.1e}")
   assert worst <= 1e-5 * scale
@@ -226,4 +227,5 @@ def test_bench_compares_the_same_mix_samples_packed_and_unpacked(capsys):
   assert packed_spec.padding < flat_spec.padding
   assert bench_train.main(["--config", "tiny", "--padding", "--batch-size", "8", buckets]) == 0
   out = capsys.readouterr().out
-  assert "unpacked, 8 per batch" in out and "packed, 8 rows of 4096 tokens" in out and out.splitlines()[-1].startswith("RESULT ")
+  assert "unpacked, 8 per batch" in out and "packed, 8 rows of 4096 tokens" in out
+  assert out.splitlines()[-1].startswith("RESULT ")
