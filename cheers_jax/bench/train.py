@@ -29,7 +29,7 @@ them (B per batch, each padded to the bucket of its longest; or packed, B rows p
         FlopCounterMode (matrix multiplies, convolutions and attention at 2 FLOPs per multiply-add;
         x3 for trainable modules = forward + backward, x1 for the frozen VAE encoder); 16.2 TFLOP at
         full size, 512x512, seq 400 (the oracle's count of the reference).
-    P = dense bf16 peak FLOP/s of one device (metrics.PEAK_TFLOPS: H100 989 TFLOP/s); MFU is n/a where
+    P = dense bf16 peak FLOP/s of one device (targets.CHIPS: H100 989 TFLOP/s); MFU is n/a where
         the peak is unknown (CPU).
   peak memory = the devices' peak_bytes_in_use (GPU/TPU), else the compiled step's memory_analysis()
         (arguments + outputs - aliased + temp, per device; CPU).
@@ -58,7 +58,7 @@ from cheers_jax.train import measure, synthetic
 
 FULL_SIZE_CONFIG = "cheers_1p5b"
 DEFAULT_CONFIG = "tiny"
-# /work/shared/oracle/gpu_timing_h100.json: the official PyTorch Cheers on one H100 80GB HBM3
+# The official PyTorch Cheers on one H100 80GB HBM3, timed by the project (seq 400, half generation samples)
 REFERENCE_H100 = {
     "device": "NVIDIA H100 80GB HBM3", "attention": "PyTorch SDPA", "seq_len": 400, "gen_fraction": 0.5,
     "flops_per_sample": 16.2e12,
@@ -180,7 +180,7 @@ def _main(argv: list[str]) -> int:
     batch_sizes = [args.batch_size]
   else:
     batch_sizes = [4, 8] if args.full_size else [8]
-  mesh = sharding.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
+  mesh = sharding.parse_meshes(args.mesh, "--mesh")[0] if args.mesh else dict(config.mesh)
   seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
   if args.padding:
     print_padding(config, batch_sizes[0], where=FULL_SIZE_CONFIG if args.full_size else config_path)

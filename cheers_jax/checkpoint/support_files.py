@@ -3,7 +3,7 @@
 `write_support_files(out_dir, cfg)` adds the Qwen2 tokenizer files (vocab.json, merges.txt,
 tokenizer_config.json: the package's copies of the official ones), `preprocessor_config.json` (the
 UMMImageProcessor's, with this model's resolution and patch size) and `generation_config.json` (the
-published one; note the official `Cheers.generate` ignores it: see SPEC "Text decoding"). With them
+published one; note the official `Cheers.generate` ignores it, and so does `cheers_jax.infer.decode`). With them
 an exported directory loads in our tools and, once the official modeling files are copied in
 (configuration_umm.py, modeling_umm.py, processing_umm.py, image_processing_umm.py), in the official
 evaluation (`AutoProcessor` / `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`).

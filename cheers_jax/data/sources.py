@@ -151,9 +151,10 @@ class JsonlSource:
     state["_fd"] = state["_pid"] = None  # file descriptors do not cross processes
     return state
 
-  def __del__(self) -> None:
-    if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-      os.close(self._fd)
+  def __del__(self, _getpid=os.getpid, _close=os.close) -> None:
+    # bound at definition: at interpreter exit this module's globals (`os`) may already be None
+    if getattr(self, "_fd", None) is not None and self._pid == _getpid():
+      _close(self._fd)
 
   def _read_line(self, index: int) -> bytes:
     if self._fd is None or self._pid != os.getpid():

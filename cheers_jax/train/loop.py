@@ -31,6 +31,7 @@ from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import packing as packing_lib
+from cheers_jax.infer import images as images_lib
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ConfigError, ModelConfig
 from cheers_jax.train import checkpointing as ckpt_lib
@@ -116,14 +117,6 @@ class _Clock:
     return dt, n
 
 
-def save_image_grid(images: np.ndarray, path: Path) -> None:
-  """(N, H, W, 3) in [0, 1] -> one row PNG."""
-  from PIL import Image
-  row = np.concatenate(list(np.clip(images, 0.0, 1.0)), axis=1)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray((row * 255.0 + 0.5).astype(np.uint8)).save(path)
-
-
 def sample_images(model: Cheers, state, config, workdir: Path, step: int,
                   writer: Optional[metrics_lib.MetricWriter] = None) -> Optional[Path]:
   """T2I samples of config.sample_prompts as a PNG row (+ TensorBoard); None without prompts."""
@@ -133,7 +126,7 @@ def sample_images(model: Cheers, state, config, workdir: Path, step: int,
   images = draw_captions(model, state, config, prompts)
   path = workdir / "samples" / f"step_{step:07d}.png"
   if jax.process_index() == 0:
-    save_image_grid(images, path)
+    images_lib.save_png(images_lib.make_grid(images_lib.to_uint8(images), columns=len(images), pad=0), path)
     if writer is not None:
       writer.write_images(step, {"samples": images})
   return path

@@ -10,7 +10,7 @@ import optax
 import numpy as np
 import pytest
 
-from cheers_jax import sharding
+from cheers_jax import sharding, targets
 from cheers_jax.model.cheers import UNIT_PIXEL_TABLE, Cheers
 from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import metrics as metrics_lib
@@ -344,9 +344,9 @@ def test_flops_match_the_oracle_count():
   for name, tflop in oracle.items():
     assert fwd[name] / 1e12 == pytest.approx(tflop, rel=0.05, abs=1e-3), name
   assert metrics_lib.flops_per_sample(cfg, 400, 512, trainable="align") < total
-  assert metrics_lib.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-  assert metrics_lib.peak_flops_per_device("TPU v5 lite") == 197e12
-  assert metrics_lib.peak_flops_per_device("cpu") is None and metrics_lib.mfu(1e12, 1, "cpu") is None
+  assert targets.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert targets.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert targets.peak_flops_per_device("cpu") is None and metrics_lib.mfu(1e12, 1, "cpu") is None
   assert metrics_lib.mfu(989e12 / 2, 2, "NVIDIA H100") == pytest.approx(0.25)
 
 
