@@ -144,7 +144,7 @@ class CompiledStep:
   valid_tokens: float      # text/image tokens of the synthetic batch (0 for abstract inputs)
 
   def model_flops(self) -> float:
-    """FLOPs of one step of the model (metrics.flops_per_sample x the global batch)."""
+    """FLOPs of one step of the model (metrics.flops_per_sample x the rows of the global batch)."""
     spec = self.spec
     # the rows' FLOPs, padding included (packed rows: spec.rows rows of several samples)
     return metrics_lib.flops_per_sample(self.model, spec.seq_len, spec.image_size, spec.slots_per_row,
