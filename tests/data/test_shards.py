@@ -84,9 +84,8 @@ def test_every_official_record_kind_gives_the_same_tokens_and_pixels_from_jsonl_
   np.testing.assert_array_equal(from_shards.lengths()[:4], [len(prep.tokenizer.build_conversation(
       from_jsonl[i]["messages"])[0]) for i in range(4)])
   config = dict(cfg_data_rate=0.2, shuffle=True)
-  _equal_batches(make_train_iterator(_config(source="jsonl", jsonl_path=str(jsonl), image_root=str(jsonl.parent /
-                                                                                                   "images"), **config)),
-                 make_train_iterator(_config(sources=(str(shards),), **config)), steps=4)
+  as_jsonl = _config(source="jsonl", jsonl_path=str(jsonl), image_root=str(jsonl.parent / "images"), **config)
+  _equal_batches(make_train_iterator(as_jsonl), make_train_iterator(_config(sources=(str(shards),), **config)), 4)
 
 
 # ------------------------------------------------------------------------------------- prepare
