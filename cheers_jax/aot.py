@@ -86,6 +86,8 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
     line = (f"{lead}{r['global_batch']:>4} {r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} "
             f"{f(r['alias_gib']):>7} {f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>15} "
             f"{measure.fmt(r['compile_s'], '.1f'):>9}")
+    if r.get("rows", r["global_batch"]) != r["global_batch"]:
+      line += f"  (packed: {r['global_batch']} samples in {r['rows']} rows of {r['seq_len']})"
     if r.get("compiled_tflop") is not None:
       line += (f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's"
                + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.; "

@@ -80,6 +80,8 @@ def add_batch_shape_flags(parser: argparse.ArgumentParser, *, seq_len_default: O
                  help="share of generation samples (default 0.5)")
   g.add_argument("--image-slots", type=POSITIVE_INT, default=1, help="image slots per sample (default 1; a pipeline "
                  "config uses data.max_images_per_sample)")
+  g.add_argument("--mix", action="store_true", help="samples of the realistic length mix instead, padded to the "
+                 "config's bucket of the longest, or packed with --config.data.packing=True")
 
 
 def add_model_source_flags(group, dtype_help: str = "") -> None:

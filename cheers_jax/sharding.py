@@ -199,6 +199,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def local_data_mesh() -> Mesh:
+  """Pure data parallelism over this process's devices (evaluation: each process answers its own rows,
+  so no array spans processes)."""
+  return make_mesh({"data": -1}, jax.local_devices())
+
+
+def place_rows(tree, mesh: Mesh):
+  """Numpy arrays of a batch onto `mesh`, rows split over the data axes (replicated where they do not divide)."""
+  return jax.tree_util.tree_map(lambda v: jax.device_put(np.asarray(v), leading_axis_sharding(mesh, np.shape(v))),
+                                tree)
+
+
 # ---- mesh shapes as text and on a subset of the devices --------------------------------------------
 def parse_meshes(text: str, flag: str = "--meshes") -> list[dict[str, int]]:
   """'data=8;fsdp=8;fsdp=4,tensor=2' -> [{'data': 8}, {'fsdp': 8}, {'fsdp': 4, 'tensor': 2}]. A size is a

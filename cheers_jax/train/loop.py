@@ -30,6 +30,7 @@ import numpy as np
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.data import batch as batch_lib
+from cheers_jax.data import packing as packing_lib
 from cheers_jax.infer import images as images_lib
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
@@ -395,7 +396,7 @@ class _Throughput:
                                                                    self.trainable)
     self.flops += self.flops_per_sample[(s, m)] * b * jax.process_count()
     self.tokens += int(np.sum(host["valid"])) * jax.process_count()
-    self.samples += b * jax.process_count()
+    self.samples += packing_lib.samples_in(host) * jax.process_count()  # packed rows hold several
 
   def stepped(self, metrics) -> None:
     self.clock.steps += 1
