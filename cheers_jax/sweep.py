@@ -43,7 +43,6 @@ from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.errors import UserError
-from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import measure, synthetic
 
 
@@ -137,8 +136,7 @@ def _main(argv: list[str]) -> int:
     _parser().error("--config is required, e.g. --config tiny")
   if args.steps < 1 or args.warmup < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
-  config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file or override
-  ModelConfig.from_dict(config.model)
+  config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file, override or value
   meshes = sharding.parse_meshes(args.meshes) if args.meshes else [dict(config.mesh)]
   remats = cli.comma_list(args.remat, "--remat") if args.remat else [config.model.remat_policy]
   attentions = cli.comma_list(args.attention, "--attention") if args.attention else [config.model.attention]
