@@ -279,3 +279,16 @@ def test_source_entries_are_checked(tmp_path: Path):
   jsonl = write_dataset(str(tmp_path), 4, kinds=("text",))
   with pytest.raises(ConfigError, match="both name the training data"):
     make_train_iterator(_config(sources=(jsonl,), source="jsonl", jsonl_path=jsonl))
+
+
+def test_bench_data_runs_end_to_end(tmp_path: Path, capsys):
+  from cheers_jax.bench import data as bench_data
+  assert bench_data.main(["--records", "12", "--workers", "0", "--steps", "1", "--stage-samples", "8",
+                          "--image-size", "64", "--batch-size", "4", "--startup-records", "2500",
+                          "--jsonl-startup-records", "100", "--processes", "1", "--workdir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out.split("RESULT ")[-1])
+  assert set(result["startup_s"]) == {"jsonl", "shards"} and result["startup_large"]["records"] == 2500
+  assert set(result["throughput"]) == {"jsonl/workers=0", "shards/workers=0"}
+  assert set(result["stages_ms"]["shards"]) == {"read", "decode", "preprocess", "tokenise", "assemble"}
+  assert "cores" in out
