@@ -130,8 +130,8 @@ def test_prepare_names_and_counts_every_bad_line_and_image_and_never_stops(tmp_p
 def test_tasks_write_disjoint_shards_and_a_rerun_finishes_only_what_is_missing(tmp_path: Path):
   jsonl = Path(write_dataset(str(tmp_path), 50, image_sizes=((32, 32),), num_images=3))
   out = tmp_path / "shards"
-  for task in range(3):
-    _prepare(jsonl, out, records_per_shard=8, task_index=task, num_tasks=3)
+  for task in range(3):  # task 0 with 2 local processes
+    _prepare(jsonl, out, records_per_shard=8, task_index=task, num_tasks=3, processes=2 if task == 0 else 1)
   names = sorted(p.name for p in out.glob("*.arrayrecord"))
   assert names == [shards_lib.shard_name("data", k, 7) for k in range(7)]
   reports = [json.loads((out / f"report-task{t:05d}-of-00003.jsonl").read_text().splitlines()[0])["summary"]
