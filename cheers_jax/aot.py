@@ -86,6 +86,8 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
     line = (f"{lead}{r['global_batch']:>4} {r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} "
             f"{f(r['alias_gib']):>7} {f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>15} "
             f"{measure.fmt(r['compile_s'], '.1f'):>9}")
+    if r.get("rows", r["global_batch"]) != r["global_batch"]:
+      line += f"  (packed: {r['global_batch']} samples in {r['rows']} rows of {r['seq_len']})"
     if r.get("compiled_tflop") is not None:
       line += (f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's"
                + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.; "
@@ -108,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="text tokens per sample (default: 120, or what fits)")
   p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5)
   p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
+  p.add_argument("--mix", action="store_true", help="per-device-batch samples of the realistic length mix, padded "
+                 "to the config's bucket of the longest, or packed with --config.data.packing=True (see bench train)")
   p.add_argument("--remat", help="comma-separated remat policies, one row each (default: the config's)")
   p.add_argument("--attention", help="attention implementation (default: the config's)")
   p.add_argument("--hbm-gib", type=cli.POSITIVE, help="device memory for the 'fits' column (default: the target's; "
@@ -134,7 +138,7 @@ def _main(argv: list[str]) -> int:
   with config.unlocked():
     if args.attention:
       config.model.attention = args.attention
-  batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
   batch.spec(config, 1)
   if args.out:
     cli.check_output_file(args.out, args.overwrite)

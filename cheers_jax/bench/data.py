@@ -127,7 +127,7 @@ def write_tiny_jsonl(path: str, count: int) -> str:
 
 def _config(base: str, data: dict[str, Any], batch_size: int, image_size: int, overrides: Sequence[str] = ()):
   config = config_lib.load(base, [f"--config.train.batch_size={batch_size}", f"--config.data.image_size={image_size}",
-                                  *overrides])
+                                  f"--config.model.vision.image_size={image_size}", *overrides])
   with config.unlocked():
     for k, v in data.items():
       config.data[k] = v

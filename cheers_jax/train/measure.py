@@ -144,10 +144,11 @@ class CompiledStep:
   valid_tokens: float      # text/image tokens of the synthetic batch (0 for abstract inputs)
 
   def model_flops(self) -> float:
-    """FLOPs of one step of the model (metrics.flops_per_sample x the global batch)."""
+    """FLOPs of one step of the model (metrics.flops_per_sample x the rows of the global batch)."""
     spec = self.spec
-    return metrics_lib.flops_per_sample(self.model, spec.seq_len, spec.image_size, spec.image_slots,
-                                        self.config.train.trainable) * spec.batch_size
+    # the rows' FLOPs, padding included (packed rows: spec.rows rows of several samples)
+    return metrics_lib.flops_per_sample(self.model, spec.seq_len, spec.image_size, spec.slots_per_row,
+                                        self.config.train.trainable) * spec.rows
 
 
 def compile_step(config, layout: StepLayout, *, batch: synthetic.BatchOptions = synthetic.BatchOptions(),
@@ -280,7 +281,7 @@ def aot_memory(config, mesh_shape: Mapping[str, int], per_device_batch: int, *,
     row.update(devices=mesh.devices.size, global_batch=layout.batch_size)
     step = compile_step(config, layout, batch=batch, devices=devices,
                         compiler_options=target.compiler_options if target is not None else None)
-    row.update(seq_len=step.spec.seq_len, compile_s=step.compile_s)
+    row.update(seq_len=step.spec.seq_len, rows=step.spec.rows, compile_s=step.compile_s)
     mem = memory_figures(step.compiled)
     if mem["total"] is None:
       raise RuntimeError("this backend has no memory_analysis()")
