@@ -246,6 +246,11 @@ def full_mesh_shape(mesh: Mapping[str, int]) -> dict[str, int]:
   return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
 
 
+def mesh_overrides(mesh: Mapping[str, int]) -> str:
+  """The config overrides that select `mesh`, every axis named: '--config.mesh.data=1 --config.mesh.fsdp=8 ...'."""
+  return " ".join(f"--config.mesh.{axis}={size}" for axis, size in full_mesh_shape(mesh).items())
+
+
 def make_mesh_on_first_devices(mesh_shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None
                                ) -> Mesh:
   """The mesh over the first prod(sizes) devices (all of them when an axis is -1)."""

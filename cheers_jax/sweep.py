@@ -43,7 +43,6 @@ from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.errors import UserError
-from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import measure, synthetic
 
 
@@ -137,8 +136,7 @@ def _main(argv: list[str]) -> int:
     _parser().error("--config is required, e.g. --config tiny")
   if args.steps < 1 or args.warmup < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
-  config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file or override
-  ModelConfig.from_dict(config.model)
+  config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file, override or value
   meshes = sharding.parse_meshes(args.meshes) if args.meshes else [dict(config.mesh)]
   remats = cli.comma_list(args.remat, "--remat") if args.remat else [config.model.remat_policy]
   attentions = cli.comma_list(args.attention, "--attention") if args.attention else [config.model.attention]
@@ -163,16 +161,11 @@ def _main(argv: list[str]) -> int:
     print(f"\nbest layout: {best['mesh']} remat={best['remat']} attention={best['attention']} "
           f"batch={best['batch_size']}: {best['samples_per_s']:.2f} samples/s, {best['step_s']:.3f} s/step, "
           f"peak {measure.fmt(best.get('peak_mem_gib'), '.2f')} GiB/device")
-    mesh = best_mesh(best)
-    print(f"  -> --config.mesh.data={mesh['data']} --config.mesh.fsdp={mesh['fsdp']} "
-          f"--config.mesh.tensor={mesh['tensor']} --config.model.remat_policy={best['remat']} "
+    mesh = sharding.parse_meshes(best["mesh"])[0]
+    print(f"  -> {sharding.mesh_overrides(mesh)} --config.model.remat_policy={best['remat']} "
           f"--config.model.attention={best['attention']}")
   print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
   return 0 if best is not None else 1
-
-
-def best_mesh(row: Mapping[str, Any]) -> dict[str, int]:
-  return sharding.full_mesh_shape(sharding.parse_meshes(row["mesh"])[0])
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import dataclasses
 import importlib.util
 import os
 import re
-from importlib import resources
 from typing import Optional
 
+from cheers_jax import package_data
 from cheers_jax.errors import UserError
 
 GIB = 2.0 ** 30  # bytes; every GiB figure of the package divides by this
@@ -97,7 +97,7 @@ def gpu_description(name: str) -> str:
   """The GpuTargetConfigProto text of a shipped GPU target."""
   if name not in GPU_TARGETS:
     raise TargetError(f"unknown GPU target '{name}'; known: {', '.join(GPU_TARGETS)}")
-  return resources.files("cheers_jax").joinpath("assets", "gpu_targets", f"{name}.txtpb").read_text()
+  return (package_data.GPU_TARGETS / f"{name}.txtpb").read_text()
 
 
 def _proto_number(text: str, field: str) -> float:

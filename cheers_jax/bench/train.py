@@ -190,9 +190,8 @@ def _main(argv: list[str]) -> int:
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention
   layouts = [measure.StepLayout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
-  from cheers_jax.model.config import ModelConfig
   from cheers_jax.train import metrics as metrics_lib
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = config_lib.model_config(config)
   spec0 = specs[batch_sizes[0]]
   flops = metrics_lib.flops_per_sample(cfg, spec0.seq_len, spec0.image_size, spec0.image_slots, config.train.trainable)
   where = f"full size ({FULL_SIZE_CONFIG})" if args.full_size else config_path

@@ -11,8 +11,9 @@ evaluation (`AutoProcessor` / `AutoModelForCausalLM.from_pretrained(..., trust_r
 from __future__ import annotations
 
 import json
-from importlib.resources import files
 from pathlib import Path
+
+from cheers_jax import package_data
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
@@ -35,9 +36,8 @@ def write_support_files(out_dir: str | Path, cfg=None) -> list[Path]:
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written = []
-  assets = files("cheers_jax") / "assets" / "tokenizer"
   for name in TOKENIZER_FILES:
-    (out / name).write_bytes((assets / name).read_bytes())
+    (out / name).write_bytes((package_data.TOKENIZER / name).read_bytes())
     written.append(out / name)
   vision = getattr(cfg, "vision", None)
   pre = preprocessor_config(getattr(vision, "image_size", 512), getattr(vision, "patch_size", 16))

@@ -72,6 +72,10 @@ _PLACEHOLDER_OF_KIND = {"und": IMAGE_TOKEN_INDEX, "gen": IMAGE_GEN_TOKEN_INDEX}
 _SEQ_KIND_OF_KIND = {"und": KIND_UND, "gen": KIND_GEN}
 
 
+class DataWorkerError(RuntimeError):
+  """A grain worker process of the pipeline died (killed, crashed); raised instead of waiting for it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
   """Everything the per-sample and per-batch steps need (plain values, picklable)."""
@@ -334,8 +338,9 @@ class TrainIterator(grain.DatasetIterator):
     super().__init__(parent)
     self.skipped: dict[str, int] = {r: 0 for r in SKIP_REASONS}
     self.recent_skips: collections.deque = collections.deque(maxlen=256)  # (id, reason, message)
-    # Records the source found unusable while indexing (never drawn): reported with the first batch,
-    # one line each, and counted once as 'malformed' (a resumed state already holds the count).
+    # Records the sources found unusable while indexing or preparing (never drawn), [(named, total, name)]:
+    # reported with the first batch, one line each, and counted once as 'malformed' (a resumed state
+    # already holds the count).
     self._source_report = source_report
     self._source_counted = False
 
@@ -344,23 +349,30 @@ class TrainIterator(grain.DatasetIterator):
     return sum(self.skipped.values())
 
   def _report_source(self) -> None:
-    report, self._source_report = self._source_report, None
-    named, total, name = report
-    for line in named:
-      message = f"line {line.line_number} of {name}: {line.error}"
-      log.warning("skipped sample %s (%s): %s", line.id, "malformed", message)
-      self.recent_skips.append((line.id, "malformed", message))
-    if total > len(named):
-      log.warning("skipped %d more unusable lines of %s (only the first %d are named)", total - len(named), name,
-                  len(named))
-    if not self._source_counted:
-      self.skipped["malformed"] += total
-      self._source_counted = True
+    reports, self._source_report = self._source_report, None
+    for named, total, name in reports:
+      for line in named:
+        message = f"line {line.line_number} of {name}: {line.error}"
+        log.warning("skipped sample %s (%s): %s", line.id, "malformed", message)
+        self.recent_skips.append((line.id, "malformed", message))
+      if total > len(named):
+        log.warning("skipped %d more unusable lines of %s (only the first %d are named)", total - len(named),
+                    name, len(named))
+      if not self._source_counted:
+        self.skipped["malformed"] += total
+    self._source_counted = True
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._source_report is not None:
       self._report_source()
-    batch = next(self._parent)
+    try:
+      batch = next(self._parent)
+    except RuntimeError as e:
+      if "Worker process was terminated" not in str(e):  # grain's words for a worker that died
+        raise
+      self._parent.close()  # stops the other workers: none outlives the run
+      raise DataWorkerError(f"a data loader process (data.worker_count) died: {e} If it was killed for memory, "
+                            "lower data.worker_count or data.prefetch; the run resumes from its last checkpoint") from e
     for sid, reason, message in batch.pop("_skips"):
       log.warning("skipped sample %s (%s): %s", sid, reason, message)
       self.skipped[reason] += 1
@@ -405,14 +417,50 @@ def _derived_seed(seed: int, *salt: int) -> int:
   return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])  # < 2**32, as grain wants
 
 
-def _source_name(source: Any) -> str:
-  return getattr(source, "path", None) or type(source).__name__
+
+
+def _pool(source: Any, idx: np.ndarray, seed: int, shuffle: bool, *salt: int) -> grain.MapDataset:
+  ds = grain.MapDataset.source(_Subset(source, idx))
+  if shuffle:
+    ds = ds.shuffle(seed=_derived_seed(seed, 1, *salt))
+  return ds.repeat()
+
+
+def _category_pool(source: Any, idx: np.ndarray, c: int, seed: int, shuffle: bool) -> grain.MapDataset | None:
+  """The endless stream of one category: its records reshuffled every epoch; with several weighted
+  sources (sources_lib.MultiSource with weights), each source's records of the category mixed by weight."""
+  weights = getattr(source, "weights", None)
+  if weights is None:
+    return _pool(source, idx, seed, shuffle, c)
+  pools, pool_weights = [], []
+  ends = list(source.starts()[1:]) + [len(source)]
+  for k, (start, end, weight) in enumerate(zip(source.starts(), ends, weights)):
+    part = idx[(idx >= start) & (idx < end)]
+    if weight > 0 and len(part):
+      pools.append(_pool(source, part, seed, shuffle, c, k))
+      pool_weights.append(weight)
+  if not pools:
+    return None
+  return pools[0] if len(pools) == 1 else grain.MapDataset.mix(pools, pool_weights)
+
+
+def _unused_parts(source: Any, cats: np.ndarray, mix: Mapping[str, float]) -> list[str]:
+  """The weighted sources nothing is drawn from (weight 0, or only kinds data.mix leaves out)."""
+  weights = getattr(source, "weights", None)
+  if weights is None:
+    return []
+  drawn = [c for c, name in enumerate(sources_lib.CATEGORIES) if float(mix.get(name, 0.0)) > 0]
+  ends = list(source.starts()[1:]) + [len(source)]
+  return [sources_lib.source_label(part)
+          for part, start, end, weight in zip(source.parts, source.starts(), ends, weights)
+          if weight <= 0 or not np.isin(cats[start:end], drawn).any()]
 
 
 def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool = True) -> grain.MapDataset:
-  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch.
-  Samples of a kind the mix gives weight 0 are not drawn (said once); unusable records (category
-  sources.BAD) never are. No usable sample of a wanted kind is a UserError that says what there is."""
+  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch (and,
+  for weighted sources, the sources mixed by weight within each category). Samples of a kind the mix
+  gives weight 0 are not drawn (said once); unusable records (category sources.BAD) never are. No
+  usable sample of a wanted kind is a UserError that says what there is."""
   cats = np.asarray(source.categories())
   counts = {name: int(np.sum(cats == c)) for c, name in enumerate(sources_lib.CATEGORIES)}
   bad = int(np.sum(cats == sources_lib.BAD))
@@ -425,18 +473,22 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
       continue
     if weight <= 0:
       if len(idx):
-        log.warning("%d %r samples of %s are not drawn: data.mix.%s=%g", len(idx), name, _source_name(source),
-                    name, weight)
+        log.warning("%d %r samples of %s are not drawn: data.mix.%s=%g", len(idx), name,
+                    sources_lib.source_label(source), name, weight)
       continue
-    ds = grain.MapDataset.source(_Subset(source, idx))
-    if shuffle:
-      ds = ds.shuffle(seed=_derived_seed(seed, 1, c))
-    pools.append(ds.repeat())
+    ds = _category_pool(source, idx, c, seed, shuffle)
+    if ds is None:
+      log.warning("data.mix gives %r weight %g but no source of positive weight has %r samples; ignored", name,
+                  weight, name)
+      continue
+    pools.append(ds)
     weights.append(weight)
+  for name in _unused_parts(source, cats, mix):
+    log.warning("nothing is drawn from data source %s: its weight is 0 or data.mix leaves out all its kinds", name)
   if not pools:
     wanted = [name for name in sources_lib.CATEGORIES if float(mix.get(name, 0.0)) > 0]
     have = ", ".join(f"{n} {k}" for k, n in counts.items()) + (f", {bad} unusable" if bad else "")
-    raise UserError(f"{_source_name(source)} has no usable sample of the kinds data.mix draws "
+    raise UserError(f"{sources_lib.source_label(source)} has no usable sample of the kinds data.mix draws "
                     f"({', '.join(wanted) or 'none'}): it holds {have}; "
                     + ("fix the data or give the kinds it has a positive data.mix weight" if len(cats) > bad
                        else "the source has no usable record at all"))
@@ -497,8 +549,9 @@ def make_train_dataset(config: Any, *, seed: int | None = None, process_index: i
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   report = None
-  if process_index == 0 and getattr(source, "num_bad_lines", 0):  # one process reports and counts them
-    report = (list(source.bad_lines), int(source.num_bad_lines), _source_name(source))
+  if process_index == 0:  # one process reports and counts the records the sources found unusable
+    report = [(list(leaf.bad_lines), int(leaf.num_bad_lines), sources_lib.source_label(leaf))
+              for leaf in sources_lib.leaf_sources(source) if getattr(leaf, "num_bad_lines", 0)] or None
   return _TrainIterDataset(batched, report)
 
 

@@ -158,7 +158,9 @@ def _main(argv: list[str]) -> int:
     plan = suite.plan(args.lmudata, args.geneval_metadata, args.dpg_prompts, args.only)
   distributed.maybe_initialize()
   workers = current_workers()
-  model, variables = _load(args, need_generation=args.command != "understanding")
+  from cheers_jax.evaluate.suite import GENERATION
+  draws = args.command in GENERATION or (args.command == "suite" and any(n in plan.inputs for n in GENERATION))
+  model, variables = _load(args, need_generation=draws)
   tokenizer = CheersTokenizer()
   quiet = dict(workers=workers, progress=not args.no_progress)
   understanding = dict(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,

@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from cheers_jax.evaluate import extract as ex
 from cheers_jax.evaluate.datasets import (MCQ, YORN, DatasetError, DatasetSpec, as_int_index, is_missing,
                                           option_letters)
@@ -105,8 +107,9 @@ def extract_one(spec: DatasetSpec, row) -> str:
 
 # ---- figures from `extracted` ----------------------------------------------------------------------
 def _mean(xs) -> float:
+  """np.mean, as VLMEvalKit averages (its pairwise summation gives the same last bit as the official figure)."""
   xs = list(xs)
-  return float(sum(xs) / len(xs)) if xs else float("nan")
+  return float(np.mean(xs)) if xs else float("nan")
 
 
 def _mcq_report(rows: list[dict]) -> dict:
@@ -243,8 +246,9 @@ def score_from_extracted(spec: DatasetSpec, rows: list[dict]) -> dict:
     res = _with_splits(main, _mcq_report)
     res["n_scored_questions"] = len(main)
     if m == "mmmu" and "validation" in res.get("splits", {}):
-      res["overall_all_splits"] = res["overall"]
-      res["overall"] = res["splits"]["validation"]["overall"]
+      res["overall_all_splits"], res["categories_all_splits"] = res["overall"], res["categories"]
+      res["overall"] = res["splits"]["validation"]["overall"]   # VLMEvalKit's reported row: the validation split
+      res["categories"] = res["splits"]["validation"]["categories"]
     return res
   if m == "pope":
     return _pope(rows)

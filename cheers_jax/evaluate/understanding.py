@@ -208,7 +208,8 @@ def run_understanding(model, variables, data_path: str | os.PathLike, dataset: s
   workers.barrier(f"understanding_{spec.name}_planned")  # every process planned from the same finished rows
   mine = workers.share(todo)
   if mine:
-    _decode_rows(model, variables, tokenizer, spec, data, mine, path, results, batch_size=batch_size,
+    _decode_rows(model, variables, tokenizer, spec, data, mine, path, results, source=str(data_path),
+                 batch_size=batch_size,
                  max_new_tokens=max_new_tokens, bucket=bucket, save_every=save_every, workers=workers,
                  progress=progress, log=log)
   workers.barrier(f"understanding_{spec.name}_decoded")
@@ -225,7 +226,7 @@ def run_understanding(model, variables, data_path: str | os.PathLike, dataset: s
 
 
 def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path: Path, results: dict, *,
-                 batch_size: int, max_new_tokens: Optional[int], bucket: int, save_every: int, workers: Workers,
+                 source: str, batch_size: int, max_new_tokens: Optional[int], bucket: int, save_every: int, workers: Workers,
                  progress: bool, log: Callable[[str], None]) -> None:
   """Decodes this process's rows, appending each batch's answers to its part file; process 0 also
   rewrites NAME.tsv every `save_every` batches."""
@@ -241,7 +242,7 @@ def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path:
     r.position = i
     if r.error:
       new.append((i, "", "failed", r.error))
-      log(f"{path.stem} row {records[i]['index']}: {r.error} (counted as failed, not scored)")
+      log(f"{source} row index={records[i]['index']}: {r.error} (counted as failed, not scored; the run goes on)")
     elif r.budget == 0:  # the reference generates nothing after a prompt of more than 1024 ids
       new.append((i, "", "ok", ""))
     else:

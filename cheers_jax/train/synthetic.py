@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheers_jax.config import model_config
 from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import packing
+from cheers_jax.data.tokenizer import ALWAYS_LABELLED_IDS
 from cheers_jax.errors import UserError
-from cheers_jax.model.config import ModelConfig
+from cheers_jax.infer.loader import fake_constant
 from cheers_jax.model.sequence import KIND_GEN, KIND_UND, assemble
 from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
                                IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, SYSTEM_ID, USER_ID)
@@ -110,7 +112,7 @@ def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_l
                gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0, mix: bool = False) -> BatchSpec:
   """Defaults: seq_len = the config's smallest bucket; text_len = the reference's 120, or what fits.
   mix: `batch_size` samples of the realistic length mix instead (`mix_spec`)."""
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = model_config(config)
   n = cfg.tokens_per_image
   if mix:
     return mix_spec(config, batch_size, gen_fraction=gen_fraction, image_slots=image_slots, seed=seed)
@@ -136,9 +138,8 @@ def _sample(spec: BatchSpec, i: int) -> tuple[list[int], list[int], float]:
   u = [CHAT_START_ID, USER_ID, NEWLINE_ID] + user + [CHAT_END_ID, NEWLINE_ID]
   a = [CHAT_START_ID, ASSISTANT_ID, NEWLINE_ID] + asst + [CHAT_END_ID, NEWLINE_ID]
   ids = sys_ids + u + a
-  structural = {NEWLINE_ID, CHAT_START_ID, CHAT_END_ID, IM_START_ID, IM_END_ID}
-  labels = [IGNORE_INDEX] * (len(sys_ids) + len(u)) + a
-  labels = [x if x in structural else lab for x, lab in zip(ids, labels)]
+  labels = [IGNORE_INDEX] * (len(sys_ids) + len(u)) + a  # the tokenizer's rule (build_conversation)
+  labels = [x if x in ALWAYS_LABELLED_IDS else lab for x, lab in zip(ids, labels)]
   labels = [IGNORE_INDEX if lab in (IMAGE_TOKEN_INDEX, IMAGE_GEN_TOKEN_INDEX) else lab for lab in labels]
   return ids, labels, t
 
@@ -224,11 +225,9 @@ def synthetic_train_state(config, mesh, seed: int = 0):
   tx = opt_lib.make_optimizer(config.train)
 
   def fill(path, leaf, salt):
-    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-    if name in ("weight", "scale", "running_var"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name.endswith("bias") or name == "running_mean":
-      return jnp.zeros(leaf.shape, leaf.dtype)
+    constant = fake_constant(path)
+    if constant is not None:
+      return jnp.full(leaf.shape, constant, leaf.dtype)
     # flat index from broadcasted iotas (not a reshaped 1-D iota): partitions without gathers
     index = jnp.full(leaf.shape, salt * 0x9E3779B1 % 2 ** 32, jnp.uint32)
     stride = 1
@@ -254,7 +253,7 @@ def mix_spec(config, batch_size: int, *, gen_fraction: float = 0.5, image_slots:
   """`batch_size` samples with lengths drawn from `packing.length_mix` (the config's data.mix), one image
   each: padded to the bucket of the longest (data.seq_buckets), or with data.packing=True packed into as
   few rows as hold them (data.pack_len x data.pack_images)."""
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = model_config(config)
   n = cfg.tokens_per_image
   lengths = packing.length_mix(batch_size, n, seed, dict(config.data.mix))
   buckets = tuple(int(b) for b in config.data.seq_buckets)

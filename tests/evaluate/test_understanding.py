@@ -167,3 +167,16 @@ def test_orbax_export_gives_the_checkpoints_answers(tiny, tmp_path):
   got, want = (pd.read_csv(tmp_path / d / "MMBench_DEV_EN_V11.tsv", sep="\t", dtype=str, keep_default_na=False)
                for d in ("o", "hf"))
   assert list(got["status"]) == ["ok", "ok"] and list(got["raw"]) == list(want["raw"])
+
+
+@needs_tiny
+def test_a_bad_image_is_one_line_naming_file_and_row(tiny, tmp_path):
+  path = _write(tmp_path, "SEEDBench_IMG", [
+      dict(index=7, image=BROKEN, question="q", A="x", B="y", answer="A"),
+      dict(index=8, image=_b64(60), question="q", A="x", B="y", answer="B")])
+  lines = []
+  s = run_understanding(*tiny, str(path), "SEEDBench_IMG", str(tmp_path / "o"), max_new_tokens=2, progress=False,
+                        log=lines.append)
+  bad = [line for line in lines if "index=7" in line]
+  assert len(bad) == 1 and str(path) in bad[0] and "cannot decode image" in bad[0] and "\n" not in bad[0]
+  assert s["n_failed"] == 1 and s["n"] == 1   # counted as failed; the other row is answered and scored
