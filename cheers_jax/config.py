@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from cheers_jax import package_data
+from cheers_jax.data import packing
 from cheers_jax.errors import ConfigError, unknown_key
 from cheers_jax.model.config import ModelConfig
 
@@ -339,7 +340,8 @@ def check_values(config) -> None:
 
 def check_consistency(config) -> None:
   """Checks across keys and of the enumerated values: the model section is a valid ModelConfig, the
-  data's image size is the model's, the batch splits into micro-batches, the NaN policy is known."""
+  data's image size is the model's, the batch splits into micro-batches, the NaN policy is known, a packed
+  row holds the longest bucket and the sample with the most images (data.packing)."""
   cfg = model_config(config)
   train = config.get("train")
   if train is not None:
@@ -351,6 +353,8 @@ def check_consistency(config) -> None:
   if data is not None and data.get("image_size") is not None and int(data.image_size) != cfg.vision.image_size:
     raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}: "
                       "they must match (the SigLIP position table is trained at one size); set both")
+  if data is not None and data.get("seq_buckets") is not None:
+    packing.resolve(data, cfg.tokens_per_image, rows=1)
 
 
 def model_config(config) -> ModelConfig:

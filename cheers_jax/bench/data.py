@@ -127,7 +127,7 @@ def write_tiny_jsonl(path: str, count: int) -> str:
 
 def _config(base: str, data: dict[str, Any], batch_size: int, image_size: int, overrides: Sequence[str] = ()):
   config = config_lib.load(base, [f"--config.train.batch_size={batch_size}", f"--config.data.image_size={image_size}",
-                                  *overrides])
+                                  f"--config.model.vision.image_size={image_size}", *overrides])
   with config.unlocked():
     for k, v in data.items():
       config.data[k] = v
@@ -135,7 +135,7 @@ def _config(base: str, data: dict[str, Any], batch_size: int, image_size: int, o
 
 
 def time_first_batch(config) -> float:
-  sources_lib._JSONL_CACHE.clear()  # noqa: SLF001 -- a cold start, as a new process has
+  sources_lib.clear_jsonl_indexes()  # a cold start, as a new process has
   t0 = time.perf_counter()
   it = pipeline.make_train_iterator(config)
   next(it)
