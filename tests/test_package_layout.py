@@ -99,7 +99,7 @@ HEAVY_OPTIONAL = {
 LEFT_TO_OTHERS = {
     "cheers_jax/evaluate/__main__.py": (15, "issue 26 rewrites the evaluate CLIs (run_cli)"),
     "cheers_jax/evaluate/datasets.py": (6, "issue 26"),
-    "cheers_jax/evaluate/generation.py": (3, "issue 26"),
+    "cheers_jax/evaluate/generation.py": (4, "issue 26"),
     "cheers_jax/evaluate/scoring.py": (0, "issue 26 (a pandas import without its reason)"),
     "cheers_jax/evaluate/parallel.py": (6, "issue 26 (its own mesh)"),
     "cheers_jax/evaluate/suite.py": (2, "issue 26"),
