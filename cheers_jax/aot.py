@@ -40,6 +40,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import jax
+
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import sharding, targets
@@ -65,17 +67,19 @@ def pick_devices(target: targets.Target, need: int) -> tuple[list, str]:
   """Compile-only devices of `target`; the attached accelerators when the target is 'cpu' and they are enough."""
   if target.platform != "cpu":
     return targets.devices(target, need), target.name
-  import jax
   default = jax.devices()
   if default[0].platform != "cpu" and len(default) >= need:
     return default, default[0].platform
   cpu = jax.devices("cpu")
-  return cpu, "cpu (estimate)" if default[0].platform == "cpu" else f"cpu (estimate; only {len(default)} {default[0].platform})"
+  if default[0].platform == "cpu":
+    return cpu, "cpu (estimate)"
+  return cpu, f"cpu (estimate; only {len(default)} {default[0].platform})"
 
 
 def format_table(rows: Sequence[dict], memory_gib: float) -> str:
   head = (f"{'mesh':<18} {'dev':>3} {'remat':>5} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} "
-          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} {'compile s':>9}")
+          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} "
+          f"{'compile s':>9}")
   lines = [head, " " * 50 + "(GiB per device)"]
   f = lambda v: measure.fmt(v, ".2f")
   for r in rows:
@@ -158,7 +162,8 @@ def _main(argv: list[str]) -> int:
         print(f"  {row['mesh']} remat={remat} per-device batch {b}: {state}", flush=True)
   print("\n" + format_table(rows, memory_gib))
   if not target.exact:
-    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real compiler's.")
+    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real "
+          "compiler's.")
   if args.out:
     measure.write_csv(rows, args.out, measure.AOT_FIELDS)
     print(f"wrote {args.out}")

@@ -54,7 +54,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     name = f"{r['mesh']} {r['remat']} {r['attention']} B={r['batch_size']}"
     vals = [name, r.get("status", "?"), measure.fmt(r.get("compile_s"), ".1f"), measure.fmt(r.get("step_s"), ".3f"),
             measure.fmt(r.get("samples_per_s"), ".2f"), measure.fmt(r.get("tokens_per_s"), ".0f"),
-            measure.fmt(r.get("tflops_per_device"), ".3f"), measure.fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f"),
+            measure.fmt(r.get("tflops_per_device"), ".3f"),
+            measure.fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f"),
             measure.fmt(r.get("peak_mem_gib"), ".2f")]
     lines.append(" ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(vals, cols))))
     if r.get("status") != "ok" and r.get("error"):
@@ -64,9 +65,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> None:
   """Two panels: samples/s per layout and peak memory per device (failed layouts marked)."""
-  import matplotlib
+  import matplotlib  # heavy and only for this plot: imported when a sweep draws it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use("Agg"): no display needed
   labels = [f"{r['mesh']}\n{r['remat']}/{r['attention']}/B={r['batch_size']}" for r in rows]
   ok = [r.get("status") == "ok" for r in rows]
   speed = [r.get("samples_per_s") or 0.0 for r in rows]

@@ -54,6 +54,7 @@ from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.train import measure, synthetic
+from cheers_jax.train import metrics as metrics_lib
 
 FULL_SIZE_CONFIG = "cheers_1p5b"
 DEFAULT_CONFIG = "tiny"
@@ -120,7 +121,8 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, synthetic.BatchSpec
     if spec is not None and (spec.seq_len != ref["seq_len"] or spec.sample_len != ref["seq_len"]
                              or abs(spec.gen_fraction - ref["gen_fraction"]) > 1e-9 or spec.image_slots != 1):
       lines.append(f"  {'':>3} note: batch composition differs from the reference's (seq {spec.seq_len}, "
-                   f"samples of {spec.sample_len} tokens, gen fraction {spec.gen_fraction}, {spec.image_slots} slot(s))")
+                   f"samples of {spec.sample_len} tokens, gen fraction {spec.gen_fraction}, "
+                   f"{spec.image_slots} slot(s))")
   kinds = {str(r.get("device_kind")) for r in rows if r.get("device_kind")}
   if kinds and not any("h100" in k.lower() for k in kinds):
     lines.append(f"  note: measured on {', '.join(sorted(kinds))}, not an H100: not like for like")
@@ -178,7 +180,6 @@ def _main(argv: list[str]) -> int:
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention
   layouts = [measure.StepLayout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
-  from cheers_jax.train import metrics as metrics_lib
   cfg = config_lib.model_config(config)
   spec0 = specs[batch_sizes[0]]
   flops = metrics_lib.flops_per_sample(cfg, spec0.seq_len, spec0.image_size, spec0.image_slots, config.train.trainable)

@@ -26,11 +26,13 @@ from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import packing as packing_lib
+from cheers_jax.data.pipeline import make_train_iterator
 from cheers_jax.infer import images as images_lib
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
@@ -59,7 +61,6 @@ class TrainResult:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 def _default_iterator(config) -> Iterator[dict]:
-  from cheers_jax.data.pipeline import make_train_iterator
   return make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -258,7 +259,6 @@ class Trainer:
     every = max(1, int(self.config.checkpoint.every_steps))
     bar = None
     if self.show_progress:
-      from tqdm.auto import tqdm
       bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, smoothing=0.1)
     try:
       while self.step < self.total:
