@@ -240,7 +240,7 @@ def _main(argv: Sequence[str]) -> int:
   summary = prepare_lib.prepare([jsonl], [os.path.join(folder, "images")], shards, processes=args.processes,
                                 records_per_shard=max(1, args.records // 4), log=lambda *_: None)
   result["prepare_s"] = time.perf_counter() - t0
-  result["prepared_resumed_shards"] = summary["inputs"][jsonl]["resumed"]
+  result["prepared_resumed_shards"] = summary["inputs"][os.path.abspath(jsonl)]["resumed"]
   print(f"data: {args.records} records in {folder} (JPEGs {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}); "
         f"prepare: {result['prepare_s']:.1f} s")
   sources = {"jsonl": {"source": "jsonl", "jsonl_path": jsonl, "image_root": os.path.join(folder, "images")},
