@@ -259,10 +259,11 @@ def _log_shard(log, meta: dict[str, Any], done: int, total: int) -> None:
 
 def _summary(results: Sequence[dict[str, Any]], counts: dict[str, int], task_index: int,
              num_tasks: int) -> dict[str, Any]:
-  inputs: dict[str, Any] = {}
+  inputs: dict[str, Any] = {os.path.abspath(path): {"lines_in_input": n, "records": 0, "written": 0, "shards": 0,
+                                                    "resumed": 0, "left_out": {}, "reencoded": 0}
+                            for path, n in counts.items()}  # an input without a shard in this task says so too
   for meta in results:
-    s = inputs.setdefault(meta["source"], {"lines_in_input": counts.get(meta["source"]), "records": 0, "written": 0,
-                                           "shards": 0, "resumed": 0, "left_out": {}, "reencoded": 0})
+    s = inputs[meta["source"]]
     s["records"] += meta["records"] + len(meta["bad"])
     s["written"] += meta["records"]
     s["shards"] += 1
