@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from cheers_jax import package_data
 from cheers_jax.errors import ConfigError, unknown_key
 
 # Sections whose keys `check_known_keys` leaves to others: model to ModelConfig.from_dict, data to the
@@ -50,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"          # synthetic | jsonl | tfds
   c.data.jsonl_path = ""               # official conversation format (one JSON object per line)
   c.data.image_root = ""               # folder the JSONL image paths are relative to
+  # Several sources by weight (replaces source/jsonl_path when given): entries {'path': JSONL file, glob or
+  # folder of prepared shards (python -m cheers_jax.data.prepare), 'weight': 1.0, 'image_root': ''}, or paths.
+  # The weights mix the sources within each kind; data.mix still sets the und : gen : text ratio on top.
+  c.data.sources = ()
   c.data.tfds_name = ""                # e.g. 'my_captions' (image + caption/label features)
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""
@@ -59,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 512              # must equal model.vision.image_size
   c.data.seq_buckets = (512, 1024, 2048, 4096)  # static sequence lengths (few compiles)
   c.data.max_images_per_sample = 2     # image slots per sample in a batch (editing = 2)
+  # Packed rows (cheers_jax/data/packing.py): train.batch_size rows of pack_len tokens (0 = the largest bucket)
+  # and pack_images image slots (0 = automatic), each holding as many whole samples as fit.
+  c.data.packing = False
+  c.data.pack_len = 0
+  c.data.pack_images = 0
   c.data.mix = ml_collections.ConfigDict(dict(und=3.0, gen=6.0, text=1.0))  # sampling ratios
   # A first phase: the stream's first `first_samples` samples (global) follow `first_mix` instead (0 = none).
   c.data.first_samples = 0
@@ -107,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ---- the shipped configurations ---------------------------------------------------------------------
 # The embedded default's pretrained parts (VAE, SigLIP), package data made by `python -m cheers_jax.train.tiny_parts`.
-TINY_PARTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_parts")
+TINY_PARTS = str(package_data.TINY_PARTS)
 
 
 def cheers_1p5b():
@@ -212,6 +222,8 @@ _RANGES = (
     ("sample_cfg", 0, True, None, True, "1 turns guidance off"),
     ("data.image_size", 1, True, None, True, ""),
     ("data.max_images_per_sample", 1, True, None, True, ""),
+    ("data.pack_len", 0, True, None, True, "0 = the largest bucket"),
+    ("data.pack_images", 0, True, None, True, "0 = automatic"),
     ("data.cfg_data_rate", 0, True, 1, True, "a probability"),
     ("data.worker_count", 0, True, None, True, "0 = in-process"),
     ("data.synthetic_size", 1, True, None, True, ""),

@@ -1,8 +1,8 @@
 """Multi-process start-up and the checks that depend on the process count.
 
 `maybe_initialize()` calls `jax.distributed.initialize` from the launcher's environment. The entry
-points that can span hosts call it: `train` always, `sweep` and `bench train` when they run the layouts
-in-process (under a multi-process launcher); the single-host tools (aot, generate, parity, convert,
+points that can span hosts call it: `train` always, `evaluate`, `sweep` and `bench train` when they run
+the layouts in-process (under a multi-process launcher); the single-host tools (aot, generate, parity, convert,
 bench generate) do not. A single process needs nothing. Recognised environments, in order:
 - explicit: CHEERS_COORDINATOR (host:port), CHEERS_NUM_PROCESSES, CHEERS_PROCESS_ID
   [, CHEERS_LOCAL_DEVICE_IDS = comma-separated]  (plain multi-node, any cluster);
@@ -51,6 +51,17 @@ def maybe_initialize() -> None:
 def is_lead() -> bool:
   """Process 0 writes files and prints reports."""
   return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits for every process on the coordination service (no device collective, so any backend and
+  processes that compiled different programs); a no-op in a single process."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client has no public barrier
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is not None:
+    client.wait_at_barrier(name, timeout_s * 1000)
 
 
 def check_batch_splits_over_processes(batch_size: int) -> None:

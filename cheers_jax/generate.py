@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -31,6 +30,8 @@ import numpy as np
 
 from cheers_jax import cli
 from cheers_jax.errors import UserError
+from cheers_jax.infer import images as images_lib
+from cheers_jax.infer.images import make_grid, to_uint8
 
 MODEL_SOURCES = ("checkpoint", "orbax", "run")
 
@@ -47,39 +48,13 @@ def load_model(args, need_generation: bool):
                            need_generation=need_generation)
 
 
-# ---- images --------------------------------------------------------------------------------------
-def to_uint8(image: np.ndarray) -> np.ndarray:
-  """[0, 1] float (H, W, 3) -> uint8, rounding as torchvision's save_image."""
-  return np.clip(np.floor(np.asarray(image, np.float32) * 255 + 0.5), 0, 255).astype(np.uint8)
-
-
-def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
-  """uint8 (H, W, 3) images -> one uint8 grid, row-major, black padding."""
-  n = len(images)
-  cols = columns or min(n, 4)
-  rows = math.ceil(n / cols)
-  h, w = images[0].shape[:2]
-  grid = np.zeros((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), np.uint8)
-  for i, img in enumerate(images):
-    r, c = divmod(i, cols)
-    y, x = pad + r * (h + pad), pad + c * (w + pad)
-    grid[y:y + h, x:x + w] = img
-  return grid
-
-
 def _slug(text: str, limit: int = 40) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "image"
 
 
 def save_images(images: np.ndarray, prompts: Sequence[str], out_dir: Path, first_index: int = 0) -> list[Path]:
-  from PIL import Image
-  out_dir.mkdir(parents=True, exist_ok=True)
-  paths = []
-  for i, (img, prompt) in enumerate(zip(images, prompts)):
-    path = out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png"
-    Image.fromarray(to_uint8(img)).save(path)
-    paths.append(path)
-  return paths
+  return [images_lib.save_png(img, out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png")
+          for i, (img, prompt) in enumerate(zip(images, prompts))]
 
 
 def _read_image(path: str):
@@ -246,10 +221,7 @@ def cmd_t2i(args, model, variables, tokenizer) -> int:
       print(f"saved {p}")
     print(f"[t2i] {len(chunk)} image(s) in {dt:.1f} s", file=sys.stderr)
   if len(all_images) > 1:
-    from PIL import Image
-    grid_path = out_dir / "grid.png"
-    Image.fromarray(make_grid([to_uint8(x) for x in all_images])).save(grid_path)
-    print(f"saved {grid_path}")
+    print(f"saved {images_lib.save_png(make_grid(to_uint8(np.stack(all_images))), out_dir / 'grid.png')}")
   return 0
 
 
@@ -268,9 +240,7 @@ def cmd_edit(args, model, variables, tokenizer) -> int:
     print(f"saved {p}")
   _report_text(tokenizer, res.generated_ids, 0)
   if len(res.images) > 1:
-    from PIL import Image
-    Image.fromarray(make_grid([to_uint8(x) for x in res.images])).save(out_dir / "grid.png")
-    print(f"saved {out_dir / 'grid.png'}")
+    print(f"saved {images_lib.save_png(make_grid(to_uint8(res.images)), out_dir / 'grid.png')}")
   return 0
 
 

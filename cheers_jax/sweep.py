@@ -163,16 +163,11 @@ def _main(argv: list[str]) -> int:
     print(f"\nbest layout: {best['mesh']} remat={best['remat']} attention={best['attention']} "
           f"batch={best['batch_size']}: {best['samples_per_s']:.2f} samples/s, {best['step_s']:.3f} s/step, "
           f"peak {measure.fmt(best.get('peak_mem_gib'), '.2f')} GiB/device")
-    mesh = best_mesh(best)
-    print(f"  -> --config.mesh.data={mesh['data']} --config.mesh.fsdp={mesh['fsdp']} "
-          f"--config.mesh.tensor={mesh['tensor']} --config.model.remat_policy={best['remat']} "
+    mesh = sharding.parse_meshes(best["mesh"])[0]
+    print(f"  -> {sharding.mesh_overrides(mesh)} --config.model.remat_policy={best['remat']} "
           f"--config.model.attention={best['attention']}")
   print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
   return 0 if best is not None else 1
-
-
-def best_mesh(row: Mapping[str, Any]) -> dict[str, int]:
-  return sharding.full_mesh_shape(sharding.parse_meshes(row["mesh"])[0])
 
 
 if __name__ == "__main__":

@@ -51,5 +51,11 @@ def test_shipped_configs_and_recipes_pass():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for name in config_lib.NAMED:
     config_lib.load(name)
-  for path in glob.glob(os.path.join(repo, "configs", "stage*.py")):
-    config_lib.load(path)
+  stages = os.path.join(repo, "configs", "stages.py")
+  files = sorted(p for p in glob.glob(os.path.join(repo, "configs", "stage*.py")) if p != stages)
+  assert len(files) == 4
+  for path in files:  # each stage's file is the variant of stages.py it is named after
+    stage = os.path.basename(path)[:-3]
+    assert config_lib.load(path).to_dict() == config_lib.load(f"{stages}:{stage}").to_dict()
+  with pytest.raises(ConfigError, match="unknown stage 'stage5'; did you mean 'stage4_sft'"):
+    config_lib.load(f"{stages}:stage5")

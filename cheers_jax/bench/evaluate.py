@@ -85,9 +85,8 @@ def _main(argv: list[str]) -> int:
     times = []
     for run in range(2):
       t0 = time.perf_counter()
-      run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(work / f"und{run}"), model=(model, variables),
-                        batch_size=args.batch_size, max_new_tokens=args.answer_tokens, print_summary=False,
-                        **quiet)
+      run_understanding(model, variables, str(data), "MMBench_DEV_EN_V11", str(work / f"und{run}"),
+                        batch_size=args.batch_size, max_new_tokens=args.answer_tokens, **quiet)
       times.append(time.perf_counter() - t0)
     result.update(rows=args.rows, batch_size=args.batch_size, answer_tokens=args.answer_tokens,
                   understanding_first_s=times[0], understanding_s=times[1], rows_per_s=args.rows / times[1])

@@ -3,6 +3,9 @@ r"""Training speed: compile time, step time, samples/s, MFU and peak memory of t
   python -m cheers_jax.bench train --config tiny [--batch-size 8] [--steps 10]
   python -m cheers_jax.bench train --full-size                 # published shapes, bf16, B=4 and B=8
   python -m cheers_jax.bench train --full-size --batch-sizes 8 --remat full --mesh fsdp=-1
+  python -m cheers_jax.bench train --full-size --padding       # padded share of the tokens, packed or not
+  python -m cheers_jax.bench train --config tiny --mix --config.data.seq_buckets='(512,1024,2048,4096)' \
+      [--config.data.packing=True --config.data.pack_images=12]
 
 The step is the training one (`cheers_jax.train.step.make_train_step`: forward + backward, gradient
 clipping, AdamW on everything but the VAE, fp32 master params), compiled once per batch size (the compile
@@ -12,13 +15,21 @@ the rest understanding samples, one image each at the config's size, --text-len 
 (default 120, which gives 400-token samples at 512x512) padded to --seq-len (default: 400 with
 --full-size, else the config's smallest bucket). See cheers_jax.train.synthetic.BatchSpec.
 
+--mix: B samples of a realistic length mix (cheers_jax.data.packing.length_mix: captions of 20-300 tokens
++ the image's tokens, understanding answers up to 1,500 tokens, text; by the config's data.mix), one
+image each, padded to the config's bucket of the longest, or with --config.data.packing=True packed into
+as few rows of data.pack_len as hold them: the same B samples either way, so samples/s compare packing
+at the same number of real samples per step. --padding prints the padding figure instead of timing:
+the share of padded tokens (and image slots) of 20,000 such samples batched as the pipeline batches
+them (B per batch, each padded to the bucket of its longest; or packed, B rows per batch).
+
   samples/s = B / step time;  tokens/s = valid (non-padding) tokens per step / step time
   MFU       = F x samples/s / (n_devices x P)
     F = cheers_jax.train.metrics.flops_per_sample: FLOPs of one training sample counted like torch's
         FlopCounterMode (matrix multiplies, convolutions and attention at 2 FLOPs per multiply-add;
         x3 for trainable modules = forward + backward, x1 for the frozen VAE encoder); 16.2 TFLOP at
         full size, 512x512, seq 400 (the oracle's count of the reference).
-    P = dense bf16 peak FLOP/s of one device (metrics.PEAK_TFLOPS: H100 989 TFLOP/s); MFU is n/a where
+    P = dense bf16 peak FLOP/s of one device (targets.CHIPS: H100 989 TFLOP/s); MFU is n/a where
         the peak is unknown (CPU).
   peak memory = the devices' peak_bytes_in_use (GPU/TPU), else the compiled step's memory_analysis()
         (arguments + outputs - aliased + temp, per device; CPU).
@@ -34,6 +45,7 @@ not fatal). The last line is `RESULT {json}`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any, Optional, Sequence
@@ -46,7 +58,7 @@ from cheers_jax.train import measure, synthetic
 
 FULL_SIZE_CONFIG = "cheers_1p5b"
 DEFAULT_CONFIG = "tiny"
-# /work/shared/oracle/gpu_timing_h100.json: the official PyTorch Cheers on one H100 80GB HBM3
+# The official PyTorch Cheers on one H100 80GB HBM3, timed by the project (seq 400, half generation samples)
 REFERENCE_H100 = {
     "device": "NVIDIA H100 80GB HBM3", "attention": "PyTorch SDPA", "seq_len": 400, "gen_fraction": 0.5,
     "flops_per_sample": 16.2e12,
@@ -75,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="random text tokens per sample (default 120, or what fits)")
   p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5, help="share of generation samples (default 0.5)")
   p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
+  p.add_argument("--mix", action="store_true", help="samples of the realistic length mix (packed with "
+                 "--config.data.packing=True) instead of the reference timing's")
+  p.add_argument("--padding", action="store_true", help="print the padding figure of the realistic mix, with and "
+                 "without packing, and exit (nothing compiled)")
   p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
                  help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
   p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
@@ -119,6 +135,34 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, synthetic.BatchSpec
   return lines
 
 
+def print_padding(config, batch_size: int, where: str, samples: int = 20000) -> dict:
+  """The padding figure of the realistic mix at the config's buckets, unpacked and packed (one line each)."""
+  from cheers_jax.data import packing  # noqa: PLC0415 -- only this mode needs it (kept off the timing path)
+  from cheers_jax.model.config import ModelConfig  # noqa: PLC0415
+  n = ModelConfig.from_dict(config.model).tokens_per_image
+  buckets = tuple(int(b) for b in config.data.seq_buckets)
+  data = config.data.copy_and_resolve_references()
+  with data.unlocked():
+    data.packing = True
+  pack = packing.resolve(data, n, rows=batch_size)
+  lengths = packing.length_mix(samples, n, int(config.seed), dict(config.data.mix))
+  figures = packing.padding_figures(lengths, buckets, batch_size, int(config.data.max_images_per_sample), pack)
+  print(f"padding: {where}, {samples} samples of the realistic mix (data.mix {dict(config.data.mix)}; "
+        f"{n} tokens per image), buckets {buckets}")
+  f = figures
+  print(f"  unpacked, {batch_size} per batch (each batch padded to its longest sample's bucket): "
+        f"{100 * f['unpacked']['padding']:.1f} % of the tokens, {100 * f['unpacked']['slot_padding']:.1f} % of "
+        f"the image slots ({config.data.max_images_per_sample} per sample)")
+  print(f"  unpacked, every sample padded alone to its own bucket (best case): "
+        f"{100 * f['unpacked_alone']['padding']:.1f} % of the tokens")
+  print(f"  packed, {pack.rows} rows of {pack.row_len} tokens and {pack.row_images} image slots per batch: "
+        f"{100 * f['packed']['padding']:.1f} % of the tokens, {100 * f['packed']['slot_padding']:.1f} % of the "
+        f"image slots, {f['packed']['samples'] / f['packed']['batches']:.1f} samples per batch")
+  print("RESULT " + json.dumps({"config": where, "samples": samples, "buckets": buckets, "batch_size": batch_size,
+                                "pack": dataclasses.asdict(pack), **figures}))
+  return figures
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   return cli.run(_main, argv)
 
@@ -136,9 +180,12 @@ def _main(argv: list[str]) -> int:
     batch_sizes = [args.batch_size]
   else:
     batch_sizes = [4, 8] if args.full_size else [8]
-  mesh = sharding.parse_meshes(args.mesh)[0] if args.mesh else dict(config.mesh)
+  mesh = sharding.parse_meshes(args.mesh, "--mesh")[0] if args.mesh else dict(config.mesh)
   seq_len = args.seq_len or (REFERENCE_H100["seq_len"] if args.full_size else None)
-  batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  if args.padding:
+    print_padding(config, batch_sizes[0], where=FULL_SIZE_CONFIG if args.full_size else config_path)
+    return 0
+  batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
   specs = {b: batch.spec(config, b) for b in batch_sizes}
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention
@@ -154,6 +201,12 @@ def _main(argv: list[str]) -> int:
         f"{attention}, trainable {config.train.trainable}, grad_accum {config.train.grad_accum}")
   for b in batch_sizes:
     s = specs[b]
+    if s.text_lens:
+      rows = f"packed into {s.rows} rows of {s.seq_len} ({s.slots_per_row} image slots each)" if s.pack else \
+          f"one per row, padded to {s.seq_len} ({s.image_slots} image slot(s) each)"
+      print(f"  batch {b}: samples of the realistic mix ({min(s.sample_lens())}-{s.sample_len} tokens, one "
+            f"{s.image_size}x{s.image_size} image each), {rows}: {100 * s.padding:.1f} % padding")
+      continue
     print(f"  batch {b}: {_gen_count(s)} generation + {b - _gen_count(s)} understanding samples, "
           f"{s.sample_len}-token samples padded to {s.seq_len}, {s.image_slots} image slot(s) of "
           f"{s.image_size}x{s.image_size} per sample")

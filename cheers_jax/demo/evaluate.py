@@ -1,6 +1,6 @@
 """Does a model trained on the shapes read and draw? The end-of-training evaluation of the demo.
 
-`run(...)` (called by the training loop when `config.data.source == 'synthetic'`):
+`run(...)` (called by the training loop when it trains on the shapes, `trains_on_shapes`):
 - understanding: greedy captions of held-out shapes (indices past the training set), colour and shape
   accuracy beside the best image-blind answer (`shapes.score_captions`);
 - generation: every colour-shape prompt (18) drawn `samples_per_prompt` times (noise seeds 0..), each
@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cheers_jax.data import sources
 from cheers_jax.data.tokenizer import UND_IMAGE_TEXT, CheersTokenizer
 from cheers_jax.demo import shapes
+from cheers_jax.infer import images as images_lib
 from cheers_jax.infer.decode import GREEDY, generate_text
 from cheers_jax.infer.t2i import t2i_prompt, text_to_image
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 EVAL_KEYS = ("caption_colour_acc", "caption_shape_acc", "t2i_colour_acc", "t2i_shape_acc", "t2i_both_acc")
 CAPTION_IMAGES = 96
 SAMPLES_PER_PROMPT = 8
+
+
+def trains_on_shapes(config) -> bool:
+  """Whether `config` trains on the shapes demo (data.source 'synthetic' and no data.sources list)."""
+  return config.data.source == "synthetic" and not tuple(config.data.get("sources", None) or ())
 
 
 def _variables(state) -> dict:
@@ -83,7 +89,7 @@ def labelled_grid(images: Sequence[np.ndarray], wanted: Sequence[tuple[str, str]
     r, c = divmod(i, columns)
     x, y = pad + c * (cell_w + pad), pad + r * (cell_h + 2 * line + pad)
     arr = np.asarray(img)
-    arr = arr if arr.dtype == np.uint8 else (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    arr = arr if arr.dtype == np.uint8 else images_lib.to_uint8(arr)
     canvas.paste(Image.fromarray(arr).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
     draw_.text((x, y + cell_h + 1), shapes.prompt_text(shapes.describe(want)), fill=(0, 0, 0), font=font)
     colour, shape = shapes.judge_image(arr)
@@ -143,8 +149,7 @@ def run(model, state, config, workdir: Path, step: int, writer=None, *, captions
       print(generation_report(generation_ev), flush=True)
       grid = labelled_grid(images, wanted, columns=SAMPLES_PER_PROMPT)
       path = Path(workdir) / "samples" / f"step_{step:07d}.png"
-      path.parent.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(grid).save(path)
+      images_lib.save_png(grid, path)
       extra["grid"] = str(path)
       if writer is not None:
         writer.write_images(step, {"samples": grid})

@@ -11,11 +11,17 @@ grid of 4 images without padding (top-left, top-right, bottom-left, bottom-right
 PIL's defaults; pixels are `clip(x * 255, 0, 255)` truncated to uint8 without a clamp first, as the
 official wrapper does. The mPLUG scorer crops the 4 tiles at the model's resolution.
 
-Defaults are the official scripts' (DEFAULTS, each with its source). Both run the prompts in batches
-of images from different prompts (unequal prompt lengths are fine, see infer/t2i.py), each image with
-its own seed, and resume: finished files are kept (written atomically), the rest are generated.
-Differences: the official runs draw noise from an unseeded global RNG; here image n of prompt i uses
-seed + i * images_per_prompt + n, so a rerun reproduces it.
+Defaults are the official scripts' (DEFAULTS, each with its source). Image n of prompt i uses seed
+seed + i * images_per_prompt + n (the official runs draw from an unseeded global RNG), so a rerun
+reproduces it. An image depends only on its prompt and seed, never on what shares its batch
+(`plan_steps`): prompts are grouped by padded length (their own length rounded up to `bucket`), every
+call has the same batch shape (free slots are padding rows), and a job keeps its slot whether or not
+the other jobs are done, so a resumed run (on any number of processes or devices) gives back every
+image an uninterrupted run gives. Finished files are kept (written atomically), the rest generated.
+With several processes each generates its share of the steps (`parallel.py`) into the shared output
+folder; DPG tiles are kept as lossless PNGs in OUTDIR/.dpg_tiles until process 0 assembles the grids.
+A metadata line without a prompt, or an empty DPG prompt file, is reported on one line and counted as
+failed; the others are generated.
 """
 from __future__ import annotations
 
@@ -24,9 +30,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from cheers_jax.evaluate.datasets import DatasetError
+from cheers_jax.evaluate.parallel import Workers, progress_bar, replicate, round_up
+
+DEFAULT_BUCKET = 64  # prompt lengths (with the dummy image's tokens) are padded to a multiple of this
 
 DEFAULTS = {
     "geneval": dict(
@@ -43,46 +54,60 @@ DEFAULTS = {
 }
 
 
-def read_geneval_metadata(path: str | os.PathLike) -> list[tuple[int, dict]]:
-  """(line number, object) of each non-blank line, as umm_generate.load_metadatas numbers them."""
-  from cheers_jax.evaluate.datasets import DatasetError
+def read_geneval_metadata(path: str | os.PathLike, log: Callable[[str], None] = lambda s: None
+                          ) -> tuple[list[tuple[int, dict]], int]:
+  """(line number, object) of each usable non-blank line, numbered as umm_generate.load_metadatas does,
+  and the number of bad lines (each reported through `log` as `FILE:LINE: why`)."""
   try:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
-  except OSError as e:
-    raise DatasetError(f"cannot read --metadata {os.fspath(path)!r}: {e.strerror or e}") from e
-  out = []
+  except (OSError, UnicodeDecodeError) as e:
+    raise DatasetError(f"cannot read --metadata {os.fspath(path)!r}: {getattr(e, 'strerror', None) or e}") from e
+  out, bad = [], 0
   for i, line in enumerate(lines):
     if not line.strip():
       continue
     try:
       meta = json.loads(line)
     except json.JSONDecodeError as e:
-      raise DatasetError(f"{os.fspath(path)}:{i + 1}: not a JSON object ({e.msg})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str) or not meta["prompt"].strip():
-      raise DatasetError(f"{os.fspath(path)}:{i + 1}: each line needs a non-empty \"prompt\" (GenEval metadata)")
-    out.append((i, meta))
+      meta, why = None, f"not a JSON object ({e.msg})"
+    else:
+      why = "" if isinstance(meta, dict) and isinstance(meta.get("prompt"), str) and meta["prompt"].strip() else \
+          "no non-empty \"prompt\" (GenEval metadata needs one per line)"
+    if why:
+      log(f"{os.fspath(path)}:{i + 1}: {why}; counted as failed, the other lines go on")
+      bad += 1
+    else:
+      out.append((i, meta))
   if not out:
-    raise DatasetError(f"{os.fspath(path)!r} holds no prompts")
-  return out
+    raise DatasetError(f"{os.fspath(path)!r} holds no usable prompts")
+  return out, bad
 
 
-def read_dpg_prompts(folder: str | os.PathLike) -> list[tuple[str, str]]:
+def read_dpg_prompts(folder: str | os.PathLike, log: Callable[[str], None] = lambda s: None
+                     ) -> tuple[list[tuple[str, str]], int]:
   """(output stem, prompt) of every file in the folder, sorted by name (the official order is
-  os.listdir's, which is arbitrary; the outputs do not depend on it)."""
-  from cheers_jax.evaluate.datasets import DatasetError
+  os.listdir's, which is arbitrary; the outputs do not depend on it), and the number of unusable files."""
   root = Path(folder)
   if not root.is_dir():
     raise DatasetError(f"--prompts {os.fspath(folder)!r} is not a folder of DPG-Bench prompt files")
-  out = []
+  out, bad = [], 0
   for p in sorted(root.iterdir()):
-    if p.is_file():
+    if not p.is_file():
+      continue
+    try:
       text = p.read_text(encoding="utf-8")
-      if not text.strip():
-        raise DatasetError(f"{p}: empty prompt")
+    except (OSError, UnicodeDecodeError) as e:
+      text, why = "", f"cannot read it ({e})"
+    else:
+      why = "" if text.strip() else "empty prompt"
+    if why:
+      log(f"{p}: {why}; counted as failed, the other prompts go on")
+      bad += 1
+    else:
       out.append((p.name.split(".")[0], text))
   if not out:
-    raise DatasetError(f"{os.fspath(folder)!r} holds no prompt files")
-  return out
+    raise DatasetError(f"{os.fspath(folder)!r} holds no usable prompt files")
+  return out, bad
 
 
 def save_image_uint8(image: np.ndarray) -> np.ndarray:
@@ -104,131 +129,156 @@ def dpg_grid(tiles: list[np.ndarray]) -> np.ndarray:
 
 def _save_atomic(array: np.ndarray, path: Path, fmt: str) -> None:
   from PIL import Image
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   Image.fromarray(array).save(tmp, format=fmt)
   os.replace(tmp, path)
 
 
-def _batches(jobs: list, size: int) -> list[list]:
-  return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+def plan_steps(padded_lengths: Sequence[int], pending: Sequence[bool], rows: int) -> list[list[Optional[int]]]:
+  """Batches of `rows` fixed slots: the jobs of each padded prompt length, in order, fill slot after
+  slot, so a job's batch and slot depend on the job list only, never on which jobs are still pending.
+  A slot holds its job number, or None (done, or past the end: a padding row). Batches with nothing
+  pending are dropped."""
+  steps = []
+  for length in sorted(set(padded_lengths)):
+    group = [j for j, n in enumerate(padded_lengths) if n == length]
+    for i in range(0, len(group), rows):
+      slots = [j if pending[j] else None for j in group[i:i + rows]]
+      slots += [None] * (rows - len(slots))
+      if any(s is not None for s in slots):
+        steps.append(slots)
+  return steps
 
 
-def generate_images(model, variables, tokenizer, jobs: list[tuple[str, int]], *, steps: int, cfg: float,
-                    shift: float, batch_size: int, on_image: Callable[[int, np.ndarray, np.ndarray], None],
-                    progress: bool = True) -> None:
-  """jobs: (prompt text, seed) per image. Calls on_image(job number, clamped image, raw decoder output)
-  as batches finish; every batch has `batch_size` rows (the last is padded) so one program serves all."""
+def generate_images(model, variables, tokenizer, jobs: Sequence[tuple[str, int]], pending: Sequence[bool], *,
+                    steps: int, cfg: float, shift: float, batch_size: int,
+                    on_image: Callable[[int, np.ndarray, np.ndarray], None], bucket: int = DEFAULT_BUCKET,
+                    workers: Workers = Workers(), progress: bool = True) -> int:
+  """jobs: (prompt text, seed) of every image, done or not; generates this process's share of the
+  pending ones in batches of batch_size per local device (`plan_steps`), calling on_image(job number,
+  clamped image, raw decoder output) as batches finish. Returns the number of images generated here."""
   from cheers_jax.infer.t2i import t2i_prompt, text_to_image
-  from cheers_jax.evaluate.understanding import _progress
-  bar = _progress(len(jobs), progress)
-  cache = {}
-  for chunk in _batches(list(enumerate(jobs)), batch_size):
-    rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    prompts = [cache.setdefault(text, t2i_prompt(tokenizer, text)) for _, (text, _) in rows]
-    res = text_to_image(model, variables, prompts, steps=steps, cfg_scale=cfg, alpha=shift,
-                        seeds=[seed for _, (_, seed) in rows])
-    for k, (job, _) in enumerate(chunk):
-      on_image(job, res.images[k], res.image_raw[k])
-    bar.update(len(chunk))
+  ids = {text: t2i_prompt(tokenizer, text) for text in {t for t, _ in jobs}}
+  n_tok = model.cfg.tokens_per_image  # the dummy image's tokens, prepended to a T2I prompt
+  padded = [round_up(len(ids[text]) + n_tok, bucket) for text, _ in jobs]
+  plan = workers.share(plan_steps(padded, pending, batch_size * workers.local_devices))
+  variables = replicate(variables, workers)
+  bar = progress_bar(sum(s is not None for slots in plan for s in slots), progress, "image", "generating")
+  done = 0
+  for slots in plan:
+    real = [j for j in slots if j is not None]
+    rows = [j if j is not None else real[0] for j in slots]  # padding rows repeat a job; their output is dropped
+    res = text_to_image(model, variables, [ids[jobs[j][0]] for j in rows], steps=steps, cfg_scale=cfg,
+                        alpha=shift, seeds=[jobs[j][1] for j in rows], bucket=bucket, mesh=workers.mesh)
+    for k, j in enumerate(slots):
+      if j is not None:
+        on_image(j, res.images[k], res.image_raw[k])
+    done += len(real)
+    bar.update(len(real))
   bar.close()
+  return done
 
 
-def _check(steps, cfg, shift, batch_size, images_per_prompt=4):
-  from cheers_jax.evaluate.datasets import DatasetError
+def check_flow_args(steps: int, shift: float, batch_size: int, images_per_prompt: int = 4) -> None:
   if steps < 1:
     raise DatasetError(f"--steps {steps}: need at least 1 denoising step")
-  if shift <= 0:
+  if not shift > 0:
     raise DatasetError(f"--shift {shift} must be > 0")
   if batch_size < 1 or images_per_prompt < 1:
     raise DatasetError("--batch-size and --images-per-prompt must be >= 1")
 
 
+def _stderr(s: str) -> None:
+  print(s, file=sys.stderr)
+
+
 def run_geneval(model, variables, tokenizer, metadata: str, out_dir: str, *, images_per_prompt: int = 4,
                 steps: int = 80, cfg: float = 9.5, shift: float = 1.0, seed: int = 0, batch_size: int = 8,
-                limit: Optional[int] = None, progress: bool = True,
-                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-  _check(steps, cfg, shift, batch_size, images_per_prompt)
-  items = read_geneval_metadata(metadata)[:limit]
+                bucket: int = DEFAULT_BUCKET, limit: Optional[int] = None, workers: Workers = Workers(),
+                progress: bool = True, log: Callable[[str], None] = _stderr) -> dict:
+  """GenEval's folders for a loaded model; batch_size images per device. Every process of `workers`
+  calls it; each generates its share. Returns {prompts, images, generated, failed, seconds}."""
+  check_flow_args(steps, shift, batch_size, images_per_prompt)
+  items, failed = read_geneval_metadata(metadata, log if workers.is_lead else lambda s: None)
+  items = items[:limit]
   out = Path(out_dir)
   jobs, targets = [], []
   for idx, meta in items:
     folder = out / f"{idx:0>5}"
-    (folder / "samples").mkdir(parents=True, exist_ok=True)
-    (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    if workers.is_lead:
+      (folder / "samples").mkdir(parents=True, exist_ok=True)
+      (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     for n in range(images_per_prompt):
-      target = folder / "samples" / f"{n:05}.png"
-      if not target.is_file():
-        jobs.append((meta["prompt"], seed + idx * images_per_prompt + n))
-        targets.append(target)
-  log(f"geneval: {len(items)} prompts x {images_per_prompt} images, {len(jobs)} to generate "
-      f"(steps {steps}, cfg {cfg}, shift {shift})")
+      jobs.append((meta["prompt"], seed + idx * images_per_prompt + n))
+      targets.append(folder / "samples" / f"{n:05}.png")
+  pending = [not t.is_file() for t in targets]
+  if workers.is_lead:
+    log(f"geneval: {len(items)} prompts x {images_per_prompt} images, {sum(pending)} to generate "
+        f"(steps {steps}, cfg {cfg}, shift {shift}; {workers.describe()})")
+  workers.barrier("geneval_planned")  # every process planned from the same finished files
 
   def save(job, image, raw):
     _save_atomic(save_image_uint8(image), targets[job], "PNG")
 
   t0 = time.perf_counter()
-  if jobs:
-    generate_images(model, variables, tokenizer, jobs, steps=steps, cfg=cfg, shift=shift,
-                    batch_size=min(batch_size, len(jobs)), on_image=save, progress=progress)
-  dt = time.perf_counter() - t0
-  return {"prompts": len(items), "generated": len(jobs), "seconds": dt}
+  generate_images(model, variables, tokenizer, jobs, pending, steps=steps, cfg=cfg, shift=shift,
+                  batch_size=batch_size, bucket=bucket, workers=workers, on_image=save, progress=progress)
+  workers.barrier("geneval_done")
+  return {"prompts": len(items), "images": len(jobs), "generated": sum(pending), "failed": failed,
+          "seconds": time.perf_counter() - t0}
 
 
 def run_dpg(model, variables, tokenizer, prompts_dir: str, out_dir: str, *, steps: int = 250, cfg: float = 9.5,
-            shift: float = 0.5, seed: int = 0, batch_size: int = 8, limit: Optional[int] = None,
-            progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-  _check(steps, cfg, shift, batch_size)
+            shift: float = 0.5, seed: int = 0, batch_size: int = 8, bucket: int = DEFAULT_BUCKET,
+            limit: Optional[int] = None, workers: Workers = Workers(), progress: bool = True,
+            log: Callable[[str], None] = _stderr) -> dict:
+  """DPG-Bench's grids for a loaded model (see run_geneval). Returns {prompts, generated (grids), failed, seconds}."""
+  check_flow_args(steps, shift, batch_size)
   per = DEFAULTS["dpg"]["images_per_prompt"]
-  items = read_dpg_prompts(prompts_dir)[:limit]
+  items, failed = read_dpg_prompts(prompts_dir, log if workers.is_lead else lambda s: None)
+  items = items[:limit]
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  todo = [(i, stem, text) for i, (stem, text) in enumerate(items) if not (out / f"{stem}.jpg").is_file()]
-  jobs = [(text, seed + i * per + n) for i, _, text in todo for n in range(per)]
-  log(f"dpg: {len(items)} prompts, {len(todo)} grids to generate (4 images each; steps {steps}, cfg {cfg}, "
-      f"shift {shift})")
-  tiles: dict[int, dict[int, np.ndarray]] = {}
+  tiles_dir = out / ".dpg_tiles"
+  jobs, tiles, pending = [], [], []
+  for i, (stem, text) in enumerate(items):
+    grid_done = (out / f"{stem}.jpg").is_file()
+    for n in range(per):
+      jobs.append((text, seed + i * per + n))
+      tiles.append(tiles_dir / f"{stem}_{n}.png")
+      pending.append(not grid_done and not tiles[-1].is_file())
+  todo = sorted({items[j // per][0] for j, p in enumerate(pending) if p})
+  if workers.is_lead:
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"dpg: {len(items)} prompts, {len(todo)} grids to generate (4 images each; steps {steps}, cfg {cfg}, "
+        f"shift {shift}; {workers.describe()})")
+  workers.barrier("dpg_planned")
 
   def save(job, image, raw):
-    k, n = divmod(job, per)
-    tiles.setdefault(k, {})[n] = dpg_uint8(raw)
-    if len(tiles[k]) == per:
-      grid = dpg_grid([tiles[k][m] for m in range(per)])
-      _save_atomic(grid, out / f"{todo[k][1]}.jpg", "JPEG")
-      del tiles[k]
+    _save_atomic(dpg_uint8(raw), tiles[job], "PNG")  # lossless: the grid is assembled from these bytes
 
   t0 = time.perf_counter()
-  if jobs:
-    generate_images(model, variables, tokenizer, jobs, steps=steps, cfg=cfg, shift=shift,
-                    batch_size=min(batch_size, len(jobs)), on_image=save, progress=progress)
-  return {"prompts": len(items), "generated": len(todo), "seconds": time.perf_counter() - t0}
+  generate_images(model, variables, tokenizer, jobs, pending, steps=steps, cfg=cfg, shift=shift,
+                  batch_size=batch_size, bucket=bucket, workers=workers, on_image=save, progress=progress)
+  workers.barrier("dpg_tiles")
+  grids = 0
+  if workers.is_lead:
+    grids = _assemble_dpg_grids(out, [stem for stem, _ in items], tiles_dir, per)
+  workers.barrier("dpg_done")
+  return {"prompts": len(items), "generated": grids, "failed": failed, "seconds": time.perf_counter() - t0}
 
 
-def run_cli(args) -> int:
-  from cheers_jax.data.tokenizer import CheersTokenizer
-  from cheers_jax.infer import loader
-  loader.check_one_source(args.checkpoint, args.orbax, args.run)
-  common = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed, batch_size=args.batch_size,
-                limit=args.limit)
-  # read the prompts before the (slow) model load, so a bad file fails fast
-  if args.command == "geneval":
-    _check(args.steps, args.cfg, args.shift, args.batch_size, args.images_per_prompt)
-    read_geneval_metadata(args.metadata)
-  else:
-    _check(args.steps, args.cfg, args.shift, args.batch_size)
-    read_dpg_prompts(args.prompts)
-  dtype = args.dtype or loader.default_dtype()
-  t0 = time.perf_counter()
-  model, variables = loader.load_model(args.checkpoint, args.orbax, args.run, dtype, need_generation=True)
-  print(f"loaded {args.checkpoint or args.orbax or args.run} ({dtype}) in {time.perf_counter() - t0:.1f} s",
-        file=sys.stderr)
-  tok = CheersTokenizer()
-  if args.command == "geneval":
-    res = run_geneval(model, variables, tok, args.metadata, args.out, images_per_prompt=args.images_per_prompt,
-                      **common)
-  else:
-    res = run_dpg(model, variables, tok, args.prompts, args.out, **common)
-  prompts_done = res["generated"] if args.command == "dpg" else res["generated"] / args.images_per_prompt
-  rate = f" ({res['seconds'] / prompts_done:.2f} s per prompt)" if prompts_done else ""
-  what = "grids" if args.command == "dpg" else "images"
-  print(f"{args.command}: {res['generated']} {what} in {res['seconds']:.1f} s{rate} -> {args.out}")
-  return 0
+def _assemble_dpg_grids(out: Path, stems: list[str], tiles_dir: Path, per: int) -> int:
+  from PIL import Image
+  made = 0
+  for stem in stems:
+    paths = [tiles_dir / f"{stem}_{n}.png" for n in range(per)]
+    if (out / f"{stem}.jpg").is_file() or not all(p.is_file() for p in paths):
+      continue
+    _save_atomic(dpg_grid([np.asarray(Image.open(p).convert("RGB")) for p in paths]), out / f"{stem}.jpg", "JPEG")
+    for p in paths:
+      p.unlink()
+    made += 1
+  if tiles_dir.is_dir() and not any(tiles_dir.iterdir()):
+    tiles_dir.rmdir()
+  return made

@@ -1,9 +1,10 @@
 """Scores as VLMEvalKit computes them when no GPT judge is configured (exact matching).
 
 `score_frame` is the whole path from a predictions table to the figures: the wrapper's post-processing
-of `raw` into `prediction` (when `raw` is there), VLMEvalKit's extraction of each row's answer into
-`extracted`, then the figures, computed from `extracted` and the answer columns only
-(`score_from_extracted`), so anyone can recompute them from the written file.
+of `raw` into `prediction` (when `raw` is there), the values VLMEvalKit's scorers actually see
+(`vlmevalkit_view`: the dataset as its TSV reader types it, the predictions after its xlsx round trip,
+see vlmeval_io.py), VLMEvalKit's extraction of each row's answer into `extracted`, then the figures,
+computed from `extracted` and those values (`score_from_extracted`).
 
 Rows with a non-empty `error` (an image that did not decode...) are left out and counted.
 """
@@ -16,9 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from cheers_jax.evaluate import extract as ex
-from cheers_jax.evaluate.datasets import (MCQ, VQA, YORN, DatasetError, DatasetSpec, as_int_index, is_missing,
+from cheers_jax.evaluate.datasets import (MCQ, YORN, DatasetError, DatasetSpec, as_int_index, is_missing,
                                           option_letters)
+from cheers_jax.evaluate.vlmeval_io import as_vlmevalkit_reads_tsv, read_literal_tsv, xlsx_round_trip
 
 # VLMEvalKit's short names of MMBench's abilities (dataset/utils/multiple_choice.py)
 MMB_ABBREVIATIONS = {
@@ -34,6 +38,7 @@ OCRBENCH_GROUPS = {
     "Handwritten Mathematical Expression Recognition": ("Handwritten Mathematical Expression Recognition",),
 }
 HMER = "Handwritten Mathematical Expression Recognition"
+OWN_COLUMNS = ("raw", "prediction", "extracted", "status", "error")  # what this tool adds to a dataset's columns
 CIRCULAR_OFFSET = 1_000_000  # MMBench's rotated copies have index = original + k * 1e6
 NO_OPTION = "Z"              # VLMEvalKit's answer when no option can be inferred
 
@@ -48,29 +53,42 @@ def postprocess(spec: DatasetSpec, raw: str) -> str:
   return raw
 
 
-def _scored_text(value) -> str:
-  # VLMEvalKit reads predictions back from a spreadsheet and applies str(): an empty one becomes 'nan'
-  text = ex.cell_text(value)
-  return "nan" if text == "" else text
+# ---- what VLMEvalKit's scorers see -----------------------------------------------------------------
+ANSWER_KEY = "vlmevalkit_answer"  # the MCQ answer as the dataset TSV reads it (VLMEvalKit's answer_map)
+
+
+def vlmevalkit_view(frame) -> list[dict]:
+  """One dict per row of `frame` (dataset columns as cell texts, `prediction` the wrapper's output) with
+  the values VLMEvalKit's scorers read: everything after its xlsx round trip, plus ANSWER_KEY, the
+  answer as its TSV reader typed it (MCQ ground truth comes from the dataset, not the xlsx)."""
+  own = [c for c in frame.columns if c in OWN_COLUMNS]
+  meta = as_vlmevalkit_reads_tsv(frame.drop(columns=own))
+  data = xlsx_round_trip(meta.assign(prediction=list(frame["prediction"])))
+  rows = data.to_dict("records")
+  if "answer" in meta.columns:
+    for r, answer in zip(rows, meta["answer"]):
+      r[ANSWER_KEY] = answer
+  return rows
 
 
 # ---- extraction (VLMEvalKit) ---------------------------------------------------------------------
 def _choices(spec: DatasetSpec, row) -> dict:
   if spec.metric == "mmmu" and is_missing(row.get("A")):
-    # MMMU_preproc: an open question becomes a two-option one, the answer being option A
-    return {"A": str(row.get("answer")), "B": "Other Answers"}
+    # MMMU_preproc: an open question's A becomes its answer and B 'Other Answers'; C.. stay. A missing
+    # answer leaves A missing, and build_choices drops it.
+    row = dict(row, A=row.get("answer"), B="Other Answers")
   return {k: row[k] for k in option_letters(row)}
 
 
-def ground_truth(spec: DatasetSpec, row) -> str:
-  answer = row.get("answer")
-  if spec.metric == "mmmu":  # a non-letter answer is option A after MMMU_preproc
-    return answer if isinstance(answer, str) and len(answer) == 1 and answer in ex.OPTION_LETTERS else "A"
-  return ex.cell_text(answer)
+def ground_truth(spec: DatasetSpec, row):
+  answer = row.get(ANSWER_KEY, row.get("answer"))
+  if spec.metric == "mmmu":  # answer_map: a non-letter (or missing) answer is option A
+    return answer if isinstance(answer, str) and answer in ex.OPTION_LETTERS else "A"
+  return answer
 
 
 def extract_one(spec: DatasetSpec, row) -> str:
-  pred = _scored_text(row.get("prediction"))
+  pred = ex.cell_text(row.get("prediction"))  # the scorers' str(): NaN -> 'nan', the formula's 0 -> '0'
   m = spec.metric
   if m in ("mcq", "mcq_circular", "mmmu"):
     return ex.can_infer(pred, _choices(spec, row)) or NO_OPTION
@@ -89,8 +107,9 @@ def extract_one(spec: DatasetSpec, row) -> str:
 
 # ---- figures from `extracted` ----------------------------------------------------------------------
 def _mean(xs) -> float:
+  """np.mean, as VLMEvalKit averages (its pairwise summation gives the same last bit as the official figure)."""
   xs = list(xs)
-  return float(sum(xs) / len(xs)) if xs else float("nan")
+  return float(np.mean(xs)) if xs else float("nan")
 
 
 def _mcq_report(rows: list[dict]) -> dict:
@@ -169,7 +188,7 @@ def _yorn_default(rows: list[dict]) -> dict:
 
 
 def vqa_hit(spec: DatasetSpec, row) -> float:
-  answers = ex.answer_list(row.get("answer"))
+  answers = ex.answer_list(ex.cell_text(row.get("answer")))  # the scorer's str(answer)
   got = row["extracted"]
   if spec.metric == "vqa_score":
     gts = [ex.process_answer(a) for a in answers]
@@ -193,7 +212,7 @@ def _vqa(spec: DatasetSpec, rows: list[dict]) -> dict:
 
 def ocrbench_hit(row) -> bool:
   got = row["extracted"]
-  for a in ex.answer_list(row.get("answer")):
+  for a in ex.answer_list(ex.cell_text(row.get("answer"))):
     a = a.strip().replace("\n", " ").replace(" ", "") if row.get("category") == HMER else \
         a.lower().strip().replace("\n", " ")
     if a in got:
@@ -227,8 +246,9 @@ def score_from_extracted(spec: DatasetSpec, rows: list[dict]) -> dict:
     res = _with_splits(main, _mcq_report)
     res["n_scored_questions"] = len(main)
     if m == "mmmu" and "validation" in res.get("splits", {}):
-      res["overall_all_splits"] = res["overall"]
-      res["overall"] = res["splits"]["validation"]["overall"]
+      res["overall_all_splits"], res["categories_all_splits"] = res["overall"], res["categories"]
+      res["overall"] = res["splits"]["validation"]["overall"]   # VLMEvalKit's reported row: the validation split
+      res["categories"] = res["splits"]["validation"]["categories"]
     return res
   if m == "pope":
     return _pope(rows)
@@ -270,12 +290,12 @@ def score_frame(spec: DatasetSpec, frame, recompute_prediction: bool = True, req
     return frame, _clean({"dataset": spec.name, "overall": None, "n": int(sum(not f for f in failed)),
                           "unit": spec.unit, "n_failed": int(sum(failed)),
                           "note": f"no {', '.join(missing)} column: predictions only, nothing to score"})
-  records = frame.to_dict("records")
-  extracted = [None if bad else extract_one(spec, r) for r, bad in zip(records, failed)]
+  seen = vlmevalkit_view(frame) if len(frame) else []
+  extracted = [None if bad else extract_one(spec, r) for r, bad in zip(seen, failed)]
   frame["extracted"] = extracted
-  rows = [dict(r, extracted=e) for r, e, bad in zip(records, extracted, failed) if not bad]
+  rows = [dict(r, extracted=e) for r, e, bad in zip(seen, extracted, failed) if not bad]
   res = score_from_extracted(spec, rows)
-  errors = [(r["index"], r["error"]) for r, bad in zip(records, failed) if bad]
+  errors = [(i, e) for i, e, bad in zip(frame["index"], frame.get("error", [None] * len(frame)), failed) if bad]
   scores = {"dataset": spec.name, "overall": res.pop("overall"), "n": len(rows), "unit": spec.unit,
             "n_failed": len(errors), **res}
   if errors:
@@ -299,13 +319,21 @@ def _clean(obj):
 
 
 def read_predictions(path: str | os.PathLike):
+  """A predictions TSV: the dataset's columns as its own TSV reads (strings, pandas' missing values NaN),
+  and `raw` / `prediction` exactly as written: they stand for the model's text, which the official
+  pipeline holds in memory (a raw answer 'N/A' is not missing: the wrapper finds the letter A in it)."""
   import pandas as pd
   try:
-    return pd.read_csv(path, sep="\t", dtype=str)
+    frame = pd.read_csv(path, sep="\t", dtype=str)
+    literal = read_literal_tsv(path)
   except FileNotFoundError as e:
     raise DatasetError(f"predictions file not found: {os.fspath(path)!r}") from e
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise DatasetError(f"cannot read {os.fspath(path)!r} as a tab-separated file: {e}") from e
+  for col in ("raw", "prediction"):
+    if col in frame.columns:
+      frame[col] = literal[col]
+  return frame
 
 
 def score_path(spec: DatasetSpec, predictions: str | os.PathLike) -> Path:

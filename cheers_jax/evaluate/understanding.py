@@ -9,13 +9,15 @@ placeholder) number at most 1024, so a prompt of L ids gets at most 1025 - L ans
 
 Rows of unequal length decode together: sorted by length, right-padded to a multiple of `bucket`, the
 cache sized to a multiple of 128 answer slots, so few programs are compiled; greedy decoding lets each
-row's answer be cut to its own budget afterwards without changing it. With several devices the batch
-is split over them (data parallel).
+row's answer be cut to its own budget afterwards without changing it. The batch is split over the
+local devices (data parallel), and the rows over the processes of a `jax.distributed` run (parallel.py).
 
-OUTDIR/NAME.tsv is rewritten after every batch: every input column but `image`, then `raw` (decoded
-text), `prediction` (the wrapper's post-processing), `extracted` (the scorer's answer), `status`
-(ok / failed) and `error`. A rerun keeps the `ok` rows and decodes the rest. A row whose image does not
-decode is `failed`, reported, and left out of the score.
+Each process appends its answers to OUTDIR/.parts/NAME.<process>.jsonl as batches finish; process 0
+merges them into OUTDIR/NAME.tsv (rewritten every `save_every` batches and at the end): every input
+column but `image`, then `raw` (decoded text), `prediction` (the wrapper's post-processing), `extracted`
+(the scorer's answer), `status` (ok / failed) and `error`, and writes NAME_score.json. A rerun, with any
+number of processes or devices, keeps the `ok` rows of the TSV and of any part file and decodes the
+rest. A row whose image does not decode is `failed`, reported on one line, and left out of the score.
 """
 from __future__ import annotations
 
@@ -23,20 +25,18 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from cheers_jax.evaluate.datasets import BadRowImage, DatasetError, dataset_spec, image_cells, is_missing, read_tsv
+from cheers_jax.evaluate.datasets import BadRowImage, DatasetError, dataset_spec, image_cells, read_tsv
+from cheers_jax.evaluate.parallel import Workers, progress_bar, replicate, round_up
 from cheers_jax.evaluate.prompts import build_row_prompt
-from cheers_jax.evaluate.scoring import score_frame, summary_lines
+from cheers_jax.evaluate.scoring import OWN_COLUMNS, read_predictions, score_frame
 
 REFERENCE_MAX_INPUT_IDS = 1024  # Cheers.generate: `if input_ids.size(1) > max_input_tokens: break`
 ANSWER_SLOT_BUCKET = 128
-OUTPUT_COLUMNS = ("raw", "prediction", "extracted", "status", "error")
-IM_START_ID = 151667  # <im_start>: the reference would start drawing an image here
 
 
 def reference_answer_budget(prompt_ids: int, cap: Optional[int] = None) -> int:
@@ -83,37 +83,23 @@ def plan_batches(rows: list[PreparedRow], batch_size: int) -> list[list[Prepared
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
 class Decoder:
-  """Greedy batched decoding of prepared rows with a fixed batch size (the last batch is padded)."""
+  """Greedy batched decoding of prepared rows with a fixed batch size (the last batch is padded), the
+  rows split over the local devices."""
 
-  def __init__(self, model, variables, batch_size: int, bucket: int):
-    import jax
-    self.model, self.batch_size, self.bucket = model, batch_size, bucket
-    self.mesh = None
-    if jax.device_count() > 1:
-      from cheers_jax.sharding import make_mesh, replicated
-      self.mesh = make_mesh({"data": -1})
-      variables = jax.device_put(variables, replicated(self.mesh))
-    self.variables = variables
-
-  def _place(self, batch: dict) -> dict:
-    if self.mesh is None:
-      return batch
-    import jax
-    from cheers_jax.sharding import leading_axis_sharding
-    return {k: jax.device_put(np.asarray(v), leading_axis_sharding(self.mesh, np.shape(v))) for k, v in batch.items()}
+  def __init__(self, model, variables, batch_size: int, bucket: int, workers: Workers = Workers()):
+    self.model, self.batch_size, self.bucket, self.mesh = model, batch_size, bucket, workers.mesh
+    self.variables = replicate(variables, workers)
 
   def __call__(self, rows: list[PreparedRow]) -> list[np.ndarray]:
     from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts
+    from cheers_jax.sharding import place_rows
     padded = rows + [rows[-1]] * (self.batch_size - len(rows))
-    seq_len = _round_up(max(r.length for r in padded), self.bucket)
-    slots = _round_up(max(max(r.budget for r in padded), 1), ANSWER_SLOT_BUCKET)
+    seq_len = round_up(max(r.length for r in padded), self.bucket)
+    slots = round_up(max(max(r.budget for r in padded), 1), ANSWER_SLOT_BUCKET)
     batch = prepare_prompts(self.model.cfg, [r.ids for r in padded], [r.images for r in padded], seq_len=seq_len)
-    batch.batch = self._place(batch.batch)
+    if self.mesh is not None:
+      batch.batch = place_rows(batch.batch, self.mesh)
     state = prefill(self.model, self.variables, batch, seq_len + slots)
     result = decode(self.model, self.variables, state, slots, GREEDY, stop_after=max(r.budget for r in rows))
     return [ids[:r.budget] for ids, r in zip(result.ids(), rows)]
@@ -123,155 +109,172 @@ def output_path(out_dir: str | os.PathLike, name: str) -> Path:
   return Path(out_dir) / f"{name}.tsv"
 
 
+def _parts_dir(out_dir: Path) -> Path:
+  return out_dir / ".parts"
+
+
 def _write_atomic(frame, path: Path) -> None:
   tmp = path.with_name(path.name + ".tmp")
   frame.to_csv(tmp, sep="\t", index=False)
   os.replace(tmp, path)
 
 
+def _read_parts(out_dir: Path, name: str) -> dict:
+  """index (as text) -> answer record of every part file (any process count); a torn last line is skipped."""
+  found = {}
+  for part in sorted(_parts_dir(out_dir).glob(f"{name}.*.jsonl")):
+    for line in part.read_text(encoding="utf-8").splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      found[str(rec["index"])] = rec
+  return found
+
+
 def _previous(path: Path, data) -> dict:
-  """index -> finished row of an earlier run (status ok) whose question is unchanged."""
-  if not path.is_file():
-    return {}
-  from cheers_jax.evaluate.scoring import read_predictions
-  old = read_predictions(path)
-  if "status" not in old.columns or "raw" not in old.columns:
-    raise DatasetError(f"{path} exists but is not a predictions file of this tool (no status/raw columns): "
-                       "choose another --out")
+  """index -> answer record {raw, status, error} of an earlier run whose question is unchanged: the
+  `ok` rows of the TSV and of the part files of unfinished runs."""
+  records = {}
+  if path.is_file():
+    old = read_predictions(path)
+    if "status" not in old.columns or "raw" not in old.columns:
+      raise DatasetError(f"{path} exists but is not a predictions file of this tool (no status/raw columns): "
+                         "choose another --out")
+    for rec in old.to_dict("records"):
+      records[str(rec["index"])] = {"index": rec["index"], "question": rec.get("question"), "raw": rec["raw"],
+                                    "status": rec.get("status"), "error": ""}
+  records.update(_read_parts(path.parent, path.stem))
   questions = dict(zip(data["index"], data["question"]))
-  done = {}
-  for rec in old.to_dict("records"):
-    if rec.get("status") == "ok" and rec["index"] in questions and str(rec.get("question")) == str(questions[rec["index"]]):
-      done[rec["index"]] = rec
-  return done
+  return {idx: {"raw": "" if rec["raw"] is None else str(rec["raw"]), "status": "ok", "error": ""}
+          for idx, rec in records.items()
+          if rec.get("status") == "ok" and idx in questions and str(rec.get("question")) == str(questions[idx])}
 
 
-def run_understanding(checkpoint: Optional[str], data_path: str, dataset: str, out_dir: str, *,
-                      orbax: Optional[str] = None, run: Optional[str] = None, dtype: Optional[str] = None,
-                      batch_size: int = 16,
-                      limit: Optional[int] = None, max_new_tokens: Optional[int] = None, bucket: int = 64,
-                      save_every: int = 1, progress: bool = True, model=None, print_summary: bool = True,
-                      log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-  """Answers and scores a TSV; returns the score dict (also in OUTDIR/NAME_score.json).
+def _write_outputs(spec, data, results: dict, path: Path, final: bool) -> dict:
+  """NAME.tsv from the answers so far (and NAME_score.json when final); returns the score."""
+  frame = data.drop(columns=["image"]).copy()
+  got = [results.get(idx) for idx in frame["index"]]
+  frame["raw"] = [r["raw"] if r else None for r in got]
+  frame["status"] = [r["status"] if r else "pending" for r in got]
+  frame["error"] = [(r["error"] or None) if r else None for r in got]
+  answered = (frame["status"] != "pending").to_numpy()
+  scored, scores = score_frame(spec, frame[answered], require_answers=False)
+  for col in ("prediction", "extracted"):
+    values = np.full(len(frame), None, dtype=object)
+    values[answered] = scored[col].to_numpy(dtype=object)
+    frame[col] = values
+  _write_atomic(frame[[c for c in frame.columns if c not in OWN_COLUMNS] + list(OWN_COLUMNS)], path)
+  if final:
+    score_json_path(path).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  return scores
 
-  model: an already loaded (module, variables) pair (tests, benchmarks); otherwise it is loaded from
-  exactly one of checkpoint (HF), orbax (an Orbax export) or run (a training workdir).
-  """
+
+def score_json_path(predictions: Path) -> Path:
+  return predictions.with_name(f"{predictions.stem}_score.json")
+
+
+def _stderr(s: str) -> None:
+  print(s, file=sys.stderr)
+
+
+def run_understanding(model, variables, data_path: str | os.PathLike, dataset: str, out_dir: str | os.PathLike, *,
+                      tokenizer=None, batch_size: int = 16, limit: Optional[int] = None,
+                      max_new_tokens: Optional[int] = None, bucket: int = 64, save_every: int = 1,
+                      workers: Workers = Workers(), progress: bool = True,
+                      log: Callable[[str], None] = _stderr) -> dict:
+  """Answers and scores a VLMEvalKit TSV with a loaded model; returns the score dict (also written to
+  OUTDIR/NAME_score.json). batch_size: rows decoded together per process (rounded up to a multiple of
+  the local devices). Every process of `workers` calls it with the same arguments; process 0 writes
+  the outputs and returns the score, the others return {}."""
   spec = dataset_spec(dataset)
   if batch_size < 1:
     raise DatasetError(f"--batch-size {batch_size} must be >= 1")
   if max_new_tokens is not None and max_new_tokens < 1:
     raise DatasetError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+  lead_log = log if workers.is_lead else (lambda s: None)
   data, dropped = read_tsv(data_path)
   if dropped:
-    log(f"{dropped} row(s) without an image skipped (as VLMEvalKit does)")
+    lead_log(f"{data_path}: {dropped} row(s) without an image skipped (as VLMEvalKit does)")
   if limit is not None:
     data = data.iloc[:limit].reset_index(drop=True)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = output_path(out, spec.name)
-  done = _previous(path, data)
-  todo = [i for i, idx in enumerate(data["index"]) if idx not in done]
-  log(f"{spec.name}: {len(data)} rows, {len(data) - len(todo)} already answered in {path}, {len(todo)} to decode")
-
-  results: dict[int, dict] = {}
-  for i, idx in enumerate(data["index"]):
-    if idx in done:
-      results[i] = {"raw": "" if is_missing(done[idx].get("raw")) else str(done[idx]["raw"]), "status": "ok",
-                    "error": ""}
-
-  def snapshot(final: bool = False):
-    frame = data.drop(columns=["image"]).copy()
-    frame["raw"] = [results[i]["raw"] if i in results else None for i in range(len(frame))]
-    frame["status"] = [results[i]["status"] if i in results else "pending" for i in range(len(frame))]
-    frame["error"] = [results[i]["error"] or None if i in results else None for i in range(len(frame))]
-    answered = (frame["status"] != "pending").to_numpy()
-    scored, scores = score_frame(spec, frame[answered], require_answers=False)
-    for col in ("prediction", "extracted"):
-      values = np.full(len(frame), None, dtype=object)
-      values[answered] = scored[col].to_numpy(dtype=object)
-      frame[col] = values
-    _write_atomic(frame[[c for c in frame.columns if c not in OUTPUT_COLUMNS] + list(OUTPUT_COLUMNS)], path)
-    if final:
-      (out / f"{spec.name}_score.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
-    return scores
-
-  if todo:
-    import jax
-    from cheers_jax.data.tokenizer import CheersTokenizer
-    if model is None:
-      from cheers_jax.infer import loader
-      t0 = time.perf_counter()
-      dtype = dtype or loader.default_dtype()
-      model = loader.load_model(checkpoint, orbax, run, dtype)
-      log(f"loaded {checkpoint or orbax or run} ({dtype}) in {time.perf_counter() - t0:.1f} s")
-    module, variables = model
-    tokenizer = CheersTokenizer()
-    per_device = jax.device_count()
-    batch_size = _round_up(batch_size, per_device)
-    if per_device > 1:
-      log(f"data parallel over {per_device} devices (batch {batch_size})")
-    prepared = []
-    records = data.to_dict("records")
-    for i in todo:
-      r = prepare_row(spec, records[i], tokenizer, module.cfg, max_new_tokens)
-      r.position = i
-      if r.error:
-        results[i] = {"raw": "", "status": "failed", "error": r.error}
-        log(f"row {records[i]['index']}: {r.error} (counted as failed, not scored)")
-      elif r.budget == 0:  # the reference generates nothing after a prompt of more than 1024 ids
-        results[i] = {"raw": "", "status": "ok", "error": ""}
-      else:
-        prepared.append(r)
-    decoder = Decoder(module, variables, min(batch_size, _round_up(max(len(prepared), 1), per_device)), bucket)
-    bar = _progress(len(prepared), progress)
-    flagged = 0
-    for n, chunk in enumerate(plan_batches(prepared, decoder.batch_size)):
-      for r, ids in zip(chunk, decode_chunk(decoder, chunk)):
-        flagged += int(np.any(ids == IM_START_ID))
-        results[r.position] = {"raw": tokenizer.decode(ids, skip_special_tokens=True), "status": "ok", "error": ""}
-      bar.update(len(chunk))
-      if (n + 1) % max(1, save_every) == 0:
-        snapshot()
-    bar.close()
-    if flagged:
-      log(f"{flagged} answer(s) contain <im_start>: the reference would draw an image there and go on; "
-          "here the text simply continues")
-  scores = snapshot(final=True)
-  if print_summary:
-    print("\n".join(summary_lines(scores)))
-  log(f"wrote {path} and {out / (spec.name + '_score.json')}")
+  results = _previous(path, data)
+  todo = [i for i, idx in enumerate(data["index"]) if idx not in results]
+  lead_log(f"{spec.name}: {len(data)} rows, {len(data) - len(todo)} already answered in {out}, {len(todo)} to "
+           f"decode ({workers.describe()})")
+  workers.barrier(f"understanding_{spec.name}_planned")  # every process planned from the same finished rows
+  mine = workers.share(todo)
+  if mine:
+    _decode_rows(model, variables, tokenizer, spec, data, mine, path, results, source=str(data_path),
+                 batch_size=batch_size,
+                 max_new_tokens=max_new_tokens, bucket=bucket, save_every=save_every, workers=workers,
+                 progress=progress, log=log)
+  workers.barrier(f"understanding_{spec.name}_decoded")
+  if not workers.is_lead:
+    return {}
+  results.update(_read_parts(out, spec.name))
+  scores = _write_outputs(spec, data, results, path, final=True)
+  for part in _parts_dir(out).glob(f"{spec.name}.*.jsonl"):  # merged into NAME.tsv (written atomically)
+    part.unlink()
+  if _parts_dir(out).is_dir() and not any(_parts_dir(out).iterdir()):
+    _parts_dir(out).rmdir()
+  log(f"wrote {path} and {score_json_path(path)}")
   return scores
+
+
+def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path: Path, results: dict, *,
+                 source: str, batch_size: int, max_new_tokens: Optional[int], bucket: int, save_every: int, workers: Workers,
+                 progress: bool, log: Callable[[str], None]) -> None:
+  """Decodes this process's rows, appending each batch's answers to its part file; process 0 also
+  rewrites NAME.tsv every `save_every` batches."""
+  from cheers_jax.data.tokenizer import IM_START_ID, CheersTokenizer
+  tokenizer = tokenizer or CheersTokenizer()
+  batch_size = round_up(batch_size, workers.local_devices)
+  part_path = _parts_dir(path.parent) / f"{spec.name}.{workers.process_index}.jsonl"
+  part_path.parent.mkdir(exist_ok=True)
+  records = data.to_dict("records")
+  prepared, new = [], []
+  for i in rows:
+    r = prepare_row(spec, records[i], tokenizer, model.cfg, max_new_tokens)
+    r.position = i
+    if r.error:
+      new.append((i, "", "failed", r.error))
+      log(f"{source} row index={records[i]['index']}: {r.error} (counted as failed, not scored; the run goes on)")
+    elif r.budget == 0:  # the reference generates nothing after a prompt of more than 1024 ids
+      new.append((i, "", "ok", ""))
+    else:
+      prepared.append(r)
+
+  def record(batch_new) -> None:
+    with open(part_path, "a", encoding="utf-8") as f:
+      for i, raw, status, error in batch_new:
+        rec = {"index": records[i]["index"], "question": records[i]["question"], "raw": raw, "status": status,
+               "error": error}
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        results[records[i]["index"]] = rec
+
+  record(new)
+  decoder = Decoder(model, variables, min(batch_size, round_up(max(len(prepared), 1), workers.local_devices)),
+                    bucket, workers)
+  bar = progress_bar(len(prepared), progress, "row", "decoding")
+  flagged = 0
+  for n, chunk in enumerate(plan_batches(prepared, decoder.batch_size)):
+    answers = decode_chunk(decoder, chunk)
+    flagged += sum(int(np.any(ids == IM_START_ID)) for ids in answers)
+    record([(r.position, tokenizer.decode(ids, skip_special_tokens=True), "ok", "") for r, ids in zip(chunk, answers)])
+    bar.update(len(chunk))
+    if workers.is_lead and (n + 1) % max(1, save_every) == 0:
+      results.update(_read_parts(path.parent, spec.name))
+      _write_outputs(spec, data, results, path, final=False)
+  bar.close()
+  if flagged:
+    log(f"{flagged} answer(s) contain <im_start>: the reference would draw an image there and go on; "
+        "here the text simply continues")
 
 
 def decode_chunk(decoder: Decoder, chunk: list[PreparedRow]) -> list[np.ndarray]:
   """One batch through the decoder (a seam for tests that interrupt a run)."""
   return decoder(chunk)
-
-
-class _NoBar:
-  def update(self, n):
-    pass
-
-  def close(self):
-    pass
-
-
-def _progress(total: int, enabled: bool):
-  if not enabled or total == 0:
-    return _NoBar()
-  from tqdm import tqdm
-  return tqdm(total=total, unit="row", desc="decoding", file=sys.stderr, dynamic_ncols=True)
-
-
-def run_cli(args) -> int:
-  from cheers_jax.infer.loader import check_one_source
-  check_one_source(args.checkpoint, args.orbax, args.run)
-  if not os.path.isfile(args.data):
-    raise DatasetError(f"data file not found: {args.data!r}")
-  name = args.dataset or Path(args.data).stem
-  run_understanding(args.checkpoint, args.data, name, args.out, orbax=args.orbax, run=args.run, dtype=args.dtype,
-                    batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                    bucket=args.bucket, save_every=args.save_every, progress=not args.no_progress)
-  return 0

@@ -34,6 +34,7 @@ from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID, UND_IMAGE_TEXT, Ch
 from cheers_jax.infer.decode import (GREEDY, DecodeState, GenerationError, SamplingConfig, _feed, decode,
                                      prefill, prepare_prompts, round_up, text_ids)
 from cheers_jax.model.cheers import Cheers
+from cheers_jax.sharding import place_rows
 
 Array = jax.Array
 
@@ -152,7 +153,7 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
               t_list: np.ndarray, dt_list: np.ndarray, init_latent, noise: Optional[np.ndarray],
               seeds: Optional[Sequence[int]], cfg_scale: Optional[float], prefix_x0: Optional[np.ndarray],
               max_new_tokens: int, sampling: SamplingConfig, record: bool, bucket: int,
-              max_len: Optional[int]) -> ImageResult:
+              max_len: Optional[int], mesh=None) -> ImageResult:
   cfg = model.cfg
   n_tok = cfg.tokens_per_image
   prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
@@ -177,10 +178,12 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
   cache_len = round_up(batch.seq_len + after, bucket)
   if max_len is not None:
     cache_len = min(cache_len, max_len)
+  if mesh is not None:  # data parallel: rows over the mesh's data axes (variables replicated by the caller)
+    batch.batch = place_rows(batch.batch, mesh)
   state = prefill(model, variables, batch, cache_len, prefix_x0)
   if noise is None:
     noise = latent_noise(model, seeds)
-  noise = jnp.asarray(noise, jnp.float32)
+  noise = jnp.asarray(noise, jnp.float32) if mesh is None else place_rows(np.asarray(noise, np.float32), mesh)
   x = init_latent(noise)
   latent, image_raw, trace, cond = _sample(model, variables, state, x, jnp.asarray(t_list), jnp.asarray(dt_list),
                                            jnp.asarray(cfg_scale if use_cfg else 1.0, jnp.float32), use_cfg, record)
@@ -211,7 +214,7 @@ def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, st
                   noise: Optional[np.ndarray] = None, images: Optional[Sequence[Sequence[np.ndarray]]] = None,
                   prefix_x0: Optional[np.ndarray] = None, max_new_tokens: int = 0,
                   sampling: SamplingConfig = GREEDY, record: bool = False, bucket: int = 64,
-                  max_len: Optional[int] = None) -> ImageResult:
+                  max_len: Optional[int] = None, mesh=None) -> ImageResult:
   """Prompt ids (ending with <im_start>; added if missing) -> images. Defaults are the published ones.
 
   seeds[b] draws sample b's latent noise (`latent_noise`) and its dummy prompt image, so a sample does
@@ -219,12 +222,15 @@ def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, st
   sample b's dummy image (e.g. the reference's own). cfg_scale None or 1 turns CFG off.
   prefix_x0: (2B or B, h, w, C) flow noise of the prompt images (irrelevant at t = 1).
   max_new_tokens: text tokens decoded after `<im_end>` (the reference's max_length - N + 1).
+  mesh: split the rows over its data axes (`sharding.local_data_mesh()`); variables replicated on it.
+  A row's image depends only on its prompt, its seed, the padded prompt length (the longest prompt
+  rounded up to `bucket`) and the batch size, never on the other rows' prompts.
   """
   _check_flow_args(steps, alpha)
   t_list, dt_list = t2i_schedule(int(steps), alpha)
   images = images if images is not None else [[] for _ in prompts]
   return _generate(model, variables, prompts, images, t_list, dt_list, lambda z: z, noise, seeds, cfg_scale,
-                   prefix_x0, max_new_tokens, sampling, record, bucket, max_len)
+                   prefix_x0, max_new_tokens, sampling, record, bucket, max_len, mesh)
 
 
 def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources: np.ndarray, *, steps: int = 80,

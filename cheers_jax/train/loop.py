@@ -13,7 +13,7 @@
   counts), 'stop' raises NonFiniteError naming the step, without saving past the last good checkpoint;
 - SIGTERM: checkpoint at the next step boundary, then return (status 'preempted');
 - at the end: a final checkpoint, sample images (`config.sample_prompts`), the HF export to
-  workdir/hf, and on the shapes demo (`data.source='synthetic'`) its evaluation, `demo.evaluate.run`.
+  workdir/hf, and on the shapes demo (`data.source='synthetic'`) its evaluation (`demo.evaluate.run`).
 """
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ import numpy as np
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.data import batch as batch_lib
+from cheers_jax.data import packing as packing_lib
 from cheers_jax.data import sources
 from cheers_jax.demo import evaluate as demo_eval
+from cheers_jax.infer import images as images_lib
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ConfigError, ModelConfig
 from cheers_jax.train import checkpointing as ckpt_lib
@@ -116,17 +118,9 @@ class _Clock:
     return dt, n
 
 
-def save_image_grid(images: np.ndarray, path: Path) -> None:
-  """(N, H, W, 3) in [0, 1] -> one row PNG."""
-  from PIL import Image
-  row = np.concatenate(list(np.clip(images, 0.0, 1.0)), axis=1)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray((row * 255.0 + 0.5).astype(np.uint8)).save(path)
-
-
 def sample_prompt_texts(config, captions: list[str]) -> list[str]:
   """The T2I prompt texts of `captions` in the training data's form (the shapes demo's: in capitals)."""
-  form = sources.shapes_prompt if config.data.source == "synthetic" else sources.T2I_PROMPT.format
+  form = sources.shapes_prompt if demo_eval.trains_on_shapes(config) else sources.T2I_PROMPT.format
   return [form(caption=c) for c in captions]
 
 
@@ -139,7 +133,7 @@ def sample_images(model: Cheers, state, config, workdir: Path, step: int,
   images = demo_eval.draw(model, state, config, sample_prompt_texts(config, prompts))
   path = workdir / "samples" / f"step_{step:07d}.png"
   if jax.process_index() == 0:
-    save_image_grid(images, path)
+    images_lib.save_png(images_lib.make_grid(images_lib.to_uint8(images), columns=len(images), pad=0), path)
     if writer is not None:
       writer.write_images(step, {"samples": images})
   return path
@@ -299,7 +293,7 @@ class Trainer:
     """Samples, the HF export and, on the shapes demo, its evaluation (every process: the samplers are
     SPMD over the global params)."""
     state = result.state
-    demo = self.config.data.source == "synthetic"
+    demo = demo_eval.trains_on_shapes(self.config)
     if self.samples and not demo:
       sample_images(self.model, state, self.config, self.workdir, result.step, self.writer)
     if export_hf:
@@ -341,7 +335,7 @@ class _Throughput:
                                                                    self.trainable)
     self.flops += self.flops_per_sample[(s, m)] * b * jax.process_count()
     self.tokens += int(np.sum(host["valid"])) * jax.process_count()
-    self.samples += b * jax.process_count()
+    self.samples += packing_lib.samples_in(host) * jax.process_count()  # packed rows hold several
 
   def stepped(self, metrics) -> None:
     self.clock.steps += 1

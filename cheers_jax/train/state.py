@@ -221,4 +221,4 @@ def calibration_images(config, count: int, source: Any = None) -> np.ndarray:
     why = ", ".join(f"{reason}: {n}" for reason, n in skips.items()) or "none has an image"
     raise ConfigError(f"train.calibrate_latent_norm={count}: the first {len(candidates)} samples with images "
                       f"gave no image the pipeline accepts ({why}); fix the data or set it to 0")
-  return np.stack(out[:count]).astype(np.float32)
+  return np.stack(out[:count])

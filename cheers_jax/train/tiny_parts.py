@@ -40,7 +40,7 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from cheers_jax import cli
+from cheers_jax import cli, package_data
 from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.checkpoint import safetensors_io as st
 from cheers_jax.checkpoint.hf import CONFIG_FILE, hf_tensor
@@ -51,7 +51,7 @@ from cheers_jax.model.vae import VAE, patchify
 
 log = logging.getLogger(__name__)
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_parts"
+ASSET_DIR = package_data.TINY_PARTS
 SHAPES = demo_shapes.SHAPES
 
 

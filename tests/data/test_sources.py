@@ -244,3 +244,20 @@ def test_jsonl_index_streams_the_file(tmp_path: Path):
   assert len(src) == 20000 and src.num_bad_lines == 0 and (src.categories() == UND).all()
   assert size > 9_000_000 and peak < size / 10, (peak, size)
   assert src[19999]["id"] == "s19999"
+
+
+def test_jsonl_source_closes_its_file_at_interpreter_exit(tmp_path: Path, monkeypatch):
+  """Issue 24: at interpreter exit a module's globals may be None before its objects go; the source's
+  finaliser must still close its file, without 'NoneType' object has no attribute 'getpid'."""
+  import os
+  path = tmp_path / "a.jsonl"
+  path.write_text(json.dumps({"id": "s0", "conversations": [_human("Hi."), _gpt("Hello.")]}) + "\n")
+  src = JsonlSource(path)
+  assert src[0]["id"] == "s0"
+  fd = src._fd
+  monkeypatch.setattr(sources, "os", None)  # as the interpreter's teardown leaves it
+  src.__del__()
+  monkeypatch.undo()
+  with pytest.raises(OSError):
+    os.fstat(fd)  # closed
+  src._fd = None

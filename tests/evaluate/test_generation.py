@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from cheers_jax.evaluate.__main__ import main
-from cheers_jax.evaluate.generation import (DEFAULTS, dpg_grid, dpg_uint8, read_geneval_metadata, run_dpg,
-                                            run_geneval, save_image_uint8)
+from cheers_jax.evaluate.generation import (DEFAULTS, dpg_grid, dpg_uint8, plan_steps, read_geneval_metadata,
+                                            run_dpg, run_geneval, save_image_uint8)
 from tests.infer.conftest import TINY, needs_tiny
 
 
@@ -29,7 +29,15 @@ def test_pixel_conversions_and_grid():
 def test_metadata_lines_keep_their_numbers(tmp_path):
   path = tmp_path / "m.jsonl"
   path.write_text('{"prompt": "a cat", "tag": "x"}\n\n{"prompt": "a dog"}\n')
-  assert read_geneval_metadata(path) == [(0, {"prompt": "a cat", "tag": "x"}), (2, {"prompt": "a dog"})]
+  assert read_geneval_metadata(path) == ([(0, {"prompt": "a cat", "tag": "x"}), (2, {"prompt": "a dog"})], 0)
+
+
+def test_plan_steps_keeps_each_job_in_its_slot():
+  lengths = [64, 128, 64, 64, 128, 64]
+  every = plan_steps(lengths, [True] * 6, rows=2)
+  assert every == [[0, 2], [3, 5], [1, 4]]            # grouped by padded length, then in order
+  assert plan_steps(lengths, [False, True, False, True, False, False], rows=2) == [[3, None], [1, None]]
+  assert plan_steps(lengths, [False] * 6, rows=2) == []
 
 
 @needs_tiny
@@ -52,8 +60,32 @@ def test_geneval_layout_and_resume(tiny, tokenizer, tmp_path):
   assert first.shape == (64, 64, 3)
   (out / "00001" / "samples" / "00002.png").unlink()
   res = run_geneval(model, variables, tokenizer, str(meta), str(out), **kw)
-  assert res["generated"] == 1   # only the missing image; its seed gives it back exactly
+  assert res["generated"] == 1   # only the missing image; same seed, batch and slot: given back exactly
   assert np.array_equal(np.asarray(Image.open(out / "00001" / "samples" / "00002.png")), first)
+
+
+def _images(folder, prompt_index, n):
+  return [np.asarray(Image.open(folder / f"{prompt_index:05}" / "samples" / f"{k:05}.png")) for k in range(n)]
+
+
+@needs_tiny
+def test_an_image_does_not_depend_on_its_batch(tiny, tokenizer, tmp_path):
+  """One prompt drawn alone, and drawn after prompts of other lengths (one in its padded-length group,
+  so its images sit in other slots of a batch that holds another prompt; one longer, in a group of its
+  own): the same seeds give the same images."""
+  model, variables = tiny
+  target = "a photo of a red car"
+  crowd = [{"prompt": "a cow"}, {"prompt": "a very long and detailed description of a small wooden house " * 3},
+           {"prompt": target}]
+  kw = dict(images_per_prompt=2, steps=2, batch_size=4, bucket=32, progress=False, log=lambda s: None)
+  (tmp_path / "crowd.jsonl").write_text("\n".join(json.dumps(x) for x in crowd))
+  (tmp_path / "alone.jsonl").write_text(json.dumps({"prompt": target}))
+  run_geneval(model, variables, tokenizer, str(tmp_path / "crowd.jsonl"), str(tmp_path / "crowd"), **kw)
+  run_geneval(model, variables, tokenizer, str(tmp_path / "alone.jsonl"), str(tmp_path / "alone"),
+              seed=2 * 2, **kw)   # the seeds of line 2 (seed + 2 * images_per_prompt + n)
+  alone, crowded = _images(tmp_path / "alone", 0, 2), _images(tmp_path / "crowd", 2, 2)
+  assert all(np.array_equal(a, b) for a, b in zip(alone, crowded))
+  assert not np.array_equal(alone[0], alone[1])
 
 
 @needs_tiny

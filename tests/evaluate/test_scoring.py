@@ -125,3 +125,73 @@ def test_a_file_without_answers_gives_predictions_only():
     score_frame(spec, pd.DataFrame(rows))
   frame, s = score_frame(spec, pd.DataFrame(rows), require_answers=False)
   assert list(frame["prediction"]) == ["B"] and s["overall"] is None and "predictions only" in s["note"]
+
+
+# ---- the four behaviours of VLMEvalKit's files (vlmeval_io.py), a hand-made row each ------------------
+def test_a_raw_answer_that_pandas_reads_as_missing_is_extracted_from_its_text(tmp_path):
+  """The wrapper extracts from the decoded text in memory: 'N/A' holds the letter A. Written to the
+  predictions TSV and read back (`score`, resume), it must not turn into an empty answer."""
+  rows = [dict(index=str(i), question="q", A="cat", B="dog", answer="A", raw=raw)
+          for i, raw in enumerate(["N/A", "n/a", "#N/A", "NA"])]
+  frame, s = _score("AI2D_TEST", rows)
+  assert list(frame["prediction"]) == ["A", "A", "A", "NA"]
+  assert list(frame["extracted"]) == ["A", "A", "A", "Z"]  # 'NA' is its own phrase, then missing after the xlsx
+  path = tmp_path / "AI2D_TEST.tsv"
+  pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+  assert main(["score", "--dataset", "AI2D_TEST", "--predictions", str(path)]) == 0
+  assert json.loads((tmp_path / "AI2D_TEST_score.json").read_text())["overall"] == 0.75
+
+
+def test_a_prediction_pandas_counts_as_missing_matches_no_option():
+  """'None.' -> the wrapper's phrase 'None' -> NaN after the xlsx round trip -> 'nan': no option, where
+  the text 'None' would otherwise contain the option 'no'."""
+  rows = [dict(index="1", question="q", A="yes", B="no", answer="B", raw="None."),
+          dict(index="2", question="q", A="yes", B="no", answer="B", prediction="null", raw=None)]
+  frame, s = _score("SEEDBench_IMG", [{k: v for k, v in rows[0].items()}])
+  assert list(frame["prediction"]) == ["None"] and list(frame["extracted"]) == ["Z"] and s["overall"] == 0
+  _, s = _score("MMStar", [dict(index="2", question="q", A="yes", B="no", answer="B", prediction="null")])
+  assert s["overall"] == 0
+
+
+def test_a_vqa_prediction_beginning_with_equals_reads_back_as_zero():
+  """xlsxwriter writes '=...' as a formula whose stored value is 0; read_excel gives 0, str() '0'."""
+  _, s = _score("ChartQA_TEST", [dict(index="1", question="q", answer="0", raw="=A1+1"),
+                                 dict(index="2", question="q", answer="5", raw="=5")])
+  assert s["overall"] == 50
+  frame, s = _score("OCRBench", [dict(index="1", question="q", answer="['=x']", raw="=x",
+                                      category="Regular Text Recognition")])
+  assert list(frame["extracted"]) == ["0"] and s["overall"] == 0
+  _, s = _score("TextVQA_VAL", [dict(index="1", question="q", answer=str(["0"] * 10), raw="=SUM(B2:B9)")])
+  assert s["overall"] == 100
+
+
+def test_an_all_numeric_prediction_column_reads_back_as_numbers():
+  """read_excel turns a column whose every cell is numeric into numbers: '007' is 7.0 beside 1.5."""
+  frame, s = _score("TextVQA_VAL", [dict(index="1", question="q", answer=str(["007"] * 10), raw="007"),
+                                    dict(index="2", question="q", answer=str(["1.50"] * 10), raw="1.50")])
+  assert list(frame["extracted"]) == ["7.0", "1.5"] and s["overall"] == 0
+  frame, s = _score("TextVQA_VAL", [dict(index="1", question="q", answer=str(["007"] * 10), raw="007"),
+                                    dict(index="2", question="q", answer=str(["b"] * 10), raw="b")])
+  assert list(frame["extracted"]) == ["007", "b"] and s["overall"] == 100   # a text cell: the column stays text
+
+
+def test_mmmu_preproc_keeps_c_and_drops_a_missing_answer():
+  """MMMU_preproc: a missing A becomes the answer and B 'Other Answers', C.. stay; a missing answer
+  leaves A missing, so it is no choice (no 'nan' option that 'banana' would contain)."""
+  rows = [dict(index="v1", question="q", A=NAN, B=NAN, C="cat", answer="a dog", raw="the cat", split="validation"),
+          dict(index="v2", question="q", A=NAN, B="x", answer=NAN, raw="banana", split="validation"),
+          dict(index="v3", question="q", A=NAN, B=NAN, answer="forty", raw="forty", split="validation")]
+  frame, s = _score("MMMU_DEV_VAL", rows)
+  assert list(frame["extracted"]) == ["C", "Z", "A"]
+  assert s["overall"] == pytest.approx(1 / 3)   # the ground truth of a non-letter or missing answer is A
+
+
+def test_numeric_options_are_typed_as_vlmevalkit_reads_its_tsv():
+  """VLMEvalKit reads the dataset TSV with type inference: an option column of numbers with an empty cell
+  is floats, so option '2' is the text '2.0' when matched."""
+  rows = [dict(index="1", question="q", A="1", B="2", answer="B", raw="2 apples"),
+          dict(index="2", question="q", A="1", B=NAN, answer="A", raw="2 apples")]
+  frame, _ = _score("ScienceQA_TEST", rows)
+  assert list(frame["extracted"]) == ["Z", "Z"]   # '2.0' is not in '2 apples', nor '1'
+  frame, _ = _score("ScienceQA_TEST", [rows[0], dict(rows[1], B="3")])
+  assert list(frame["extracted"]) == ["B", "Z"]   # an integer column: '2' is in '2 apples'

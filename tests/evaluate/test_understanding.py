@@ -71,11 +71,12 @@ def test_understanding_end_to_end_with_resume(tiny, tmp_path, monkeypatch):
     return real(decoder, chunk)
 
   monkeypatch.setattr(und, "decode_chunk", interrupted)
-  kw = dict(batch_size=1, max_new_tokens=5, model=tiny, progress=False, log=lambda s: None)
+  kw = dict(batch_size=1, max_new_tokens=5, progress=False, log=lambda s: None)
   with pytest.raises(KeyboardInterrupt):
-    run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(out), **kw)
+    run_understanding(*tiny, str(data), "MMBench_DEV_EN_V11", str(out), **kw)
+  first = calls[0]  # 1 row, or one per device where several (the batch is rounded up to the devices)
   partial = pd.read_csv(out / "MMBench_DEV_EN_V11.tsv", sep="\t", dtype=str)
-  assert list(partial["status"]).count("ok") == 1 and "failed" in list(partial["status"])
+  assert list(partial["status"]).count("ok") == first and "failed" in list(partial["status"])
   assert "image" not in partial.columns
 
   def counted(decoder, chunk):
@@ -84,7 +85,7 @@ def test_understanding_end_to_end_with_resume(tiny, tmp_path, monkeypatch):
 
   monkeypatch.setattr(und, "decode_chunk", counted)
   calls.clear()
-  scores = run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(out), **dict(kw, batch_size=4))
+  scores = run_understanding(*tiny, str(data), "MMBench_DEV_EN_V11", str(out), **dict(kw, batch_size=4))
   frame = pd.read_csv(out / "MMBench_DEV_EN_V11.tsv", sep="\t", dtype=str, keep_default_na=False)
   assert list(frame["status"]) == ["ok", "ok", "ok", "failed"]
   assert "cannot decode image" in frame["error"][3]
@@ -92,13 +93,13 @@ def test_understanding_end_to_end_with_resume(tiny, tmp_path, monkeypatch):
   written = json.loads((out / "MMBench_DEV_EN_V11_score.json").read_text())
   assert written == scores
   assert written["overall"] == pytest.approx(_recompute_mcq(frame))
-  assert calls == [2]  # only the two rows the interrupted run had not answered (the broken one is retried)
+  assert calls == [3 - first]  # only the rows the interrupted run had not answered (the broken one is retried)
   done_before = partial["index"][partial["status"] == "ok"].iloc[0]
   assert frame["raw"][frame["index"] == done_before].iloc[0] == (
       partial["raw"][partial["index"] == done_before].fillna("").iloc[0])
 
   # batch 1 and batch 4 (unequal prompt lengths padded together) give the same answers
-  single = run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(tmp_path / "one"),
+  single = run_understanding(*tiny, str(data), "MMBench_DEV_EN_V11", str(tmp_path / "one"),
                              **dict(kw, batch_size=1))
   again = pd.read_csv(tmp_path / "one" / "MMBench_DEV_EN_V11.tsv", sep="\t", dtype=str, keep_default_na=False)
   assert list(again["raw"]) == list(frame["raw"]) and single["overall"] == scores["overall"]
@@ -109,15 +110,15 @@ def test_yes_no_and_vqa_files(tiny, tmp_path):
   pope = _write(tmp_path, "pope", [
       dict(index=i, image=_b64(10 + i), question="Is there a dog in the image?", answer=a, category=c)
       for i, (a, c) in enumerate([("Yes", "adversarial"), ("No", "popular"), ("No", "random")])])
-  kw = dict(batch_size=4, max_new_tokens=4, model=tiny, progress=False, log=lambda s: None)
-  s = run_understanding(None, str(pope), "POPE", str(tmp_path / "p"), **kw)
+  kw = dict(batch_size=4, max_new_tokens=4, progress=False, log=lambda s: None)
+  s = run_understanding(*tiny, str(pope), "POPE", str(tmp_path / "p"), **kw)
   frame = pd.read_csv(tmp_path / "p" / "POPE.tsv", sep="\t", dtype=str, keep_default_na=False)
   assert set(frame["extracted"]) <= {"Yes", "No", "Unknown"}
   assert s["acc"] == pytest.approx(100 * np.mean(frame["extracted"] == frame["answer"]))
   vqa = _write(tmp_path, "tv", [
       dict(index=i, image=_b64(20 + i), question="what is written?", answer=str(["stop"] * 10))
       for i in range(2)])
-  s = run_understanding(None, str(vqa), "TextVQA_VAL", str(tmp_path / "v"), **kw)
+  s = run_understanding(*tiny, str(vqa), "TextVQA_VAL", str(tmp_path / "v"), **kw)
   frame = pd.read_csv(tmp_path / "v" / "TextVQA_VAL.tsv", sep="\t", dtype=str, keep_default_na=False)
   assert s["overall"] == pytest.approx(100 * np.mean(frame["extracted"] == "stop"))
 
@@ -133,8 +134,8 @@ def test_mmmu_interleaved_images(tiny, tokenizer, tmp_path):
   prepared = und.prepare_row(dataset_spec("MMMU_DEV_VAL"), data.iloc[0].to_dict(), tokenizer, tiny[0].cfg, 4)
   assert (prepared.ids == -200).sum() == 2 and len(prepared.images) == 2
   assert not np.array_equal(prepared.images[0], prepared.images[1])
-  s = run_understanding(None, str(path), "MMMU_DEV_VAL", str(tmp_path / "m"), batch_size=2, max_new_tokens=4,
-                        model=tiny, progress=False, log=lambda s: None)
+  s = run_understanding(*tiny, str(path), "MMMU_DEV_VAL", str(tmp_path / "m"), batch_size=2, max_new_tokens=4,
+                        progress=False, log=lambda s: None)
   frame = pd.read_csv(tmp_path / "m" / "MMMU_DEV_VAL.tsv", sep="\t", dtype=str, keep_default_na=False)
   assert list(frame["status"]) == ["ok", "ok"] and s["n"] == 2
   assert s["overall"] == float(frame["extracted"][0] == "B")   # the validation split
@@ -161,8 +162,21 @@ def test_orbax_export_gives_the_checkpoints_answers(tiny, tmp_path):
   data = _mmbench(tmp_path)
   common = ["--data", str(data), "--dtype", "float32", "--limit", "2", "--max-new-tokens", "3", "--no-progress"]
   assert main(["understanding", "--orbax", str(export), "--out", str(tmp_path / "o"), *common]) == 0
-  kw = dict(limit=2, max_new_tokens=3, model=tiny, progress=False, log=lambda s: None)
-  run_understanding(None, str(data), "MMBench_DEV_EN_V11", str(tmp_path / "hf"), **kw)
+  kw = dict(limit=2, max_new_tokens=3, progress=False, log=lambda s: None)
+  run_understanding(*tiny, str(data), "MMBench_DEV_EN_V11", str(tmp_path / "hf"), **kw)
   got, want = (pd.read_csv(tmp_path / d / "MMBench_DEV_EN_V11.tsv", sep="\t", dtype=str, keep_default_na=False)
                for d in ("o", "hf"))
   assert list(got["status"]) == ["ok", "ok"] and list(got["raw"]) == list(want["raw"])
+
+
+@needs_tiny
+def test_a_bad_image_is_one_line_naming_file_and_row(tiny, tmp_path):
+  path = _write(tmp_path, "SEEDBench_IMG", [
+      dict(index=7, image=BROKEN, question="q", A="x", B="y", answer="A"),
+      dict(index=8, image=_b64(60), question="q", A="x", B="y", answer="B")])
+  lines = []
+  s = run_understanding(*tiny, str(path), "SEEDBench_IMG", str(tmp_path / "o"), max_new_tokens=2, progress=False,
+                        log=lines.append)
+  bad = [line for line in lines if "index=7" in line]
+  assert len(bad) == 1 and str(path) in bad[0] and "cannot decode image" in bad[0] and "\n" not in bad[0]
+  assert s["n_failed"] == 1 and s["n"] == 1   # counted as failed; the other row is answered and scored

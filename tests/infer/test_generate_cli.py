@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cheers_jax.generate import main, make_grid
+from cheers_jax.generate import main
+from cheers_jax.infer.images import make_grid
 from tests.infer.conftest import TINY, needs_tiny
 
 T2I = ["t2i", "--checkpoint", str(TINY), "a red circle", "a small blue square on a wooden table", "--steps", "2",

@@ -26,6 +26,8 @@ def test_parse_meshes_and_names():
   assert sharding.parse_meshes("data=8;fsdp=8;fsdp=4,tensor=2") == [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
   assert sharding.mesh_name({"data": 1, "fsdp": 4, "tensor": 2}) == "fsdp=4,tensor=2"
   assert sharding.mesh_name({"data": 1, "fsdp": 1, "tensor": 1}) == "fsdp=1"
+  assert sharding.mesh_overrides({"fsdp": 4, "tensor": 2}) == ("--config.mesh.data=1 --config.mesh.fsdp=4 "
+                                                              "--config.mesh.tensor=2")
   with pytest.raises(UserError, match="AXIS=SIZE"):
     sharding.parse_meshes("model=8")
 
