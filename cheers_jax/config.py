@@ -16,7 +16,9 @@ A misspelt key, here or in a config file, is a ConfigError naming the closest va
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -25,12 +27,15 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from cheers_jax import package_data
+from cheers_jax.data import packing
 from cheers_jax.errors import ConfigError, unknown_key
+from cheers_jax.model.config import ModelConfig
 
 # Sections whose keys `check_known_keys` leaves to others: model to ModelConfig.from_dict, data to the
 # pipeline (it accepts optional extras such as data.num_threads, set in a config file).
 OPEN_SECTIONS = ("model", "data")
 EXTRA_TOP_KEYS = ("export_hf",)  # optional: read with config.get()
+NAN_POLICIES = ("stop", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -290,6 +295,36 @@ def check_values(config) -> None:
                           "kind (und, gen, text) a positive weight")
 
 
+def check_consistency(config) -> None:
+  """Checks across keys and of the enumerated values: the model section is a valid ModelConfig, the
+  data's image size is the model's, the batch splits into micro-batches, the NaN policy is known, a packed
+  row holds the longest bucket and the sample with the most images (data.packing)."""
+  cfg = model_config(config)
+  train = config.get("train")
+  if train is not None:
+    if train.get("nan_policy", "stop") not in NAN_POLICIES:
+      raise ConfigError(f"train.nan_policy='{train.nan_policy}': choose one of {NAN_POLICIES}")
+    if int(train.batch_size) % int(train.grad_accum):
+      raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by train.grad_accum={train.grad_accum}")
+  data = config.get("data")
+  if data is not None and data.get("image_size") is not None and int(data.image_size) != cfg.vision.image_size:
+    raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}: "
+                      "they must match (the SigLIP position table is trained at one size); set both")
+  if data is not None and data.get("seq_buckets") is not None:
+    packing.resolve(data, cfg.tokens_per_image, rows=1)
+
+
+def model_config(config) -> ModelConfig:
+  """The run config's model section as a ModelConfig: THE conversion, cached (one object per distinct section)."""
+  model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  return _model_config(json.dumps(model, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _model_config(model_json: str) -> ModelConfig:
+  return ModelConfig.from_dict(json.loads(model_json))
+
+
 # ---- loading -------------------------------------------------------------------------------------
 def is_path(text: str) -> bool:
   file = text.partition(":")[0]
@@ -328,6 +363,7 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> ml_collections.Con
   apply_overrides(config, overrides)
   check_known_keys(config)
   check_values(config)
+  check_consistency(config)
   config.lock()
   return config
 

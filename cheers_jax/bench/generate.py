@@ -47,7 +47,7 @@ def build_model(args):
       cfg, dtype, what = ModelConfig(), args.dtype or "bfloat16", "full size (published shapes), random weights"
     else:
       from cheers_jax import config as config_lib
-      cfg = ModelConfig.from_dict(config_lib.load(args.config).model)
+      cfg = config_lib.model_config(config_lib.load(args.config))
       dtype = args.dtype or cfg.dtype
       what = f"config {args.config}, random weights"
     model, variables = loader.load_random(cfg, dtype, args.seed)

@@ -355,7 +355,7 @@ def read_model_config(path_or_name: PathLike) -> ModelConfig:
     except ConfigError as e:
       raise ConfigError(f"{path}: {e}") from e
   from cheers_jax import config as config_lib
-  return ModelConfig.from_dict(config_lib.load(str(path_or_name)).model)
+  return config_lib.model_config(config_lib.load(str(path_or_name)))
 
 
 def assemble_hf_checkpoint(parts: Mapping[str, PathLike], cfg: ModelConfig, out_dir: PathLike, seed: int = 0,

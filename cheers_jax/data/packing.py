@@ -194,7 +194,7 @@ def samples_in(batch: Mapping[str, np.ndarray]) -> int:
 
 # Assembled sample lengths of a realistic mix (no tokenizer or images needed: only lengths matter here).
 CHAT_TOKENS = 24  # system turn, turn markers and the image block's <im_start>/<im_end> (synthetic.CHAT_TOKENS)
-MIX = {"und": 3.0, "gen": 6.0, "text": 1.0}  # the configs' data.mix (und : gen : text)
+MIX = {"und": 3.0, "gen": 6.0, "text": 1.0}  # the stage recipes' data.mix (und : gen : text)
 
 
 def length_mix(n: int, tokens_per_image: int, seed: int = 0, mix: Mapping[str, float] = MIX) -> np.ndarray:

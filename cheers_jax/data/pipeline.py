@@ -5,9 +5,11 @@
     state = it.get_state()            # JSON-serialisable; save it with the model
     it.set_state(state)               # a resumed run continues with the next batch, bit for bit
 
-Steps: source (`config.data.source`) -> examples split by category (und: only images to understand;
-gen: at least one image to generate, editing included; text: no image) and mixed by
-`config.data.mix` (und : gen : text; each category reshuffled every epoch and repeated forever) ->
+Steps: source (`config.data.sources`, several by weight, or `config.data.source`) -> examples split by
+category (und: only images to understand; gen: at least one image to generate, editing included; text:
+no image) and mixed by `config.data.mix` (und : gen : text; each category reshuffled every epoch and
+repeated forever; with several sources, each category's records of each source mixed by the sources'
+weights) ->
 window shuffle of the mixed stream -> this process's slice (global index g = process_index + k *
 process_count) -> per sample, with an RNG seeded by (seed, g): tokenisation (`build_conversation`,
 the training template), checks, image preprocessing at `config.data.image_size` (understanding:
@@ -33,12 +35,14 @@ Batches follow the contract of `cheers_jax.data.batch` (keys, dtypes, shapes and
 B = per-process batch = train.batch_size // process_count, S = bucket and K = max_images_per_sample;
 with data.packing, B rows of S = data.pack_len tokens and K = data.pack_images slots, each row holding
 as many whole samples as fit (`cheers_jax.data.packing`).
-Micro-batching for grad_accum is the train step's job.
+Micro-batching for grad_accum is the train step's job. With data.worker_count > 0, a worker process that
+dies (killed for memory, crashed) is a DataWorkerError at the next batch, never a wait; the other
+workers are stopped with it.
 
-Config keys read: data.{source, jsonl_path, image_root, tfds_*, synthetic_size, image_size, seq_buckets,
-max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count, packing, pack_len, pack_images},
-train.batch_size, model.max_seq_len, seed; optional data.num_threads (reader threads, default 8) and
-data.prefetch (samples read ahead).
+Config keys read: data.{sources, source, jsonl_path, image_root, tfds_*, synthetic_size, image_size,
+seq_buckets, max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count, packing, pack_len,
+pack_images}, train.batch_size, model.max_seq_len, seed; optional data.num_threads (reader threads,
+default 8) and data.prefetch (samples read ahead).
 """
 from __future__ import annotations
 
@@ -451,9 +455,10 @@ def _unused_parts(source: Any, cats: np.ndarray, mix: Mapping[str, float]) -> li
     return []
   drawn = [c for c, name in enumerate(sources_lib.CATEGORIES) if float(mix.get(name, 0.0)) > 0]
   ends = list(source.starts()[1:]) + [len(source)]
+  has = lambda start, end: np.bincount(cats[start:end], minlength=len(sources_lib.CATEGORIES) + 1)[drawn].any()
   return [sources_lib.source_label(part)
           for part, start, end, weight in zip(source.parts, source.starts(), ends, weights)
-          if weight <= 0 or not np.isin(cats[start:end], drawn).any()]
+          if weight <= 0 or not has(start, end)]
 
 
 def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool = True) -> grain.MapDataset:

@@ -534,6 +534,11 @@ _JSONL_CACHE: dict = {}
 _JSONL_CACHE_SIZE = 64  # the files of one run's data.sources
 
 
+def clear_jsonl_indexes() -> None:
+  """Forget the JSONL indexes kept for reuse (the next make_source parses the files again: a cold start)."""
+  _JSONL_CACHE.clear()
+
+
 def _indexed_jsonl(path: str, image_root: str) -> JsonlSource:
   """One index per unchanged file: the pipeline and the latent calibration share it (a 1 GB file takes
   ~40 s to parse; prepared shards start in seconds)."""

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cheers_jax import config as config_lib
 from cheers_jax.checkpoint.orbax import CHECKPOINT_DIR, RUN_ITEMS
 from cheers_jax.errors import ConfigError
 from cheers_jax.train import state as state_lib
@@ -155,7 +156,7 @@ def check_resumable(config, saved: Mapping[str, Any], where: Path) -> None:
     then = ModelConfig.from_dict(saved["model"])
   except (ConfigError, TypeError, ValueError):  # a config this version cannot read: leave it to the restore
     return
-  now = ModelConfig.from_dict(config.model)
+  now = config_lib.model_config(config)
   ignore = tuple(k for k in state_lib.NOT_ARCHITECTURE if k != "scan_layers")  # scanning changes the tree
   diffs = [(f"model.{k}", a, b) for k, a, b in differences(now, then, ignore=ignore)]
   saved_train, train = saved.get("train", {}), config_json(config).get("train", {})

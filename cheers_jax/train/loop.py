@@ -35,15 +35,13 @@ from cheers_jax.data import sources
 from cheers_jax.demo import evaluate as demo_eval
 from cheers_jax.infer import images as images_lib
 from cheers_jax.model.cheers import Cheers
-from cheers_jax.model.config import ConfigError, ModelConfig
+from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import checkpointing as ckpt_lib
 from cheers_jax.train import metrics as metrics_lib
 from cheers_jax.train import batching
 from cheers_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
-
-NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteError(RuntimeError):
@@ -58,25 +56,6 @@ class TrainResult:
   last_metrics: dict = dataclasses.field(default_factory=dict)
   evaluation: Optional[dict] = None
   hf_dir: Optional[str] = None
-
-
-# ---- config checks ---------------------------------------------------------------------------------
-def check_config(config) -> ModelConfig:
-  """Fails early, with a suggestion, on misspelt keys and inconsistent values."""
-  config_lib.check_known_keys(config)
-  config_lib.check_values(config)
-  cfg = ModelConfig.from_dict(config.model)
-  train_config = config.train
-  if train_config.nan_policy not in NAN_POLICIES:
-    raise ConfigError(f"train.nan_policy='{train_config.nan_policy}': choose one of {NAN_POLICIES}")
-  distributed.check_batch_splits_over_processes(int(train_config.batch_size))
-  if train_config.batch_size % train_config.grad_accum:
-    raise ConfigError(f"train.batch_size={train_config.batch_size} is not divisible by "
-                      f"train.grad_accum={train_config.grad_accum}")
-  if int(config.data.image_size) != cfg.vision.image_size:
-    raise ConfigError(f"data.image_size={config.data.image_size} but model.vision.image_size="
-                      f"{cfg.vision.image_size}; set both")
-  return cfg
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -170,7 +149,8 @@ class Trainer:
                preemption: Optional[ckpt_lib.PreemptionHandler] = None, samples: bool = True, progress: bool = True):
     self.config = config
     self.workdir = Path(workdir)
-    self.cfg = check_config(config)
+    self.cfg = config_lib.model_config(config)  # config.load checked the config; the process count is known now
+    distributed.check_batch_splits_over_processes(int(config.train.batch_size))
     self.lead = jax.process_index() == 0
     if self.lead:
       self.workdir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from cheers_jax import sharding
+from cheers_jax.config import model_config
 from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.errors import ConfigError
 from cheers_jax.model.cheers import Cheers, init_variables
@@ -37,10 +38,6 @@ class TrainState:
   rng: Array           # uint32[2] base key; the step key is fold_in(rng, step)
 
 
-def model_config(config) -> ModelConfig:
-  return ModelConfig.from_dict(config.model)
-
-
 # Re-entering training in one process (tests, notebooks, a resumed run) reuses the traced and
 # compiled programs: jit caches per function object, so the functions are memoised on what they
 # depend on (the model and train configurations and the mesh).
@@ -58,14 +55,6 @@ def memoised(key: tuple, build: Callable[[], Any]) -> Any:
   if key not in _PROGRAMS:
     _PROGRAMS[key] = build()
   return _PROGRAMS[key]
-
-
-def _image_size(config, cfg: ModelConfig) -> int:
-  size = int(config.data.get("image_size", cfg.vision.image_size))
-  if size != cfg.vision.image_size:
-    raise ConfigError(f"data.image_size={size} but model.vision.image_size={cfg.vision.image_size}: they must "
-                      "match (the SigLIP position table is trained at one size)")
-  return size
 
 
 # ---- state construction ------------------------------------------------------------------------
@@ -103,7 +92,6 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
   Returns (state, state_shardings).
   """
   cfg = model_config(config)
-  _image_size(config, cfg)
   rng = jax.random.PRNGKey(int(config.seed)) if rng is None else rng
   init_from = config.get("init_from", "") if init_from is None else init_from
   abstract, shardings = abstract_train_state(config, mesh)

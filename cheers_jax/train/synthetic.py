@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheers_jax.config import model_config
 from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import packing
 from cheers_jax.data.tokenizer import ALWAYS_LABELLED_IDS
 from cheers_jax.errors import UserError
 from cheers_jax.infer.loader import fake_constant
-from cheers_jax.model.config import ModelConfig
 from cheers_jax.model.sequence import KIND_GEN, KIND_UND, assemble
 from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
                                IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, SYSTEM_ID, USER_ID)
@@ -112,7 +112,7 @@ def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_l
                gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0, mix: bool = False) -> BatchSpec:
   """Defaults: seq_len = the config's smallest bucket; text_len = the reference's 120, or what fits.
   mix: `batch_size` samples of the realistic length mix instead (`mix_spec`)."""
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = model_config(config)
   n = cfg.tokens_per_image
   if mix:
     return mix_spec(config, batch_size, gen_fraction=gen_fraction, image_slots=image_slots, seed=seed)
@@ -253,7 +253,7 @@ def mix_spec(config, batch_size: int, *, gen_fraction: float = 0.5, image_slots:
   """`batch_size` samples with lengths drawn from `packing.length_mix` (the config's data.mix), one image
   each: padded to the bucket of the longest (data.seq_buckets), or with data.packing=True packed into as
   few rows as hold them (data.pack_len x data.pack_images)."""
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = model_config(config)
   n = cfg.tokens_per_image
   lengths = packing.length_mix(batch_size, n, seed, dict(config.data.mix))
   buckets = tuple(int(b) for b in config.data.seq_buckets)
@@ -280,6 +280,11 @@ class BatchOptions:
   gen_fraction: float = 0.5
   image_slots: int = 1
   mix: bool = False  # samples of the realistic length mix (packed with data.packing=True): `mix_spec`
+
+  @classmethod
+  def from_args(cls, args) -> "BatchOptions":
+    """From the flags of cli.add_batch_shape_flags."""
+    return cls(args.seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
 
   def spec(self, config, batch_size: int) -> BatchSpec:
     return batch_spec(config, batch_size, seq_len=self.seq_len, text_len=self.text_len,

@@ -84,9 +84,8 @@ def test_every_official_record_kind_gives_the_same_tokens_and_pixels_from_jsonl_
   np.testing.assert_array_equal(from_shards.lengths()[:4], [len(prep.tokenizer.build_conversation(
       from_jsonl[i]["messages"])[0]) for i in range(4)])
   config = dict(cfg_data_rate=0.2, shuffle=True)
-  _equal_batches(make_train_iterator(_config(source="jsonl", jsonl_path=str(jsonl), image_root=str(jsonl.parent /
-                                                                                                   "images"), **config)),
-                 make_train_iterator(_config(sources=(str(shards),), **config)), steps=4)
+  as_jsonl = _config(source="jsonl", jsonl_path=str(jsonl), image_root=str(jsonl.parent / "images"), **config)
+  _equal_batches(make_train_iterator(as_jsonl), make_train_iterator(_config(sources=(str(shards),), **config)), 4)
 
 
 # ------------------------------------------------------------------------------------- prepare
@@ -131,8 +130,8 @@ def test_prepare_names_and_counts_every_bad_line_and_image_and_never_stops(tmp_p
 def test_tasks_write_disjoint_shards_and_a_rerun_finishes_only_what_is_missing(tmp_path: Path):
   jsonl = Path(write_dataset(str(tmp_path), 50, image_sizes=((32, 32),), num_images=3))
   out = tmp_path / "shards"
-  for task in range(3):
-    _prepare(jsonl, out, records_per_shard=8, task_index=task, num_tasks=3)
+  for task in range(3):  # task 0 with 2 local processes
+    _prepare(jsonl, out, records_per_shard=8, task_index=task, num_tasks=3, processes=2 if task == 0 else 1)
   names = sorted(p.name for p in out.glob("*.arrayrecord"))
   assert names == [shards_lib.shard_name("data", k, 7) for k in range(7)]
   reports = [json.loads((out / f"report-task{t:05d}-of-00003.jsonl").read_text().splitlines()[0])["summary"]
@@ -280,3 +279,16 @@ def test_source_entries_are_checked(tmp_path: Path):
   jsonl = write_dataset(str(tmp_path), 4, kinds=("text",))
   with pytest.raises(ConfigError, match="both name the training data"):
     make_train_iterator(_config(sources=(jsonl,), source="jsonl", jsonl_path=jsonl))
+
+
+def test_bench_data_runs_end_to_end(tmp_path: Path, capsys):
+  from cheers_jax.bench import data as bench_data
+  assert bench_data.main(["--records", "12", "--workers", "0", "--steps", "1", "--stage-samples", "8",
+                          "--image-size", "64", "--batch-size", "4", "--startup-records", "2500",
+                          "--jsonl-startup-records", "100", "--processes", "1", "--workdir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out.split("RESULT ")[-1])
+  assert set(result["startup_s"]) == {"jsonl", "shards"} and result["startup_large"]["records"] == 2500
+  assert set(result["throughput"]) == {"jsonl/workers=0", "shards/workers=0"}
+  assert set(result["stages_ms"]["shards"]) == {"read", "decode", "preprocess", "tokenise", "assemble"}
+  assert "cores" in out

@@ -1,5 +1,7 @@
 """Run in a subprocess with 8 fake CPU devices (see test_sharding.py): one train step on a PACKED batch
-(8 rows of several samples each) on meshes data=8 and data=2 x fsdp=4 against one device.
+(8 rows of several samples each) on the mesh data=2 x fsdp=4 (rows split 8 ways, weights over 4) against
+one device (one mesh: each is a compile of minutes on 2 cores; tests/train/sharding_check.py covers the
+others with unpacked batches).
 
 Prints one JSON line `RESULT {...}`; exits non-zero (AssertionError) on a mismatch.
 """
@@ -21,7 +23,7 @@ from cheers_jax.train import step as step_lib
 from tests.data.test_packing import fake_samples
 from tests.train.common import TOKENS, compare_updates, small_config
 
-MESHES = {"data8": {"data": 8, "fsdp": 1, "tensor": 1}, "data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1}}
+MESHES = {"data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1}}
 SPEC = packing.PackingSpec(rows=8, row_len=64, row_images=3)
 
 
