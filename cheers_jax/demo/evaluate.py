@@ -93,7 +93,7 @@ def labelled_grid(images: Sequence[np.ndarray], wanted: Sequence[tuple[str, str]
     canvas.paste(Image.fromarray(arr).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
     draw_.text((x, y + cell_h + 1), shapes.prompt_text(shapes.describe(want)), fill=(0, 0, 0), font=font)
     colour, shape = shapes.judge_image(arr)
-    verdict = f"judged: {colour} {shape}" if colour else "judged: nothing"
+    verdict = f"judged: {colour or 'no colour'} {shape or 'no shape'}"
     right = (colour, shape) == tuple(want)
     draw_.text((x, y + cell_h + line), verdict, fill=(0, 130, 0) if right else (200, 0, 0), font=font)
   return np.asarray(canvas)

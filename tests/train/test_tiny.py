@@ -42,6 +42,9 @@ def test_judge_reads_the_training_images_sharp_and_blurred():
   wanted = [tuple(shapes.label(i)) for i in range(600)]
   sharp = [shapes.render(i) for i in range(600)]
   assert demo_shapes.judge_image(np.full((32, 32, 3), 0.8, np.float32)) == (None, None)  # grey: nothing drawn
+  dots = np.full((32, 32, 3), 0.85, np.float32)
+  dots[tuple(np.random.default_rng(0).integers(0, 32, (2, 60)))] = np.asarray(demo_shapes.COLOURS["red"]) / 255
+  assert demo_shapes.judge_image(dots) == ("red", None)  # scattered dots: a colour but no shape
   # generated images are blurry: a blurred edge mixes the colour with the grey ground, corners round off
   blurred = [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2))) for im in sharp]
   for images in (sharp, blurred):
