@@ -40,6 +40,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import jax
+
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import sharding, targets
@@ -65,17 +67,19 @@ def pick_devices(target: targets.Target, need: int) -> tuple[list, str]:
   """Compile-only devices of `target`; the attached accelerators when the target is 'cpu' and they are enough."""
   if target.platform != "cpu":
     return targets.devices(target, need), target.name
-  import jax
   default = jax.devices()
   if default[0].platform != "cpu" and len(default) >= need:
     return default, default[0].platform
   cpu = jax.devices("cpu")
-  return cpu, "cpu (estimate)" if default[0].platform == "cpu" else f"cpu (estimate; only {len(default)} {default[0].platform})"
+  if default[0].platform == "cpu":
+    return cpu, "cpu (estimate)"
+  return cpu, f"cpu (estimate; only {len(default)} {default[0].platform})"
 
 
 def format_table(rows: Sequence[dict], memory_gib: float) -> str:
   head = (f"{'mesh':<18} {'dev':>3} {'remat':>5} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} "
-          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} {'compile s':>9}")
+          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} "
+          f"{'compile s':>9}")
   lines = [head, " " * 50 + "(GiB per device)"]
   f = lambda v: measure.fmt(v, ".2f")
   for r in rows:
@@ -100,18 +104,12 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config name or a config file (default: "
-                 "cheers_1p5b, the full model); override values with --config.KEY=VALUE")
+  cli.add_config_flags(p, default=DEFAULT_CONFIG)
   p.add_argument("--target", default="cpu", help=f"what to compile for: {targets.names()} (default cpu: fake CPU "
                  "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`")
   p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"';'-separated meshes (default '{DEFAULT_MESHES}')")
   p.add_argument("--per-device-batch", default="1,2,4,8", help="comma-separated rows per data shard (default 1,2,4,8)")
-  p.add_argument("--seq-len", type=cli.POSITIVE_INT, default=400, help="static sequence length (default 400, the reference timing's)")
-  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="text tokens per sample (default: 120, or what fits)")
-  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5)
-  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
-  p.add_argument("--mix", action="store_true", help="per-device-batch samples of the realistic length mix, padded "
-                 "to the config's bucket of the longest, or packed with --config.data.packing=True (see bench train)")
+  cli.add_batch_shape_flags(p, seq_len_default=400, seq_len_help="400, the reference timing's")
   p.add_argument("--remat", help="comma-separated remat policies, one row each (default: the config's)")
   p.add_argument("--attention", help="attention implementation (default: the config's)")
   p.add_argument("--hbm-gib", type=cli.POSITIVE, help="device memory for the 'fits' column (default: the target's; "
@@ -127,8 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  rest, overrides = config_lib.split_overrides(argv)
-  args = _parser().parse_args(rest)
+  args, overrides = cli.parse_config_args(_parser(), argv)
   target = targets.parse(args.target)
   targets.check_installed(target)
   meshes = sharding.parse_meshes(args.meshes)
@@ -138,7 +135,7 @@ def _main(argv: list[str]) -> int:
   with config.unlocked():
     if args.attention:
       config.model.attention = args.attention
-  batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
+  batch = synthetic.BatchOptions.from_args(args)
   batch.spec(config, 1)
   if args.out:
     cli.check_output_file(args.out, args.overwrite)
@@ -165,7 +162,8 @@ def _main(argv: list[str]) -> int:
         print(f"  {row['mesh']} remat={remat} per-device batch {b}: {state}", flush=True)
   print("\n" + format_table(rows, memory_gib))
   if not target.exact:
-    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real compiler's.")
+    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real "
+          "compiler's.")
   if args.out:
     measure.write_csv(rows, args.out, measure.AOT_FIELDS)
     print(f"wrote {args.out}")

@@ -6,5 +6,5 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER = ASSETS / "tokenizer"      # the Qwen2 tokenizer files (vocab.json, merges.txt, tokenizer_config.json)
-TINY_PARTS = ASSETS / "tiny_parts"    # the embedded default's pretrained VAE and ViT (python -m cheers_jax.train.tiny_parts)
+TINY_PARTS = ASSETS / "tiny_parts"    # the embedded default's pretrained VAE and ViT (cheers_jax.train.tiny_parts)
 GPU_TARGETS = ASSETS / "gpu_targets"  # XLA:GPU device descriptions of the aot targets (NAME.txtpb)

@@ -14,6 +14,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 import flax.linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cheers_jax.errors import UserError
@@ -68,7 +69,6 @@ def make_mesh(shape: dict | Sequence[int], devices: Optional[Sequence[jax.Device
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"{len(devices)} are available; set one axis to -1 to use the rest")
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # fake CPU devices / odd topologies
     grid = np.asarray(devices).reshape(sizes)

@@ -20,6 +20,9 @@ import os
 import re
 from typing import Optional
 
+import jax
+from jax.experimental import topologies
+
 from cheers_jax import package_data
 from cheers_jax.errors import UserError
 
@@ -156,8 +159,6 @@ def _gpu_topology(count: int) -> str:
 
 def devices(target: Target, count: int) -> list:
   """`count` compile-only devices of the target (for TPU, the whole topology: its size is fixed)."""
-  import jax
-  from jax.experimental import topologies
   check_installed(target)
   if target.platform == "cpu":
     cpu = jax.devices("cpu")

@@ -53,8 +53,8 @@ from typing import Any, Optional, Sequence
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
-from cheers_jax.errors import UserError
 from cheers_jax.train import measure, synthetic
+from cheers_jax.train import metrics as metrics_lib
 
 FULL_SIZE_CONFIG = "cheers_1p5b"
 DEFAULT_CONFIG = "tiny"
@@ -71,8 +71,7 @@ def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group()
-  src.add_argument("--config", help="a shipped config name or a config file (default: tiny); override values "
-                   "with --config.KEY=VALUE")
+  cli.add_config_flags(src)  # default: tiny
   src.add_argument("--full-size", action="store_true", help="the published model (config cheers_1p5b: 2.6 B "
                    "params, bf16 compute, 512x512)")
   p.add_argument("--batch-size", type=cli.POSITIVE_INT, help="global batch (default 8; --full-size: 4 and 8)")
@@ -82,13 +81,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", help="AXIS=SIZE pairs, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: the config's mesh)")
   p.add_argument("--remat", help="remat policy: none, full, dots, dots_no_batch (default: the config's)")
   p.add_argument("--attention", help="attention implementation: xla, cudnn (default: the config's)")
-  p.add_argument("--seq-len", type=cli.POSITIVE_INT, help="static sequence length (default: 400 with --full-size, else the "
-                 "config's smallest bucket)")
-  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="random text tokens per sample (default 120, or what fits)")
-  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5, help="share of generation samples (default 0.5)")
-  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
-  p.add_argument("--mix", action="store_true", help="samples of the realistic length mix (packed with "
-                 "--config.data.packing=True) instead of the reference timing's")
+  cli.add_batch_shape_flags(p, seq_len_help="400 with --full-size, else the config's smallest data.seq_buckets")
   p.add_argument("--padding", action="store_true", help="print the padding figure of the realistic mix, with and "
                  "without packing, and exit (nothing compiled)")
   p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
@@ -128,7 +121,8 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, synthetic.BatchSpec
     if spec is not None and (spec.seq_len != ref["seq_len"] or spec.sample_len != ref["seq_len"]
                              or abs(spec.gen_fraction - ref["gen_fraction"]) > 1e-9 or spec.image_slots != 1):
       lines.append(f"  {'':>3} note: batch composition differs from the reference's (seq {spec.seq_len}, "
-                   f"samples of {spec.sample_len} tokens, gen fraction {spec.gen_fraction}, {spec.image_slots} slot(s))")
+                   f"samples of {spec.sample_len} tokens, gen fraction {spec.gen_fraction}, "
+                   f"{spec.image_slots} slot(s))")
   kinds = {str(r.get("device_kind")) for r in rows if r.get("device_kind")}
   if kinds and not any("h100" in k.lower() for k in kinds):
     lines.append(f"  note: measured on {', '.join(sorted(kinds))}, not an H100: not like for like")
@@ -138,8 +132,7 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, synthetic.BatchSpec
 def print_padding(config, batch_size: int, where: str, samples: int = 20000) -> dict:
   """The padding figure of the realistic mix at the config's buckets, unpacked and packed (one line each)."""
   from cheers_jax.data import packing  # noqa: PLC0415 -- only this mode needs it (kept off the timing path)
-  from cheers_jax.model.config import ModelConfig  # noqa: PLC0415
-  n = ModelConfig.from_dict(config.model).tokens_per_image
+  n = config_lib.model_config(config).tokens_per_image
   buckets = tuple(int(b) for b in config.data.seq_buckets)
   data = config.data.copy_and_resolve_references()
   with data.unlocked():
@@ -168,11 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  rest, overrides = config_lib.split_overrides(argv)
-  args = _parser().parse_args(rest)
+  args, overrides = cli.parse_config_args(_parser(), argv)
   config_path = FULL_SIZE_CONFIG if args.full_size else (args.config or DEFAULT_CONFIG)
-  if args.steps < 1 or args.warmup < 0:
-    raise UserError("--steps must be >= 1 and --warmup >= 0")
   config = config_lib.load(config_path, overrides)
   if args.batch_sizes:
     batch_sizes = cli.comma_list(args.batch_sizes, "--batch-sizes", int)
@@ -185,12 +175,11 @@ def _main(argv: list[str]) -> int:
   if args.padding:
     print_padding(config, batch_sizes[0], where=FULL_SIZE_CONFIG if args.full_size else config_path)
     return 0
-  batch = synthetic.BatchOptions(seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
+  batch = dataclasses.replace(synthetic.BatchOptions.from_args(args), seq_len=seq_len)
   specs = {b: batch.spec(config, b) for b in batch_sizes}
   remat = args.remat or config.model.remat_policy
   attention = args.attention or config.model.attention
   layouts = [measure.StepLayout.make(mesh, remat, attention, b) for b in sorted(batch_sizes)]
-  from cheers_jax.train import metrics as metrics_lib
   cfg = config_lib.model_config(config)
   spec0 = specs[batch_sizes[0]]
   flops = metrics_lib.flops_per_sample(cfg, spec0.seq_len, spec0.image_size, spec0.image_slots, config.train.trainable)

@@ -144,12 +144,7 @@ def collate_packed(samples: Sequence[Mapping[str, Any]], placement: Sequence[tup
   one packed batch of `cheers_jax.data.batch`'s contract (rows x row_len, row_images slots per row)."""
   ids, labels, mask = batch_lib.pad_samples([x["input_ids"] for x in samples], [x["labels"] for x in samples])
   lay = packed_layout(ids, labels, mask, placement, spec, tokens_per_image, max_seq_len)
-  kinds = np.concatenate([x["image_kind"] for x in samples])
-  if not np.array_equal(kinds, lay.image_kind):
-    raise AssertionError(f"image order mismatch: samples {kinds}, assembled {lay.image_kind}")
-  return batch_lib.from_assembled(lay, tokens_per_image, spec.row_images,
-                                  pixels=np.concatenate([x["pixels"] for x in samples]),
-                                  t=np.concatenate([x["t"] for x in samples]), num_skipped=num_skipped)
+  return batch_lib.from_samples(lay, samples, tokens_per_image, spec.row_images, num_skipped)
 
 
 # ------------------------------------------------------------------------------------ the padding figure
@@ -194,7 +189,7 @@ def samples_in(batch: Mapping[str, np.ndarray]) -> int:
 
 # Assembled sample lengths of a realistic mix (no tokenizer or images needed: only lengths matter here).
 CHAT_TOKENS = 24  # system turn, turn markers and the image block's <im_start>/<im_end> (synthetic.CHAT_TOKENS)
-MIX = {"und": 3.0, "gen": 6.0, "text": 1.0}  # the configs' data.mix (und : gen : text)
+MIX = {"und": 3.0, "gen": 6.0, "text": 1.0}  # the stage recipes' data.mix (und : gen : text)
 
 
 def length_mix(n: int, tokens_per_image: int, seed: int = 0, mix: Mapping[str, float] = MIX) -> np.ndarray:

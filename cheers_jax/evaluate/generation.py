@@ -158,7 +158,9 @@ def generate_images(model, variables, tokenizer, jobs: Sequence[tuple[str, int]]
   """jobs: (prompt text, seed) of every image, done or not; generates this process's share of the
   pending ones in batches of batch_size per local device (`plan_steps`), calling on_image(job number,
   clamped image, raw decoder output) as batches finish. Returns the number of images generated here."""
-  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
+  from cheers_jax.infer.t2i import t2i_prompt, text_to_image_per_device
+  from cheers_jax.sharding import local_data_mesh
+  mesh = workers.mesh or local_data_mesh()  # one program per device, whatever their number
   ids = {text: t2i_prompt(tokenizer, text) for text in {t for t, _ in jobs}}
   n_tok = model.cfg.tokens_per_image  # the dummy image's tokens, prepended to a T2I prompt
   padded = [round_up(len(ids[text]) + n_tok, bucket) for text, _ in jobs]
@@ -169,11 +171,11 @@ def generate_images(model, variables, tokenizer, jobs: Sequence[tuple[str, int]]
   for slots in plan:
     real = [j for j in slots if j is not None]
     rows = [j if j is not None else real[0] for j in slots]  # padding rows repeat a job; their output is dropped
-    res = text_to_image(model, variables, [ids[jobs[j][0]] for j in rows], steps=steps, cfg_scale=cfg,
-                        alpha=shift, seeds=[jobs[j][1] for j in rows], bucket=bucket, mesh=workers.mesh)
+    raw = text_to_image_per_device(model, variables, [ids[jobs[j][0]] for j in rows], [jobs[j][1] for j in rows],
+                                   mesh, steps=steps, cfg_scale=cfg, alpha=shift, bucket=bucket)
     for k, j in enumerate(slots):
       if j is not None:
-        on_image(j, res.images[k], res.image_raw[k])
+        on_image(j, np.clip(raw[k], 0.0, 1.0), raw[k])
     done += len(real)
     bar.update(len(real))
   bar.close()

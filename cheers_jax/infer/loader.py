@@ -20,6 +20,7 @@ import numpy as np
 
 from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.checkpoint.hf import CheckpointError, abstract_variables, load_hf_checkpoint
+from cheers_jax.checkpoint.safetensors_io import read_header
 from cheers_jax.errors import UserError
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
@@ -56,7 +57,6 @@ def _tensor_names(ckpt_dir: Path) -> Optional[set[str]]:
       return set(json.loads(index.read_text())["weight_map"])
     single = ckpt_dir / "model.safetensors"
     if single.is_file():
-      from cheers_jax.checkpoint.safetensors_io import read_header
       return set(read_header(single)[0])
   except Exception:  # the loader reports a broken checkpoint with its own, better message
     return None

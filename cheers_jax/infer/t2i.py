@@ -29,9 +29,10 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID, UND_IMAGE_TEXT, CheersTokenizer, uncond_ids
-from cheers_jax.infer.decode import (GREEDY, DecodeState, GenerationError, SamplingConfig, _feed, decode,
+from cheers_jax.infer.decode import (GREEDY, DecodeState, GenerationError, SamplingConfig, _feed, _prefill, decode,
                                      prefill, prepare_prompts, round_up, text_ids)
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.sharding import place_rows
@@ -251,3 +252,53 @@ def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources
   init = lambda z: _edit_latent(model, variables, src, z, start_t)
   return _generate(model, variables, prompts, [[s] for s in sources], t_list, dt_list, init, noise, seeds,
                    cfg_scale, None, max_new_tokens, sampling, record, bucket, max_len)
+
+
+def text_to_image_per_device(model: Cheers, variables, prompts: Sequence[np.ndarray], seeds: Sequence[int],
+                             mesh: Mesh, *, steps: int, cfg_scale: float, alpha: float, bucket: int = 64
+                             ) -> np.ndarray:
+  """Plain T2I with guidance (the cond and uncond rows; no text after the image) data parallel over `mesh`'s data
+  axis, where every device runs the one-device program on its own len(prompts) / devices rows: each device's rows are
+  assembled as their own batch (their cond rows, then their uncond rows) and the prefill and the ODE
+  run under shard_map. An image is therefore bit-identical for any device count (a jit over the whole
+  batch lets XLA partition and fuse differently per count: last-bit pixel differences). All prompts
+  must pad to one length (round_up(longest, bucket)). Returns the raw decoder output (B, H, W, 3)."""
+  _check_flow_args(steps, alpha)
+  devices = mesh.shape["data"]
+  if len(prompts) % devices or mesh.size != devices:
+    raise GenerationError(f"{len(prompts)} prompts over a {dict(mesh.shape)} mesh: need a pure data mesh whose "
+                          "size divides the batch")
+  if not 0.0 <= float(cfg_scale) < float("inf"):
+    raise GenerationError(f"cfg_scale={cfg_scale} must be a finite number >= 0")
+  n_tok, per = model.cfg.tokens_per_image, len(prompts) // devices
+  prompts = [p if p.size and p[-1] == IM_START_ID else np.append(p, IM_START_ID)
+             for p in (np.asarray(p, np.int64).reshape(-1) for p in prompts)]
+  seq_len = round_up(max(len(p) for p in prompts) + n_tok, bucket)  # a T2I prompt gets the dummy image prepended
+  groups = []
+  for d in range(devices):
+    rows, row_seeds = prompts[d * per:(d + 1) * per], [int(s) for s in seeds[d * per:(d + 1) * per]]
+    groups.append(prepare_prompts(model.cfg, rows + [uncond_ids(p) for p in rows], dummy_seeds=row_seeds * 2,
+                                  seq_len=seq_len))
+  batch = {k: np.stack([g.batch[k] for g in groups]) for k in groups[0].batch}
+  lengths = np.stack([g.lengths for g in groups])
+  noise = latent_noise(model, seeds)
+  noise = noise.reshape((devices, per) + noise.shape[1:])
+  t_list, dt_list = t2i_schedule(int(steps), alpha)
+  cache_len = round_up(seq_len + n_tok + 1, bucket)
+  raw = _sample_per_device(model, mesh, cache_len, variables, batch, lengths, noise, jnp.asarray(t_list),
+                           jnp.asarray(dt_list), jnp.asarray(cfg_scale, jnp.float32))
+  return np.asarray(raw).reshape((len(prompts),) + raw.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "cache_len"))
+def _sample_per_device(model: Cheers, mesh: Mesh, cache_len: int, variables, batch, lengths, noise, t_list, dt_list,
+                       cfg_scale):
+  def one_device(variables, batch, lengths, noise, t_list, dt_list, cfg_scale):
+    batch = {k: v[0] for k, v in batch.items()}
+    x0 = jnp.zeros((batch["pixels"].shape[0],) + noise.shape[2:], jnp.float32)  # irrelevant at t = 1
+    state = _prefill(model, cache_len, variables, batch, x0, lengths[0])
+    _, image_raw, _, _ = _sample(model, variables, state, noise[0], t_list, dt_list, cfg_scale, True, False)
+    return image_raw[None]
+  rows = P("data")
+  return jax.shard_map(one_device, mesh=mesh, in_specs=(P(), rows, rows, rows, P(), P(), P()), out_specs=rows,
+                       check_vma=False)(variables, batch, lengths, noise, t_list, dt_list, cfg_scale)

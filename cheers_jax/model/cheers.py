@@ -8,7 +8,7 @@ batches: `unit_pixels` divides them by 255 on the device), latents
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -197,8 +197,8 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
                    batch: synthetic.BatchOptions = synthetic.BatchOptions(), init: str = "synthetic",
                    cumulative_peak: bool = False) -> dict[str, Any]:
   """Compile and time the train step of one layout, in this process. Never raises: failures are rows."""
-  row: dict[str, Any] = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat, "attention": layout.attention,
-                         "batch_size": layout.batch_size, "status": "error"}
+  row: dict[str, Any] = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat,
+                         "attention": layout.attention, "batch_size": layout.batch_size, "status": "error"}
   phase = "setup"
   try:
     if init == "abstract":
@@ -305,7 +305,8 @@ def run_isolated(config_path: str, overrides: Sequence[str], layout: StepLayout,
   roots = [str(Path(__file__).resolve().parents[2])]
   if config_lib.is_path(config_path):  # the config file may import its siblings (see config.load)
     roots.append(os.path.dirname(os.path.dirname(os.path.abspath(config_path.partition(":")[0]))))
-  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + inherited))
   base = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat, "attention": layout.attention,
           "batch_size": layout.batch_size}
   try:

@@ -7,6 +7,7 @@ place (big_vision / lm1b). Params and optimizer state are fp32.
 """
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any, Callable, Optional
 
@@ -20,9 +21,13 @@ from jax.sharding import Mesh
 from cheers_jax import sharding
 from cheers_jax.config import model_config
 from cheers_jax.checkpoint import orbax as orbax_lib
+from cheers_jax.checkpoint.hf import load_hf_checkpoint, read_hf_config
+from cheers_jax.checkpoint.parts import load_parts_spec, parse_parts_spec
+from cheers_jax.data import pipeline, sources
 from cheers_jax.errors import ConfigError
 from cheers_jax.model.cheers import Cheers, init_variables
 from cheers_jax.model.config import ModelConfig, describe_differences, differences
+from cheers_jax.model.sequence import KIND_PREPENDED
 from cheers_jax.train import optimizer as opt_lib
 
 PyTree = Any
@@ -103,13 +108,11 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
 
   variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
   if init_from.startswith("hf:"):
-    from cheers_jax.checkpoint.hf import load_hf_checkpoint, read_hf_config
     _check_same_architecture(cfg, read_hf_config(init_from[3:]), init_from)  # before any tensor is read
     loaded_cfg, variables = load_hf_checkpoint(init_from[3:], cfg=cfg, dtype=jnp.float32,
                                                shardings=variable_shardings)
     _check_same_architecture(cfg, loaded_cfg, init_from)
   elif init_from.startswith("parts:"):
-    from cheers_jax.checkpoint.parts import load_parts_spec
     variables = load_parts_spec(init_from[6:], cfg, jax.random.split(rng)[0], shardings=variable_shardings)
   elif init_from.startswith("orbax:"):
     variables = orbax_lib.load_run_variables(init_from[6:], {"params": abstract.params,
@@ -125,7 +128,6 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
 def vae_is_random(init_from: str) -> bool:
   """Whether `init_from` leaves the VAE (and its latent BN statistics) at the random init."""
   if init_from.startswith("parts:"):
-    from cheers_jax.checkpoint.parts import parse_parts_spec
     return "vae" not in parse_parts_spec(init_from[6:])
   return not init_from
 
@@ -188,9 +190,6 @@ def calibration_images(config, count: int, source: Any = None) -> np.ndarray:
   source order) of the kinds data.mix draws that the pipeline ACCEPTS (a sample it would skip, too long
   or with a bad image, gives none; a text-only sample's dummy is not an image): (n, S, S, 3), n <= count
   (fewer when the first 8 x count such samples hold fewer). No image at all is a ConfigError saying why."""
-  import collections
-  from cheers_jax.data import pipeline, sources
-  from cheers_jax.model.sequence import KIND_PREPENDED
   source = sources.make_source(config.data, int(config.seed)) if source is None else source
   prepare = pipeline.PrepareExample(pipeline.spec_from_config(config))
   drawn = [c for c, name in enumerate(sources.CATEGORIES)

@@ -281,6 +281,11 @@ class BatchOptions:
   image_slots: int = 1
   mix: bool = False  # samples of the realistic length mix (packed with data.packing=True): `mix_spec`
 
+  @classmethod
+  def from_args(cls, args) -> "BatchOptions":
+    """From the flags of cli.add_batch_shape_flags."""
+    return cls(args.seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
+
   def spec(self, config, batch_size: int) -> BatchSpec:
     return batch_spec(config, batch_size, seq_len=self.seq_len, text_len=self.text_len,
                       gen_fraction=self.gen_fraction, image_slots=self.image_slots, seed=int(config.seed),

@@ -229,3 +229,13 @@ def test_bench_compares_the_same_mix_samples_packed_and_unpacked(capsys):
   out = capsys.readouterr().out
   assert "unpacked, 8 per batch" in out and "packed, 8 rows of 4096 tokens" in out
   assert out.splitlines()[-1].startswith("RESULT ")
+
+
+def test_train_cli_refuses_a_row_shorter_than_the_longest_bucket(tmp_path):
+  """One line naming the keys, exit 2, nothing written."""
+  from tests.train.test_cli import run_cli
+  proc = run_cli("--config", "tiny", f"--workdir={tmp_path}", "--config.data.packing=True", "--config.data.pack_len=50")
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert "data.pack_len=50 cannot hold the longest bucket (data.seq_buckets=(96,))" in lines[0]
+  assert not os.listdir(tmp_path)

@@ -20,9 +20,10 @@ from cheers_jax.data.tokenizer import (IGNORE_INDEX, IM_END_ID, IM_START_ID, IMA
                                        IMAGE_TOKEN_INDEX, NO_MEAN_ID, CheersTokenizer)
 from cheers_jax.model.cheers import UNIT_PIXEL_TABLE
 from cheers_jax.model.sequence import assemble
+from tests import oracle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = REPO_ROOT.parent / "shared" / "oracle" / "golden.npz"
+GOLDEN = oracle.GOLDEN
 TOK = CheersTokenizer()
 
 # The conversations make_golden.py tokenized for its `train` / `train3` batches.

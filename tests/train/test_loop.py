@@ -162,7 +162,6 @@ def test_training_over_a_jsonl_full_of_bad_lines_finishes_and_names_and_counts_e
   import json
   import logging
 
-  from PIL import Image
 
   from cheers_jax.data.pipeline import SKIP_REASONS
   from tests.data.test_images import write_bomb_png
