@@ -146,58 +146,15 @@ def cheers_1p5b():
 
 
 def tiny():
-  """The embedded default: a tiny Cheers on generated shapes; trains on a laptop CPU in minutes.
+  """The embedded default: a tiny Cheers learns to caption and draw coloured shapes (`cheers_jax.demo`).
 
-  python -m cheers_jax.train --config tiny --workdir /tmp/cheers_tiny
+  python -m cheers_jax.train --config tiny --workdir /tmp/cheers_tiny   # ~4 min on 2 CPU cores
 
-  It starts the way the paper's stage 1 does, from pretrained parts, here made by the project itself
-  (`python -m cheers_jax.train.tiny_parts`, shipped as package data, 2.1 MB): a VAE trained as an
-  autoencoder on drawn shapes and a tiny ViT trained to tell their colours and shapes apart; the LLM and
-  every head module start random. Captions are 'a red circle'; T2I prompts are 'Generate an image: A RED
-  CIRCLE' (`sources.shapes_prompt`: draw from the exported model with that form). What each choice
-  buys, measured on the 2-core VM (96 held-out images for captions, 18 prompts x 8 samples for T2I;
-  "blind" = the best image- or prompt-blind answer: caption colour 23 %, shape 38 %; t2i colour 17 %;
-  the t2i colours below were judged by nearest RGB, before shapes_eval judged by hue: re-judged, seeds
-  0-3 of the shipped recipe give 76/75/41/56 % in place of 78/75/39/56 %):
-  - init_from=parts:vae,siglip: with the random VAE every held-out image got the same caption: its
-    GroupNorms (one channel per group at ch=32) discard each image's colour; the random ViT's tokens are
-    nearly the same for every image (across-image std 0.028 against a mean of 0.149).
-  - patch 8 and a 2-level VAE (ch_mult (1, 2, 2): an 8x8 latent, 4 image tokens per 32-px image): the
-    earlier patch 16 over a 3-level VAE (4x4 latent, one token) blurred circles into rounded squares;
-    captions then read shape at the blind rate (33 %) and the ViT part told shapes apart 73 % of the
-    time; at patch 8 the ViT part: 83 %, captions 72-78 %. Same step time (the LM head dominates).
-  - train.trainable='all_but_vision_tokenizer' (VAE, decoder projector and ViT frozen): trained, the
-    tokenizer path drifted (the image token's std grew from 0.18 to 82 in 400 steps) and the step pays
-    for their backward pass.
-  - prompts in capitals: with the same words in prompts and captions (tied embeddings, a random 2-layer
-    LLM), the image position never learnt to read the prompt as soon as any captioning was in the mix
-    (t2i colour 12-17 %; the velocity varied 1000x less across prompts than across noise). Distinct
-    prompt tokens fixed it. Untied embeddings did not help, with capitals either (patch 8, lambda 2: t2i 34 %).
-  - data.mix und 1 : gen 1 from the first step: the two tasks race for the shared LLM and the first one
-    learnt wins (120 steps of captions first: t2i 12 %; 200 steps of generation first: one caption for
-    all images). und 1 : gen 2 (lambda 2, CFG dropout 0.2): t2i 40 %.
-  - train.fm_weight=2 (lambda; the paper's is 1): at patch 8 (CFG dropout 0.2) the captions hold at any
-    lambda tried (100 % colour at 1.2, 2 and 3); t2i colour: lambda 1.2 17 % (the prompt never read),
-    2: 61 %, 3: 60 %.
-  - data.cfg_data_rate=0.1 (the reference's 0.2): half as many prompt-less generation samples; with
-    lambda 2: t2i colour 61 % -> 78 % (0.05 at seed 2: 50 % against 39 %). Sampler settings hardly matter
-    (dropout 0.2: cfg 4/7/10: 61/62/65 %, shift 0.25-2: 59-60 %; 0.1: cfg 4/7/10 79/80/74 %), so
-    sample_cfg stays 4.
-  - train.fm_gen_only=True: FM on generation images only (the paper's variant); the reference's default
-    also fits a zero velocity on every understanding image, which a trainable tokenizer path met by
-    making its tokens constant (std across images 0.16 -> 0.007 in 250 steps).
-  - 32-px images: the step cost is the 151,936-token LM head over ~240 text targets per batch;
-    ce_chunk=128: two chunks of 128 rows hold them (144 made 288 rows): ~0.32-0.37 s/step.
-  - train.steps=500, lr 3e-3 cosine, batch 16: ~3 min of steps on 2 cores (README: the whole run's split).
-    Seeds 0-3: t2i colour 78/75/39/56 %, caption shape 77/76/69/67 %. 700 steps (64 s more): 70/54/70/63 %
-    and 76/79/73/70 %: steadier across seeds but no better at seed 0, so not taken.
-    Other variants, all worse for t2i: 4 LLM layers (57 %), batch 24 with und 1 : gen 2 (66 %, 20 % slower);
-    at patch 16: lr 5e-3, 3x the head's learning rate, 3x the embeddings'. calibrate_latent_norm is off:
-    the VAE part ships its latent BatchNorm statistics.
-  Known limits: the t2i shape is near the blind rate (the generated shapes are blobs); the t2i colour
-  varies with the seed: seeds 4 and 5 gave 13 % and 97 % (hue judge; captions' shape 79 and 72 %): the
-  image positions learn to read the colour word in some runs and not in others (seed 4 at 700 steps:
-  67 %: the reading sets in between 500 and 700 steps).
+  From the project's own pretrained parts (VAE and ViT, package data, `train.tiny_parts`), frozen; a random
+  2-layer LLM (hidden 64); 32-px images, patch 8 (4 image tokens). und 1 : gen 1 from the first step,
+  lambda (fm_weight) 2, CFG dropout 0.1, batch 16, lr 3e-3 cosine. T2I prompts are in capitals
+  ('A RED CIRCLE', `demo.shapes.prompt_text`). Why each choice, and every variant measured at each seed:
+  docs/tiny_recipe.md.
   """
   c = base_config()
   c.init_from = "parts:vae={0}/vae,siglip={0}/siglip".format(TINY_PARTS)

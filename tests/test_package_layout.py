@@ -110,9 +110,6 @@ LEFT_TO_OTHERS = {
     "cheers_jax/bench/train.py": (1, "issue 23: the packing figure (print_padding)"),
     "cheers_jax/data/pipeline.py": (1, "issue 22 (grain's workers read absl flags)"),
     "cheers_jax/data/sources.py": (0, "issue 22 (a TFDS import without its reason)"),
-    "cheers_jax/train/loop.py": (8, "issue 25: the shapes demo's samples and evaluation"),
-    "cheers_jax/train/shapes_eval.py": (1, "issue 25"),
-    "cheers_jax/train/tiny_parts.py": (2, "issue 25"),
 }
 
 

@@ -13,7 +13,7 @@ of several sizes, as a JSONL and as prepared shards of the same records. Then:
 - throughput: samples/s and tokens/s (text tokens + image tokens of the assembled batch, padding
   excluded) of the whole pipeline at --image-size, per data.worker_count in --workers, both sources;
 - stages: mean milliseconds per sample of read (the source's __getitem__: a JSONL line + image files,
-  or a shard record), decode (JPEG -> RGB), preprocess (resize / crop / pad, to float), tokenise
+  or a shard record), decode (JPEG -> RGB), preprocess (resize / crop / pad, uint8), tokenise
   (training template) and assemble (collate one batch, per sample), in one process.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from cheers_jax.data import pipeline
 from cheers_jax.data import prepare as prepare_lib
 from cheers_jax.data import shards as shards_lib
 from cheers_jax.data import sources as sources_lib
-from cheers_jax.data.images import load_image, preprocess_generation, preprocess_understanding
+from cheers_jax.data.images import generation_image, load_image, understanding_image
 from cheers_jax.data.tokenizer import CheersTokenizer
 
 IMAGE_SIZES = ((640, 480), (1024, 768), (512, 512), (480, 800), (320, 240))  # (W, H) JPEGs, in turn
@@ -177,7 +177,8 @@ def stage_times(source: Any, spec: pipeline.PipelineSpec, count: int) -> dict[st
     decoded = [load_image(d) for d in data]
     t2 = time.perf_counter()
     for im, kind in zip(decoded, example["image_kinds"]):
-      (preprocess_understanding if kind == "und" else preprocess_generation)(im, spec.image_size, spec.patch_size)
+      # as pipeline.preprocess_image: resize and pad / crop to uint8 (the model divides by 255 on the device)
+      np.asarray((understanding_image if kind == "und" else generation_image)(im, spec.image_size), np.uint8)
     t3 = time.perf_counter()
     tok.build_conversation(example["messages"])
     t4 = time.perf_counter()
@@ -239,7 +240,7 @@ def _main(argv: Sequence[str]) -> int:
   summary = prepare_lib.prepare([jsonl], [os.path.join(folder, "images")], shards, processes=args.processes,
                                 records_per_shard=max(1, args.records // 4), log=lambda *_: None)
   result["prepare_s"] = time.perf_counter() - t0
-  result["prepared_resumed_shards"] = summary["inputs"][jsonl]["resumed"]
+  result["prepared_resumed_shards"] = summary["inputs"][os.path.abspath(jsonl)]["resumed"]
   print(f"data: {args.records} records in {folder} (JPEGs {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}); "
         f"prepare: {result['prepare_s']:.1f} s")
   sources = {"jsonl": {"source": "jsonl", "jsonl_path": jsonl, "image_root": os.path.join(folder, "images")},

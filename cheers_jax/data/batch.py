@@ -35,7 +35,7 @@ slots count from its first row.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -83,6 +83,17 @@ def image_slots(assembled: AssembledBatch, slots_per_row: int) -> np.ndarray:
   if len(rows) and rank.max() >= slots_per_row:
     raise AssertionError(f"a row has more than {slots_per_row} images (image slots per row)")
   return rows * slots_per_row + rank
+
+
+def from_samples(assembled: AssembledBatch, samples: Sequence[Mapping[str, Any]], tokens_per_image: int,
+                 slots_per_row: int, num_skipped: int = 0) -> dict[str, Any]:
+  """`from_assembled` with the images of the assembled prepared samples (the pipeline's: pixels, t and
+  image_kind of each, in the samples' order, which must be the assembly's)."""
+  kinds = np.concatenate([x["image_kind"] for x in samples])
+  if not np.array_equal(kinds, assembled.image_kind):
+    raise AssertionError(f"image order mismatch: samples {kinds}, assembled {assembled.image_kind}")
+  return from_assembled(assembled, tokens_per_image, slots_per_row, np.concatenate([x["pixels"] for x in samples]),
+                        np.concatenate([x["t"] for x in samples]), num_skipped)
 
 
 def from_assembled(assembled: AssembledBatch, tokens_per_image: int, slots_per_row: int, pixels: np.ndarray,

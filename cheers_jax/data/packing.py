@@ -144,12 +144,7 @@ def collate_packed(samples: Sequence[Mapping[str, Any]], placement: Sequence[tup
   one packed batch of `cheers_jax.data.batch`'s contract (rows x row_len, row_images slots per row)."""
   ids, labels, mask = batch_lib.pad_samples([x["input_ids"] for x in samples], [x["labels"] for x in samples])
   lay = packed_layout(ids, labels, mask, placement, spec, tokens_per_image, max_seq_len)
-  kinds = np.concatenate([x["image_kind"] for x in samples])
-  if not np.array_equal(kinds, lay.image_kind):
-    raise AssertionError(f"image order mismatch: samples {kinds}, assembled {lay.image_kind}")
-  return batch_lib.from_assembled(lay, tokens_per_image, spec.row_images,
-                                  pixels=np.concatenate([x["pixels"] for x in samples]),
-                                  t=np.concatenate([x["t"] for x in samples]), num_skipped=num_skipped)
+  return batch_lib.from_samples(lay, samples, tokens_per_image, spec.row_images, num_skipped)
 
 
 # ------------------------------------------------------------------------------------ the padding figure

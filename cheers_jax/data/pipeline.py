@@ -261,12 +261,7 @@ def collate(samples: Sequence[Mapping[str, Any]], spec: PipelineSpec, num_skippe
   bucket = spec.bucket_for(max(int(s["length"]) for s in samples))
   lay = assemble(ids, n_tok, attention_mask=mask, labels=labels, seq_len=bucket, max_seq_len=spec.max_seq_len,
                  check_fm_positions=True)
-  kinds = np.concatenate([s["image_kind"] for s in samples])
-  if not np.array_equal(kinds, lay.image_kind):
-    raise AssertionError(f"image order mismatch: samples {kinds}, assembled {lay.image_kind}")
-  return batch_lib.from_assembled(lay, n_tok, spec.max_images_per_sample,
-                                  pixels=np.concatenate([s["pixels"] for s in samples]),
-                                  t=np.concatenate([s["t"] for s in samples]), num_skipped=num_skipped)
+  return batch_lib.from_samples(lay, samples, n_tok, spec.max_images_per_sample, num_skipped)
 
 
 class _BatchIterator(grain.DatasetIterator):

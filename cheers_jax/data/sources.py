@@ -14,15 +14,14 @@ und / gen / text category of every index without decoding images, so the pipelin
 Sources: `JsonlSource` (the official conversation format), `ShardSource` (the same records prepared
 into ArrayRecord shards by `python -m cheers_jax.data.prepare`: start-up reads small indexes, images
 travel inside the records), `TfdsSource` (image + caption / label datasets as t2i and/or i2t samples;
-TensorFlow is imported lazily), `SyntheticShapes` (coloured shapes made in-process, with `describe` /
-`parse_caption` so an evaluation can check captions), and `MultiSource` (several of them one after
+TensorFlow is imported lazily), `SyntheticShapes` (the shapes demo of
+`cheers_jax.demo.shapes`, drawn in-process), and `MultiSource` (several of them one after
 another, with a sampling weight each: config.data.sources).
 """
 from __future__ import annotations
 
 import array
 import bisect
-import collections
 import glob
 import json
 import math
@@ -32,10 +31,10 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import grain
 import numpy as np
-from PIL import Image, ImageDraw
 
 from cheers_jax.data import shards as shards_lib
 from cheers_jax.data.tokenizer import GEN_IMAGE_TEXT, UND_IMAGE_TEXT, normalize_messages
+from cheers_jax.demo import shapes
 from cheers_jax.errors import ConfigError, UserError, unknown_key
 
 
@@ -311,70 +310,16 @@ def _nested(tree: Any, key: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------- synthetic
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 20)}
-SHAPES = ("circle", "square", "triangle")
-_SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
-
-
-class ShapeLabel(NamedTuple):
-  colour: str
-  shape: str
-
-
 def shapes_prompt(caption: str) -> str:
-  """The T2I prompt text of a synthetic shape: its caption in capitals ('a red circle' -> 'Generate an
-  image: A RED CIRCLE'). Capitals tokenize differently from the caption's words, so the prompt's word
-  vectors are not the ones the captions are predicted with: with a from-scratch 2-layer LLM and tied
-  embeddings, shared words left the image position unable to read the prompt (cheers_jax.config.tiny)."""
-  return T2I_PROMPT.format(caption=caption.upper())
-
-
-def describe(label: ShapeLabel | tuple[str, str]) -> str:
-  """The caption of a shape: ('red', 'circle') -> 'a red circle'."""
-  colour, shape = label
-  return f"a {colour} {shape}"
-
-
-def parse_caption(text: str) -> ShapeLabel | None:
-  """The (colour, shape) a caption names, or None when it names not exactly one colour and one shape."""
-  words = re.findall(r"[a-z]+", text.lower())
-  colours = {w for w in words if w in COLOURS}
-  shapes = {w for w in words if w in SHAPES}
-  if len(colours) != 1 or len(shapes) != 1:
-    return None
-  return ShapeLabel(colours.pop(), shapes.pop())
-
-
-def score_captions(wanted: Sequence[ShapeLabel], texts: Sequence[str]) -> dict[str, float]:
-  """Accuracy of captions against the shapes they describe, with what an image-blind captioner scores.
-
-  colour_acc / shape_acc / both_acc: the caption names the right colour / shape / both.
-  well_formed: it names exactly one colour and one shape (the text template was learnt).
-  distinct: the number of different (colour, shape) pairs named: 1 means every image got the same caption.
-  *_chance: what a uniform guess scores (1/6, 1/3, 1/18); majority_*: what always answering the most
-  common true colour / shape / pair of these images scores (the best image-blind constant answer).
-  """
-  if len(wanted) != len(texts) or not texts:
-    raise ValueError(f"need one caption per image, got {len(texts)} captions for {len(wanted)} images")
-  parsed = [parse_caption(t) for t in texts]
-  n = float(len(texts))
-  hits = lambda f: sum(p is not None and f(p, w) for p, w in zip(parsed, wanted)) / n
-  top = lambda keys: max(collections.Counter(keys).values()) / n
-  return {"colour_acc": hits(lambda p, w: p.colour == w.colour), "shape_acc": hits(lambda p, w: p.shape == w.shape),
-          "both_acc": hits(lambda p, w: p == w), "well_formed": sum(p is not None for p in parsed) / n,
-          "distinct": float(len({p for p in parsed if p is not None})),
-          "colour_chance": 1 / len(COLOURS), "shape_chance": 1 / len(SHAPES),
-          "both_chance": 1 / (len(COLOURS) * len(SHAPES)),
-          "majority_colour": top([w.colour for w in wanted]), "majority_shape": top([w.shape for w in wanted]),
-          "majority_both": top([tuple(w) for w in wanted])}
+  """The T2I prompt of a synthetic shape: 'a red circle' -> 'Generate an image: A RED CIRCLE' (the demo's
+  prompts are in capitals: `demo.shapes.prompt_text`)."""
+  return T2I_PROMPT.format(caption=shapes.prompt_text(caption))
 
 
 class SyntheticShapes:
-  """One coloured shape (circle / square / triangle) at a random position and size on a plain grey
-  background, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd ones t2i (prompt:
-  `shapes_prompt`). Everything is a function of (seed, index), so any process regenerates the same example.
+  """The shapes demo as a source (`cheers_jax.demo.shapes`): example `index` is the shape
+  `shapes.sample_shape(seed, index)`, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd
+  ones t2i (prompt: `shapes_prompt`). Any process regenerates the same example.
   """
 
   def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0) -> None:
@@ -386,42 +331,20 @@ class SyntheticShapes:
   def categories(self) -> np.ndarray:
     return np.where(np.arange(self.size) % 2 == 0, UND, GEN).astype(np.int8)
 
-  def _params(self, index: int) -> dict[str, Any]:
-    rng = np.random.default_rng([self.seed, index])
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    extent = rng.uniform(0.3, 0.6)  # side / diameter as a fraction of the image
-    x0, y0 = rng.uniform(0.0, 1.0 - extent, size=2)
-    background = int(rng.integers(200, 256))
-    return dict(colour=colour, shape=shape, box=(x0, y0, x0 + extent, y0 + extent), background=background)
-
-  def label(self, index: int) -> ShapeLabel:
-    p = self._params(int(index))
-    return ShapeLabel(p["colour"], p["shape"])
+  def label(self, index: int) -> shapes.ShapeLabel:
+    return shapes.sample_shape(self.seed, index).label
 
   def render(self, index: int) -> np.ndarray:
     """uint8 (image_size, image_size, 3)."""
-    p = self._params(int(index))
-    big = self.image_size * _SUPERSAMPLE
-    canvas = Image.new("RGB", (big, big), (p["background"],) * 3)
-    draw = ImageDraw.Draw(canvas)
-    x0, y0, x1, y1 = (v * big for v in p["box"])
-    fill = COLOURS[p["colour"]]
-    if p["shape"] == "circle":
-      draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif p["shape"] == "square":
-      draw.rectangle((x0, y0, x1, y1), fill=fill)
-    else:
-      draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    small = canvas.resize((self.image_size, self.image_size), Image.Resampling.BOX)
-    return np.asarray(small, np.uint8)
+    return shapes.render(shapes.sample_shape(self.seed, index), self.image_size)
 
   def __getitem__(self, index: int) -> Example:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(index)
-    caption = describe(self.label(index))
-    image = self.render(index)
+    shape = shapes.sample_shape(self.seed, index)
+    caption = shapes.describe(shape.label)
+    image = shapes.render(shape, self.image_size)
     if index % 2 == 0:
       return {"id": f"shapes/{index}", "messages": i2t_messages(caption), "images": [image],
               "image_kinds": ["und"]}
