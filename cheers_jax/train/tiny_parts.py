@@ -41,10 +41,12 @@ import numpy as np
 import optax
 
 from cheers_jax import cli, package_data
+from cheers_jax import config as config_lib
 from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.checkpoint import safetensors_io as st
 from cheers_jax.checkpoint.hf import CONFIG_FILE, hf_tensor
 from cheers_jax.demo import shapes as demo_shapes
+from cheers_jax.errors import UserError
 from cheers_jax.model.config import ModelConfig
 from cheers_jax.model.siglip import SigLIP
 from cheers_jax.model.vae import VAE, patchify
@@ -247,7 +249,6 @@ def write_siglip_part(variables: dict, cfg: ModelConfig, out_dir: Path, report: 
 
 
 def tiny_model_config(config_name: str = "tiny", overrides: Sequence[str] = ()) -> tuple[ModelConfig, int]:
-  from cheers_jax import config as config_lib
   config = config_lib.load(config_name, ["init_from="] + list(overrides))
   return ModelConfig.from_dict(config.model), int(config.data.image_size)
 
@@ -287,7 +288,6 @@ def _make(args) -> int:
   cfg, image_size = tiny_model_config(args.config, args.set)
   which = [p.strip() for p in args.parts.split(",") if p.strip()]
   if not which or any(p not in ("vae", "siglip") for p in which):
-    from cheers_jax.errors import UserError
     raise UserError(f"--parts {args.parts!r}: give vae, siglip or vae,siglip")
   command = ("python -m cheers_jax.train.tiny_parts --out OUT --config {} --parts {} --steps {} --siglip_steps {} "
              "--batch_size {} --lr {} --chroma_weight {} --seed {}".format(
