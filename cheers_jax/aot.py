@@ -38,8 +38,9 @@ import argparse
 import math
 import os
 import sys
-import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+import jax
 
 from cheers_jax import cli
 from cheers_jax import config as config_lib
@@ -48,10 +49,6 @@ from cheers_jax.train import measure, synthetic
 
 DEFAULT_CONFIG = "cheers_1p5b"
 DEFAULT_MESHES = "fsdp=1;fsdp=8;data=2,fsdp=4;fsdp=4,tensor=2"
-FIELDS = ("target", "mesh", "devices", "platform", "per_device_batch", "global_batch", "seq_len", "remat", "args_gib",
-          "outputs_gib", "alias_gib", "temp_gib", "total_gib", "memory_gib", "fits", "compiled_tflop", "model_tflop",
-          "recompute", "compiled_gb", "roofline_step_s_est", "roofline_mfu_est", "compile_s", "status", "error")
-GIB = 2.0 ** 30
 
 
 def _devices_needed(meshes: Sequence[dict]) -> int:
@@ -70,83 +67,19 @@ def pick_devices(target: targets.Target, need: int) -> tuple[list, str]:
   """Compile-only devices of `target`; the attached accelerators when the target is 'cpu' and they are enough."""
   if target.platform != "cpu":
     return targets.devices(target, need), target.name
-  import jax
   default = jax.devices()
   if default[0].platform != "cpu" and len(default) >= need:
     return default, default[0].platform
   cpu = jax.devices("cpu")
-  return cpu, "cpu (estimate)" if default[0].platform == "cpu" else f"cpu (estimate; only {len(default)} {default[0].platform})"
-
-
-def cost_figures(compiled, model_flops: float, target: Optional[targets.Target]) -> dict[str, Any]:
-  """Compiled FLOPs and bytes (per device, from cost_analysis) against the model's; a roofline estimate."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 -- not every backend has it
-    cost = None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or not cost.get("flops"):
-    return {}
-  flops, nbytes = float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
-  out: dict[str, Any] = {"compiled_tflop": flops / 1e12, "compiled_gb": nbytes / 1e9, "model_tflop": model_flops / 1e12,
-                         "recompute": flops / model_flops if model_flops else None}
-  if target is not None and target.peak_tflops and target.hbm_gbps:
-    step = max(flops / (target.peak_tflops * 1e12), nbytes / (target.hbm_gbps * 1e9))
-    out.update(roofline_step_s_est=step, roofline_mfu_est=model_flops / step / (target.peak_tflops * 1e12))
-  return out
-
-
-def aot_memory(config, mesh_shape: dict, per_device_batch: int, *, batch: synthetic.BatchOptions = synthetic.BatchOptions(),
-               devices: Optional[Sequence] = None, target: Optional[targets.Target] = None) -> dict[str, Any]:
-  """Compile the train step of `config` for `mesh_shape` on abstract inputs; per-device bytes (GiB), and on
-  targets with a cost model the compiled FLOPs per device against the model's (see cost_figures).
-
-  Never raises: a failure is a row with status 'error' or 'oom' (XLA may refuse a program that cannot fit).
-  """
-  row: dict[str, Any] = {"mesh": sharding.mesh_name(mesh_shape), "per_device_batch": per_device_batch,
-                         "remat": config.model.remat_policy, "status": "error"}
-  try:
-    import jax
-    from cheers_jax.model.cheers import Cheers
-    from cheers_jax.train import metrics as metrics_lib
-    from cheers_jax.train import state as state_lib
-    from cheers_jax.train import step as step_lib
-    mesh = sharding.make_mesh_on_first_devices(mesh_shape, devices)
-    layout = measure.StepLayout.make(mesh_shape, config.model.remat_policy, config.model.attention,
-                                     per_device_batch * sharding.data_shards(mesh))
-    c = measure.layout_config(config, layout)
-    spec = batch.spec(c, layout.batch_size)
-    row.update(devices=mesh.devices.size, global_batch=layout.batch_size, seq_len=spec.seq_len)
-    abstract, shardings = state_lib.abstract_train_state(c, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    step_fn = step_lib.make_train_step(Cheers(state_lib.model_config(c)), c, mesh, shardings)
-    t0 = time.perf_counter()
-    options = target.compiler_options if target is not None else {}
-    compiled = step_fn.lower(state, synthetic.abstract_batch(spec, mesh)).compile(compiler_options=options or None)
-    row["compile_s"] = time.perf_counter() - t0
-    mem = measure.memory_figures(compiled)
-    if mem["total"] is None:
-      raise RuntimeError("this backend has no memory_analysis()")
-    row.update({f"{k}_gib": mem[k] / GIB for k in ("args", "outputs", "alias", "temp", "total")}, status="ok")
-    per_device_flops = metrics_lib.flops_per_sample(state_lib.model_config(c), spec.seq_len, spec.image_size,
-                                                    spec.image_slots, c.train.trainable) * layout.batch_size / mesh.devices.size
-    if target is not None and target.platform == "tpu":
-      row.update(cost_figures(compiled, per_device_flops, target))
-    del compiled
-  except Exception as e:  # noqa: BLE001 -- one failed combination is a row
-    row.update(status=measure.classify_error(e), error=measure.short_error(e))
-  try:
-    import jax
-    jax.clear_caches()  # compiled steps of earlier combinations are not needed again
-  except Exception:
-    pass
-  return row
+  if default[0].platform == "cpu":
+    return cpu, "cpu (estimate)"
+  return cpu, f"cpu (estimate; only {len(default)} {default[0].platform})"
 
 
 def format_table(rows: Sequence[dict], memory_gib: float) -> str:
   head = (f"{'mesh':<18} {'dev':>3} {'remat':>5} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} "
-          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} {'compile s':>9}")
+          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} "
+          f"{'compile s':>9}")
   lines = [head, " " * 50 + "(GiB per device)"]
   f = lambda v: measure.fmt(v, ".2f")
   for r in rows:
@@ -157,6 +90,8 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
     line = (f"{lead}{r['global_batch']:>4} {r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} "
             f"{f(r['alias_gib']):>7} {f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>15} "
             f"{measure.fmt(r['compile_s'], '.1f'):>9}")
+    if r.get("rows", r["global_batch"]) != r["global_batch"]:
+      line += f"  (packed: {r['global_batch']} samples in {r['rows']} rows of {r['seq_len']})"
     if r.get("compiled_tflop") is not None:
       line += (f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's"
                + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.; "
@@ -169,16 +104,12 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config name or a config file (default: "
-                 "cheers_1p5b, the full model); override values with --config.KEY=VALUE")
+  cli.add_config_flags(p, default=DEFAULT_CONFIG)
   p.add_argument("--target", default="cpu", help=f"what to compile for: {targets.names()} (default cpu: fake CPU "
                  "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`")
   p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"';'-separated meshes (default '{DEFAULT_MESHES}')")
   p.add_argument("--per-device-batch", default="1,2,4,8", help="comma-separated rows per data shard (default 1,2,4,8)")
-  p.add_argument("--seq-len", type=cli.POSITIVE_INT, default=400, help="static sequence length (default 400, the reference timing's)")
-  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="text tokens per sample (default: 120, or what fits)")
-  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5)
-  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1)")
+  cli.add_batch_shape_flags(p, seq_len_default=400, seq_len_help="400, the reference timing's")
   p.add_argument("--remat", help="comma-separated remat policies, one row each (default: the config's)")
   p.add_argument("--attention", help="attention implementation (default: the config's)")
   p.add_argument("--hbm-gib", type=cli.POSITIVE, help="device memory for the 'fits' column (default: the target's; "
@@ -194,8 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  rest, overrides = config_lib.split_overrides(argv)
-  args = _parser().parse_args(rest)
+  args, overrides = cli.parse_config_args(_parser(), argv)
   target = targets.parse(args.target)
   targets.check_installed(target)
   meshes = sharding.parse_meshes(args.meshes)
@@ -205,7 +135,7 @@ def _main(argv: list[str]) -> int:
   with config.unlocked():
     if args.attention:
       config.model.attention = args.attention
-  batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  batch = synthetic.BatchOptions.from_args(args)
   batch.spec(config, 1)
   if args.out:
     cli.check_output_file(args.out, args.overwrite)
@@ -222,7 +152,7 @@ def _main(argv: list[str]) -> int:
       config.model.remat_policy = remat
     for mesh in meshes:
       for b in per_device:
-        row = aot_memory(config, mesh, b, batch=batch, devices=devices, target=target)
+        row = measure.aot_memory(config, mesh, b, batch=batch, devices=devices, target=target)
         row.update(target=target.name, platform=platform, memory_gib=memory_gib)
         row["fits"] = ("yes" if row["total_gib"] <= memory_gib else "NO") if row.get("status") == "ok" else (
             "NO" if row.get("status") == "oom" else "?")
@@ -232,9 +162,10 @@ def _main(argv: list[str]) -> int:
         print(f"  {row['mesh']} remat={remat} per-device batch {b}: {state}", flush=True)
   print("\n" + format_table(rows, memory_gib))
   if not target.exact:
-    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real compiler's.")
+    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real "
+          "compiler's.")
   if args.out:
-    measure.write_csv(rows, args.out, FIELDS)
+    measure.write_csv(rows, args.out, measure.AOT_FIELDS)
     print(f"wrote {args.out}")
   return 0 if any(r.get("status") == "ok" for r in rows) else 1
 

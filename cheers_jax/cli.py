@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from cheers_jax import config as config_lib
 from cheers_jax.errors import UserError
 
 USAGE_ERROR = 2
@@ -48,6 +49,39 @@ def run(main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]
     text = str(e) if isinstance(e, UserError) or not e.filename else f"{e.strerror or e}: {e.filename}"
     print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
     return USAGE_ERROR
+
+
+# ---- shared flag groups ---------------------------------------------------------------------------
+CONFIG_HELP = ("a shipped config name (tiny, cheers_1p5b) or a config file (FILE.py[:ARG]); override any value "
+               "with --config.KEY=VALUE (repeatable; the key must exist, the value takes its type)")
+
+
+def add_config_flags(group, *, default: Optional[str] = None, required: bool = False) -> None:
+  """--config NAME|FILE.py[:ARG]; its --config.KEY=VALUE overrides are set aside by `parse_config_args`."""
+  group.add_argument("--config", default=default, required=required, metavar="NAME|FILE.py[:ARG]",
+                     help=CONFIG_HELP + (f" (default: {default})" if default else ""))
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """(args, overrides): argv parsed by `parser`, its --config.KEY=VALUE overrides set aside for config.load."""
+  rest, overrides = config_lib.split_overrides(argv)
+  return parser.parse_args(rest), overrides
+
+
+def add_batch_shape_flags(parser: argparse.ArgumentParser, *, seq_len_default: Optional[int] = None,
+                          seq_len_help: str = "the config's smallest data.seq_buckets") -> None:
+  """The synthetic batch of the measuring tools (train.synthetic.BatchOptions.from_args)."""
+  g = parser.add_argument_group("batch shape (a synthetic batch as the reference timing's)")
+  g.add_argument("--seq-len", type=POSITIVE_INT, default=seq_len_default,
+                 help=f"static sequence length (default: {seq_len_help})")
+  g.add_argument("--text-len", type=NON_NEGATIVE_INT, help="random text tokens per sample (default 120, the "
+                 "reference's 400-token samples at 512x512, or what fits --seq-len)")
+  g.add_argument("--gen-fraction", type=number(float, minimum=0, maximum=1), default=0.5,
+                 help="share of generation samples (default 0.5)")
+  g.add_argument("--image-slots", type=POSITIVE_INT, default=1, help="image slots per sample (default 1; a pipeline "
+                 "config uses data.max_images_per_sample)")
+  g.add_argument("--mix", action="store_true", help="samples of the realistic length mix instead, padded to the "
+                 "config's bucket of the longest, or packed with --config.data.packing=True")
 
 
 def add_model_source_flags(group, dtype_help: str = "") -> None:

@@ -16,7 +16,9 @@ A misspelt key, here or in a config file, is a ConfigError naming the closest va
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -24,12 +26,16 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from cheers_jax import package_data
+from cheers_jax.data import packing
 from cheers_jax.errors import ConfigError, unknown_key
+from cheers_jax.model.config import ModelConfig
 
 # Sections whose keys `check_known_keys` leaves to others: model to ModelConfig.from_dict, data to the
 # pipeline (it accepts optional extras such as data.num_threads, set in a config file).
 OPEN_SECTIONS = ("model", "data")
 EXTRA_TOP_KEYS = ("export_hf",)  # optional: read with config.get()
+NAN_POLICIES = ("stop", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"          # synthetic | jsonl | tfds
   c.data.jsonl_path = ""               # official conversation format (one JSON object per line)
   c.data.image_root = ""               # folder the JSONL image paths are relative to
+  # Several sources by weight (replaces source/jsonl_path when given): entries {'path': JSONL file, glob or
+  # folder of prepared shards (python -m cheers_jax.data.prepare), 'weight': 1.0, 'image_root': ''}, or paths.
+  # The weights mix the sources within each kind; data.mix still sets the und : gen : text ratio on top.
+  c.data.sources = ()
   c.data.tfds_name = ""                # e.g. 'my_captions' (image + caption/label features)
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""
@@ -59,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 512              # must equal model.vision.image_size
   c.data.seq_buckets = (512, 1024, 2048, 4096)  # static sequence lengths (few compiles)
   c.data.max_images_per_sample = 2     # image slots per sample in a batch (editing = 2)
+  # Packed rows (cheers_jax/data/packing.py): train.batch_size rows of pack_len tokens (0 = the largest bucket)
+  # and pack_images image slots (0 = automatic), each holding as many whole samples as fit.
+  c.data.packing = False
+  c.data.pack_len = 0
+  c.data.pack_images = 0
   c.data.mix = ml_collections.ConfigDict(dict(und=3.0, gen=6.0, text=1.0))  # sampling ratios
   # A first phase: the stream's first `first_samples` samples (global) follow `first_mix` instead (0 = none).
   c.data.first_samples = 0
@@ -107,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ---- the shipped configurations ---------------------------------------------------------------------
 # The embedded default's pretrained parts (VAE, SigLIP), package data made by `python -m cheers_jax.train.tiny_parts`.
-TINY_PARTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_parts")
+TINY_PARTS = str(package_data.TINY_PARTS)
 
 
 def cheers_1p5b():
@@ -131,58 +146,15 @@ def cheers_1p5b():
 
 
 def tiny():
-  """The embedded default: a tiny Cheers on generated shapes; trains on a laptop CPU in minutes.
+  """The embedded default: a tiny Cheers learns to caption and draw coloured shapes (`cheers_jax.demo`).
 
-  python -m cheers_jax.train --config tiny --workdir /tmp/cheers_tiny
+  python -m cheers_jax.train --config tiny --workdir /tmp/cheers_tiny   # ~4 min on 2 CPU cores
 
-  It starts the way the paper's stage 1 does, from pretrained parts, here made by the project itself
-  (`python -m cheers_jax.train.tiny_parts`, shipped as package data, 2.1 MB): a VAE trained as an
-  autoencoder on drawn shapes and a tiny ViT trained to tell their colours and shapes apart; the LLM and
-  every head module start random. Captions are 'a red circle'; T2I prompts are 'Generate an image: A RED
-  CIRCLE' (`sources.shapes_prompt`: draw from the exported model with that form). What each choice
-  buys, measured on the 2-core VM (96 held-out images for captions, 18 prompts x 8 samples for T2I;
-  "blind" = the best image- or prompt-blind answer: caption colour 23 %, shape 38 %; t2i colour 17 %;
-  the t2i colours below were judged by nearest RGB, before shapes_eval judged by hue: re-judged, seeds
-  0-3 of the shipped recipe give 76/75/41/56 % in place of 78/75/39/56 %):
-  - init_from=parts:vae,siglip: with the random VAE every held-out image got the same caption: its
-    GroupNorms (one channel per group at ch=32) discard each image's colour; the random ViT's tokens are
-    nearly the same for every image (across-image std 0.028 against a mean of 0.149).
-  - patch 8 and a 2-level VAE (ch_mult (1, 2, 2): an 8x8 latent, 4 image tokens per 32-px image): the
-    earlier patch 16 over a 3-level VAE (4x4 latent, one token) blurred circles into rounded squares;
-    captions then read shape at the blind rate (33 %) and the ViT part told shapes apart 73 % of the
-    time; at patch 8 the ViT part: 83 %, captions 72-78 %. Same step time (the LM head dominates).
-  - train.trainable='all_but_vision_tokenizer' (VAE, decoder projector and ViT frozen): trained, the
-    tokenizer path drifted (the image token's std grew from 0.18 to 82 in 400 steps) and the step pays
-    for their backward pass.
-  - prompts in capitals: with the same words in prompts and captions (tied embeddings, a random 2-layer
-    LLM), the image position never learnt to read the prompt as soon as any captioning was in the mix
-    (t2i colour 12-17 %; the velocity varied 1000x less across prompts than across noise). Distinct
-    prompt tokens fixed it. Untied embeddings did not help, with capitals either (patch 8, lambda 2: t2i 34 %).
-  - data.mix und 1 : gen 1 from the first step: the two tasks race for the shared LLM and the first one
-    learnt wins (120 steps of captions first: t2i 12 %; 200 steps of generation first: one caption for
-    all images). und 1 : gen 2 (lambda 2, CFG dropout 0.2): t2i 40 %.
-  - train.fm_weight=2 (lambda; the paper's is 1): at patch 8 (CFG dropout 0.2) the captions hold at any
-    lambda tried (100 % colour at 1.2, 2 and 3); t2i colour: lambda 1.2 17 % (the prompt never read),
-    2: 61 %, 3: 60 %.
-  - data.cfg_data_rate=0.1 (the reference's 0.2): half as many prompt-less generation samples; with
-    lambda 2: t2i colour 61 % -> 78 % (0.05 at seed 2: 50 % against 39 %). Sampler settings hardly matter
-    (dropout 0.2: cfg 4/7/10: 61/62/65 %, shift 0.25-2: 59-60 %; 0.1: cfg 4/7/10 79/80/74 %), so
-    sample_cfg stays 4.
-  - train.fm_gen_only=True: FM on generation images only (the paper's variant); the reference's default
-    also fits a zero velocity on every understanding image, which a trainable tokenizer path met by
-    making its tokens constant (std across images 0.16 -> 0.007 in 250 steps).
-  - 32-px images: the step cost is the 151,936-token LM head over ~240 text targets per batch;
-    ce_chunk=128: two chunks of 128 rows hold them (144 made 288 rows): ~0.32-0.37 s/step.
-  - train.steps=500, lr 3e-3 cosine, batch 16: ~3 min of steps on 2 cores (README: the whole run's split).
-    Seeds 0-3: t2i colour 78/75/39/56 %, caption shape 77/76/69/67 %. 700 steps (64 s more): 70/54/70/63 %
-    and 76/79/73/70 %: steadier across seeds but no better at seed 0, so not taken.
-    Other variants, all worse for t2i: 4 LLM layers (57 %), batch 24 with und 1 : gen 2 (66 %, 20 % slower);
-    at patch 16: lr 5e-3, 3x the head's learning rate, 3x the embeddings'. calibrate_latent_norm is off:
-    the VAE part ships its latent BatchNorm statistics.
-  Known limits: the t2i shape is near the blind rate (the generated shapes are blobs); the t2i colour
-  varies with the seed: seeds 4 and 5 gave 13 % and 97 % (hue judge; captions' shape 79 and 72 %): the
-  image positions learn to read the colour word in some runs and not in others (seed 4 at 700 steps:
-  67 %: the reading sets in between 500 and 700 steps).
+  From the project's own pretrained parts (VAE and ViT, package data, `train.tiny_parts`), frozen; a random
+  2-layer LLM (hidden 64); 32-px images, patch 8 (4 image tokens). und 1 : gen 1 from the first step,
+  lambda (fm_weight) 2, CFG dropout 0.1, batch 16, lr 3e-3 cosine. T2I prompts are in capitals
+  ('A RED CIRCLE', `demo.shapes.prompt_text`). Why each choice, and every variant measured at each seed:
+  docs/tiny_recipe.md.
   """
   c = base_config()
   c.init_from = "parts:vae={0}/vae,siglip={0}/siglip".format(TINY_PARTS)
@@ -255,6 +227,8 @@ _RANGES = (
     ("sample_cfg", 0, True, None, True, "1 turns guidance off"),
     ("data.image_size", 1, True, None, True, ""),
     ("data.max_images_per_sample", 1, True, None, True, ""),
+    ("data.pack_len", 0, True, None, True, "0 = the largest bucket"),
+    ("data.pack_images", 0, True, None, True, "0 = automatic"),
     ("data.cfg_data_rate", 0, True, 1, True, "a probability"),
     ("data.worker_count", 0, True, None, True, "0 = in-process"),
     ("data.synthetic_size", 1, True, None, True, ""),
@@ -321,6 +295,36 @@ def check_values(config) -> None:
                           "kind (und, gen, text) a positive weight")
 
 
+def check_consistency(config) -> None:
+  """Checks across keys and of the enumerated values: the model section is a valid ModelConfig, the
+  data's image size is the model's, the batch splits into micro-batches, the NaN policy is known, a packed
+  row holds the longest bucket and the sample with the most images (data.packing)."""
+  cfg = model_config(config)
+  train = config.get("train")
+  if train is not None:
+    if train.get("nan_policy", "stop") not in NAN_POLICIES:
+      raise ConfigError(f"train.nan_policy='{train.nan_policy}': choose one of {NAN_POLICIES}")
+    if int(train.batch_size) % int(train.grad_accum):
+      raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by train.grad_accum={train.grad_accum}")
+  data = config.get("data")
+  if data is not None and data.get("image_size") is not None and int(data.image_size) != cfg.vision.image_size:
+    raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}: "
+                      "they must match (the SigLIP position table is trained at one size); set both")
+  if data is not None and data.get("seq_buckets") is not None:
+    packing.resolve(data, cfg.tokens_per_image, rows=1)
+
+
+def model_config(config) -> ModelConfig:
+  """The run config's model section as a ModelConfig: THE conversion, cached (one object per distinct section)."""
+  model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  return _model_config(json.dumps(model, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _model_config(model_json: str) -> ModelConfig:
+  return ModelConfig.from_dict(json.loads(model_json))
+
+
 # ---- loading -------------------------------------------------------------------------------------
 def is_path(text: str) -> bool:
   file = text.partition(":")[0]
@@ -359,6 +363,7 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> ml_collections.Con
   apply_overrides(config, overrides)
   check_known_keys(config)
   check_values(config)
+  check_consistency(config)
   config.lock()
   return config
 

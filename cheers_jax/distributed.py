@@ -15,6 +15,7 @@ import os
 from typing import Mapping, Optional
 
 import jax
+from jax._src import distributed as jax_distributed  # the coordination client: it has no public barrier
 
 from cheers_jax.errors import ConfigError
 
@@ -58,7 +59,6 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
   processes that compiled different programs); a no-op in a single process."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # the client has no public barrier
   client = getattr(jax_distributed.global_state, "client", None)
   if client is not None:
     client.wait_at_barrier(name, timeout_s * 1000)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -30,7 +29,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cheers_jax import cli
+from cheers_jax.data.images import BadImageError, load_image, preprocess_understanding
+from cheers_jax.data.tokenizer import CheersTokenizer, UND_IMAGE_TEXT
 from cheers_jax.errors import UserError
+from cheers_jax.infer import decode, loader
+from cheers_jax.infer import images as images_lib
+from cheers_jax.infer.images import make_grid, to_uint8
+from cheers_jax.infer.t2i import edit_images, edit_prompt, t2i_prompt, text_to_image
 
 MODEL_SOURCES = ("checkpoint", "orbax", "run")
 
@@ -42,29 +47,8 @@ class CLIError(UserError):
 # ---- model loading -------------------------------------------------------------------------------
 def load_model(args, need_generation: bool):
   """-> (Cheers module, variables) from the one source flag given, in the dtype policy of the loader."""
-  from cheers_jax.infer import loader
   return loader.load_model(**{k: getattr(args, k) for k in MODEL_SOURCES}, dtype=args.dtype,
                            need_generation=need_generation)
-
-
-# ---- images --------------------------------------------------------------------------------------
-def to_uint8(image: np.ndarray) -> np.ndarray:
-  """[0, 1] float (H, W, 3) -> uint8, rounding as torchvision's save_image."""
-  return np.clip(np.floor(np.asarray(image, np.float32) * 255 + 0.5), 0, 255).astype(np.uint8)
-
-
-def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
-  """uint8 (H, W, 3) images -> one uint8 grid, row-major, black padding."""
-  n = len(images)
-  cols = columns or min(n, 4)
-  rows = math.ceil(n / cols)
-  h, w = images[0].shape[:2]
-  grid = np.zeros((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), np.uint8)
-  for i, img in enumerate(images):
-    r, c = divmod(i, cols)
-    y, x = pad + r * (h + pad), pad + c * (w + pad)
-    grid[y:y + h, x:x + w] = img
-  return grid
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -72,19 +56,12 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def save_images(images: np.ndarray, prompts: Sequence[str], out_dir: Path, first_index: int = 0) -> list[Path]:
-  from PIL import Image
-  out_dir.mkdir(parents=True, exist_ok=True)
-  paths = []
-  for i, (img, prompt) in enumerate(zip(images, prompts)):
-    path = out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png"
-    Image.fromarray(to_uint8(img)).save(path)
-    paths.append(path)
-  return paths
+  return [images_lib.save_png(img, out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png")
+          for i, (img, prompt) in enumerate(zip(images, prompts))]
 
 
 def _read_image(path: str):
   """The --image file decoded (checked before the model loads: a bad file fails in a second)."""
-  from cheers_jax.data.images import BadImageError, load_image
   try:
     return load_image(path)
   except BadImageError as e:
@@ -92,7 +69,6 @@ def _read_image(path: str):
 
 
 def _pixels(img, resolution: int, patch: int) -> np.ndarray:
-  from cheers_jax.data.images import preprocess_understanding
   return preprocess_understanding(img, resolution=resolution, patch_size=patch).pixel_values.transpose(1, 2, 0)
 
 
@@ -108,8 +84,7 @@ def _check_text(text: Optional[str], what: str = "prompt") -> str:
 
 
 def _sampling(args):
-  from cheers_jax.infer.decode import SamplingConfig
-  return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+  return decode.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         repetition_penalty=args.repetition_penalty).validate()
 
 
@@ -129,11 +104,10 @@ def _printer(tokenizer, out=sys.stdout):
 
 
 def _answer(model, variables, tokenizer, prompts: list[np.ndarray], images, args) -> list[str]:
-  from cheers_jax.infer.decode import generate_text
   stream = _printer(tokenizer) if len(prompts) == 1 and not args.no_stream else None
-  ids = generate_text(model, variables, prompts, images, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
-                      seed=args.seed, max_len=args.max_len, stream=stream,
-                      dummy_seeds=[args.seed + i for i in range(len(prompts))])
+  ids = decode.generate_text(model, variables, prompts, images, max_new_tokens=args.max_new_tokens,
+                             sampling=_sampling(args), seed=args.seed, max_len=args.max_len, stream=stream,
+                             dummy_seeds=[args.seed + i for i in range(len(prompts))])
   texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
   if stream is None:
     for i, text in enumerate(texts):
@@ -190,8 +164,6 @@ def _ask_sources(args) -> tuple[list[str], list]:
 
 def cmd_ask(args, model, variables, tokenizer) -> int:
   """Every question about every image, answered in one batched call (image-major order)."""
-  from cheers_jax.data.tokenizer import UND_IMAGE_TEXT
-  from cheers_jax.infer.decode import generate_text
   cfg = model.cfg
   files, decoded = _ask_sources(args)
   images = [_pixels(img, cfg.vision.image_size, cfg.vision.patch_size) for img in decoded]
@@ -201,9 +173,9 @@ def cmd_ask(args, model, variables, tokenizer) -> int:
   if len(pairs) == 1 and not args.jsonl:
     _answer(model, variables, tokenizer, prompts, [[images[0]]], args)  # streamed as it grows
     return 0
-  ids = generate_text(model, variables, prompts, [[images[i]] for _, i, _ in pairs],
-                      max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed,
-                      max_len=args.max_len, dummy_seeds=[args.seed + k for k in range(len(prompts))])
+  ids = decode.generate_text(model, variables, prompts, [[images[i]] for _, i, _ in pairs],
+                             max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed,
+                             max_len=args.max_len, dummy_seeds=[args.seed + k for k in range(len(prompts))])
   for (f, _, q), x in zip(pairs, ids):
     answer = tokenizer.decode(x, skip_special_tokens=True).strip()
     if args.jsonl:
@@ -226,7 +198,6 @@ def _report_text(tokenizer, ids_list, offset: int) -> None:
 
 
 def cmd_t2i(args, model, variables, tokenizer) -> int:
-  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
   texts = _t2i_texts(args)
   out_dir = Path(args.out)
   all_images, bs = [], args.batch_size
@@ -246,15 +217,11 @@ def cmd_t2i(args, model, variables, tokenizer) -> int:
       print(f"saved {p}")
     print(f"[t2i] {len(chunk)} image(s) in {dt:.1f} s", file=sys.stderr)
   if len(all_images) > 1:
-    from PIL import Image
-    grid_path = out_dir / "grid.png"
-    Image.fromarray(make_grid([to_uint8(x) for x in all_images])).save(grid_path)
-    print(f"saved {grid_path}")
+    print(f"saved {images_lib.save_png(make_grid(to_uint8(np.stack(all_images))), out_dir / 'grid.png')}")
   return 0
 
 
 def cmd_edit(args, model, variables, tokenizer) -> int:
-  from cheers_jax.infer.t2i import edit_images, edit_prompt
   cfg = model.cfg
   source = _load_source(args, cfg.vision.image_size, cfg.vision.patch_size)
   instructions = [_check_text(p) for p in (args.prompt or [])]
@@ -268,9 +235,7 @@ def cmd_edit(args, model, variables, tokenizer) -> int:
     print(f"saved {p}")
   _report_text(tokenizer, res.generated_ids, 0)
   if len(res.images) > 1:
-    from PIL import Image
-    Image.fromarray(make_grid([to_uint8(x) for x in res.images])).save(out_dir / "grid.png")
-    print(f"saved {out_dir / 'grid.png'}")
+    print(f"saved {images_lib.save_png(make_grid(to_uint8(res.images)), out_dir / 'grid.png')}")
   return 0
 
 
@@ -300,19 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache length: prompt + image tokens + new tokens must fit (default 4096)")
   src.add_argument("--seed", type=cli.NON_NEGATIVE_INT, default=0, help="random seed (T2I prompt i uses seed + i)")
   txt = common.add_argument_group("text decoding")
-  txt.add_argument("--max-new-tokens", type=cli.NON_NEGATIVE_INT, help="text tokens to generate (chat/ask 256; t2i/edit 0 = none "
+  txt.add_argument("--max-new-tokens", type=cli.NON_NEGATIVE_INT, help="text tokens to generate (chat/ask 256; "
+                   "t2i/edit 0 = none "
                    "after the image)")
-  txt.add_argument("--temperature", type=cli.NON_NEGATIVE, help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)")
-  txt.add_argument("--top-p", type=cli.number(float, above=0, maximum=1, hint="1 turns it off"), default=1.0, help="nucleus sampling (1 = off, the reference default)")
-  txt.add_argument("--top-k", type=cli.NON_NEGATIVE_INT, default=0, help="top-k sampling (0 = off, the reference default)")
-  txt.add_argument("--repetition-penalty", type=cli.number(float, above=0, hint="1 turns it off"), default=1.0, help="1 = off (the reference default)")
+  txt.add_argument("--temperature", type=cli.NON_NEGATIVE,
+                   help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)")
+  txt.add_argument("--top-p", type=cli.number(float, above=0, maximum=1, hint="1 turns it off"), default=1.0,
+                   help="nucleus sampling (1 = off, the reference default)")
+  txt.add_argument("--top-k", type=cli.NON_NEGATIVE_INT, default=0,
+                   help="top-k sampling (0 = off, the reference default)")
+  txt.add_argument("--repetition-penalty", type=cli.number(float, above=0, hint="1 turns it off"), default=1.0,
+                   help="1 = off (the reference default)")
   txt.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
 
   flow = argparse.ArgumentParser(add_help=False)
   g = flow.add_argument_group("image generation")
-  g.add_argument("--steps", type=cli.number(int, minimum=1, hint="at least 1 denoising step; published default 80"), default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
-  g.add_argument("--cfg", type=cli.number(float, minimum=0, hint="1 turns guidance off"), default=9.5, help="classifier-free guidance scale (1 = off; default 9.5)")
-  g.add_argument("--shift", type=cli.number(float, above=0, hint="published default 0.5"), default=0.5, help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
+  g.add_argument("--steps", type=cli.number(int, minimum=1, hint="at least 1 denoising step; published default 80"),
+                 default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
+  g.add_argument("--cfg", type=cli.number(float, minimum=0, hint="1 turns guidance off"), default=9.5,
+                 help="classifier-free guidance scale (1 = off; default 9.5)")
+  g.add_argument("--shift", type=cli.number(float, above=0, hint="published default 0.5"), default=0.5,
+                 help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
   g.add_argument("--out", default="outputs", help="output folder for the PNGs (default ./outputs; must be empty "
                  "or new unless --overwrite)")
   g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
@@ -348,20 +321,10 @@ def _validate(args) -> None:
   for key, value in DEFAULTS[args.command].items():
     if getattr(args, key) is None:
       setattr(args, key, value)
-  if args.max_len < 1:
-    raise CLIError(f"--max-len {args.max_len} must be positive")
-  if args.max_new_tokens < 0:
-    raise CLIError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
-  if args.command in ("t2i", "edit"):
-    if args.steps < 1:
-      raise CLIError(f"--steps {args.steps}: need at least 1 denoising step (published default 80)")
-    if args.command == "edit" and int(args.steps * 0.9) < 1:
-      raise CLIError(f"--steps {args.steps}: editing runs int(0.9 * steps) steps, so give at least 2")
-    if args.shift <= 0:
-      raise CLIError(f"--shift {args.shift} must be > 0 (published default 0.5)")
+  # (ranges are the flags' types: cli.number)
+  if args.command == "edit" and int(args.steps * 0.9) < 1:
+    raise CLIError(f"--steps {args.steps}: editing runs int(0.9 * steps) steps, so give at least 2")
   if args.command == "t2i":
-    if args.batch_size < 1:
-      raise CLIError(f"--batch-size {args.batch_size} must be >= 1")
     _t2i_texts(args)
   if args.command == "ask":
     _ask_sources(args)
@@ -383,7 +346,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   _validate(args)
-  from cheers_jax.data.tokenizer import CheersTokenizer
   t0 = time.perf_counter()
   model, variables = load_model(args, args.command in ("t2i", "edit"))
   source = args.checkpoint or args.orbax or args.run

@@ -11,7 +11,23 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+
+from cheers_jax.checkpoint.hf import hf_tensor
+from cheers_jax.data.images import preprocess_generation, preprocess_understanding
+from cheers_jax.data.tokenizer import uncond_ids
+from cheers_jax.infer import loader
+from cheers_jax.infer.decode import GREEDY, SamplingConfig, generate_text, reference_max_new_tokens
+from cheers_jax.infer.t2i import text_to_image
+from cheers_jax.model.cfm_head import timestep_features
+from cheers_jax.model.cheers import Cheers
+from cheers_jax.model.qwen2 import init_cache
+from cheers_jax.model.sequence import assemble
+from cheers_jax.model.siglip import pixel_shuffle
+from cheers_jax.train.loss import cheers_loss
 
 GROUPS = ("preprocess", "vae_encode", "vae_decode", "siglip", "und_projector", "time_embed", "heads", "und",
           "drift", "train", "train3", "t2i", "i2t")
@@ -41,10 +57,6 @@ class Runner:
   """Holds the model and variables; each `group_*` returns {golden name: our array}."""
 
   def __init__(self, checkpoint: str, golden: dict, dtype: str = "float32"):
-    import jax
-    import jax.numpy as jnp
-    from cheers_jax.infer import loader
-
     self.jax, self.jnp = jax, jnp
     self.model, self.variables = loader.load_hf(checkpoint, dtype)
     self.cfg = self.model.cfg
@@ -63,14 +75,14 @@ class Runner:
     return self.cfg.tokens_per_image
 
   def layout_batch(self, prefix: str, labels: bool = False, t=None):
-    from cheers_jax.model.sequence import assemble
     g = self.g
     layout = assemble(g[f"{prefix}.input_ids"], self.tokens_per_image,
                       attention_mask=g.get(f"{prefix}.attention_mask"),
                       labels=g[f"{prefix}.labels"] if labels else None, check_fm_positions=labels)
     pixels = nchw_to_nhwc(g[f"{prefix}.pixel_values"]).astype(np.float32)
     if t is None:
-      t = np.asarray(g[f"{prefix}.t"], np.float32).reshape(-1) if f"{prefix}.t" in g else np.ones(len(pixels), np.float32)
+      t = (np.asarray(g[f"{prefix}.t"], np.float32).reshape(-1) if f"{prefix}.t" in g
+           else np.ones(len(pixels), np.float32))
     batch = {"token_ids": layout.token_ids, "image_index": layout.image_index, "image_mask": layout.image_mask,
              "valid": layout.valid, "positions": layout.positions, "pixels": pixels,
              "t": np.asarray(t, np.float32), "image_positions": layout.image_positions(self.tokens_per_image)}
@@ -78,7 +90,6 @@ class Runner:
 
   def logits_summary(self, hidden, prefix: str) -> dict:
     """logits_slice / lse / argmax of hidden @ head, as the golden stores them."""
-    from cheers_jax.model.cheers import Cheers
     logits = self.f32(self.apply(Cheers.logits, hidden))
     ids = self.g["logits_ids"]
     lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
@@ -87,8 +98,6 @@ class Runner:
 
   # -- groups --
   def group_preprocess(self):
-    from PIL import Image
-    from cheers_jax.data.images import preprocess_generation, preprocess_understanding
     img = Image.fromarray(self.g["preprocess.image_uint8"])
     res = self.cfg.vision.image_size
     und = preprocess_understanding(img, resolution=res, patch_size=self.cfg.vision.patch_size)
@@ -97,20 +106,17 @@ class Runner:
             "preprocess.gen.pixel_values": gen.pixel_values[None]}
 
   def group_vae_encode(self):
-    from cheers_jax.model.cheers import Cheers
     px = nchw_to_nhwc(self.g["vae_encode.pixels"])
     moments = self.apply(lambda m, x: m.vae_model.encoder(x), px)
     return {"vae_encode.moments": nhwc_to_nchw(self.f32(moments)),
             "vae_encode.z": nhwc_to_nchw(self.f32(self.apply(Cheers.encode, px)))}
 
   def group_vae_decode(self):
-    from cheers_jax.model.cheers import Cheers
     z = nchw_to_nhwc(self.g["vae_decode.z"])
     return {"vae_decode.vae_model": nhwc_to_nchw(self.f32(self.apply(Cheers.decode, z))),
             "vae_decode.projector": nhwc_to_nchw(self.f32(self.apply(Cheers.decode_projector, z)))}
 
   def group_siglip(self):
-    from cheers_jax.model.cheers import Cheers
     out = {}
     px = nchw_to_nhwc(self.g["siglip.pixels"])
     hidden, pooled = self.apply(Cheers.siglip, px)
@@ -127,15 +133,12 @@ class Runner:
     return {"und_projector.out": self.f32(self.apply(lambda m, x: m.project(x, side, side), feats))}
 
   def group_time_embed(self):
-    from cheers_jax.model.cfm_head import timestep_features
-    from cheers_jax.model.cheers import Cheers
     t = self.g["time_embed.t"].reshape(-1)
     e1, e2 = self.apply(Cheers.times, t)
     return {"time_embed.freq": self.f32(timestep_features(self.jnp.asarray(t))), "time_embed.emb1": self.f32(e1),
             "time_embed.emb2": self.f32(e2)}
 
   def group_heads(self):
-    from cheers_jax.model.siglip import pixel_shuffle
     g = self.g
 
     def run(m, gen_in, t1, t2, high):
@@ -150,7 +153,6 @@ class Runner:
     return {n: self.f32(o) for n, o in zip(names, outs)}
 
   def group_und(self):
-    from cheers_jax.model.cheers import Cheers
     layout, batch = self.layout_batch("und")
     out = self.apply(Cheers.multimodal, batch, nchw_to_nhwc(self.g["und.x0"]))
     res = {"und.hidden": self.f32(out["hidden"]), "und.image_mask": layout.image_mask,
@@ -163,8 +165,6 @@ class Runner:
 
   def prefill(self, prefix: str, ids, x0, extra: int):
     """Prefill ids (+ the dummy image) into a cache with room for `extra` more tokens."""
-    from cheers_jax.model.cheers import Cheers
-    from cheers_jax.model.qwen2 import init_cache
     g = dict(self.g)
     g[f"{prefix}.input_ids"] = ids
     saved, self.g = self.g, g
@@ -178,7 +178,6 @@ class Runner:
     return layout, out
 
   def drift_velocity(self, cache, x_t, t, prefix_len: int):
-    from cheers_jax.model.cheers import Cheers
     n = self.tokens_per_image
     b = x_t.shape[0]
     positions = np.broadcast_to(np.arange(prefix_len, prefix_len + n), (b, n))
@@ -187,7 +186,6 @@ class Runner:
     return self.apply(Cheers.drift, x_t, t, cache, prefix_len, positions, kv_mask)
 
   def group_drift(self):
-    from cheers_jax.data.tokenizer import uncond_ids
     g, n = self.g, self.tokens_per_image
     x_t = nchw_to_nhwc(g["drift.x_t"])
     t = float(g["drift.t"])
@@ -212,8 +210,6 @@ class Runner:
     return res
 
   def group_t2i(self):
-    from cheers_jax.infer.decode import GREEDY, SamplingConfig, reference_max_new_tokens
-    from cheers_jax.infer.t2i import text_to_image
     g = self.g
     params = json.loads(str(g["t2i.params"]))
     prompts = [ids[mask.astype(bool)] for ids, mask in zip(g["t2i.input_ids"], g["t2i.attention_mask"])]
@@ -232,7 +228,6 @@ class Runner:
             "t2i.image": nhwc_to_nchw(out.image_raw), "t2i.generated_ids": _stack_ids(out.generated_ids)}
 
   def group_i2t(self):
-    from cheers_jax.infer.decode import GREEDY, generate_text, reference_max_new_tokens
     g = self.g
     if not np.all(np.asarray(g["i2t.t"]) == 1.0):
       raise ValueError("i2t with images at t != 1 is not a generation setting this port supports")
@@ -243,14 +238,12 @@ class Runner:
       n = max(1, int(np.sum((ids == -200) | (ids == -300))))
       per_sample.append(list(pixels[k:k + n]))
       k += n
-    ids = generate_text(self.model, self.variables, prompts, per_sample, max_new_tokens=reference_max_new_tokens(I2T_MAX_LENGTH),
-                        sampling=GREEDY, bucket=1, x0=nchw_to_nhwc(g["i2t.x0"]))
+    ids = generate_text(self.model, self.variables, prompts, per_sample,
+                        max_new_tokens=reference_max_new_tokens(I2T_MAX_LENGTH), sampling=GREEDY, bucket=1,
+                        x0=nchw_to_nhwc(g["i2t.x0"]))
     return {"i2t.generated_ids": _stack_ids(ids)}
 
   def train_group(self, name: str):
-    from cheers_jax.checkpoint.hf import hf_tensor
-    from cheers_jax.model.cheers import Cheers
-    from cheers_jax.train.loss import cheers_loss
     jax = self.jax
     layout, batch = self.layout_batch(name, labels=True)
     batch["image_kind"] = layout.image_kind

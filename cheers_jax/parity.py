@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 
 from cheers_jax import cli
@@ -37,7 +38,6 @@ def _main(argv: list[str]) -> int:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = p.parse_args(argv)
 
-  import jax
   jax.config.update("jax_default_matmul_precision", "highest")
   if not os.path.exists(args.golden):
     raise UserError(f"golden file not found: {args.golden}")

@@ -14,6 +14,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 import flax.linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cheers_jax.errors import UserError
@@ -68,7 +69,6 @@ def make_mesh(shape: dict | Sequence[int], devices: Optional[Sequence[jax.Device
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"{len(devices)} are available; set one axis to -1 to use the rest")
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # fake CPU devices / odd topologies
     grid = np.asarray(devices).reshape(sizes)
@@ -212,19 +212,26 @@ def place_rows(tree, mesh: Mesh):
 
 
 # ---- mesh shapes as text and on a subset of the devices --------------------------------------------
-def parse_meshes(text: str) -> list[dict[str, int]]:
-  """'data=8;fsdp=8;fsdp=4,tensor=2' -> [{'data': 8}, {'fsdp': 8}, {'fsdp': 4, 'tensor': 2}]."""
+def parse_meshes(text: str, flag: str = "--meshes") -> list[dict[str, int]]:
+  """'data=8;fsdp=8;fsdp=4,tensor=2' -> [{'data': 8}, {'fsdp': 8}, {'fsdp': 4, 'tensor': 2}]. A size is a
+  device count >= 1, or -1 (at most one per mesh) for the rest of the devices; anything else is a
+  UserError naming `flag`."""
   meshes = []
   for chunk in filter(None, (c.strip() for c in text.split(";"))):
     mesh = {}
     for part in filter(None, (p.strip() for p in chunk.split(","))):
       axis, eq, size = part.partition("=")
       if not eq or axis.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
-        raise UserError(f"mesh {chunk!r}: use AXIS=SIZE pairs with AXIS in {MESH_AXES}, e.g. 'fsdp=4,tensor=2'")
+        raise UserError(f"{flag} {chunk!r}: use AXIS=SIZE pairs with AXIS in {MESH_AXES}, e.g. 'fsdp=4,tensor=2'")
+      if int(size) < 1 and int(size) != -1:
+        raise UserError(f"{flag} {chunk!r}: {axis.strip()}={int(size)}; give a device count >= 1, or -1 for the "
+                        "rest of the devices")
       mesh[axis.strip()] = int(size)
+    if list(mesh.values()).count(-1) > 1:
+      raise UserError(f"{flag} {chunk!r}: at most one axis may be -1 (the rest of the devices)")
     meshes.append(mesh)
   if not meshes:
-    raise UserError(f"no mesh in {text!r}")
+    raise UserError(f"{flag} {text!r}: give at least one mesh, e.g. 'fsdp=4'")
   return meshes
 
 
@@ -237,6 +244,11 @@ def mesh_name(mesh: Mapping[str, int]) -> str:
 def full_mesh_shape(mesh: Mapping[str, int]) -> dict[str, int]:
   """Every axis, size 1 where `mesh` does not name it."""
   return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+
+
+def mesh_overrides(mesh: Mapping[str, int]) -> str:
+  """The config overrides that select `mesh`, every axis named: '--config.mesh.data=1 --config.mesh.fsdp=8 ...'."""
+  return " ".join(f"--config.mesh.{axis}={size}" for axis, size in full_mesh_shape(mesh).items())
 
 
 def make_mesh_on_first_devices(mesh_shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None

@@ -42,8 +42,6 @@ import numpy as np
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
-from cheers_jax.errors import UserError
-from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import measure, synthetic
 
 
@@ -56,7 +54,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     name = f"{r['mesh']} {r['remat']} {r['attention']} B={r['batch_size']}"
     vals = [name, r.get("status", "?"), measure.fmt(r.get("compile_s"), ".1f"), measure.fmt(r.get("step_s"), ".3f"),
             measure.fmt(r.get("samples_per_s"), ".2f"), measure.fmt(r.get("tokens_per_s"), ".0f"),
-            measure.fmt(r.get("tflops_per_device"), ".3f"), measure.fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f"),
+            measure.fmt(r.get("tflops_per_device"), ".3f"),
+            measure.fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f"),
             measure.fmt(r.get("peak_mem_gib"), ".2f")]
     lines.append(" ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(vals, cols))))
     if r.get("status") != "ok" and r.get("error"):
@@ -66,9 +65,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> None:
   """Two panels: samples/s per layout and peak memory per device (failed layouts marked)."""
-  import matplotlib
+  import matplotlib  # heavy and only for this plot: imported when a sweep draws it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use("Agg"): no display needed
   labels = [f"{r['mesh']}\n{r['remat']}/{r['attention']}/B={r['batch_size']}" for r in rows]
   ok = [r.get("status") == "ok" for r in rows]
   speed = [r.get("samples_per_s") or 0.0 for r in rows]
@@ -99,8 +98,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str 
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.sweep", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=False, help="a shipped config name (tiny, cheers_1p5b) or a config file "
-                 "(FILE.py[:ARG]); override values with --config.KEY=VALUE")
+  cli.add_config_flags(p, required=True)
   p.add_argument("--meshes", help="';'-separated meshes of AXIS=SIZE (axes data, fsdp, tensor), e.g. "
                  "'data=8;fsdp=8;fsdp=4,tensor=2' (default: the config's mesh)")
   p.add_argument("--remat", help="comma-separated remat policies: none, full, dots, dots_no_batch "
@@ -109,12 +107,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--attention", help="comma-separated attention implementations: xla, cudnn (default: the config's)")
   p.add_argument("--steps", type=cli.POSITIVE_INT, default=5, help="timed steps per layout (median; default 5)")
   p.add_argument("--warmup", type=cli.NON_NEGATIVE_INT, default=1, help="untimed steps after the compile (default 1)")
-  p.add_argument("--seq-len", type=cli.POSITIVE_INT, help="static sequence length (default: the smallest data.seq_buckets)")
-  p.add_argument("--text-len", type=cli.NON_NEGATIVE_INT, help="text tokens per sample (default 120 = the reference's 400-token "
-                 "samples at 512x512, or what fits seq-len)")
-  p.add_argument("--gen-fraction", type=cli.number(float, minimum=0, maximum=1), default=0.5, help="share of generation samples (default 0.5)")
-  p.add_argument("--image-slots", type=cli.POSITIVE_INT, default=1, help="image slots per sample (default 1; the pipeline "
-                 "uses data.max_images_per_sample)")
+  cli.add_batch_shape_flags(p)
   p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
                  help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
   p.add_argument("--out", default="sweep_out", help="output folder for sweep.csv and sweep.png (refused if it "
@@ -131,20 +124,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  rest, overrides = config_lib.split_overrides(argv)
-  args = _parser().parse_args(rest)
-  if not args.config:
-    _parser().error("--config is required, e.g. --config tiny")
-  if args.steps < 1 or args.warmup < 0:
-    raise UserError("--steps must be >= 1 and --warmup >= 0")
-  config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file or override
-  ModelConfig.from_dict(config.model)
+  args, overrides = cli.parse_config_args(_parser(), argv)
+  config = config_lib.load(args.config, overrides)  # fail here, once, on a bad file, override or value
   meshes = sharding.parse_meshes(args.meshes) if args.meshes else [dict(config.mesh)]
   remats = cli.comma_list(args.remat, "--remat") if args.remat else [config.model.remat_policy]
   attentions = cli.comma_list(args.attention, "--attention") if args.attention else [config.model.attention]
   batch_sizes = (cli.comma_list(args.batch_sizes, "--batch-sizes", int) if args.batch_sizes
                  else [int(config.train.batch_size)])
-  batch = synthetic.BatchOptions(args.seq_len, args.text_len, args.gen_fraction, args.image_slots)
+  batch = synthetic.BatchOptions.from_args(args)
   batch.spec(config, batch_sizes[0])  # check the batch composition fits before any compile
   out = cli.check_output_dir(args.out, args.overwrite)
   layouts = measure.layouts_from(meshes, remats, attentions, batch_sizes)
@@ -163,16 +150,11 @@ def _main(argv: list[str]) -> int:
     print(f"\nbest layout: {best['mesh']} remat={best['remat']} attention={best['attention']} "
           f"batch={best['batch_size']}: {best['samples_per_s']:.2f} samples/s, {best['step_s']:.3f} s/step, "
           f"peak {measure.fmt(best.get('peak_mem_gib'), '.2f')} GiB/device")
-    mesh = best_mesh(best)
-    print(f"  -> --config.mesh.data={mesh['data']} --config.mesh.fsdp={mesh['fsdp']} "
-          f"--config.mesh.tensor={mesh['tensor']} --config.model.remat_policy={best['remat']} "
+    mesh = sharding.parse_meshes(best["mesh"])[0]
+    print(f"  -> {sharding.mesh_overrides(mesh)} --config.model.remat_policy={best['remat']} "
           f"--config.model.attention={best['attention']}")
   print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
   return 0 if best is not None else 1
-
-
-def best_mesh(row: Mapping[str, Any]) -> dict[str, int]:
-  return sharding.full_mesh_shape(sharding.parse_meshes(row["mesh"])[0])
 
 
 if __name__ == "__main__":

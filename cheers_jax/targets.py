@@ -9,7 +9,8 @@
   cpu                     XLA:CPU fake devices: an estimate of a GPU's memory, not the real figure.
 
 Each target carries what the reports need: memory per device, peak dense bf16 FLOP/s and HBM bandwidth
-(vendor data sheets), so `aot` can say whether a step fits and what its roofline time is.
+(`CHIPS`, the package's one hardware table, which MFU reads too), so `aot` can say whether a step fits and what
+its roofline time is.
 """
 from __future__ import annotations
 
@@ -17,22 +18,50 @@ import dataclasses
 import importlib.util
 import os
 import re
-from importlib import resources
 from typing import Optional
 
+import jax
+from jax.experimental import topologies
+
+from cheers_jax import package_data
 from cheers_jax.errors import UserError
 
-GIB = 2.0 ** 30
+GIB = 2.0 ** 30  # bytes; every GiB figure of the package divides by this
 GPU_TARGETS = ("h100", "a100", "a100-40gb")
-# per TPU chip: (HBM GiB usable by XLA, HBM GB/s); Cloud TPU system-architecture pages. Peak FLOP/s of every
-# device come from train.metrics.PEAK_TFLOPS (one table for MFU and the roofline).
-TPU_CHIPS = {
-    "v4": (32.0, 1228.0),
-    "v5e": (15.75, 819.0),
-    "v5litepod": (15.75, 819.0),
-    "v5p": (95.74, 2765.0),
-    "v6e": (31.25, 1640.0),
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator's figures (vendor data sheets; Cloud TPU system-architecture pages)."""
+  peak_tflops: float                  # dense bf16, per device: MFU and the roofline
+  hbm_gib: Optional[float] = None     # usable by XLA (a GPU target's comes from its description instead)
+  hbm_gbps: Optional[float] = None
+
+
+# THE hardware table: matched in order against jax's device_kind (lower case), e.g. 'NVIDIA H100 80GB HBM3',
+# 'TPU v5 lite'; a TPU target's generation (tpu:v5p:2x2x1) through TPU_GENERATIONS.
+CHIPS: tuple[tuple[str, Chip], ...] = (
+    ("h200", Chip(989.0)), ("h100", Chip(989.0)), ("a100", Chip(312.0)),
+    ("tpu v5 lite", Chip(197.0, 15.75, 819.0)), ("tpu v5e", Chip(197.0, 15.75, 819.0)),
+    ("tpu v5p", Chip(459.0, 95.74, 2765.0)), ("tpu v5", Chip(459.0, 95.74, 2765.0)),
+    ("tpu v4", Chip(275.0, 32.0, 1228.0)),
+    ("tpu v6 lite", Chip(918.0, 31.25, 1640.0)), ("tpu v6e", Chip(918.0, 31.25, 1640.0)),
+)
+TPU_GENERATIONS = {"v4": "tpu v4", "v5e": "tpu v5e", "v5litepod": "tpu v5e", "v5p": "tpu v5p", "v6e": "tpu v6e"}
+
+
+def chip(device_kind: str) -> Optional[Chip]:
+  """The table's row for a device kind; None when unknown (CPU: MFU is reported as n/a)."""
+  kind = device_kind.lower()
+  return next((c for key, c in CHIPS if key in kind), None)
+
+
+def peak_flops_per_device(device_kind: str) -> Optional[float]:
+  """Peak dense bf16 FLOP/s of one device, None when unknown."""
+  c = chip(device_kind)
+  return None if c is None else c.peak_tflops * 1e12
+
+
 AOT_EXTRA = "pip install -r requirements-aot.txt"
 
 
@@ -71,7 +100,7 @@ def gpu_description(name: str) -> str:
   """The GpuTargetConfigProto text of a shipped GPU target."""
   if name not in GPU_TARGETS:
     raise TargetError(f"unknown GPU target '{name}'; known: {', '.join(GPU_TARGETS)}")
-  return resources.files("cheers_jax").joinpath("assets", "gpu_targets", f"{name}.txtpb").read_text()
+  return (package_data.GPU_TARGETS / f"{name}.txtpb").read_text()
 
 
 def _proto_number(text: str, field: str) -> float:
@@ -81,12 +110,6 @@ def _proto_number(text: str, field: str) -> float:
   return float(m.group(1))
 
 
-def _peak_tflops(device_kind: str) -> Optional[float]:
-  from cheers_jax.train import metrics
-  peak = metrics.peak_flops_per_device(device_kind)
-  return None if peak is None else peak / 1e12
-
-
 def parse(name: str) -> Target:
   """The target's figures; raises TargetError for an unknown name (no jax needed)."""
   name = name.strip().lower()
@@ -94,16 +117,16 @@ def parse(name: str) -> Target:
     return Target("cpu", "cpu", None, None, None)
   if name in GPU_TARGETS:
     text = gpu_description(name)
-    return Target(name, "cuda", _proto_number(text, "device_memory_size") / GIB, _peak_tflops(name),
+    return Target(name, "cuda", _proto_number(text, "device_memory_size") / GIB, chip(name).peak_tflops,
                   _proto_number(text, "memory_bandwidth") / 1e9)
   if name.startswith("tpu:"):
     topology = name[4:]
-    chip = topology.split(":")[0].split("-")[0]
-    if not topology or chip not in TPU_CHIPS:
+    generation = topology.split(":")[0].split("-")[0]
+    if not topology or generation not in TPU_GENERATIONS:
       raise TargetError(f"unknown TPU topology '{topology}'; give GENERATION:SHAPE with a generation of "
-                        f"{', '.join(sorted(TPU_CHIPS))}, e.g. tpu:v5p:2x2x1")
-    mem, gbps = TPU_CHIPS[chip]
-    return Target(name, "tpu", mem, _peak_tflops("tpu " + ("v5e" if chip == "v5litepod" else chip)), gbps)
+                        f"{', '.join(sorted(TPU_GENERATIONS))}, e.g. tpu:v5p:2x2x1")
+    c = chip(TPU_GENERATIONS[generation])
+    return Target(name, "tpu", c.hbm_gib, c.peak_tflops, c.hbm_gbps)
   raise TargetError(f"unknown target '{name}'; known: {names()}")
 
 
@@ -136,8 +159,6 @@ def _gpu_topology(count: int) -> str:
 
 def devices(target: Target, count: int) -> list:
   """`count` compile-only devices of the target (for TPU, the whole topology: its size is fixed)."""
-  import jax
-  from jax.experimental import topologies
   check_installed(target)
   if target.platform == "cpu":
     cpu = jax.devices("cpu")

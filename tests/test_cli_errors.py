@@ -33,6 +33,12 @@ CASES = {
     "sweep-out-not-empty": ("cheers_jax.sweep", lambda d: ["--config", "tiny", "--out", _non_empty(d / "out")],
                             "--overwrite"),
     "aot-bad-mesh": ("cheers_jax.aot", lambda d: ["--config", "tiny", "--meshes", "model=2"], "AXIS=SIZE"),
+    # issue 24: a mesh size that is no device count, named with its flag
+    "aot-zero-mesh-axis": ("cheers_jax.aot", lambda d: ["--config", "tiny", "--meshes", "fsdp=0"], "--meshes 'fsdp=0'"),
+    "aot-two-rest-axes": ("cheers_jax.aot", lambda d: ["--config", "tiny", "--meshes", "data=-1,fsdp=-1"],
+                          "at most one axis"),
+    "bench-train-negative-mesh": ("cheers_jax.bench.train", lambda d: ["--config", "tiny", "--mesh", "fsdp=-2"],
+                                  "--mesh 'fsdp=-2'"),
     "aot-out-exists": ("cheers_jax.aot", lambda d: ["--config", "tiny", "--out", _non_empty(d) + "/result.txt"],
                        "--overwrite"),
     "bench-unknown": ("cheers_jax.bench.__main__", lambda d: ["nope"], "unknown benchmark"),

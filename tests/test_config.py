@@ -51,5 +51,27 @@ def test_shipped_configs_and_recipes_pass():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for name in config_lib.NAMED:
     config_lib.load(name)
-  for path in glob.glob(os.path.join(repo, "configs", "stage*.py")):
-    config_lib.load(path)
+  stages = os.path.join(repo, "configs", "stages.py")
+  files = sorted(p for p in glob.glob(os.path.join(repo, "configs", "stage*.py")) if p != stages)
+  assert len(files) == 4
+  for path in files:  # each stage's file is the variant of stages.py it is named after
+    stage = os.path.basename(path)[:-3]
+    assert config_lib.load(path).to_dict() == config_lib.load(f"{stages}:{stage}").to_dict()
+  with pytest.raises(ConfigError, match="unknown stage 'stage5'; did you mean 'stage4_sft'"):
+    config_lib.load(f"{stages}:stage5")
+
+
+def test_load_checks_across_keys_once():
+  """Issue 24: config.load does every check (the Trainer no longer re-checks), cross-field ones included."""
+  for override, message in [("train.nan_policy=maybe", "choose one of"), ("train.grad_accum=3", "not divisible"),
+                            ("data.image_size=64", "model.vision.image_size=32"),
+                            ("model.text.num_layerz=2", "num_layerz")]:
+    with pytest.raises(ConfigError, match=message):
+      config_lib.load("tiny", [override])
+
+
+def test_model_config_is_one_cached_conversion():
+  a, b = config_lib.load("tiny"), config_lib.load("tiny")
+  assert config_lib.model_config(a) is config_lib.model_config(b)  # equal sections: one object
+  c = config_lib.load("tiny", ["model.text.num_layers=3"])
+  assert config_lib.model_config(c).text.num_layers == 3 and config_lib.model_config(a).text.num_layers == 2

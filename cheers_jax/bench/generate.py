@@ -19,9 +19,17 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 from cheers_jax import cli
+from cheers_jax import config as config_lib
+from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID
+from cheers_jax.infer import loader
+from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts, round_up
+from cheers_jax.infer.t2i import text_to_image
+from cheers_jax.model.config import ModelConfig
+from cheers_jax.model.sequence import IMAGE_TOKEN_INDEX
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -35,8 +43,6 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def build_model(args):
   """-> (Cheers, variables, description); the dtype policy is the inference loader's."""
-  from cheers_jax.infer import loader
-  from cheers_jax.model.config import ModelConfig
 
   if args.checkpoint:
     dtype = args.dtype or "bfloat16"
@@ -46,8 +52,7 @@ def build_model(args):
     if args.full_size:
       cfg, dtype, what = ModelConfig(), args.dtype or "bfloat16", "full size (published shapes), random weights"
     else:
-      from cheers_jax import config as config_lib
-      cfg = ModelConfig.from_dict(config_lib.load(args.config).model)
+      cfg = config_lib.model_config(config_lib.load(args.config))
       dtype = args.dtype or cfg.dtype
       what = f"config {args.config}, random weights"
     model, variables = loader.load_random(cfg, dtype, args.seed)
@@ -56,7 +61,6 @@ def build_model(args):
 
 def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
   """(first call seconds, median of `repeats` later calls), each fully synchronised."""
-  import jax
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
@@ -69,11 +73,6 @@ def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 def bench_batch(model, variables, batch: int, args) -> dict:
-  from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID
-  from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts, round_up
-  from cheers_jax.infer.t2i import text_to_image
-  from cheers_jax.model.sequence import IMAGE_TOKEN_INDEX
-
   cfg = model.cfg
   rng = np.random.RandomState(args.seed)
   res = cfg.vision.image_size
@@ -111,7 +110,8 @@ def _main(argv: list[str]) -> int:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   add_model_flags(p)
   p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
-  p.add_argument("--prompt-len", type=cli.POSITIVE_INT, default=64, help="text tokens of the prefill prompt (+ one image)")
+  p.add_argument("--prompt-len", type=cli.POSITIVE_INT, default=64,
+                 help="text tokens of the prefill prompt (+ one image)")
   p.add_argument("--new-tokens", type=cli.POSITIVE_INT, default=128, help="decoded tokens (default 128)")
   p.add_argument("--steps", type=cli.NON_NEGATIVE_INT, default=80, help="T2I Euler steps (default 80; 0 skips T2I)")
   p.add_argument("--t2i-prompt-len", type=cli.POSITIVE_INT, default=48, help="text tokens of the T2I prompt")
@@ -123,7 +123,6 @@ def _main(argv: list[str]) -> int:
   if min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.steps < 0:
     p.error("batch sizes, --new-tokens and --repeats must be >= 1, --steps >= 0")
 
-  import jax
   t0 = time.perf_counter()
   model, variables, what = build_model(args)
   jax.block_until_ready(variables)
@@ -133,7 +132,8 @@ def _main(argv: list[str]) -> int:
   for b in batches:
     r = bench_batch(model, variables, b, args)
     rows.append(r)
-    line = (f"B={b:<3} prefill {r['prompt_tokens']} tok: {1e3 * r['prefill_s']:8.1f} ms (compile {r['prefill_compile_s']:.1f} s)"
+    line = (f"B={b:<3} prefill {r['prompt_tokens']} tok: {1e3 * r['prefill_s']:8.1f} ms "
+            f"(compile {r['prefill_compile_s']:.1f} s)"
             f" | decode {r['decode_tokens_per_s']:9.1f} tok/s, {r['decode_ms_per_step']:.2f} ms/step "
             f"(compile {r['decode_compile_s']:.1f} s)")
     if "t2i_s" in r:

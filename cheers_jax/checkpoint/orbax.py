@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cheers_jax.checkpoint.hf import CheckpointError
+from cheers_jax.checkpoint.hf import abstract_variables
 from cheers_jax.model.config import ModelConfig
 
 PathLike = Union[str, Path]
@@ -123,7 +124,6 @@ def is_run(path: PathLike) -> bool:
 def load_run_model(path: PathLike) -> tuple[ModelConfig, dict]:
   """(the run's ModelConfig, {'params', 'batch_stats'} in their stored dtypes on the first device) of a
   training workdir's latest checkpoint (or of WORKDIR/checkpoints/STEP); no optimizer state is read."""
-  from cheers_jax.checkpoint.hf import abstract_variables
   workdir, step = run_step_dir(path)
   step, saved = load_run_config(workdir, step)
   if "model" not in saved:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cheers_jax import config as config_lib
 from cheers_jax.checkpoint import safetensors_io as st
 from cheers_jax.checkpoint.hf import (CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, LM_HEAD, CheckpointError, HFEntry,
                                       _flat_shapes, abstract_variables, check_tensors, hf_name_map,
@@ -354,8 +355,7 @@ def read_model_config(path_or_name: PathLike) -> ModelConfig:
       return ModelConfig.from_hf_dict(_read_json(path))
     except ConfigError as e:
       raise ConfigError(f"{path}: {e}") from e
-  from cheers_jax import config as config_lib
-  return ModelConfig.from_dict(config_lib.load(str(path_or_name)).model)
+  return config_lib.model_config(config_lib.load(str(path_or_name)))
 
 
 def assemble_hf_checkpoint(parts: Mapping[str, PathLike], cfg: ModelConfig, out_dir: PathLike, seed: int = 0,

@@ -3,7 +3,7 @@
 `write_support_files(out_dir, cfg)` adds the Qwen2 tokenizer files (vocab.json, merges.txt,
 tokenizer_config.json: the package's copies of the official ones), `preprocessor_config.json` (the
 UMMImageProcessor's, with this model's resolution and patch size) and `generation_config.json` (the
-published one; note the official `Cheers.generate` ignores it: see SPEC "Text decoding"). With them
+published one; note the official `Cheers.generate` ignores it, and so does `cheers_jax.infer.decode`). With them
 an exported directory loads in our tools and, once the official modeling files are copied in
 (configuration_umm.py, modeling_umm.py, processing_umm.py, image_processing_umm.py), in the official
 evaluation (`AutoProcessor` / `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`).
@@ -11,8 +11,9 @@ evaluation (`AutoProcessor` / `AutoModelForCausalLM.from_pretrained(..., trust_r
 from __future__ import annotations
 
 import json
-from importlib.resources import files
 from pathlib import Path
+
+from cheers_jax import package_data
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
@@ -35,9 +36,8 @@ def write_support_files(out_dir: str | Path, cfg=None) -> list[Path]:
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written = []
-  assets = files("cheers_jax") / "assets" / "tokenizer"
   for name in TOKENIZER_FILES:
-    (out / name).write_bytes((assets / name).read_bytes())
+    (out / name).write_bytes((package_data.TOKENIZER / name).read_bytes())
     written.append(out / name)
   vision = getattr(cfg, "vision", None)
   pre = preprocessor_config(getattr(vision, "image_size", 512), getattr(vision, "patch_size", 16))

@@ -1,7 +1,9 @@
 """Image loading and preprocessing (numpy + PIL), matching the reference UMMImageProcessor.
 
 Pixels are divided by 255 only: range [0, 1]. The processor stores mean/std 0.5 but never applies them.
-Outputs are float32 CHW arrays with grid_hw = (H // 16, W // 16).
+`preprocess_*` give float32 CHW arrays with grid_hw = (H // 16, W // 16); `understanding_image` and
+`generation_image` give the same pixels as the uint8 image they come from (training batches carry those:
+the division by 255 happens on the device, `cheers_jax.model.cheers.unit_pixels`).
 
 One deliberate difference: images are converted to RGB before resizing. The reference processor resizes
 in the source mode and converts afterwards, which only matters for non-RGB inputs (RGBA resizes with
@@ -84,11 +86,10 @@ def _finish(image: Image.Image, patch_size: int) -> Preprocessed:
   return Preprocessed(px, (px.shape[1] // patch_size, px.shape[2] // patch_size))
 
 
-def preprocess_understanding(
-    image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
-) -> Preprocessed:
-  """Image to understand: bicubic resize so the longer side is `resolution`, then black padding to a
-  square with the image at left/top = pad // 2 (the extra pixel of an odd pad goes right/bottom)."""
+def understanding_image(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION) -> Image.Image:
+  """Image to understand, as the RGB `resolution` square the model sees: bicubic resize so the longer side
+  is `resolution`, then black padding with the image at left/top = pad // 2 (the extra pixel of an odd
+  pad goes right/bottom)."""
   image = _as_rgb(image)
   w, h = image.size
   scale = min(resolution / h, resolution / w)
@@ -97,14 +98,13 @@ def preprocess_understanding(
   resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
   canvas = Image.new("RGB", (resolution, resolution), (0, 0, 0))
   canvas.paste(resized, ((resolution - new_w) // 2, (resolution - new_h) // 2))
-  return _finish(canvas, patch_size)
+  return canvas
 
 
-def preprocess_generation(
-    image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
-) -> Preprocessed:
-  """Image to generate (training target): bicubic resize so the shorter side is `resolution`, then a
-  centre crop with offsets (size - resolution) // 2 (rounded down, as transformers' center_crop)."""
+def generation_image(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION) -> Image.Image:
+  """Image to generate (training target), as the RGB `resolution` square: bicubic resize so the shorter
+  side is `resolution`, then a centre crop with offsets (size - resolution) // 2 (rounded down, as
+  transformers' center_crop)."""
   image = _as_rgb(image)
   w, h = image.size
   scale = resolution / min(h, w)
@@ -112,8 +112,21 @@ def preprocess_generation(
   resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
   # round(s * (S / s)) == S, so the shorter side is exactly `resolution` and no padding is ever needed.
   top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-  cropped = resized.crop((left, top, left + resolution, top + resolution))
-  return _finish(cropped, patch_size)
+  return resized.crop((left, top, left + resolution, top + resolution))
+
+
+def preprocess_understanding(
+    image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
+) -> Preprocessed:
+  """`understanding_image` as the processor's float32 CHW pixel values."""
+  return _finish(understanding_image(image, resolution), patch_size)
+
+
+def preprocess_generation(
+    image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
+) -> Preprocessed:
+  """`generation_image` as the processor's float32 CHW pixel values."""
+  return _finish(generation_image(image, resolution), patch_size)
 
 
 def dummy_inference_image(

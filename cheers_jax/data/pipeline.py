@@ -5,9 +5,11 @@
     state = it.get_state()            # JSON-serialisable; save it with the model
     it.set_state(state)               # a resumed run continues with the next batch, bit for bit
 
-Steps: source (`config.data.source`) -> examples split by category (und: only images to understand;
-gen: at least one image to generate, editing included; text: no image) and mixed by
-`config.data.mix` (und : gen : text; each category reshuffled every epoch and repeated forever) ->
+Steps: source (`config.data.sources`, several by weight, or `config.data.source`) -> examples split by
+category (und: only images to understand; gen: at least one image to generate, editing included; text:
+no image) and mixed by `config.data.mix` (und : gen : text; each category reshuffled every epoch and
+repeated forever; with several sources, each category's records of each source mixed by the sources'
+weights) ->
 window shuffle of the mixed stream -> this process's slice (global index g = process_index + k *
 process_count) -> per sample, with an RNG seeded by (seed, g): tokenisation (`build_conversation`,
 the training template), checks, image preprocessing at `config.data.image_size` (understanding:
@@ -30,16 +32,22 @@ them as 'malformed', whatever data.mix draws. An image PIL refuses (its decompre
 included) is a bad image like any other.
 
 Batches follow the contract of `cheers_jax.data.batch` (keys, dtypes, shapes and slot placement), with
-B = per-process batch = train.batch_size // process_count, S = bucket and K = max_images_per_sample.
-Micro-batching for grad_accum is the train step's job.
+B = per-process batch = train.batch_size // process_count, S = bucket and K = max_images_per_sample;
+with data.packing, B rows of S = data.pack_len tokens and K = data.pack_images slots, each row holding
+as many whole samples as fit (`cheers_jax.data.packing`).
+Micro-batching for grad_accum is the train step's job. With data.worker_count > 0, a worker process that
+dies (killed for memory, crashed) is a DataWorkerError at the next batch, never a wait; the other
+workers are stopped with it.
 
-Config keys read: data.{source, jsonl_path, image_root, tfds_*, synthetic_size, image_size, seq_buckets,
-max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count}, train.batch_size, model.max_seq_len,
-seed; optional data.num_threads (reader threads, default 8) and data.prefetch (samples read ahead).
+Config keys read: data.{sources, source, jsonl_path, image_root, tfds_*, synthetic_size, image_size,
+seq_buckets, max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count, packing, pack_len,
+pack_images}, train.batch_size, model.max_seq_len, seed; optional data.num_threads (reader threads,
+default 8) and data.prefetch (samples read ahead).
 """
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import os
@@ -50,9 +58,9 @@ import numpy as np
 from PIL import Image
 
 from cheers_jax.data import batch as batch_lib
+from cheers_jax.data import packing as packing_lib
 from cheers_jax.data import sources as sources_lib
-from cheers_jax.data.images import (BadImageError, load_image, preprocess_generation,
-                                    preprocess_understanding)
+from cheers_jax.data.images import BadImageError, generation_image, load_image, understanding_image
 from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IMAGE_GEN_TOKEN_INDEX,
                                        IMAGE_TOKEN_INDEX, CheersTokenizer, cfg_dropout_ids)
 from cheers_jax.errors import UserError
@@ -68,6 +76,10 @@ _PLACEHOLDER_OF_KIND = {"und": IMAGE_TOKEN_INDEX, "gen": IMAGE_GEN_TOKEN_INDEX}
 _SEQ_KIND_OF_KIND = {"und": KIND_UND, "gen": KIND_GEN}
 
 
+class DataWorkerError(RuntimeError):
+  """A grain worker process of the pipeline died (killed, crashed); raised instead of waiting for it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
   """Everything the per-sample and per-batch steps need (plain values, picklable)."""
@@ -79,6 +91,7 @@ class PipelineSpec:
   cfg_data_rate: float
   seed: int
   patch_size: int = 16  # the model's ViT patch (= latent cell); the und projector merges 2x2 patches per token
+  packing: packing_lib.PackingSpec | None = None  # data.packing: rows of several samples (data/packing.py)
 
   def __post_init__(self) -> None:
     if self.image_size % self.token_pixels:
@@ -105,6 +118,11 @@ class PipelineSpec:
   def image_slots(self) -> int:
     return self.batch_size * self.max_images_per_sample
 
+  @property
+  def max_sample_len(self) -> int:
+    """The longest sample a batch holds: the largest bucket, or a packed row."""
+    return self.packing.row_len if self.packing else self.max_bucket
+
   def bucket_for(self, length: int) -> int:
     for b in self.seq_buckets:
       if length <= b:
@@ -118,7 +136,7 @@ def spec_from_config(config: Any, *, seed: int | None = None, process_count: int
     raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by {process_count} processes")
   model = config.get("model", None)
   max_seq_len = int(model.get("max_seq_len", 4096)) if model is not None else 4096  # reference: 4096
-  return PipelineSpec(
+  spec = PipelineSpec(
       batch_size=config.train.batch_size // process_count,
       image_size=int(data.image_size),
       seq_buckets=tuple(int(b) for b in data.seq_buckets),
@@ -127,6 +145,7 @@ def spec_from_config(config: Any, *, seed: int | None = None, process_count: int
       cfg_data_rate=float(data.cfg_data_rate),
       seed=int(config.seed if seed is None else seed),
       patch_size=int((model.get("vision", None) or {}).get("patch_size", 16)) if model is not None else 16)
+  return dataclasses.replace(spec, packing=packing_lib.resolve(data, spec.tokens_per_image, spec.batch_size))
 
 
 # ------------------------------------------------------------------------------------ per sample
@@ -150,16 +169,17 @@ def _to_rgb(image: Any) -> Image.Image:
   return Image.fromarray(arr).convert("RGB")
 
 
-def preprocess_image(image: Any, kind: str, image_size: int, patch_size: int = 16) -> np.ndarray:
-  """float32 (H, W, 3) in [0, 1]: understanding = long side + pad, generation = short side + crop."""
-  fn = preprocess_understanding if kind == "und" else preprocess_generation
-  return fn(_to_rgb(image), resolution=image_size, patch_size=patch_size).pixel_values.transpose(1, 2, 0)
+def preprocess_image(image: Any, kind: str, image_size: int) -> np.ndarray:
+  """uint8 (H, W, 3): understanding = long side + pad, generation = short side + crop (the model divides
+  by 255 on the device)."""
+  fn = understanding_image if kind == "und" else generation_image
+  return np.asarray(fn(_to_rgb(image), resolution=image_size), np.uint8)
 
 
 class PrepareExample:
   """Raw example + global stream index -> prepared sample, or a skip record (grain map_with_index).
 
-  Prepared sample: {"id", "input_ids" int64 (L,), "labels" int64 (L,), "pixels" float32 (n, H, W, 3),
+  Prepared sample: {"id", "input_ids" int64 (L,), "labels" int64 (L,), "pixels" uint8 (n, H, W, 3),
   "t" float32 (n,), "image_kind" int32 (n,), "length" (assembled length), "category", "cfg_dropped"}.
   """
 
@@ -202,8 +222,9 @@ class PrepareExample:
       return skip_record(sid, "too_long", f"an image is cut by the truncation to max_seq_len={spec.max_seq_len} "
                          f"({full} tokens)")
     length = min(full, spec.max_seq_len)
-    if length > spec.max_bucket:
-      return skip_record(sid, "too_long", f"{length} tokens do not fit the largest bucket {spec.max_bucket}")
+    if length > spec.max_sample_len:
+      where = "a packed row" if spec.packing else "the largest bucket"
+      return skip_record(sid, "too_long", f"{length} tokens do not fit {where} ({spec.max_sample_len})")
     try:
       assemble(ids[None], n_tok, labels=labels[None], max_seq_len=spec.max_seq_len, check_fm_positions=True)
     except SequenceError as e:
@@ -213,12 +234,12 @@ class PrepareExample:
     pixels, t = [], []
     for image, kind in zip(images, kinds):
       try:
-        pixels.append(preprocess_image(image, kind, spec.image_size, spec.patch_size))
+        pixels.append(preprocess_image(image, kind, spec.image_size))
       except BadImageError as e:
         return skip_record(sid, "bad_image", str(e))
       t.append(float(np.clip(rng.uniform(), T_MIN, T_MAX)) if kind == "gen" else 1.0)
     if not kinds:  # the reference's black dummy at t = 0 (pure-noise latent)
-      pixels.append(np.zeros((spec.image_size, spec.image_size, 3), np.float32))
+      pixels.append(np.zeros((spec.image_size, spec.image_size, 3), np.uint8))
       t.append(0.0)
 
     cfg_dropped = bool(np.any(ids == IMAGE_GEN_TOKEN_INDEX)) and rng.uniform() < spec.cfg_data_rate
@@ -226,7 +247,7 @@ class PrepareExample:
       ids = cfg_dropout_ids(ids)  # labels unchanged, as the reference
     return {
         "id": sid, "input_ids": ids, "labels": labels,
-        "pixels": np.stack(pixels).astype(np.float32), "t": np.asarray(t, np.float32),
+        "pixels": np.stack(pixels), "t": np.asarray(t, np.float32),
         "image_kind": np.asarray([_SEQ_KIND_OF_KIND[k] for k in kinds] or [KIND_PREPENDED], np.int32),
         "length": int(length), "category": sources_lib.category_of_kinds(kinds), "cfg_dropped": cfg_dropped,
     }
@@ -240,27 +261,34 @@ def collate(samples: Sequence[Mapping[str, Any]], spec: PipelineSpec, num_skippe
   bucket = spec.bucket_for(max(int(s["length"]) for s in samples))
   lay = assemble(ids, n_tok, attention_mask=mask, labels=labels, seq_len=bucket, max_seq_len=spec.max_seq_len,
                  check_fm_positions=True)
-  kinds = np.concatenate([s["image_kind"] for s in samples])
-  if not np.array_equal(kinds, lay.image_kind):
-    raise AssertionError(f"image order mismatch: samples {kinds}, assembled {lay.image_kind}")
-  return batch_lib.from_assembled(lay, n_tok, spec.max_images_per_sample,
-                                  pixels=np.concatenate([s["pixels"] for s in samples]),
-                                  t=np.concatenate([s["t"] for s in samples]), num_skipped=num_skipped)
+  return batch_lib.from_samples(lay, samples, n_tok, spec.max_images_per_sample, num_skipped)
 
 
 class _BatchIterator(grain.DatasetIterator):
-  """Pulls prepared samples, sets skip records aside, collates B good ones. State = the parent's."""
+  """Pulls prepared samples, sets skip records aside, collates B good ones, or with packing fills B rows
+  (`packing.RowFiller`) until a sample fits none: that sample is held for the next batch, and the state
+  is then the parent's from before it, so a restored iterator reads it again. State = the parent's."""
   _MUTATES_ELEMENT_SPEC = True
 
   def __init__(self, parent: grain.DatasetIterator, spec: PipelineSpec) -> None:
     super().__init__(parent)
     self._spec = spec
+    self._pending: tuple[dict, Any] | None = None  # (sample, parent state before it)
+
+  def _take(self) -> tuple[dict, Any]:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      return pending
+    before = copy.deepcopy(self._parent.get_state()) if self._spec.packing else None
+    return next(self._parent), before
 
   def __next__(self) -> dict[str, Any]:
+    spec = self._spec
+    filler = packing_lib.RowFiller(spec.packing) if spec.packing else None
     samples, skips = [], []
-    limit = 10 * self._spec.batch_size + 100  # all-bad data must fail loudly, not loop forever
-    while len(samples) < self._spec.batch_size:
-      item = next(self._parent)
+    limit = 10 * spec.batch_size + 100  # all-bad data must fail loudly, not loop forever
+    while filler is not None or len(samples) < spec.batch_size:
+      item, before = self._take()
       if "skip" in item:
         skips.append((item["id"], item["skip"], item["message"]))
         if len(skips) > limit:
@@ -268,17 +296,27 @@ class _BatchIterator(grain.DatasetIterator):
           raise UserError(f"{len(skips)} consecutive samples were skipped while filling one batch "
                           f"({', '.join(f'{r}: {n}' for r, n in reasons.items())}); the data looks broken. "
                           f"Last: {skips[-1][0]}: {skips[-1][2]}")
+      elif filler is not None and not filler.place(int(item["length"]), len(item["image_kind"])):
+        if not samples:  # PrepareExample and packing.resolve make every accepted sample fit an empty row
+          raise AssertionError(f"sample {item['id']} fits no empty row of {spec.packing}")
+        self._pending = (item, before)  # it opens the next batch
+        break
       else:
         samples.append(item)
-    batch = collate(samples, self._spec)
+    if filler is None:
+      batch = collate(samples, spec)
+    else:
+      batch = packing_lib.collate_packed(samples, filler.placement, spec.packing, spec.tokens_per_image,
+                                         spec.max_seq_len)
     batch["_skips"] = skips
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
+    return self._pending[1] if self._pending is not None else self._parent.get_state()
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state)
+    self._pending = None
 
 
 class _BatchIterDataset(grain.IterDataset):
@@ -299,8 +337,9 @@ class TrainIterator(grain.DatasetIterator):
     super().__init__(parent)
     self.skipped: dict[str, int] = {r: 0 for r in SKIP_REASONS}
     self.recent_skips: collections.deque = collections.deque(maxlen=256)  # (id, reason, message)
-    # Records the source found unusable while indexing (never drawn): reported with the first batch,
-    # one line each, and counted once as 'malformed' (a resumed state already holds the count).
+    # Records the sources found unusable while indexing or preparing (never drawn), [(named, total, name)]:
+    # reported with the first batch, one line each, and counted once as 'malformed' (a resumed state
+    # already holds the count).
     self._source_report = source_report
     self._source_counted = False
 
@@ -309,23 +348,30 @@ class TrainIterator(grain.DatasetIterator):
     return sum(self.skipped.values())
 
   def _report_source(self) -> None:
-    report, self._source_report = self._source_report, None
-    named, total, name = report
-    for line in named:
-      message = f"line {line.line_number} of {name}: {line.error}"
-      log.warning("skipped sample %s (%s): %s", line.id, "malformed", message)
-      self.recent_skips.append((line.id, "malformed", message))
-    if total > len(named):
-      log.warning("skipped %d more unusable lines of %s (only the first %d are named)", total - len(named), name,
-                  len(named))
-    if not self._source_counted:
-      self.skipped["malformed"] += total
-      self._source_counted = True
+    reports, self._source_report = self._source_report, None
+    for named, total, name in reports:
+      for line in named:
+        message = f"line {line.line_number} of {name}: {line.error}"
+        log.warning("skipped sample %s (%s): %s", line.id, "malformed", message)
+        self.recent_skips.append((line.id, "malformed", message))
+      if total > len(named):
+        log.warning("skipped %d more unusable lines of %s (only the first %d are named)", total - len(named),
+                    name, len(named))
+      if not self._source_counted:
+        self.skipped["malformed"] += total
+    self._source_counted = True
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._source_report is not None:
       self._report_source()
-    batch = next(self._parent)
+    try:
+      batch = next(self._parent)
+    except RuntimeError as e:
+      if "Worker process was terminated" not in str(e):  # grain's words for a worker that died
+        raise
+      self._parent.close()  # stops the other workers: none outlives the run
+      raise DataWorkerError(f"a data loader process (data.worker_count) died: {e} If it was killed for memory, "
+                            "lower data.worker_count or data.prefetch; the run resumes from its last checkpoint") from e
     for sid, reason, message in batch.pop("_skips"):
       log.warning("skipped sample %s (%s): %s", sid, reason, message)
       self.skipped[reason] += 1
@@ -370,14 +416,51 @@ def _derived_seed(seed: int, *salt: int) -> int:
   return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])  # < 2**32, as grain wants
 
 
-def _source_name(source: Any) -> str:
-  return getattr(source, "path", None) or type(source).__name__
+
+
+def _pool(source: Any, idx: np.ndarray, seed: int, shuffle: bool, *salt: int) -> grain.MapDataset:
+  ds = grain.MapDataset.source(_Subset(source, idx))
+  if shuffle:
+    ds = ds.shuffle(seed=_derived_seed(seed, 1, *salt))
+  return ds.repeat()
+
+
+def _category_pool(source: Any, idx: np.ndarray, c: int, seed: int, shuffle: bool) -> grain.MapDataset | None:
+  """The endless stream of one category: its records reshuffled every epoch; with several weighted
+  sources (sources_lib.MultiSource with weights), each source's records of the category mixed by weight."""
+  weights = getattr(source, "weights", None)
+  if weights is None:
+    return _pool(source, idx, seed, shuffle, c)
+  pools, pool_weights = [], []
+  ends = list(source.starts()[1:]) + [len(source)]
+  for k, (start, end, weight) in enumerate(zip(source.starts(), ends, weights)):
+    part = idx[(idx >= start) & (idx < end)]
+    if weight > 0 and len(part):
+      pools.append(_pool(source, part, seed, shuffle, c, k))
+      pool_weights.append(weight)
+  if not pools:
+    return None
+  return pools[0] if len(pools) == 1 else grain.MapDataset.mix(pools, pool_weights)
+
+
+def _unused_parts(source: Any, cats: np.ndarray, mix: Mapping[str, float]) -> list[str]:
+  """The weighted sources nothing is drawn from (weight 0, or only kinds data.mix leaves out)."""
+  weights = getattr(source, "weights", None)
+  if weights is None:
+    return []
+  drawn = [c for c, name in enumerate(sources_lib.CATEGORIES) if float(mix.get(name, 0.0)) > 0]
+  ends = list(source.starts()[1:]) + [len(source)]
+  has = lambda start, end: np.bincount(cats[start:end], minlength=len(sources_lib.CATEGORIES) + 1)[drawn].any()
+  return [sources_lib.source_label(part)
+          for part, start, end, weight in zip(source.parts, source.starts(), ends, weights)
+          if weight <= 0 or not has(start, end)]
 
 
 def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool = True) -> grain.MapDataset:
-  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch.
-  Samples of a kind the mix gives weight 0 are not drawn (said once); unusable records (category
-  sources.BAD) never are. No usable sample of a wanted kind is a UserError that says what there is."""
+  """Infinite MapDataset of raw examples: categories mixed by ratio, each reshuffled every epoch (and,
+  for weighted sources, the sources mixed by weight within each category). Samples of a kind the mix
+  gives weight 0 are not drawn (said once); unusable records (category sources.BAD) never are. No
+  usable sample of a wanted kind is a UserError that says what there is."""
   cats = np.asarray(source.categories())
   counts = {name: int(np.sum(cats == c)) for c, name in enumerate(sources_lib.CATEGORIES)}
   bad = int(np.sum(cats == sources_lib.BAD))
@@ -390,18 +473,22 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
       continue
     if weight <= 0:
       if len(idx):
-        log.warning("%d %r samples of %s are not drawn: data.mix.%s=%g", len(idx), name, _source_name(source),
-                    name, weight)
+        log.warning("%d %r samples of %s are not drawn: data.mix.%s=%g", len(idx), name,
+                    sources_lib.source_label(source), name, weight)
       continue
-    ds = grain.MapDataset.source(_Subset(source, idx))
-    if shuffle:
-      ds = ds.shuffle(seed=_derived_seed(seed, 1, c))
-    pools.append(ds.repeat())
+    ds = _category_pool(source, idx, c, seed, shuffle)
+    if ds is None:
+      log.warning("data.mix gives %r weight %g but no source of positive weight has %r samples; ignored", name,
+                  weight, name)
+      continue
+    pools.append(ds)
     weights.append(weight)
+  for name in _unused_parts(source, cats, mix):
+    log.warning("nothing is drawn from data source %s: its weight is 0 or data.mix leaves out all its kinds", name)
   if not pools:
     wanted = [name for name in sources_lib.CATEGORIES if float(mix.get(name, 0.0)) > 0]
     have = ", ".join(f"{n} {k}" for k, n in counts.items()) + (f", {bad} unusable" if bad else "")
-    raise UserError(f"{_source_name(source)} has no usable sample of the kinds data.mix draws "
+    raise UserError(f"{sources_lib.source_label(source)} has no usable sample of the kinds data.mix draws "
                     f"({', '.join(wanted) or 'none'}): it holds {have}; "
                     + ("fix the data or give the kinds it has a positive data.mix weight" if len(cats) > bad
                        else "the source has no usable record at all"))
@@ -462,8 +549,9 @@ def make_train_dataset(config: Any, *, seed: int | None = None, process_index: i
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   report = None
-  if process_index == 0 and getattr(source, "num_bad_lines", 0):  # one process reports and counts them
-    report = (list(source.bad_lines), int(source.num_bad_lines), _source_name(source))
+  if process_index == 0:  # one process reports and counts the records the sources found unusable
+    report = [(list(leaf.bad_lines), int(leaf.num_bad_lines), sources_lib.source_label(leaf))
+              for leaf in sources_lib.leaf_sources(source) if getattr(leaf, "num_bad_lines", 0)] or None
   return _TrainIterDataset(batched, report)
 
 

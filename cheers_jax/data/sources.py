@@ -11,24 +11,31 @@ or a marker record `{"id": str, "error": str}` for an example that cannot be rea
 line, ...); the pipeline counts and skips markers. Each source also gives `categories()`: the
 und / gen / text category of every index without decoding images, so the pipeline can mix by ratio.
 
-Sources: `JsonlSource` (the official conversation format), `TfdsSource` (image + caption / label
-datasets as t2i and/or i2t samples; TensorFlow is imported lazily), `SyntheticShapes` (coloured shapes
-made in-process, with `describe` / `parse_caption` so an evaluation can check captions).
+Sources: `JsonlSource` (the official conversation format), `ShardSource` (the same records prepared
+into ArrayRecord shards by `python -m cheers_jax.data.prepare`: start-up reads small indexes, images
+travel inside the records), `TfdsSource` (image + caption / label datasets as t2i and/or i2t samples;
+TensorFlow is imported lazily), `SyntheticShapes` (the shapes demo of
+`cheers_jax.demo.shapes`, drawn in-process), and `MultiSource` (several of them one after
+another, with a sampling weight each: config.data.sources).
 """
 from __future__ import annotations
 
 import array
-import collections
+import bisect
+import glob
 import json
+import math
 import os
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import grain
 import numpy as np
-from PIL import Image, ImageDraw
 
+from cheers_jax.data import shards as shards_lib
 from cheers_jax.data.tokenizer import GEN_IMAGE_TEXT, UND_IMAGE_TEXT, normalize_messages
-from cheers_jax.errors import ConfigError, UserError
+from cheers_jax.demo import shapes
+from cheers_jax.errors import ConfigError, UserError, unknown_key
 
 
 # Sample categories for mixing (config.data.mix keys), by the kinds of the sample's images.
@@ -151,9 +158,10 @@ class JsonlSource:
     state["_fd"] = state["_pid"] = None  # file descriptors do not cross processes
     return state
 
-  def __del__(self) -> None:
-    if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-      os.close(self._fd)
+  def __del__(self, _getpid=os.getpid, _close=os.close) -> None:
+    # bound at definition: at interpreter exit this module's globals (`os`) may already be None
+    if getattr(self, "_fd", None) is not None and self._pid == _getpid():
+      _close(self._fd)
 
   def _read_line(self, index: int) -> bytes:
     if self._fd is None or self._pid != os.getpid():
@@ -168,37 +176,43 @@ class JsonlSource:
     return self._read(self._read_line(index), index)
 
   def _read(self, line: bytes, index: int) -> Example:
-    """One line -> an example, or a marker saying why it is not one."""
-    fallback_id = f"{os.path.basename(self.path)}:{index}"
-    try:
-      record = json.loads(line)
-    except ValueError as e:  # UnicodeDecodeError included
-      m = _ID_RE.search(line)  # best effort, so the warning names the sample
-      return marker(m.group(1).decode(errors="replace") if m else fallback_id, f"malformed JSON line: {e}")
-    try:
-      return self._parse(record, fallback_id)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-      rid = record.get("id", fallback_id) if isinstance(record, dict) else fallback_id
-      what = f"no {e} field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-      return marker(str(rid), f"malformed record: {what}")
+    return parse_jsonl_line(line, f"{os.path.basename(self.path)}:{index}", self.image_root)
 
-  def _parse(self, record: Mapping[str, Any], fallback_id: str) -> Example:
-    if not isinstance(record, Mapping):
-      raise TypeError("a line must hold a JSON object")
-    rid = str(record.get("id", fallback_id))
-    messages = normalize_messages(record["conversations"])
-    if not messages:
-      raise ValueError("empty conversations")
-    for m in messages:
-      if not isinstance(m["content"], str):
-        raise TypeError("message values must be strings")
-    kinds = [_KIND_OF_PLACEHOLDER[p] for m in messages for p in _PLACEHOLDER_RE.findall(m["content"])]
-    image = record.get("image") or []
-    paths = [p.strip() for p in image.split(",")] if isinstance(image, str) else list(image)
-    if len(paths) != len(kinds) or not all(isinstance(p, str) and p for p in paths):
-      raise ValueError(f"{len(kinds)} image placeholders but images {paths!r}")
-    paths = [os.path.join(self.image_root, p) for p in paths]
-    return {"id": rid, "messages": messages, "images": paths, "image_kinds": kinds}
+
+def parse_jsonl_line(line: bytes, fallback_id: str, image_root: str) -> Example:
+  """One line of the official format -> an example (image paths joined to image_root), or a marker
+  saying why it is not one. The one parser of the format: JsonlSource and the shard preparer use it."""
+  try:
+    record = json.loads(line)
+  except ValueError as e:  # UnicodeDecodeError included
+    m = _ID_RE.search(line)  # best effort, so the warning names the sample
+    return marker(m.group(1).decode(errors="replace") if m else fallback_id, f"malformed JSON line: {e}")
+  try:
+    return _parse_record(record, fallback_id, image_root)
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    rid = record.get("id", fallback_id) if isinstance(record, dict) else fallback_id
+    what = f"no {e} field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+    return marker(str(rid), f"malformed record: {what}")
+
+
+def _parse_record(record: Mapping[str, Any], fallback_id: str, image_root: str) -> Example:
+  if not isinstance(record, Mapping):
+    raise TypeError("a line must hold a JSON object")
+  rid = str(record.get("id", fallback_id))
+  messages = normalize_messages(record["conversations"])
+  if not messages:
+    raise ValueError("empty conversations")
+  for m in messages:
+    if not isinstance(m["content"], str):
+      raise TypeError("message values must be strings")
+  kinds = [_KIND_OF_PLACEHOLDER[p] for m in messages for p in _PLACEHOLDER_RE.findall(m["content"])]
+  image = record.get("image") or []
+  # "a.jpg, b.jpg" or "a.jpg; b.jpg" (the official loader reads both) or a list
+  paths = [p.strip() for p in image.replace(";", ",").split(",")] if isinstance(image, str) else list(image)
+  if len(paths) != len(kinds) or not all(isinstance(p, str) and p for p in paths):
+    raise ValueError(f"{len(kinds)} image placeholders but images {paths!r}")
+  paths = [os.path.join(image_root, p) for p in paths]
+  return {"id": rid, "messages": messages, "images": paths, "image_kinds": kinds}
 
 
 # -------------------------------------------------------------------------------------------- TFDS
@@ -296,70 +310,16 @@ def _nested(tree: Any, key: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------- synthetic
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 20)}
-SHAPES = ("circle", "square", "triangle")
-_SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
-
-
-class ShapeLabel(NamedTuple):
-  colour: str
-  shape: str
-
-
 def shapes_prompt(caption: str) -> str:
-  """The T2I prompt text of a synthetic shape: its caption in capitals ('a red circle' -> 'Generate an
-  image: A RED CIRCLE'). Capitals tokenize differently from the caption's words, so the prompt's word
-  vectors are not the ones the captions are predicted with: with a from-scratch 2-layer LLM and tied
-  embeddings, shared words left the image position unable to read the prompt (cheers_jax.config.tiny)."""
-  return T2I_PROMPT.format(caption=caption.upper())
-
-
-def describe(label: ShapeLabel | tuple[str, str]) -> str:
-  """The caption of a shape: ('red', 'circle') -> 'a red circle'."""
-  colour, shape = label
-  return f"a {colour} {shape}"
-
-
-def parse_caption(text: str) -> ShapeLabel | None:
-  """The (colour, shape) a caption names, or None when it names not exactly one colour and one shape."""
-  words = re.findall(r"[a-z]+", text.lower())
-  colours = {w for w in words if w in COLOURS}
-  shapes = {w for w in words if w in SHAPES}
-  if len(colours) != 1 or len(shapes) != 1:
-    return None
-  return ShapeLabel(colours.pop(), shapes.pop())
-
-
-def score_captions(wanted: Sequence[ShapeLabel], texts: Sequence[str]) -> dict[str, float]:
-  """Accuracy of captions against the shapes they describe, with what an image-blind captioner scores.
-
-  colour_acc / shape_acc / both_acc: the caption names the right colour / shape / both.
-  well_formed: it names exactly one colour and one shape (the text template was learnt).
-  distinct: the number of different (colour, shape) pairs named: 1 means every image got the same caption.
-  *_chance: what a uniform guess scores (1/6, 1/3, 1/18); majority_*: what always answering the most
-  common true colour / shape / pair of these images scores (the best image-blind constant answer).
-  """
-  if len(wanted) != len(texts) or not texts:
-    raise ValueError(f"need one caption per image, got {len(texts)} captions for {len(wanted)} images")
-  parsed = [parse_caption(t) for t in texts]
-  n = float(len(texts))
-  hits = lambda f: sum(p is not None and f(p, w) for p, w in zip(parsed, wanted)) / n
-  top = lambda keys: max(collections.Counter(keys).values()) / n
-  return {"colour_acc": hits(lambda p, w: p.colour == w.colour), "shape_acc": hits(lambda p, w: p.shape == w.shape),
-          "both_acc": hits(lambda p, w: p == w), "well_formed": sum(p is not None for p in parsed) / n,
-          "distinct": float(len({p for p in parsed if p is not None})),
-          "colour_chance": 1 / len(COLOURS), "shape_chance": 1 / len(SHAPES),
-          "both_chance": 1 / (len(COLOURS) * len(SHAPES)),
-          "majority_colour": top([w.colour for w in wanted]), "majority_shape": top([w.shape for w in wanted]),
-          "majority_both": top([tuple(w) for w in wanted])}
+  """The T2I prompt of a synthetic shape: 'a red circle' -> 'Generate an image: A RED CIRCLE' (the demo's
+  prompts are in capitals: `demo.shapes.prompt_text`)."""
+  return T2I_PROMPT.format(caption=shapes.prompt_text(caption))
 
 
 class SyntheticShapes:
-  """One coloured shape (circle / square / triangle) at a random position and size on a plain grey
-  background, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd ones t2i (prompt:
-  `shapes_prompt`). Everything is a function of (seed, index), so any process regenerates the same example.
+  """The shapes demo as a source (`cheers_jax.demo.shapes`): example `index` is the shape
+  `shapes.sample_shape(seed, index)`, captioned 'a {colour} {shape}'. Even indices are i2t samples, odd
+  ones t2i (prompt: `shapes_prompt`). Any process regenerates the same example.
   """
 
   def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0) -> None:
@@ -371,42 +331,20 @@ class SyntheticShapes:
   def categories(self) -> np.ndarray:
     return np.where(np.arange(self.size) % 2 == 0, UND, GEN).astype(np.int8)
 
-  def _params(self, index: int) -> dict[str, Any]:
-    rng = np.random.default_rng([self.seed, index])
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    extent = rng.uniform(0.3, 0.6)  # side / diameter as a fraction of the image
-    x0, y0 = rng.uniform(0.0, 1.0 - extent, size=2)
-    background = int(rng.integers(200, 256))
-    return dict(colour=colour, shape=shape, box=(x0, y0, x0 + extent, y0 + extent), background=background)
-
-  def label(self, index: int) -> ShapeLabel:
-    p = self._params(int(index))
-    return ShapeLabel(p["colour"], p["shape"])
+  def label(self, index: int) -> shapes.ShapeLabel:
+    return shapes.sample_shape(self.seed, index).label
 
   def render(self, index: int) -> np.ndarray:
     """uint8 (image_size, image_size, 3)."""
-    p = self._params(int(index))
-    big = self.image_size * _SUPERSAMPLE
-    canvas = Image.new("RGB", (big, big), (p["background"],) * 3)
-    draw = ImageDraw.Draw(canvas)
-    x0, y0, x1, y1 = (v * big for v in p["box"])
-    fill = COLOURS[p["colour"]]
-    if p["shape"] == "circle":
-      draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif p["shape"] == "square":
-      draw.rectangle((x0, y0, x1, y1), fill=fill)
-    else:
-      draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    small = canvas.resize((self.image_size, self.image_size), Image.Resampling.BOX)
-    return np.asarray(small, np.uint8)
+    return shapes.render(shapes.sample_shape(self.seed, index), self.image_size)
 
   def __getitem__(self, index: int) -> Example:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(index)
-    caption = describe(self.label(index))
-    image = self.render(index)
+    shape = shapes.sample_shape(self.seed, index)
+    caption = shapes.describe(shape.label)
+    image = shapes.render(shape, self.image_size)
     if index % 2 == 0:
       return {"id": f"shapes/{index}", "messages": i2t_messages(caption), "images": [image],
               "image_kinds": ["und"]}
@@ -414,27 +352,219 @@ class SyntheticShapes:
             "image_kinds": ["gen"]}
 
 
+# ------------------------------------------------------------------------------------------ shards
+class ShardSource:
+  """Prepared shards as a random-access source (the `sources` contract: examples with images as
+  encoded bytes, `categories()`). Start-up reads the indexes only; `lengths()` gives each record's
+  text tokens without reading it. Records left out at prepare time are listed in `bad_lines` (first
+  MAX_NAMED_BAD_LINES) and counted in `num_bad_lines`, as JsonlSource's unusable lines are.
+
+  A record that cannot be read (truncated or corrupt shard) is a ShardError naming the shard and the
+  record: the data must be repaired, not skipped. An image whose bytes do not decode is a bad_image
+  skip of the pipeline, as for JSONL.
+  """
+
+  def __init__(self, pattern: str) -> None:
+    self.path = os.fspath(pattern)
+    self.shards = shards_lib.resolve_shards(self.path)
+    indexes = [shards_lib.read_index(s) for s in self.shards]
+    self._categories = np.concatenate([ix.category for ix in indexes])
+    self._lengths = np.concatenate([ix.length for ix in indexes])
+    self._num_images = np.concatenate([ix.num_images for ix in indexes])
+    self._starts = np.cumsum([0] + [len(ix.category) for ix in indexes]).tolist()
+    self.bad_lines: list[BadLine] = []
+    self.num_bad_lines = 0
+    for ix in indexes:
+      for bad in ix.meta.get("bad", []):
+        self.num_bad_lines += 1
+        if len(self.bad_lines) < MAX_NAMED_BAD_LINES:
+          self.bad_lines.append(BadLine(-1, bad["line"], bad["id"],
+                                        f"left out when {bad['source']} was prepared: {bad['error']}"))
+    self._records = None  # opened on first read, in each process
+
+  def _data_source(self) -> grain.sources.ArrayRecordDataSource:
+    if self._records is None:
+      # 'path[0:n]' instructions: the counts come from the indexes, so no shard is opened here
+      self._records = grain.sources.ArrayRecordDataSource(
+          [f"{s}[0:{self._starts[i + 1] - self._starts[i]}]" for i, s in enumerate(self.shards)])
+    return self._records
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    state["_records"] = None
+    return state
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def categories(self) -> np.ndarray:
+    return self._categories
+
+  def lengths(self) -> np.ndarray:
+    """Text tokens (training template, placeholders included) of every record."""
+    return self._lengths
+
+  def num_images(self) -> np.ndarray:
+    return self._num_images
+
+  def locate(self, index: int) -> tuple[str, int]:
+    """(shard path, record number in it) of a global index."""
+    shard = bisect.bisect_right(self._starts, index) - 1
+    return self.shards[shard], index - self._starts[shard]
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    try:
+      return shards_lib.decode_record(self._data_source()[index])
+    except Exception as e:  # noqa: BLE001 -- riegeli raises RuntimeError, ours ValueError; both mean a bad shard
+      shard, number = self.locate(index)
+      raise shards_lib.ShardError(f"shard {shard}, record {number}: cannot be read ({type(e).__name__}: "
+                       f"{str(e)[:300]}); the shard is truncated or corrupt: {shards_lib.REPREPARE}") from e
+
+
+# ------------------------------------------------------------------------------------ several sources
+class MultiSource:
+  """Sources one after another as one random-access source (index i of part k is start_k + i).
+  `weights`: each part's sampling weight (the pipeline mixes the parts by them within every category);
+  None = a plain concatenation (the files of one glob: drawn as their records come)."""
+
+  def __init__(self, parts: Sequence[Any], weights: Sequence[float] | None = None, name: str = "") -> None:
+    if not parts:
+      raise ValueError("MultiSource needs at least one part")
+    self.parts = list(parts)
+    self.weights = None if weights is None else [float(w) for w in weights]
+    self.path = name or ", ".join(source_label(p) for p in self.parts)
+    self._starts = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def starts(self) -> list[int]:
+    return self._starts[:-1]
+
+  def categories(self) -> np.ndarray:
+    return np.concatenate([np.asarray(p.categories(), np.int8) for p in self.parts])
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    k = bisect.bisect_right(self._starts, index) - 1
+    return self.parts[k][index - self._starts[k]]
+
+
+def source_label(source: Any) -> str:
+  return getattr(source, "path", None) or type(source).__name__
+
+
+def leaf_sources(source: Any) -> list[Any]:
+  """The sources a MultiSource is made of, recursively (a plain source: itself)."""
+  if isinstance(source, MultiSource):
+    return [leaf for part in source.parts for leaf in leaf_sources(part)]
+  return [source]
+
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def open_path(pattern: str, image_root: str = "") -> Any:
+  """The source a path or glob names: a folder of prepared shards, a glob of shards, or JSONL files
+  (one, or a glob of several: their concatenation). Nothing matched is a UserError naming the pattern."""
+  pattern = os.fspath(pattern)
+  if os.path.isdir(pattern) or pattern.endswith(shards_lib.SHARD_SUFFIX):
+    return ShardSource(pattern)
+  if not glob.has_magic(pattern):
+    if not os.path.lexists(pattern):
+      raise UserError(f"data source {pattern!r} does not exist: give a JSONL file, a glob, or a folder of prepared "
+                      "shards")
+    return _indexed_jsonl(pattern, image_root)
+  files = sorted(glob.glob(pattern))
+  if not files:
+    raise UserError(f"no file matches {pattern!r}: check the path or glob")
+  shard_files = [f for f in files if f.endswith(shards_lib.SHARD_SUFFIX)]
+  if shard_files:
+    if len(shard_files) != len(files):
+      others = [f for f in files if not f.endswith(shards_lib.SHARD_SUFFIX)][:3]
+      raise UserError(f"{pattern!r} matches prepared shards and other files ({', '.join(others)}): give a glob "
+                      f"that ends in *{shards_lib.SHARD_SUFFIX}, or one source entry per kind of file")
+    return ShardSource(pattern)
+  jsonl = [_indexed_jsonl(f, image_root) for f in files if not os.path.isdir(f)]
+  if not jsonl:
+    raise UserError(f"{pattern!r} matches only folders; give a glob of JSONL files or of shards")
+  return jsonl[0] if len(jsonl) == 1 else MultiSource(jsonl, name=pattern)
+
+
+SOURCE_KEYS = ("path", "weight", "image_root")
+
+
+def source_entries(entries: Any) -> list[dict[str, Any]]:
+  """config.data.sources -> [{"path", "weight", "image_root"}]: each entry a dict with those keys (only
+  path is required; weight defaults to 1) or a plain path string. Mistakes are ConfigErrors."""
+  out = []
+  for i, entry in enumerate(entries):
+    where = f"data.sources[{i}]"
+    if isinstance(entry, str):
+      entry = {"path": entry}
+    if hasattr(entry, "to_dict"):
+      entry = entry.to_dict()
+    if not isinstance(entry, Mapping):
+      raise ConfigError(f"{where}={entry!r}: give a dict {{'path': ..., 'weight': ..., 'image_root': ...}} or a path")
+    for key in entry:
+      if key not in SOURCE_KEYS:
+        raise ConfigError(unknown_key(f"{where}.{key}", key, SOURCE_KEYS))
+    path = entry.get("path")
+    if not isinstance(path, str) or not path:
+      raise ConfigError(f"{where} has no path: give 'path' (a JSONL file, a glob, or a folder of prepared shards)")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+      raise ConfigError(f"{where}.weight={weight!r}: give a finite number >= 0")
+    root = entry.get("image_root", "")
+    if not isinstance(root, str):
+      raise ConfigError(f"{where}.image_root={root!r}: give a folder path")
+    out.append({"path": path, "weight": float(weight), "image_root": root})
+  if out and not any(e["weight"] > 0 for e in out):
+    raise ConfigError("data.sources: every weight is 0, so nothing would be drawn")
+  return out
+
+
 # ------------------------------------------------------------------------------------------ config
 _JSONL_CACHE: dict = {}
+_JSONL_CACHE_SIZE = 64  # the files of one run's data.sources
+
+
+def clear_jsonl_indexes() -> None:
+  """Forget the JSONL indexes kept for reuse (the next make_source parses the files again: a cold start)."""
+  _JSONL_CACHE.clear()
 
 
 def _indexed_jsonl(path: str, image_root: str) -> JsonlSource:
   """One index per unchanged file: the pipeline and the latent calibration share it (a 1 GB file takes
-  ~40 s to parse)."""
+  ~40 s to parse; prepared shards start in seconds)."""
   try:
     st = os.stat(path)
     key = (os.path.abspath(path), os.fspath(image_root), st.st_mtime_ns, st.st_size, st.st_ino)
   except OSError:
     return JsonlSource(path, image_root)  # its own error message
   if key not in _JSONL_CACHE:
-    _JSONL_CACHE.clear()  # keep one
+    if len(_JSONL_CACHE) >= _JSONL_CACHE_SIZE:
+      _JSONL_CACHE.clear()
     _JSONL_CACHE[key] = JsonlSource(path, image_root)
   return _JSONL_CACHE[key]
 
 
 def make_source(data_config: Any, seed: int = 0):
-  """The source `config.data` names: synthetic | jsonl | tfds."""
+  """The source `config.data` names: the entries of data.sources (several, by weight; JSONL files, globs or
+  prepared shards) when given, else data.source: synthetic | jsonl | tfds."""
   kind = data_config.source
+  entries = source_entries(data_config.get("sources", None) or ())
+  if entries:
+    if kind in ("jsonl", "tfds"):
+      raise ConfigError(f"data.sources and data.source={kind!r} both name the training data: keep one (an entry "
+                        "of data.sources may be a JSONL file)")
+    parts = [open_path(e["path"], e["image_root"]) for e in entries]
+    return MultiSource(parts, [e["weight"] for e in entries])
   if kind == "synthetic":
     return SyntheticShapes(data_config.synthetic_size, data_config.image_size, seed)
   if kind == "jsonl":
@@ -446,4 +576,4 @@ def make_source(data_config: Any, seed: int = 0):
       raise ConfigError("data.source='tfds' but data.tfds_name is empty: give --config.data.tfds_name=NAME")
     return TfdsSource(data_config.tfds_name, data_config.tfds_split, data_config.tfds_data_dir or None,
                       data_config.tfds_image_key, data_config.tfds_text_key, tuple(data_config.tfds_tasks))
-  raise ConfigError(f"data.source={kind!r}: choose synthetic, jsonl or tfds")
+  raise ConfigError(f"data.source={kind!r}: choose synthetic, jsonl or tfds (or give data.sources)")

@@ -20,6 +20,7 @@ import numpy as np
 
 from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.checkpoint.hf import CheckpointError, abstract_variables, load_hf_checkpoint
+from cheers_jax.checkpoint.safetensors_io import read_header
 from cheers_jax.errors import UserError
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
@@ -56,7 +57,6 @@ def _tensor_names(ckpt_dir: Path) -> Optional[set[str]]:
       return set(json.loads(index.read_text())["weight_map"])
     single = ckpt_dir / "model.safetensors"
     if single.is_file():
-      from cheers_jax.checkpoint.safetensors_io import read_header
       return set(read_header(single)[0])
   except Exception:  # the loader reports a broken checkpoint with its own, better message
     return None
@@ -121,6 +121,17 @@ def load_model(checkpoint: Optional[PathLike] = None, orbax: Optional[PathLike] 
 
 
 # ---- random weights (speed measurements) -------------------------------------------------------------
+def fake_constant(path) -> Optional[float]:
+  """The fake weights' one rule (random_variables here, train.synthetic's state): by the last key of a leaf's
+  path, 1 for norm weights and BatchNorm variances, 0 for biases and BatchNorm means, None = drawn at random."""
+  name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+  if name in ("weight", "scale", "running_var"):
+    return 1.0
+  if name.endswith("bias") or name == "running_mean":
+    return 0.0
+  return None
+
+
 def random_variables(cfg: ModelConfig, key) -> dict:
   """Random weights of the right shapes, drawn in one small jitted program.
 
@@ -136,12 +147,11 @@ def random_variables(cfg: ModelConfig, key) -> dict:
     pool = jax.random.normal(key, (int(offsets[-1]),), jnp.dtype(cfg.param_dtype))
     out = []
     for (path, leaf), start, size in zip(leaves, offsets, sizes):
-      name = str(getattr(path[-1], "key", path[-1]))
-      if name in ("weight", "running_var"):
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      elif name.endswith("bias") or name == "running_mean":
-        out.append(jnp.zeros(leaf.shape, leaf.dtype))
+      constant = fake_constant(path)
+      if constant is not None:
+        out.append(jnp.full(leaf.shape, constant, leaf.dtype))
       else:
+        name = str(getattr(path[-1], "key", path[-1]))
         fan_in = int(np.prod(leaf.shape[:-1][-3:] if len(leaf.shape) == 4 else leaf.shape[-2:-1])) or 1
         std = 0.02 if name == "embed_tokens" else fan_in ** -0.5
         out.append((std * pool[start:start + size].reshape(leaf.shape)).astype(leaf.dtype))

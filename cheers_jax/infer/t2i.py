@@ -257,8 +257,8 @@ def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources
 def text_to_image_per_device(model: Cheers, variables, prompts: Sequence[np.ndarray], seeds: Sequence[int],
                              mesh: Mesh, *, steps: int, cfg_scale: float, alpha: float, bucket: int = 64
                              ) -> np.ndarray:
-  """Plain T2I with guidance (the cond and uncond rows; no text after the image) data parallel over `mesh`'s data axis, where every
-  device runs the one-device program on its own len(prompts) / devices rows: each device's rows are
+  """Plain T2I with guidance (the cond and uncond rows; no text after the image) data parallel over `mesh`'s data
+  axis, where every device runs the one-device program on its own len(prompts) / devices rows: each device's rows are
   assembled as their own batch (their cond rows, then their uncond rows) and the prefill and the ODE
   run under shard_map. An image is therefore bit-identical for any device count (a jit over the whole
   batch lets XLA partition and fuse differently per count: last-bit pixel differences). All prompts

@@ -2,16 +2,18 @@
 
 `Cheers` is a linen module whose methods are the model's stages (call them with
 `model.apply(variables, ..., method=Cheers.stage)`); the `forward_*` functions compose the stages
-exactly as the reference's forward passes do. Layouts: images NHWC in [0, 1], latents
+exactly as the reference's forward passes do. Layouts: images NHWC, float in [0, 1] or uint8 (training
+batches: `unit_pixels` divides them by 255 on the device), latents
 (n, h, w, 4*z) with h = H/16, sequences as built by `cheers_jax.model.sequence.assemble`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from cheers_jax.model.cfm_head import DiTProjector, HiGate, TimeEmbedder
 from cheers_jax.model.config import ModelConfig
@@ -22,6 +24,18 @@ from cheers_jax.model.vae import VAE, DecoderProjector
 from cheers_jax.sharding import constrain
 
 Array = jax.Array
+
+# uint8 -> [0, 1] exactly as the reference rescales (float64 x * (1/255), rounded to float32). A table, not
+# a division: XLA compiles x / 255 as x * float32(1/255), which differs in the last bit for 126 of the 256
+# values, and the oracle parity is exact.
+UNIT_PIXEL_TABLE = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+
+
+def unit_pixels(pixels: Array) -> Array:
+  """Images as float32 in [0, 1]: uint8 ones (the batch contract's) divided by 255, float ones unchanged."""
+  if pixels.dtype == jnp.uint8:
+    return jnp.asarray(UNIT_PIXEL_TABLE)[pixels.astype(jnp.int32)]
+  return pixels
 
 
 def gather_in_rows(values: Array, index: Array, rows: int) -> Array:
@@ -61,12 +75,12 @@ class Cheers(nn.Module):
 
   # ---- stages --------------------------------------------------------------------------------
   def encode(self, pixels: Array) -> Array:
-    """Frozen VAE encoder: (n, H, W, 3) in [0,1] -> normalised latent z1 (n, H/16, W/16, 4z)."""
-    return self.vae_model.encode(pixels)
+    """Frozen VAE encoder: (n, H, W, 3) in [0,1] or uint8 -> normalised latent z1 (n, H/16, W/16, 4z)."""
+    return self.vae_model.encode(unit_pixels(pixels))
 
   def encode_unnormalized(self, pixels: Array) -> Array:
     """The encoder's patchified latent before the BN running statistics (for calibrating them)."""
-    return self.vae_model.encode_unnormalized(pixels)
+    return self.vae_model.encode_unnormalized(unit_pixels(pixels))
 
   def decode(self, z: Array) -> Array:
     """`vae_model.decode` (the final T2I image; unclamped)."""
@@ -161,14 +175,15 @@ class Cheers(nn.Module):
   def multimodal(self, batch: dict, x0: Array, images_per_row: bool = False) -> dict:
     """Understanding / training forward up to the LLM states (Cheers.forward without labels).
 
-    batch: token_ids, image_index, image_mask, valid, positions (B, S); pixels (n_img, H, W, 3);
-    t (n_img,). images_per_row: see `sequence_embeddings`.
+    batch: token_ids, image_index, image_mask, valid, positions (B, S), optional segment_ids (B, S) (the
+    samples of packed rows, see `omni_mask`); pixels (n_img, H, W, 3); t (n_img,). images_per_row: see
+    `sequence_embeddings`.
     """
     flow = self.flow_inputs(shard_batch(batch["pixels"]), batch["t"], x0)
     tok = self.image_tokens(flow["x_t"])
     embeds = self.sequence_embeddings(batch["token_ids"], batch["image_index"], tok["tokens"],
                                       batch["valid"], images_per_row)
-    mask = omni_mask(batch["image_mask"], batch["valid"])
+    mask = omni_mask(batch["image_mask"], batch["valid"], batch.get("segment_ids"))
     hidden, kv = self.llm(embeds, batch["positions"], mask)
     t1, t2 = self.times(self.quantise_t(batch["t"]))
     return {**flow, **tok, "embeds": embeds, "mask": mask, "hidden": hidden, "kv": kv, "t_emb1": t1,

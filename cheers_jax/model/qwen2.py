@@ -26,11 +26,13 @@ def _runs(flags: Array) -> Array:
   return jnp.cumsum(starts, axis=1) * flags
 
 
-def omni_mask(image_mask: Array, valid: Array) -> Array:
+def omni_mask(image_mask: Array, valid: Array, segment_ids: Optional[Array] = None) -> Array:
   """The reference's mixed mask, (B, S, S) bool, True = attend.
 
-  (causal | same image block) & both valid, then | (both pad & same pad run): text is causal, each
-  contiguous run of image tokens is bidirectional, and padding only sees its own run.
+  (causal | same image block) & same segment & both valid, then | (both pad & same pad run): text is
+  causal, each contiguous run of image tokens is bidirectional, and padding only sees its own run.
+  segment_ids (B, S): the samples of a packed row (1, 2, ... on their tokens, 0 on padding); no sample
+  sees another. None: each contiguous run of valid tokens is one sample (the reference's one per row).
   """
   image_mask = image_mask.astype(bool)
   valid = valid.astype(bool)
@@ -38,8 +40,8 @@ def omni_mask(image_mask: Array, valid: Array) -> Array:
   causal = jnp.tril(jnp.ones((s, s), bool))[None]
   img = _runs(image_mask)
   same_img = (img[:, :, None] == img[:, None, :]) & image_mask[:, :, None] & image_mask[:, None, :]
-  txt = _runs(valid)
-  same_valid = (txt[:, :, None] == txt[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+  seg = _runs(valid) if segment_ids is None else segment_ids
+  same_valid = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]
   pad = _runs(~valid)
   same_pad = (pad[:, :, None] == pad[:, None, :]) & ~valid[:, :, None] & ~valid[:, None, :]
   return ((causal | same_img) & same_valid) | same_pad

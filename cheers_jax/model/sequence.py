@@ -9,7 +9,9 @@ Rules (SPEC.md "Sequence assembly" and "Training loss"):
   tokens (images are consumed in order across the batch); image tokens are bidirectional within
   their block (image_mask 1);
 - a sample without a placeholder gets its image's N tokens PREPENDED with image_mask 0 (causal);
-- sequences are truncated to `max_seq_len`, re-padded on the right; positions are 0..S-1;
+- sequences are truncated to `max_seq_len`, re-padded on the right; positions are 0..S-1; row b holds
+  sample b (segment id 1 on its tokens, 0 on padding; `cheers_jax.data.packing` puts several samples
+  in a row, each its own segment with positions restarting at 0);
 - targets: labels shifted left by one, then per sample IM_START -> [IM_START, -100], IM_END dropped,
   -200/-300 -> -100. So the token before <im_start> predicts it, <im_start> and the image tokens
   predict nothing, <im_end> is never a target and the <im_end> position predicts the next token.
@@ -43,7 +45,9 @@ class AssembledBatch:
   targets: np.ndarray        # (B, S) next-token target of each position after the rebuild; -100 = none
   image_kind: np.ndarray     # (n_img,) KIND_PREPENDED / KIND_UND / KIND_GEN
   image_sample: np.ndarray   # (n_img,) sample each image belongs to
-  image_start: np.ndarray    # (n_img,) position of the image's first token
+  image_start: np.ndarray    # (n_img,) position of the image's first token in its row
+  segment_ids: np.ndarray    # (B, S) 1.. = the row's samples in order, 0 on padding
+  image_row: np.ndarray      # (n_img,) row each image lies in (= image_sample: one sample per row)
 
   @property
   def num_images(self) -> int:
@@ -52,7 +56,7 @@ class AssembledBatch:
   def image_positions(self, tokens_per_image: int) -> np.ndarray:
     """(n_img, N) flat positions b*S + s of every image token, in image order."""
     s = self.token_ids.shape[1]
-    return (self.image_sample[:, None] * s + self.image_start[:, None]
+    return (self.image_row[:, None] * s + self.image_start[:, None]
             + np.arange(tokens_per_image)[None]).astype(np.int32)
 
 
@@ -149,9 +153,9 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
       raise SequenceError(
           f"sample {samples[k]}: image {k} is cut by truncation at max_seq_len={max_seq_len}; shorten the "
           "sample or raise max_seq_len")
-  layout = AssembledBatch(token_ids, image_index, image_mask, valid, np.broadcast_to(np.arange(s, dtype=np.int32),
-                                                                             (batch, s)).copy(),
-                  lab_out, targets, kinds, samples, starts)
+  positions = np.broadcast_to(np.arange(s, dtype=np.int32), (batch, s)).copy()
+  layout = AssembledBatch(token_ids, image_index, image_mask, valid, positions, lab_out, targets, kinds, samples,
+                          starts, valid.astype(np.int32), samples.copy())
   if check_fm_positions:
     _check_fm_positions(layout, n_tok)
   return layout

@@ -10,50 +10,47 @@ position). On SIGTERM a checkpoint is written at the next step boundary before e
 final params are exported to WORKDIR/hf in the published HF layout, sample images go to
 WORKDIR/samples, metrics to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR).
 Multi-host: start one process per host (see launch/); cheers_jax.distributed reads the environment.
-Exit status: 0 finished; 2 a mistake in the config, the flags or the data (one line `error: ...`;
---debug: traceback); 3 stopped on a non-finite loss (train.nan_policy=stop); 75 preempted (SIGTERM): a
-checkpoint is saved, rerun the same command to resume (75 = EX_TEMPFAIL, "try again"; launch/ requeues).
+Flags: --no-export-hf, --no-eval, --no-samples turn the end-of-run steps off (the older spellings
+--noexport_hf, --noeval, --nosamples still work).
+Exit status: 0 finished; 2 a mistake in the config, the flags or the data (one line `error: ...`; --debug:
+traceback); 3 stopped on a non-finite loss (train.nan_policy=stop); 75 preempted (SIGTERM): a checkpoint is
+saved, rerun the same command to resume (75 = EX_TEMPFAIL, "try again"; launch/ requeues).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-
-from absl import app, flags
+from typing import Optional, Sequence
 
 from cheers_jax import cli
 from cheers_jax import config as config_lib
+from cheers_jax import distributed
 from cheers_jax.errors import UserError
-
-_CONFIG = flags.DEFINE_string("config", None, "A shipped config name (tiny, cheers_1p5b) or a config file "
-                              "(FILE.py[:ARG]); override values with --config.KEY=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the HF export "
-                               "(default: config.workdir). An existing run there is resumed.")
-_EXPORT_HF = flags.DEFINE_bool("export_hf", True, "Export the final params to WORKDIR/hf (HF safetensors layout).")
-_EVAL = flags.DEFINE_bool("eval", True, "After training on the synthetic shapes, caption held-out images and "
-                          "report colour/shape accuracy against chance.")
-_SAMPLES = flags.DEFINE_bool("samples", True, "Write sample images of config.sample_prompts.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error too.")
+from cheers_jax.train import loop
 
 EXIT_NONFINITE = 3    # stopped on a non-finite loss or gradient (train.nan_policy='stop')
 EXIT_PREEMPTED = 75   # SIGTERM: checkpoint saved, rerun to resume (sysexits.h EX_TEMPFAIL)
+# The flags' spellings of the absl era (`--export_hf`, `--noeval`): still accepted, not documented.
+_DEPRECATED = {"--export_hf": "--export-hf", "--noexport_hf": "--no-export-hf", "--noeval": "--no-eval",
+               "--nosamples": "--no-samples"}
 
-_OVERRIDES: list[str] = []  # the --config.KEY=VALUE arguments, set aside before absl parses the rest
 
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; --config.KEY=VALUE overrides go to the config loader instead."""
-  rest, overrides = config_lib.split_overrides(argv[1:])
-  _OVERRIDES[:] = overrides
-  try:
-    return flags.FLAGS([argv[0]] + rest)
-  except SystemExit:  # absl's --help prints the usage and exits 1: asking for help is not a failure
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    print(f"error: {cli.one_line(str(e))} (pass --help for usage)", file=sys.stderr)
-    sys.exit(cli.USAGE_ERROR)
+def _parser() -> argparse.ArgumentParser:
+  p = cli.ArgumentParser(prog="python -m cheers_jax.train", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  cli.add_config_flags(p, required=True)
+  p.add_argument("--workdir", help="directory for checkpoints, metrics, samples and the HF export (default: "
+                 "config.workdir). An existing run there is resumed.")
+  p.add_argument("--export-hf", action=argparse.BooleanOptionalAction, default=True,
+                 help="export the final params to WORKDIR/hf (HF safetensors layout; default on)")
+  p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                 help="after training on the synthetic shapes, caption held-out images and draw every prompt, "
+                 "judged against chance (default on)")
+  p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
+                 help="write sample images of config.sample_prompts (default on)")
+  p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
+  return p
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
@@ -62,33 +59,30 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 
 
 def _train(argv: list[str]) -> int:
-  if argv:
-    raise UserError(f"unexpected arguments: {' '.join(argv)} (options are --flag=value)")
-  if not _CONFIG.value:
-    raise UserError("--config is required, e.g. --config tiny")
-  config = config_lib.load(_CONFIG.value, _OVERRIDES)
-  workdir = _WORKDIR.value or config.get("workdir", "")
+  args, overrides = cli.parse_config_args(_parser(), [_DEPRECATED.get(a, a) for a in argv])
+  config = config_lib.load(args.config, overrides)
+  workdir = args.workdir or config.get("workdir", "")
   if not workdir:
     raise UserError("--workdir is required (or set config.workdir)")
-  logging.getLogger().setLevel(logging.INFO)
-  for handler in logging.getLogger().handlers:
+  root = logging.getLogger()
+  if not root.handlers:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  root.setLevel(logging.INFO)
+  for handler in root.handlers:
     handler.addFilter(_quiet_orbax)
-
-  from cheers_jax import distributed
   distributed.maybe_initialize()
-  from cheers_jax.train.loop import NonFiniteError, train
   try:
-    result = train(config, workdir, export_hf=_EXPORT_HF.value, evaluate=_EVAL.value, samples=_SAMPLES.value)
-  except NonFiniteError as e:
+    result = loop.train(config, workdir, export_hf=args.export_hf, evaluate=args.eval, samples=args.samples)
+  except loop.NonFiniteError as e:
     print(f"training stopped: {e}", file=sys.stderr)
     return EXIT_NONFINITE
   print(f"{result.status} at step {result.step}; workdir {workdir}", flush=True)
   return EXIT_PREEMPTED if result.status == "preempted" else 0
 
 
-def main(argv: list[str]) -> int:
-  return cli.run(_train, argv[1:], debug=_DEBUG.value)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_train, argv)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  sys.exit(main())

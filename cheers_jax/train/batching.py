@@ -74,7 +74,7 @@ def split_micro_batches(batch: dict, accum: int) -> dict:
     x = x.reshape(bm, accum, slots, *x.shape[1:]).swapaxes(0, 1)
     return x.reshape(accum, bm * slots, *x.shape[3:])
 
-  out = {k: rows(batch[k]) for k in batch_lib.ROW_KEYS}
+  out = {k: rows(batch[k]) for k in batch_lib.ROW_KEYS if k in batch}
   out.update({k: images(batch[k]) for k in batch_lib.IMAGE_KEYS + batch_lib.OPTIONAL_KEYS if k in batch})
   # re-base the cross references to the micro-batch: flat positions b*S + s and image slots b*K + i
   pos = out["image_positions"]

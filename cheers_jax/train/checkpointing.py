@@ -14,9 +14,14 @@ from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from cheers_jax import config as config_lib
+from cheers_jax.checkpoint.hf import save_hf_checkpoint
 from cheers_jax.checkpoint.orbax import CHECKPOINT_DIR, RUN_ITEMS
+from cheers_jax.checkpoint.support_files import write_support_files
 from cheers_jax.errors import ConfigError
+from cheers_jax.model.config import ModelConfig, describe_differences, differences
 from cheers_jax.train import state as state_lib
 
 PyTree = Any
@@ -150,12 +155,11 @@ def check_resumable(config, saved: Mapping[str, Any], where: Path) -> None:
   difference that changes the stored arrays is a ConfigError naming the fields, in one paragraph."""
   if not saved or "model" not in saved:
     return
-  from cheers_jax.model.config import ModelConfig, describe_differences, differences
   try:
     then = ModelConfig.from_dict(saved["model"])
   except (ConfigError, TypeError, ValueError):  # a config this version cannot read: leave it to the restore
     return
-  now = ModelConfig.from_dict(config.model)
+  now = config_lib.model_config(config)
   ignore = tuple(k for k in state_lib.NOT_ARCHITECTURE if k != "scan_layers")  # scanning changes the tree
   diffs = [(f"model.{k}", a, b) for k, a, b in differences(now, then, ignore=ignore)]
   saved_train, train = saved.get("train", {}), config_json(config).get("train", {})
@@ -219,14 +223,11 @@ def export_hf(state, model_cfg, out_dir: str | Path, dtype: Any = "bfloat16") ->
 
   Runs on every process (arrays are gathered leaf by leaf) but only process 0 writes.
   """
-  from cheers_jax.checkpoint.hf import save_hf_checkpoint
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   if jax.process_count() > 1:  # make every leaf fully addressable on this process
-    from jax.experimental import multihost_utils
     variables = multihost_utils.process_allgather(variables, tiled=True)
   if jax.process_index() != 0:
     return {}
-  from cheers_jax.checkpoint.support_files import write_support_files
   index = save_hf_checkpoint(variables, model_cfg, out_dir, dtype=dtype)
   write_support_files(out_dir, model_cfg)  # tokenizer + processor and generation config files: a self-contained export
   return index

@@ -13,7 +13,7 @@
   counts), 'stop' raises NonFiniteError naming the step, without saving past the last good checkpoint;
 - SIGTERM: checkpoint at the next step boundary, then return (status 'preempted');
 - at the end: a final checkpoint, sample images (`config.sample_prompts`), the HF export to
-  workdir/hf, and for the synthetic shapes source a greedy-caption evaluation on held-out images.
+  workdir/hf, and on the shapes demo (`data.source='synthetic'`) its evaluation (`demo.evaluate.run`).
 """
 from __future__ import annotations
 
@@ -26,21 +26,24 @@ from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
 from cheers_jax.data import batch as batch_lib
+from cheers_jax.data import packing as packing_lib
+from cheers_jax.data import sources
+from cheers_jax.data.pipeline import make_train_iterator
+from cheers_jax.demo import evaluate as demo_eval
+from cheers_jax.infer import images as images_lib
 from cheers_jax.model.cheers import Cheers
-from cheers_jax.model.config import ConfigError, ModelConfig
+from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import checkpointing as ckpt_lib
 from cheers_jax.train import metrics as metrics_lib
 from cheers_jax.train import batching
-from cheers_jax.train import shapes_eval
 from cheers_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
-
-NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteError(RuntimeError):
@@ -57,28 +60,8 @@ class TrainResult:
   hf_dir: Optional[str] = None
 
 
-# ---- config checks ---------------------------------------------------------------------------------
-def check_config(config) -> ModelConfig:
-  """Fails early, with a suggestion, on misspelt keys and inconsistent values."""
-  config_lib.check_known_keys(config)
-  config_lib.check_values(config)
-  cfg = ModelConfig.from_dict(config.model)
-  train_config = config.train
-  if train_config.nan_policy not in NAN_POLICIES:
-    raise ConfigError(f"train.nan_policy='{train_config.nan_policy}': choose one of {NAN_POLICIES}")
-  distributed.check_batch_splits_over_processes(int(train_config.batch_size))
-  if train_config.batch_size % train_config.grad_accum:
-    raise ConfigError(f"train.batch_size={train_config.batch_size} is not divisible by "
-                      f"train.grad_accum={train_config.grad_accum}")
-  if int(config.data.image_size) != cfg.vision.image_size:
-    raise ConfigError(f"data.image_size={config.data.image_size} but model.vision.image_size="
-                      f"{cfg.vision.image_size}; set both")
-  return cfg
-
-
 # ---- helpers ---------------------------------------------------------------------------------------
 def _default_iterator(config) -> Iterator[dict]:
-  from cheers_jax.data.pipeline import make_train_iterator
   return make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -115,12 +98,10 @@ class _Clock:
     return dt, n
 
 
-def save_image_grid(images: np.ndarray, path: Path) -> None:
-  """(N, H, W, 3) in [0, 1] -> one row PNG."""
-  from PIL import Image
-  row = np.concatenate(list(np.clip(images, 0.0, 1.0)), axis=1)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray((row * 255.0 + 0.5).astype(np.uint8)).save(path)
+def sample_prompt_texts(config, captions: list[str]) -> list[str]:
+  """The T2I prompt texts of `captions` in the training data's form (the shapes demo's: in capitals)."""
+  form = sources.shapes_prompt if demo_eval.trains_on_shapes(config) else sources.T2I_PROMPT.format
+  return [form(caption=c) for c in captions]
 
 
 def sample_images(model: Cheers, state, config, workdir: Path, step: int,
@@ -129,85 +110,13 @@ def sample_images(model: Cheers, state, config, workdir: Path, step: int,
   prompts = list(config.get("sample_prompts", ()) or ())
   if not prompts:
     return None
-  images = draw_captions(model, state, config, prompts)
+  images = demo_eval.draw(model, state, config, sample_prompt_texts(config, prompts))
   path = workdir / "samples" / f"step_{step:07d}.png"
   if jax.process_index() == 0:
-    save_image_grid(images, path)
+    images_lib.save_png(images_lib.make_grid(images_lib.to_uint8(images), columns=len(images), pad=0), path)
     if writer is not None:
       writer.write_images(step, {"samples": images})
   return path
-
-
-def draw_captions(model: Cheers, state, config, captions: list[str]) -> np.ndarray:
-  """T2I of each caption in the training data's prompt form (seeds 0..), with the config's sampler settings."""
-  from cheers_jax.data.sources import T2I_PROMPT, shapes_prompt
-  from cheers_jax.data.tokenizer import CheersTokenizer
-  from cheers_jax.infer.t2i import t2i_prompt, text_to_image
-  tok = CheersTokenizer()
-  prompt = shapes_prompt if config.data.source == "synthetic" else T2I_PROMPT.format
-  ids = [t2i_prompt(tok, prompt(caption=c)) for c in captions]
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  out = text_to_image(model, variables, ids, steps=int(config.sample_steps), cfg_scale=float(config.sample_cfg),
-                      seeds=list(range(len(ids))))
-  return np.asarray(out.images)
-
-
-def evaluate_synthetic(model: Cheers, state, config, num_images: int = 96) -> Optional[dict]:
-  """Greedy captions of held-out synthetic shapes (indices past the training set), scored by
-  sources.score_captions against chance and the best image-blind answer."""
-  if config.data.source != "synthetic":
-    return None
-  try:
-    from cheers_jax.data import sources
-    from cheers_jax.data.tokenizer import CheersTokenizer, UND_IMAGE_TEXT
-    from cheers_jax.infer.decode import GREEDY, generate_text
-  except ImportError as e:
-    log.info("no caption evaluation: %s", e)
-    return None
-  size = int(config.data.synthetic_size)
-  shapes = sources.SyntheticShapes(size + num_images, int(config.data.image_size), int(config.seed))
-  indices = range(size, size + num_images)  # never drawn in training (the training source has `size`)
-  tok = CheersTokenizer()
-  prompt = tok.build_prompt(UND_IMAGE_TEXT + "\n" + sources.I2T_PROMPT)
-  images = [[shapes.render(i).astype(np.float32) / 255.0] for i in indices]
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  outs = generate_text(model, variables, [prompt] * num_images, images, max_new_tokens=8, sampling=GREEDY)
-  texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in outs]
-  wanted = [shapes.label(i) for i in indices]
-  scores = sources.score_captions(wanted, texts)
-  examples = [f"{sources.describe(w)!r} -> {t!r}" for w, t in zip(wanted[:6], texts)]
-  return {**scores, "num_images": num_images, "examples": examples}
-
-
-def evaluate_synthetic_generation(model: Cheers, state, config, workdir: Path, step: int,
-                                  writer: Optional[metrics_lib.MetricWriter] = None,
-                                  samples_per_prompt: int = 8) -> dict:
-  """Every colour-shape prompt drawn `samples_per_prompt` times (seeds 0..), judged by
-  shapes_eval.judge_image; the grid (each prompt under its image) to workdir/samples and TensorBoard."""
-  from cheers_jax.data.sources import describe
-  wanted = [label for label in shapes_eval.all_prompts() for _ in range(samples_per_prompt)]
-  texts = [describe(label) for label in wanted]
-  images = draw_captions(model, state, config, texts)
-  scores = shapes_eval.score_generations(wanted, images)
-  if jax.process_index() == 0:
-    grid = shapes_eval.labelled_grid(images, texts, columns=3 * samples_per_prompt)
-    path = workdir / "samples" / f"step_{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-    Image.fromarray(grid).save(path)
-    scores["grid"] = str(path)
-    if writer is not None:
-      writer.write_images(step, {"samples": grid})
-  return scores
-
-
-def caption_report(ev: dict) -> str:
-  """One paragraph a person can judge: the template (well-formed), then image reading against chance."""
-  return (f"held-out synthetic captions ({ev['num_images']} images, greedy): well-formed {ev['well_formed']:.0%}, "
-          f"{int(ev['distinct'])} distinct; colour {ev['colour_acc']:.0%} (chance {ev['colour_chance']:.0%}, "
-          f"blind best {ev['majority_colour']:.0%}), shape {ev['shape_acc']:.0%} (chance {ev['shape_chance']:.0%}, "
-          f"blind best {ev['majority_shape']:.0%}), both {ev['both_acc']:.0%} (chance {ev['both_chance']:.1%}, "
-          f"blind best {ev['majority_both']:.0%})")
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -234,14 +143,15 @@ def train(config, workdir: str | os.PathLike, *, iterator: Optional[Iterator[dic
 
 class Trainer:
   """One run, in named phases: `restore` (or initialise) the state, `run_steps` (per step: stop if
-  preempted, fetch a batch, step, log, checkpoint, sample), `finish` (samples, HF export, caption
-  evaluation), `close`."""
+  preempted, fetch a batch, step, log, checkpoint, sample), `finish` (samples, HF export, the
+  demo's evaluation), `close`."""
 
   def __init__(self, config, workdir: str | os.PathLike, *, iterator: Optional[Iterator[dict]] = None,
                preemption: Optional[ckpt_lib.PreemptionHandler] = None, samples: bool = True, progress: bool = True):
     self.config = config
     self.workdir = Path(workdir)
-    self.cfg = check_config(config)
+    self.cfg = config_lib.model_config(config)  # config.load checked the config; the process count is known now
+    distributed.check_batch_splits_over_processes(int(config.train.batch_size))
     self.lead = jax.process_index() == 0
     if self.lead:
       self.workdir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +194,6 @@ class Trainer:
     every = max(1, int(self.config.checkpoint.every_steps))
     bar = None
     if self.show_progress:
-      from tqdm.auto import tqdm
       bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, smoothing=0.1)
     try:
       while self.step < self.total:
@@ -361,36 +270,20 @@ class Trainer:
 
   # -- phase 3 --
   def finish(self, result: TrainResult, *, export_hf: bool, evaluate: bool) -> None:
+    """Samples, the HF export and, on the shapes demo, its evaluation (every process: the samplers are
+    SPMD over the global params)."""
     state = result.state
-    generation = None
-    if self.samples:  # every process: the sampler is SPMD over the global params
-      if self.config.data.source == "synthetic":  # every colour-shape prompt, judged and labelled
-        generation = evaluate_synthetic_generation(self.model, state, self.config, self.workdir, result.step,
-                                                   self.writer)
-        if self.lead:
-          print(shapes_eval.generation_report(generation), flush=True)
-      else:
-        sample_images(self.model, state, self.config, self.workdir, result.step, self.writer)
+    demo = demo_eval.trains_on_shapes(self.config)
+    if self.samples and not demo:
+      sample_images(self.model, state, self.config, self.workdir, result.step, self.writer)
     if export_hf:
       hf_dir = self.workdir / "hf"
       ckpt_lib.export_hf(state, self.cfg, hf_dir)
       result.hf_dir = str(hf_dir)
       log.info("exported the final params to %s (HF layout)", hf_dir)
-    if evaluate:
-      ev = evaluate_synthetic(self.model, state, self.config)
-      if ev is not None:
-        result.evaluation = ev
-        if self.lead:
-          print(caption_report(ev) + "\n  " + "\n  ".join(ev["examples"]), flush=True)
-        self.writer.write_scalars(result.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
-    if self.config.data.source == "synthetic" and (result.evaluation or generation):
-      summary = shapes_eval.eval_summary(result.evaluation, generation)
-      summary["timing_s"] = self.meter.timing()
-      result.evaluation = {**(result.evaluation or {}), **summary}
-      if self.lead:
-        shapes_eval.write_eval(self.workdir / "eval.json", summary)
-        self.writer.write_scalars(result.step, {f"eval/{k}": v for k, v in generation.items()
-                                                if isinstance(v, float)} if generation else {})
+    if demo and (self.samples or evaluate):
+      result.evaluation = demo_eval.run(self.model, state, self.config, self.workdir, result.step, self.writer,
+                                        captions=evaluate, generation=self.samples, timing=self.meter.timing())
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -422,7 +315,7 @@ class _Throughput:
                                                                    self.trainable)
     self.flops += self.flops_per_sample[(s, m)] * b * jax.process_count()
     self.tokens += int(np.sum(host["valid"])) * jax.process_count()
-    self.samples += b * jax.process_count()
+    self.samples += packing_lib.samples_in(host) * jax.process_count()  # packed rows hold several
 
   def stepped(self, metrics) -> None:
     self.clock.steps += 1

@@ -1,9 +1,11 @@
 """Measuring the train step of one layout (mesh x remat x attention x batch): compile time, step time,
 throughput, MFU and memory; many layouts one after the other, each in a fresh process by default.
 
-The library behind `python -m cheers_jax.sweep`, `python -m cheers_jax.bench train` and the figures of
-`python -m cheers_jax.aot`. A failed layout (out of memory, compile error, crash, timeout) is a row
-with its status and error, never the end of the run. Row keys: FIELDS.
+The library behind `python -m cheers_jax.sweep`, `python -m cheers_jax.bench train` and
+`python -m cheers_jax.aot`: `compile_step` lowers and compiles the step of one layout (on abstract inputs for
+`aot_memory`, on a synthetic state and batch for `measure_layout`, which then runs it). A failed layout (out of
+memory, compile error, crash, timeout) is a row with its status and error, never the end of the run. Row keys:
+FIELDS (measure_layout), AOT_FIELDS (aot_memory).
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import jax
 import numpy as np
 
 from cheers_jax import config as config_lib
-from cheers_jax import distributed, sharding
+from cheers_jax import distributed, sharding, targets
 from cheers_jax.errors import UserError
 from cheers_jax.model.cheers import Cheers
+from cheers_jax.model.config import ModelConfig
 from cheers_jax.train import metrics as metrics_lib
 from cheers_jax.train import state as state_lib
 from cheers_jax.train import step as step_lib
@@ -36,7 +39,11 @@ ROW_PREFIX = "SWEEP_ROW "
 FIELDS = ("mesh", "remat", "attention", "batch_size", "per_device_batch", "devices", "device_kind", "status",
           "compile_s", "step_s", "samples_per_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_mem_gib",
           "mem_source", "args_gib", "temp_gib", "loss", "seq_len", "error")
-GIB = 2.0 ** 30
+AOT_FIELDS = ("target", "mesh", "devices", "platform", "per_device_batch", "global_batch", "seq_len", "remat",
+              "args_gib", "outputs_gib", "alias_gib", "temp_gib", "total_gib", "memory_gib", "fits", "compiled_tflop",
+              "model_tflop", "recompute", "compiled_gb", "roofline_step_s_est", "roofline_mfu_est", "compile_s",
+              "status", "error")
+GIB = targets.GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,47 +125,96 @@ def device_peak_bytes(devices) -> Optional[float]:
   return max(peaks) if peaks else None
 
 
-def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 1,
-                   batch: synthetic.BatchOptions = synthetic.BatchOptions(), init: str = "synthetic",
-                   cumulative_peak: bool = False) -> dict[str, Any]:
-  """Compile and time the train step of one layout, in this process. Never raises: failures are rows."""
-  row: dict[str, Any] = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat, "attention": layout.attention,
-                         "batch_size": layout.batch_size, "status": "error"}
-  phase = "setup"
-  try:
-    c = layout_config(config, layout)
-    cfg = state_lib.model_config(c)
-    mesh = sharding.make_mesh_on_first_devices(layout.mesh_dict)
-    shards = sharding.data_shards(mesh)
-    n_dev = mesh.devices.size
-    kind = mesh.devices.flat[0].device_kind
-    row.update(devices=n_dev, device_kind=kind)
-    if layout.batch_size % shards:
-      raise UserError(f"global batch {layout.batch_size} is not divisible by data x fsdp = {shards}")
-    row["per_device_batch"] = layout.batch_size // shards
-    spec = batch.spec(c, layout.batch_size)
-    row["seq_len"] = spec.seq_len
+class CompileFailed(RuntimeError):
+  """XLA refused to compile the step (its message follows); setup errors are raised as they are."""
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """The train step of one layout, compiled for its inputs (`state`, `batch`: arrays, or ShapeDtypeStructs
+  when compiled on abstract inputs)."""
+  config: Any              # the layout's run config (layout_config)
+  model: ModelConfig
+  mesh: Any
+  spec: synthetic.BatchSpec
+  state: Any
+  batch: Any
+  compiled: Any
+  compile_s: float
+  valid_tokens: float      # text/image tokens of the synthetic batch (0 for abstract inputs)
+
+  def model_flops(self) -> float:
+    """FLOPs of one step of the model (metrics.flops_per_sample x the rows of the global batch)."""
+    spec = self.spec
+    # the rows' FLOPs, padding included (packed rows: spec.rows rows of several samples)
+    return metrics_lib.flops_per_sample(self.model, spec.seq_len, spec.image_size, spec.slots_per_row,
+                                        self.config.train.trainable) * spec.rows
+
+
+def compile_step(config, layout: StepLayout, *, batch: synthetic.BatchOptions = synthetic.BatchOptions(),
+                 init: str = "abstract", devices: Optional[Sequence] = None,
+                 compiler_options: Optional[dict] = None) -> CompiledStep:
+  """Lower and compile the train step of `config` in `layout`.
+
+  init: 'abstract' = ShapeDtypeStructs carrying the state and batch shardings (nothing is allocated: memory
+  before renting the hardware); 'synthetic' = a synthetic state (train.synthetic) and 'config' = the config's
+  own init, each with a synthetic batch, to run the step. devices: the mesh's (default: jax.devices()).
+  Raises CompileFailed when XLA refuses the program (e.g. it cannot fit), other errors during setup.
+  """
+  c = layout_config(config, layout)
+  cfg = state_lib.model_config(c)
+  mesh = sharding.make_mesh_on_first_devices(layout.mesh_dict, devices)
+  shards = sharding.data_shards(mesh)
+  if layout.batch_size % shards:
+    raise UserError(f"global batch {layout.batch_size} is not divisible by data x fsdp = {shards}")
+  spec = batch.spec(c, layout.batch_size)
+  valid_tokens = 0.0
+  if init == "abstract":
+    abstract, shardings = state_lib.abstract_train_state(c, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    dbatch = synthetic.abstract_batch(spec, mesh)
+  else:
     if init == "synthetic":
       state, shardings = synthetic.synthetic_train_state(c, mesh, int(c.seed))
     elif init == "config":
       state, shardings = state_lib.init_train_state(c, mesh)
     else:
-      raise UserError(f"init={init!r}: use 'synthetic' or 'config'")
+      raise UserError(f"init={init!r}: use 'abstract', 'synthetic' or 'config'")
     host = synthetic.synthetic_batch(spec)
     valid_tokens = float(np.sum(host["valid"]))
     dbatch = synthetic.global_device_batch(host, mesh)
     del host
-    step_fn = step_lib.make_train_step(Cheers(cfg), c, mesh, shardings)
+  step_fn = step_lib.make_train_step(Cheers(cfg), c, mesh, shardings)
+  t0 = time.perf_counter()
+  try:
+    compiled = step_fn.lower(state, dbatch).compile(compiler_options=compiler_options or None)
+  except Exception as e:  # noqa: BLE001 -- the compiler's message, kept whole
+    raise CompileFailed(f"{type(e).__name__}: {e}") from e
+  return CompiledStep(c, cfg, mesh, spec, state, dbatch, compiled, time.perf_counter() - t0, valid_tokens)
 
-    phase = "compile"
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, dbatch).compile()
-    row["compile_s"] = time.perf_counter() - t0
-    mem = memory_figures(compiled)
+
+def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 1,
+                   batch: synthetic.BatchOptions = synthetic.BatchOptions(), init: str = "synthetic",
+                   cumulative_peak: bool = False) -> dict[str, Any]:
+  """Compile and time the train step of one layout, in this process. Never raises: failures are rows."""
+  row: dict[str, Any] = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat,
+                         "attention": layout.attention, "batch_size": layout.batch_size, "status": "error"}
+  phase = "setup"
+  try:
+    if init == "abstract":
+      raise UserError("init='abstract' compiles without arrays: measure_layout runs the step; use aot_memory")
+    step = compile_step(config, layout, batch=batch, init=init)
+    mesh, n_dev = step.mesh, step.mesh.devices.size
+    kind = mesh.devices.flat[0].device_kind
+    row.update(devices=n_dev, device_kind=kind, per_device_batch=layout.batch_size // sharding.data_shards(mesh),
+               seq_len=step.spec.seq_len, compile_s=step.compile_s)
+    mem = memory_figures(step.compiled)
     row["args_gib"] = None if mem["args"] is None else mem["args"] / GIB
     row["temp_gib"] = None if mem["temp"] is None else mem["temp"] / GIB
 
     phase = "run"
+    state, dbatch, compiled = step.state, step.batch, step.compiled
+    step.state = step.batch = step.compiled = None  # the loop below owns them (donated state)
     times, metrics = [], None
     for i in range(warmup + steps):
       t0 = time.perf_counter()
@@ -167,12 +223,11 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
       if i >= warmup:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times) if times else float("nan")
-    flops = metrics_lib.flops_per_sample(cfg, spec.seq_len, spec.image_size, spec.image_slots,
-                                         c.train.trainable) * layout.batch_size
+    flops = step.model_flops()
     util = metrics_lib.mfu(flops / step_s, n_dev, kind)
     peak = device_peak_bytes(mesh.local_devices)
-    row.update(status="ok", step_s=step_s, samples_per_s=layout.batch_size / step_s, tokens_per_s=valid_tokens / step_s,
-               tflops_per_device=flops / step_s / n_dev / 1e12, mfu=util,
+    row.update(status="ok", step_s=step_s, samples_per_s=layout.batch_size / step_s,
+               tokens_per_s=step.valid_tokens / step_s, tflops_per_device=flops / step_s / n_dev / 1e12, mfu=util,
                loss=float(jax.device_get(metrics["loss"])))
     if peak is not None:
       row.update(peak_mem_gib=peak / GIB, mem_source="device_peak_cumulative" if cumulative_peak else "device_peak")
@@ -180,10 +235,63 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
       row.update(peak_mem_gib=mem["total"] / GIB, mem_source="compiled")
     del state, dbatch, compiled
   except Exception as e:  # noqa: BLE001 -- a failed layout is a row, never the end of the sweep
+    if isinstance(e, CompileFailed):
+      phase = "compile"
     status = classify_error(e)
     row.update(status=status if status == "oom" else ("compile_error" if phase == "compile" else "error"),
                error=f"[{phase}] {short_error(e)}")
   gc.collect()
+  return row
+
+
+# ---- ahead of time: memory and cost before renting the hardware ---------------------------------------
+def cost_figures(compiled, model_flops: float, target: Optional[targets.Target]) -> dict[str, Any]:
+  """Compiled FLOPs and bytes (per device, from cost_analysis) against the model's; a roofline estimate."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend has it
+    cost = None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or not cost.get("flops"):
+    return {}
+  flops, nbytes = float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
+  out: dict[str, Any] = {"compiled_tflop": flops / 1e12, "compiled_gb": nbytes / 1e9, "model_tflop": model_flops / 1e12,
+                         "recompute": flops / model_flops if model_flops else None}
+  if target is not None and target.peak_tflops and target.hbm_gbps:
+    step = max(flops / (target.peak_tflops * 1e12), nbytes / (target.hbm_gbps * 1e9))
+    out.update(roofline_step_s_est=step, roofline_mfu_est=model_flops / step / (target.peak_tflops * 1e12))
+  return out
+
+
+def aot_memory(config, mesh_shape: Mapping[str, int], per_device_batch: int, *,
+               batch: synthetic.BatchOptions = synthetic.BatchOptions(), devices: Optional[Sequence] = None,
+               target: Optional[targets.Target] = None) -> dict[str, Any]:
+  """Compile the train step of `config` for `mesh_shape` on abstract inputs (compile_step); per-device bytes
+  (GiB), and on targets with a cost model the compiled FLOPs per device against the model's (cost_figures).
+
+  Never raises: a failure is a row with status 'error' or 'oom' (XLA may refuse a program that cannot fit).
+  """
+  row: dict[str, Any] = {"mesh": sharding.mesh_name(mesh_shape), "per_device_batch": per_device_batch,
+                         "remat": config.model.remat_policy, "status": "error"}
+  try:
+    mesh = sharding.make_mesh_on_first_devices(mesh_shape, devices)
+    layout = StepLayout.make(mesh_shape, config.model.remat_policy, config.model.attention,
+                             per_device_batch * sharding.data_shards(mesh))
+    row.update(devices=mesh.devices.size, global_batch=layout.batch_size)
+    step = compile_step(config, layout, batch=batch, devices=devices,
+                        compiler_options=target.compiler_options if target is not None else None)
+    row.update(seq_len=step.spec.seq_len, rows=step.spec.rows, compile_s=step.compile_s)
+    mem = memory_figures(step.compiled)
+    if mem["total"] is None:
+      raise RuntimeError("this backend has no memory_analysis()")
+    row.update({f"{k}_gib": mem[k] / GIB for k in ("args", "outputs", "alias", "temp", "total")}, status="ok")
+    if target is not None and target.platform == "tpu":
+      row.update(cost_figures(step.compiled, step.model_flops() / mesh.devices.size, target))
+    del step
+  except Exception as e:  # noqa: BLE001 -- one failed combination is a row
+    row.update(status=classify_error(e), error=short_error(e))
+  jax.clear_caches()  # compiled steps of earlier combinations are not needed again
   return row
 
 
@@ -197,7 +305,8 @@ def run_isolated(config_path: str, overrides: Sequence[str], layout: StepLayout,
   roots = [str(Path(__file__).resolve().parents[2])]
   if config_lib.is_path(config_path):  # the config file may import its siblings (see config.load)
     roots.append(os.path.dirname(os.path.dirname(os.path.abspath(config_path.partition(":")[0]))))
-  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + inherited))
   base = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat, "attention": layout.attention,
           "batch_size": layout.batch_size}
   try:

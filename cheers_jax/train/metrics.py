@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from cheers_jax import targets
 from cheers_jax.model.config import ModelConfig, TextConfig, VAEConfig, VisionConfig
 
 
@@ -161,26 +162,9 @@ def flops_per_sample(cfg: ModelConfig, seq_len: int, image_size: int, images_per
   return float(sum(flops_breakdown(cfg, seq_len, image_size, images_per_sample, trainable).values()))
 
 
-# ---- peak throughput and MFU ------------------------------------------------------------------------
-# dense bf16 peak TFLOP/s per device; matched in order against device_kind (lower case)
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
-    ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0), ("tpu v4", 275.0),
-    ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),
-)
-
-
-def peak_flops_per_device(device_kind: str) -> Optional[float]:
-  """Peak FLOP/s of one device, None when unknown (CPU: MFU is reported as n/a)."""
-  kind = device_kind.lower()
-  for key, tflops in PEAK_TFLOPS:
-    if key in kind:
-      return tflops * 1e12
-  return None
-
-
+# ---- MFU (peak throughput per device: the hardware table, targets.CHIPS) ---------------------------
 def mfu(flops_per_second: float, num_devices: int, device_kind: str) -> Optional[float]:
-  peak = peak_flops_per_device(device_kind)
+  peak = targets.peak_flops_per_device(device_kind)
   if peak is None or num_devices <= 0:
     return None
   return flops_per_second / (peak * num_devices)

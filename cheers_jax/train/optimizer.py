@@ -5,7 +5,7 @@ tree and a frozen tree (each with `None` where the other holds a leaf); gradient
 the trainable tree only (so XLA never computes the weight gradients of frozen modules) and the
 optimizer is initialised on it, so frozen leaves get no moments (memory as if they did not exist).
 
-Trainable sets (SPEC.md stage table, the reference's align.yaml / sft.yaml):
+Trainable sets (the paper's stage table, the reference's align.yaml / sft.yaml):
 - `align`: und_projector, gen_projector, hi_projector, hi_gate, time_embed, embed_tokens (tied with
   the LM head; an untied `lm_head` is trainable too);
 - `all_but_vae`: everything but `vae_model` (the SigLIP pooling head stays trainable but never gets a

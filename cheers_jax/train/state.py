@@ -7,6 +7,7 @@ place (big_vision / lm1b). Params and optimizer state are fp32.
 """
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any, Callable, Optional
 
@@ -18,10 +19,15 @@ from flax import struct
 from jax.sharding import Mesh
 
 from cheers_jax import sharding
+from cheers_jax.config import model_config
 from cheers_jax.checkpoint import orbax as orbax_lib
+from cheers_jax.checkpoint.hf import load_hf_checkpoint, read_hf_config
+from cheers_jax.checkpoint.parts import load_parts_spec, parse_parts_spec
+from cheers_jax.data import pipeline, sources
 from cheers_jax.errors import ConfigError
 from cheers_jax.model.cheers import Cheers, init_variables
 from cheers_jax.model.config import ModelConfig, describe_differences, differences
+from cheers_jax.model.sequence import KIND_PREPENDED
 from cheers_jax.train import optimizer as opt_lib
 
 PyTree = Any
@@ -35,10 +41,6 @@ class TrainState:
   batch_stats: PyTree  # the VAE BatchNorm running statistics (never updated)
   opt_state: PyTree    # optax state over the TRAINABLE params only (see optimizer.partition)
   rng: Array           # uint32[2] base key; the step key is fold_in(rng, step)
-
-
-def model_config(config) -> ModelConfig:
-  return ModelConfig.from_dict(config.model)
 
 
 # Re-entering training in one process (tests, notebooks, a resumed run) reuses the traced and
@@ -58,14 +60,6 @@ def memoised(key: tuple, build: Callable[[], Any]) -> Any:
   if key not in _PROGRAMS:
     _PROGRAMS[key] = build()
   return _PROGRAMS[key]
-
-
-def _image_size(config, cfg: ModelConfig) -> int:
-  size = int(config.data.get("image_size", cfg.vision.image_size))
-  if size != cfg.vision.image_size:
-    raise ConfigError(f"data.image_size={size} but model.vision.image_size={cfg.vision.image_size}: they must "
-                      "match (the SigLIP position table is trained at one size)")
-  return size
 
 
 # ---- state construction ------------------------------------------------------------------------
@@ -103,7 +97,6 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
   Returns (state, state_shardings).
   """
   cfg = model_config(config)
-  _image_size(config, cfg)
   rng = jax.random.PRNGKey(int(config.seed)) if rng is None else rng
   init_from = config.get("init_from", "") if init_from is None else init_from
   abstract, shardings = abstract_train_state(config, mesh)
@@ -115,13 +108,11 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
 
   variable_shardings = {"params": shardings.params, "batch_stats": shardings.batch_stats}
   if init_from.startswith("hf:"):
-    from cheers_jax.checkpoint.hf import load_hf_checkpoint, read_hf_config
     _check_same_architecture(cfg, read_hf_config(init_from[3:]), init_from)  # before any tensor is read
     loaded_cfg, variables = load_hf_checkpoint(init_from[3:], cfg=cfg, dtype=jnp.float32,
                                                shardings=variable_shardings)
     _check_same_architecture(cfg, loaded_cfg, init_from)
   elif init_from.startswith("parts:"):
-    from cheers_jax.checkpoint.parts import load_parts_spec
     variables = load_parts_spec(init_from[6:], cfg, jax.random.split(rng)[0], shardings=variable_shardings)
   elif init_from.startswith("orbax:"):
     variables = orbax_lib.load_run_variables(init_from[6:], {"params": abstract.params,
@@ -137,7 +128,6 @@ def init_train_state(config, mesh: Mesh, rng: Optional[Array] = None, init_from:
 def vae_is_random(init_from: str) -> bool:
   """Whether `init_from` leaves the VAE (and its latent BN statistics) at the random init."""
   if init_from.startswith("parts:"):
-    from cheers_jax.checkpoint.parts import parse_parts_spec
     return "vae" not in parse_parts_spec(init_from[6:])
   return not init_from
 
@@ -200,9 +190,6 @@ def calibration_images(config, count: int, source: Any = None) -> np.ndarray:
   source order) of the kinds data.mix draws that the pipeline ACCEPTS (a sample it would skip, too long
   or with a bad image, gives none; a text-only sample's dummy is not an image): (n, S, S, 3), n <= count
   (fewer when the first 8 x count such samples hold fewer). No image at all is a ConfigError saying why."""
-  import collections
-  from cheers_jax.data import pipeline, sources
-  from cheers_jax.model.sequence import KIND_PREPENDED
   source = sources.make_source(config.data, int(config.seed)) if source is None else source
   prepare = pipeline.PrepareExample(pipeline.spec_from_config(config))
   drawn = [c for c, name in enumerate(sources.CATEGORIES)
@@ -221,4 +208,4 @@ def calibration_images(config, count: int, source: Any = None) -> np.ndarray:
     why = ", ".join(f"{reason}: {n}" for reason, n in skips.items()) or "none has an image"
     raise ConfigError(f"train.calibrate_latent_norm={count}: the first {len(candidates)} samples with images "
                       f"gave no image the pipeline accepts ({why}); fix the data or set it to 0")
-  return np.stack(out[:count]).astype(np.float32)
+  return np.stack(out[:count])

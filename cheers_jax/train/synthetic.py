@@ -7,7 +7,10 @@ and a train state of the right shapes, built without data or a real initialisati
   without building it (AOT lowering).
 - `synthetic_train_state`: deterministic pseudo-random params and a fresh optimizer state, created
   already sharded, in one small program (seconds, where the real init takes minutes on a CPU).
-- `BatchOptions`: how a tool asks for a batch; its size comes from the layout being measured.
+- `BatchOptions`: how a tool asks for a batch; its size comes from the layout being measured. With
+  `mix`, the samples' lengths follow the realistic mix of `cheers_jax.data.packing.length_mix`, padded to
+  the config's bucket of the longest, or with data.packing=True packed into as few rows as hold them
+  (the same samples either way: compare the two at the same number of real samples per step).
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheers_jax.config import model_config
 from cheers_jax.data import batch as batch_lib
+from cheers_jax.data import packing
+from cheers_jax.data.tokenizer import ALWAYS_LABELLED_IDS
 from cheers_jax.errors import UserError
-from cheers_jax.model.config import ModelConfig
-from cheers_jax.model.sequence import assemble
+from cheers_jax.infer.loader import fake_constant
+from cheers_jax.model.sequence import KIND_GEN, KIND_UND, assemble
 from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
                                IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, SYSTEM_ID, USER_ID)
 from cheers_jax.train import batching
@@ -52,10 +58,14 @@ class BatchSpec:
   image_slots: int = 1        # image slots per sample (the pipeline's max_images_per_sample); extra = padding
   vocab_size: int = 151936    # ids >= vocab (special tokens of a small test vocabulary) wrap around
   seed: int = 0
+  text_lens: tuple[int, ...] = ()  # per-sample text tokens (a length mix) instead of text_len for all
+  pack: Optional[packing.PackingSpec] = None  # packed rows (seq_len = pack.row_len) instead of one per sample
 
   def __post_init__(self):
-    if self.text_len < 2:
+    if min(self.text_lens or (self.text_len,)) < 2:
       raise UserError(f"text_len={self.text_len}: at least 2 text tokens per sample")
+    if self.text_lens and len(self.text_lens) != self.batch_size:
+      raise ValueError(f"{len(self.text_lens)} text lengths for {self.batch_size} samples")
     if self.sample_len > self.seq_len:
       raise UserError(f"samples of {self.sample_len} tokens ({self.text_len} text + {CHAT_TOKENS} chat + "
                       f"{self.tokens_per_image} image) do not fit seq_len={self.seq_len}; lower --text-len "
@@ -67,7 +77,27 @@ class BatchSpec:
 
   @property
   def sample_len(self) -> int:
-    return self.text_len + CHAT_TOKENS + self.tokens_per_image
+    """The longest sample's assembled length."""
+    return max(self.text_lens or (self.text_len,)) + CHAT_TOKENS + self.tokens_per_image
+
+  def sample_lens(self) -> list[int]:
+    return [self.text_length(i) + CHAT_TOKENS + self.tokens_per_image for i in range(self.batch_size)]
+
+  def text_length(self, i: int) -> int:
+    return self.text_lens[i] if self.text_lens else self.text_len
+
+  @property
+  def rows(self) -> int:
+    return self.pack.rows if self.pack else self.batch_size
+
+  @property
+  def slots_per_row(self) -> int:
+    return self.pack.row_images if self.pack else self.image_slots
+
+  @property
+  def padding(self) -> float:
+    """Share of the batch's tokens that are padding."""
+    return 1.0 - sum(self.sample_lens()) / (self.rows * self.seq_len)
 
   def is_gen(self, i: int) -> bool:
     f = self.gen_fraction
@@ -79,10 +109,13 @@ REFERENCE_TEXT_LEN = 120  # the reference timing's samples: 120 + 24 + 256 = 400
 
 
 def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_len: Optional[int] = None,
-               gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0) -> BatchSpec:
-  """Defaults: seq_len = the config's smallest bucket; text_len = the reference's 120, or what fits."""
-  cfg = ModelConfig.from_dict(config.model)
+               gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0, mix: bool = False) -> BatchSpec:
+  """Defaults: seq_len = the config's smallest bucket; text_len = the reference's 120, or what fits.
+  mix: `batch_size` samples of the realistic length mix instead (`mix_spec`)."""
+  cfg = model_config(config)
   n = cfg.tokens_per_image
+  if mix:
+    return mix_spec(config, batch_size, gen_fraction=gen_fraction, image_slots=image_slots, seed=seed)
   seq_len = int(seq_len or min(config.data.seq_buckets))
   text_len = int(text_len or max(2, min(REFERENCE_TEXT_LEN, seq_len - CHAT_TOKENS - n)))
   return BatchSpec(int(batch_size), seq_len, cfg.vision.image_size, n, text_len, float(gen_fraction),
@@ -92,7 +125,7 @@ def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_l
 def _sample(spec: BatchSpec, i: int) -> tuple[list[int], list[int], float]:
   rng = np.random.default_rng([spec.seed, i])
   words = lambda k: [int(x) for x in rng.integers(0, min(spec.vocab_size, 151000), k)]
-  n = spec.text_len
+  n = spec.text_length(i)
   sys_ids = [CHAT_START_ID, SYSTEM_ID, NEWLINE_ID] + words(6) + [CHAT_END_ID, NEWLINE_ID]
   if spec.is_gen(i):
     user = words(n)
@@ -105,9 +138,8 @@ def _sample(spec: BatchSpec, i: int) -> tuple[list[int], list[int], float]:
   u = [CHAT_START_ID, USER_ID, NEWLINE_ID] + user + [CHAT_END_ID, NEWLINE_ID]
   a = [CHAT_START_ID, ASSISTANT_ID, NEWLINE_ID] + asst + [CHAT_END_ID, NEWLINE_ID]
   ids = sys_ids + u + a
-  structural = {NEWLINE_ID, CHAT_START_ID, CHAT_END_ID, IM_START_ID, IM_END_ID}
-  labels = [IGNORE_INDEX] * (len(sys_ids) + len(u)) + a
-  labels = [x if x in structural else lab for x, lab in zip(ids, labels)]
+  labels = [IGNORE_INDEX] * (len(sys_ids) + len(u)) + a  # the tokenizer's rule (build_conversation)
+  labels = [x if x in ALWAYS_LABELLED_IDS else lab for x, lab in zip(ids, labels)]
   labels = [IGNORE_INDEX if lab in (IMAGE_TOKEN_INDEX, IMAGE_GEN_TOKEN_INDEX) else lab for lab in labels]
   return ids, labels, t
 
@@ -116,22 +148,45 @@ def synthetic_batch(spec: BatchSpec, rows: Optional[Sequence[int]] = None) -> di
   """The numpy batch of samples `rows` (default: all), indexed locally exactly as the data pipeline
   collates a per-process batch (cheers_jax/data/pipeline.py `collate`): flat positions b*S + s and
   image slots b*K + i count from this batch's first row."""
+  if spec.pack is not None:
+    if rows is not None:
+      raise ValueError("a packed synthetic batch is built whole")
+    return _packed_batch(spec)
   rows = list(range(spec.batch_size)) if rows is None else list(rows)
   samples = [_sample(spec, i) for i in rows]
   b, n_tok, hw = len(rows), spec.tokens_per_image, spec.image_size
   ids, labels, mask = batch_lib.pad_samples([s[0] for s in samples], [s[1] for s in samples])
   lay = assemble(ids, n_tok, attention_mask=mask, labels=labels, seq_len=spec.seq_len, check_fm_positions=True)
   assert lay.num_images == b and np.array_equal(lay.image_sample, np.arange(b))  # one image per sample
-  pixels = np.stack([np.random.default_rng([spec.seed, i, 1]).random((hw, hw, 3), np.float32) for i in rows])
+  pixels = np.stack([np.random.default_rng([spec.seed, i, 1]).integers(0, 256, (hw, hw, 3), np.uint8) for i in rows])
   out = batch_lib.from_assembled(lay, n_tok, spec.image_slots, pixels, np.asarray([s[2] for s in samples]))
+  return _wrap_vocab(out, spec.vocab_size)
+
+
+def _wrap_vocab(batch: dict, vocab_size: int) -> dict:
   for key in ("token_ids", "targets"):  # ids >= vocab (special tokens of a small test vocabulary) wrap around
-    out[key] = np.where(out[key] >= spec.vocab_size, out[key] % spec.vocab_size, out[key]).astype(np.int32)
-  return out
+    batch[key] = np.where(batch[key] >= vocab_size, batch[key] % vocab_size, batch[key]).astype(np.int32)
+  return batch
+
+
+def _packed_batch(spec: BatchSpec) -> dict[str, np.ndarray]:
+  """All of spec's samples packed into spec.pack's rows (first fit), as the pipeline packs them."""
+  hw, samples = spec.image_size, []
+  for i in range(spec.batch_size):
+    ids, labels, t = _sample(spec, i)
+    pixels = np.random.default_rng([spec.seed, i, 1]).integers(0, 256, (1, hw, hw, 3), np.uint8)
+    samples.append({"input_ids": np.asarray(ids), "labels": np.asarray(labels), "pixels": pixels,
+                    "t": np.asarray([t], np.float32),
+                    "image_kind": np.asarray([KIND_GEN if spec.is_gen(i) else KIND_UND], np.int32)})
+  placements = packing.first_fit(spec.sample_lens(), [1] * spec.batch_size, spec.pack)
+  if len(placements) != 1:
+    raise UserError(f"{spec.batch_size} samples do not fit {spec.pack.rows} packed rows")
+  return _wrap_vocab(packing.collate_packed(samples, placements[0], spec.pack, spec.tokens_per_image), spec.vocab_size)
 
 
 def batch_shapes(spec: BatchSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
   """(shape, dtype) of every array the step consumes, without building the batch."""
-  return batch_lib.shapes(spec.batch_size, spec.seq_len, spec.image_slots, spec.tokens_per_image, spec.image_size)
+  return batch_lib.shapes(spec.rows, spec.seq_len, spec.slots_per_row, spec.tokens_per_image, spec.image_size)
 
 
 def abstract_batch(spec: BatchSpec, mesh) -> dict:
@@ -170,11 +225,9 @@ def synthetic_train_state(config, mesh, seed: int = 0):
   tx = opt_lib.make_optimizer(config.train)
 
   def fill(path, leaf, salt):
-    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-    if name in ("weight", "scale", "running_var"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name.endswith("bias") or name == "running_mean":
-      return jnp.zeros(leaf.shape, leaf.dtype)
+    constant = fake_constant(path)
+    if constant is not None:
+      return jnp.full(leaf.shape, constant, leaf.dtype)
     # flat index from broadcasted iotas (not a reshaped 1-D iota): partitions without gathers
     index = jnp.full(leaf.shape, salt * 0x9E3779B1 % 2 ** 32, jnp.uint32)
     stride = 1
@@ -196,6 +249,29 @@ def synthetic_train_state(config, mesh, seed: int = 0):
   return jax.jit(build, out_shardings=shardings)(), shardings
 
 
+def mix_spec(config, batch_size: int, *, gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0) -> BatchSpec:
+  """`batch_size` samples with lengths drawn from `packing.length_mix` (the config's data.mix), one image
+  each: padded to the bucket of the longest (data.seq_buckets), or with data.packing=True packed into as
+  few rows as hold them (data.pack_len x data.pack_images)."""
+  cfg = model_config(config)
+  n = cfg.tokens_per_image
+  lengths = packing.length_mix(batch_size, n, seed, dict(config.data.mix))
+  buckets = tuple(int(b) for b in config.data.seq_buckets)
+  if lengths.max() > max(buckets):
+    raise UserError(f"the length mix has samples of up to {lengths.max()} tokens, over the largest bucket "
+                    f"{max(buckets)}: pass e.g. --config.data.seq_buckets='(512,1024,2048,4096)'")
+  text_lens = tuple(int(x) - CHAT_TOKENS - n for x in lengths)
+  pack = packing.resolve(config.data, n, rows=batch_size)
+  if pack is None:
+    seq_len = packing.bucket_of(int(lengths.max()), buckets)
+  else:
+    [placement] = packing.first_fit(lengths, np.ones(batch_size, np.int64), pack)  # rows = samples: one batch
+    pack = dataclasses.replace(pack, rows=1 + max(row for row, _ in placement))
+    seq_len = pack.row_len
+  return BatchSpec(int(batch_size), seq_len, cfg.vision.image_size, n, min(text_lens), float(gen_fraction),
+                   int(image_slots), cfg.text.vocab_size, int(seed), text_lens, pack)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchOptions:
   """How to build the synthetic batch of a layout (its batch size comes from the layout)."""
@@ -203,7 +279,14 @@ class BatchOptions:
   text_len: Optional[int] = None
   gen_fraction: float = 0.5
   image_slots: int = 1
+  mix: bool = False  # samples of the realistic length mix (packed with data.packing=True): `mix_spec`
+
+  @classmethod
+  def from_args(cls, args) -> "BatchOptions":
+    """From the flags of cli.add_batch_shape_flags."""
+    return cls(args.seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
 
   def spec(self, config, batch_size: int) -> BatchSpec:
     return batch_spec(config, batch_size, seq_len=self.seq_len, text_len=self.text_len,
-                      gen_fraction=self.gen_fraction, image_slots=self.image_slots, seed=int(config.seed))
+                      gen_fraction=self.gen_fraction, image_slots=self.image_slots, seed=int(config.seed),
+                      mix=self.mix)

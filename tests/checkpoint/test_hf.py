@@ -1,6 +1,7 @@
 """HF checkpoint I/O: the tiny oracle checkpoint, round trips, the full-size tensor list, errors, CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,14 +26,19 @@ from cheers_jax.checkpoint.hf import (CheckpointError, hf_name_map, hf_tensor_sh
                                       module_param_counts, save_hf_checkpoint, _from_torch, leaf_reader)
 from cheers_jax.model.cheers import init_variables
 from cheers_jax.model.config import ConfigError, ModelConfig
+from tests import oracle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = REPO_ROOT.parent / "shared" / "oracle" / "tiny_ckpt"
-REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+TINY, REFERENCE = oracle.TINY, oracle.REFERENCE
+# The published checkpoint's tokenizer files (Qwen2.5's, shipped as cheers_jax/assets/tokenizer), by digest.
+OFFICIAL_TOKENIZER_SHA256 = {
+    "vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
+    "merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5",
+    "tokenizer_config.json": "d06799f3d7aa5d779d98f9e4d9465ca8fa9b951ddeb40bb2d08427e35ca06a07",
+}
 MODULES = ("vae_model", "vae_decoder_projector", "vision_representation", "und_projector", "time_embed",
            "gen_projector", "hi_gate", "hi_projector", "language_model")
 
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason=f"{TINY} not present")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -77,15 +83,11 @@ def write_ckpt(src: Path, dst: Path, modify=None, config_edit=None, max_shard_by
 
 @pytest.fixture(scope="module")
 def tiny_tensors() -> dict[str, np.ndarray]:
-  if not TINY.is_dir():
-    pytest.skip(f"{TINY} not present")
   return read_with_safetensors(TINY)
 
 
 @pytest.fixture(scope="module")
 def tiny_bf16():
-  if not TINY.is_dir():
-    pytest.skip(f"{TINY} not present")
   return load_hf_checkpoint(TINY, dtype=jnp.bfloat16)
 
 
@@ -123,7 +125,6 @@ def test_safetensors_reader_rejects_bad_offsets(tmp_path):
 
 
 # ---- (a) load the tiny oracle checkpoint ---------------------------------------------------------
-@needs_tiny
 def test_load_tiny_consumes_every_tensor(tiny_tensors):
   cfg, variables = load_hf_checkpoint(TINY)  # fp32
   assert cfg.text.hidden_size == 64 and cfg.vae.ch == 32 and cfg.text.tie_word_embeddings
@@ -147,7 +148,6 @@ def test_load_tiny_consumes_every_tensor(tiny_tensors):
   assert set(variables["batch_stats"]) == {"vae_model", "vae_decoder_projector"}
 
 
-@needs_tiny
 def test_load_with_cfg_overrides_numerics_only():
   user = ModelConfig().replace(dtype="float32", remat_policy="full")
   with pytest.warns(UserWarning, match="text.hidden_size"):
@@ -156,7 +156,6 @@ def test_load_with_cfg_overrides_numerics_only():
 
 
 # ---- (b) round trips -----------------------------------------------------------------------------
-@needs_tiny
 def test_roundtrip_bf16_bit_exact(tmp_path, tiny_bf16, tiny_tensors):
   cfg, variables = tiny_bf16
   index = save_hf_checkpoint(variables, cfg, tmp_path / "out", dtype="bfloat16", max_shard_bytes=8 * 10**6)
@@ -179,7 +178,6 @@ def test_roundtrip_bf16_bit_exact(tmp_path, tiny_bf16, tiny_tensors):
     assert_bit_equal(b[k], a[k], k)
 
 
-@needs_tiny
 def test_roundtrip_without_lm_head_matches_original_names(tmp_path, tiny_bf16, tiny_tensors):
   cfg, variables = tiny_bf16
   save_hf_checkpoint(variables, cfg, tmp_path, store_lm_head=False)
@@ -187,7 +185,6 @@ def test_roundtrip_without_lm_head_matches_original_names(tmp_path, tiny_bf16, t
   assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in tiny_tensors.items()}
 
 
-@needs_tiny
 def test_roundtrip_fp32_bit_exact(tmp_path, tiny_tensors):
   cfg, variables = load_hf_checkpoint(TINY, dtype=jnp.float32)
   save_hf_checkpoint(variables, cfg, tmp_path, dtype="float32")
@@ -202,7 +199,6 @@ def test_roundtrip_fp32_bit_exact(tmp_path, tiny_tensors):
     assert_bit_equal(b[k], a[k], k)
 
 
-@needs_tiny
 def test_single_file_checkpoint_and_tied_head_check(tmp_path, tiny_bf16):
   cfg, variables = tiny_bf16
   save_hf_checkpoint(variables, cfg, tmp_path / "one", max_shard_bytes=10**12)  # one shard
@@ -225,7 +221,6 @@ def test_single_file_checkpoint_and_tied_head_check(tmp_path, tiny_bf16):
                    np.asarray(variables["params"]["language_model"]["embed_tokens"]), "embed is used")
 
 
-@needs_tiny
 def test_untied_head_is_a_parameter(tmp_path, tiny_tensors):
   embed = tiny_tensors["model.language_model.embed_tokens.weight"]
   head = (embed.astype(np.float32) * 2).astype(ml_dtypes.bfloat16)
@@ -245,7 +240,7 @@ def test_untied_head_is_a_parameter(tmp_path, tiny_tensors):
 
 
 # ---- (c) full size against the published tensor list ---------------------------------------------
-# Parameters per module as documented in shared/reference/README.md (BatchNorm buffers excluded).
+# Parameters per module of the published checkpoint (BatchNorm buffers excluded).
 README_PARAMS = {
     "vae_model": 84_046_115, "vae_decoder_projector": 49_620_259, "vision_representation": 428_772_800,
     "und_projector": 28_320_000, "language_model": 1_543_714_304, "gen_projector": 347_698_176,
@@ -253,7 +248,6 @@ README_PARAMS = {
 }
 
 
-@pytest.mark.skipif(not (REFERENCE / "cheers_1p5b_tensors.tsv").exists(), reason="reference tsv absent")
 def test_full_size_names_and_shapes_match_published_tsv(record_property):
   cfg = ModelConfig.from_hf_dict(json.loads((REFERENCE / "config.json").read_text()))
   abstract = jax.eval_shape(lambda: init_variables(cfg, jax.random.PRNGKey(0)))
@@ -284,7 +278,6 @@ def nn_params_only(abstract):
 
 
 # ---- (d) errors ----------------------------------------------------------------------------------
-@needs_tiny
 def test_error_shape_mismatch(tmp_path):
   name = "model.language_model.layers.1.mlp.up_proj.weight"
 
@@ -297,7 +290,6 @@ def test_error_shape_mismatch(tmp_path):
   assert name in msg and "(129, 64)" in msg and "(128, 64)" in msg
 
 
-@needs_tiny
 def test_error_missing_and_unexpected_are_all_listed(tmp_path):
   gone = ["model.hi_gate.gate.2.bias", "model.vae_model.encoder.conv_in.weight",
           "model.language_model.layers.0.self_attn.q_proj.bias"]
@@ -317,14 +309,12 @@ def test_error_missing_and_unexpected_are_all_listed(tmp_path):
     assert k in msg
 
 
-@needs_tiny
 def test_error_single_missing_tensor(tmp_path):
   write_ckpt(TINY, tmp_path, lambda t: t.pop("model.und_projector.mlp.2.weight"))
   with pytest.raises(CheckpointError, match=r"1 missing tensors: model\.und_projector\.mlp\.2\.weight"):
     load_hf_checkpoint(tmp_path)
 
 
-@needs_tiny
 def test_error_single_unexpected_tensor(tmp_path):
   def add(t):
     t["model.vision_representation.encoder.layers.2.mlp.fc1.bias"] = np.zeros((128,), ml_dtypes.bfloat16)
@@ -333,14 +323,12 @@ def test_error_single_unexpected_tensor(tmp_path):
     load_hf_checkpoint(tmp_path)
 
 
-@needs_tiny
 def test_error_long_lists_are_truncated(tmp_path):
   write_ckpt(TINY, tmp_path, lambda t: [t.pop(k) for k in list(t) if ".encoder.layers." in k])
   with pytest.raises(CheckpointError, match=r"32 missing tensors: .*\.\.\. and 12 more"):
     load_hf_checkpoint(tmp_path)
 
 
-@needs_tiny
 def test_error_missing_shard_file(tmp_path):
   dst = tmp_path / "ckpt"
   shutil.copytree(TINY, dst)
@@ -352,7 +340,6 @@ def test_error_missing_shard_file(tmp_path):
   assert "model-00002-of-00002.safetensors" in msg and "model.safetensors.index.json" in msg
 
 
-@needs_tiny
 def test_error_unknown_config_key(tmp_path):
   dst = tmp_path / "ckpt"
   shutil.copytree(TINY, dst)
@@ -366,7 +353,6 @@ def test_error_unknown_config_key(tmp_path):
   assert "config.json" in str(e.value)
 
 
-@needs_tiny
 @pytest.mark.parametrize("edit, named", [
     (lambda c: c["text_config"].update(num_hidden_layers=-1), "text_config.num_hidden_layers=-1"),
     (lambda c: c.pop("text_config"), "no text_config section"),
@@ -397,7 +383,6 @@ def test_error_no_checkpoint_files(tmp_path):
 
 
 # ---- (e) CLI -------------------------------------------------------------------------------------
-@needs_tiny
 def test_cli_hf_orbax_hf_bit_identical(tmp_path, tiny_tensors, capsys):
   orb, back = tmp_path / "orbax", tmp_path / "hf"
   assert convert.main(["hf-to-orbax", "--hf", str(TINY), "--out", str(orb)]) == 0
@@ -409,8 +394,8 @@ def test_cli_hf_orbax_hf_bit_identical(tmp_path, tiny_tensors, capsys):
     assert_bit_equal(saved[name], t, name)
   assert len(set(json.loads((back / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
   # self-contained: the tokenizer files and the processor / generation configs of the published checkpoint
-  for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-    assert (back / name).read_bytes() == (REFERENCE / "tokenizer" / name).read_bytes(), name
+  for name, digest in OFFICIAL_TOKENIZER_SHA256.items():
+    assert hashlib.sha256((back / name).read_bytes()).hexdigest() == digest, name
   assert json.loads((back / "generation_config.json").read_text()) == json.loads(
       (REFERENCE / "generation_config.json").read_text())
   pre, ref_pre = (json.loads(p.read_text()) for p in (back / "preprocessor_config.json",
@@ -434,7 +419,6 @@ def test_cli_help_and_sizes():
 
 
 # ---- (f) sharded placement -----------------------------------------------------------------------
-@needs_tiny
 def test_load_with_sharding_tree(tiny_bf16):
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   sharding = NamedSharding(mesh, P())
@@ -449,7 +433,6 @@ def test_load_with_sharding_tree(tiny_bf16):
   assert all(x.sharding == sharding for x in jax.tree.leaves(same))
 
 
-@needs_tiny
 def test_leaf_reader_reads_partial_slices(tiny_bf16):
   from cheers_jax.checkpoint.hf import open_tensor_files
   files = open_tensor_files(TINY)
@@ -480,7 +463,6 @@ print("OK", len(jax.devices()))
 """
 
 
-@needs_tiny
 def test_load_sharded_over_four_host_devices():
   env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}

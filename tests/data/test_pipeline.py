@@ -18,10 +18,12 @@ from cheers_jax.data.sources import category_of_kinds, is_marker
 from cheers_jax.errors import UserError
 from cheers_jax.data.tokenizer import (IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_TOKEN_INDEX,
                                        IMAGE_TOKEN_INDEX, NO_MEAN_ID, CheersTokenizer)
+from cheers_jax.model.cheers import UNIT_PIXEL_TABLE
 from cheers_jax.model.sequence import assemble
+from tests import oracle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = REPO_ROOT.parent / "shared" / "oracle" / "golden.npz"
+GOLDEN = oracle.GOLDEN
 TOK = CheersTokenizer()
 
 # The conversations make_golden.py tokenized for its `train` / `train3` batches.
@@ -91,8 +93,8 @@ def check_batch(batch: dict, spec: PipelineSpec) -> None:
   s = batch["token_ids"].shape[1]
   assert s in spec.seq_buckets
   want = {"token_ids": (np.int32, (b, s)), "image_index": (np.int32, (b, s)), "image_mask": (np.int32, (b, s)),
-          "positions": (np.int32, (b, s)), "targets": (np.int32, (b, s)), "valid": (np.bool_, (b, s)),
-          "pixels": (np.float32, (m, hw, hw, 3)), "t": (np.float32, (m,)), "image_kind": (np.int32, (m,)),
+          "positions": (np.int32, (b, s)), "segment_ids": (np.int32, (b, s)), "targets": (np.int32, (b, s)), "valid": (np.bool_, (b, s)),
+          "pixels": (np.uint8, (m, hw, hw, 3)), "t": (np.float32, (m,)), "image_kind": (np.int32, (m,)),
           "image_weight": (np.float32, (m,)), "image_positions": (np.int32, (m, n_tok)),
           "num_skipped": (np.int32, ())}
   assert set(batch) == set(want)
@@ -107,6 +109,7 @@ def check_batch(batch: dict, spec: PipelineSpec) -> None:
   assert (batch["token_ids"][pad] == 0).all() and (batch["image_index"][pad] == -1).all()
   assert (batch["targets"][pad] == IGNORE_INDEX).all() and (batch["image_mask"][pad] == 0).all()
   np.testing.assert_array_equal(batch["positions"], np.broadcast_to(np.arange(s), (b, s)))
+  np.testing.assert_array_equal(batch["segment_ids"], batch["valid"])  # one sample per row
   per = spec.max_images_per_sample
   real = batch["image_weight"] > 0
   assert set(np.unique(batch["image_weight"]).tolist()) <= {0.0, 1.0}
@@ -116,7 +119,6 @@ def check_batch(batch: dict, spec: PipelineSpec) -> None:
   assert (batch["pixels"][pad] == 0).all() and (batch["t"][pad] == 1).all() and (batch["image_kind"][pad] == 0).all()
   np.testing.assert_array_equal(batch["image_positions"][pad],
                                 np.repeat((np.flatnonzero(pad) // per * s)[:, None], n_tok, axis=1))
-  assert 0 <= batch["pixels"].min() and batch["pixels"].max() <= 1
   idx = batch["image_index"].reshape(-1)
   assert (idx >= 0).sum() == real.sum() * n_tok  # no reference to a padding slot
   assert set(np.unique(idx[idx >= 0] // n_tok).tolist()) == set(np.flatnonzero(real).tolist())
@@ -195,10 +197,11 @@ def test_golden_batch(name: str, kinds: list[str]):
   kind_code = {"und": 1, "gen": 2, "text": 0}
   np.testing.assert_array_equal(batch["image_kind"], [c for k in kinds for c in (kind_code[k], 0)])
   np.testing.assert_array_equal(batch["image_weight"], [1.0, 0.0] * len(kinds))
-  np.testing.assert_array_equal(batch["pixels"][0], preprocess_understanding(imgs["und"], 64).pixel_values
-                                .transpose(1, 2, 0))
-  np.testing.assert_array_equal(batch["pixels"][2], preprocess_generation(imgs["gen"], 64).pixel_values
-                                .transpose(1, 2, 0))
+  # uint8, divided by 255 on the device: the processor's pixels exactly
+  np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][0]],
+                                preprocess_understanding(imgs["und"], 64).pixel_values.transpose(1, 2, 0))
+  np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][2]],
+                                preprocess_generation(imgs["gen"], 64).pixel_values.transpose(1, 2, 0))
   assert not batch["pixels"][1::2].any() and (batch["t"][1::2] == 1).all()
   assert batch["t"][0] == 1.0 and 1e-6 <= batch["t"][2] <= 1 - 1e-6
   if "text" in kinds:
@@ -284,19 +287,19 @@ def test_jsonl_batches_and_skips(tmp_path: Path, caplog):
       if "Remove the apple" in text:
         found += 1
         assert kinds == [1, 2]
-        np.testing.assert_array_equal(batch["pixels"][slots[0]],
+        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
                                       preprocess_understanding(arrays["src"], 64).pixel_values.transpose(1, 2, 0))
-        np.testing.assert_array_equal(batch["pixels"][slots[1]],
+        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[1]]],
                                       preprocess_generation(arrays["tgt"], 64).pixel_values.transpose(1, 2, 0))
       elif "introduce yourself" in text:
         assert kinds == [0] and batch["t"][slots[0]] == 0.0
       elif "What is this" in text:
         assert kinds == [1]
-        np.testing.assert_array_equal(batch["pixels"][slots[0]],
+        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
                                       preprocess_understanding(arrays["und"], 64).pixel_values.transpose(1, 2, 0))
       else:
         assert "An apple." in text and kinds == [2]
-        np.testing.assert_array_equal(batch["pixels"][slots[0]],
+        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
                                       preprocess_generation(arrays["gen"], 64).pixel_values.transpose(1, 2, 0))
   assert found >= 2
 

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from cheers_jax.data import sources
-from cheers_jax.data.sources import (BAD, COLOURS, GEN, SHAPES, TEXT, UND, JsonlSource, ShapeLabel, SyntheticShapes,
-                                     describe, is_marker, parse_caption)
+from cheers_jax.data.sources import BAD, GEN, TEXT, UND, JsonlSource, SyntheticShapes, is_marker
+from cheers_jax.demo import shapes as demo_shapes
+from cheers_jax.demo.shapes import COLOURS, SHAPES, ShapeLabel, describe, parse_caption
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,18 +212,18 @@ def test_tfds_pipeline(tfds_dir: Path):
 
 
 def test_score_captions_counts_hits_template_and_blind_baselines():
-  L = sources.ShapeLabel
+  L = demo_shapes.ShapeLabel
   wanted = [L("red", "circle"), L("red", "square"), L("blue", "square"), L("green", "triangle")]
   texts = ["a red circle", "A red triangle.", "a blue square", "a circle"]  # the last names no colour
-  s = sources.score_captions(wanted, texts)
+  s = demo_shapes.score_captions(wanted, texts)
   assert s["colour_acc"] == 0.75 and s["shape_acc"] == 0.5 and s["both_acc"] == 0.5
   assert s["well_formed"] == 0.75 and s["distinct"] == 3.0
   assert s["majority_colour"] == 0.5 and s["majority_shape"] == 0.5 and s["majority_both"] == 0.25
   assert s["colour_chance"] == pytest.approx(1 / 6) and s["both_chance"] == pytest.approx(1 / 18)
-  blind = sources.score_captions(wanted, ["a red square"] * 4)  # one constant caption
+  blind = demo_shapes.score_captions(wanted, ["a red square"] * 4)  # one constant caption
   assert blind["distinct"] == 1.0 and blind["colour_acc"] == blind["majority_colour"] == 0.5
   with pytest.raises(ValueError, match="one caption per image"):
-    sources.score_captions(wanted, texts[:3])
+    demo_shapes.score_captions(wanted, texts[:3])
 
 
 def test_jsonl_index_streams_the_file(tmp_path: Path):
@@ -243,3 +244,20 @@ def test_jsonl_index_streams_the_file(tmp_path: Path):
   assert len(src) == 20000 and src.num_bad_lines == 0 and (src.categories() == UND).all()
   assert size > 9_000_000 and peak < size / 10, (peak, size)
   assert src[19999]["id"] == "s19999"
+
+
+def test_jsonl_source_closes_its_file_at_interpreter_exit(tmp_path: Path, monkeypatch):
+  """Issue 24: at interpreter exit a module's globals may be None before its objects go; the source's
+  finaliser must still close its file, without 'NoneType' object has no attribute 'getpid'."""
+  import os
+  path = tmp_path / "a.jsonl"
+  path.write_text(json.dumps({"id": "s0", "conversations": [_human("Hi."), _gpt("Hello.")]}) + "\n")
+  src = JsonlSource(path)
+  assert src[0]["id"] == "s0"
+  fd = src._fd
+  monkeypatch.setattr(sources, "os", None)  # as the interpreter's teardown leaves it
+  src.__del__()
+  monkeypatch.undo()
+  with pytest.raises(OSError):
+    os.fstat(fd)  # closed
+  src._fd = None

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cheers_jax.generate import main, make_grid
-from tests.infer.conftest import TINY, needs_tiny
+from cheers_jax.generate import main
+from cheers_jax.infer.images import make_grid
+from tests.infer.conftest import TINY
 
 T2I = ["t2i", "--checkpoint", str(TINY), "a red circle", "a small blue square on a wooden table", "--steps", "2",
        "--batch-size", "2"]
 
 
-@needs_tiny
 def test_t2i_writes_pngs_and_grid(tiny, tmp_path, capsys):
   # `tiny` first: the CLI then reuses the programs the library tests compiled
   assert main(T2I + ["--out", str(tmp_path / "s0"), "--seed", "0"]) == 0
@@ -46,18 +45,17 @@ def _error(capsys, argv) -> str:
   return capsys.readouterr().err
 
 
-@needs_tiny
 def test_errors_before_loading(capsys, tmp_path):
   assert "empty prompt" in _error(capsys, ["t2i", "--checkpoint", str(TINY), "   "])
   assert "at least 1" in _error(capsys, T2I + ["--steps", "0"])
   assert "no prompt" in _error(capsys, ["t2i", "--checkpoint", str(TINY)])
   assert "exactly one" in _error(capsys, ["chat", "--prompt", "hi"])
-  assert "image file not found" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", str(tmp_path / "x.png")])
+  missing = str(tmp_path / "x.png")
+  assert "image file not found" in _error(capsys, ["ask", "--checkpoint", str(TINY), "--image", missing])
   assert "Orbax" in _error(capsys, ["chat", "--orbax", str(tmp_path), "--prompt", "hi"])
   assert "prompt-file" in _error(capsys, ["t2i", "--checkpoint", str(TINY), "--prompt-file", str(tmp_path / "none")])
 
 
-@needs_tiny
 def test_checkpoint_without_generation_head(capsys, tmp_path):
   ckpt = tmp_path / "und_only"
   shutil.copytree(TINY, ckpt)
@@ -68,7 +66,6 @@ def test_checkpoint_without_generation_head(capsys, tmp_path):
   assert "no generation head" in err and "gen_projector" in err
 
 
-@needs_tiny
 def test_errors_after_loading(tiny, capsys, tmp_path):
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"not an image at all")
@@ -120,7 +117,6 @@ def test_image_over_the_pixel_limit_is_one_line_before_loading(capsys, tmp_path)
     assert len(lines) == 1 and "huge.png" in lines[0] and "too large" in lines[0] and "--image" in lines[0], err
 
 
-@needs_tiny
 def test_ask_answers_every_image_in_one_batched_call(tiny, tmp_path, capsys, monkeypatch):
   from cheers_jax.infer import decode
   calls = []

@@ -8,7 +8,6 @@ import pytest
 
 from tests.infer.conftest import GOLDEN, ORACLE, TINY
 
-pytestmark = pytest.mark.skipif(not (TINY.is_dir() and GOLDEN.is_file()), reason=f"oracle not present at {ORACLE}")
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,11 @@ from cheers_jax.model.interp import (
     interpolate_position_table,
     resize_bicubic_torch,
 )
+from tests import oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-ORACLE = os.path.join(os.path.dirname(REPO), "shared", "oracle")
+ORACLE = str(oracle.ORACLE)
 REF_NPZ = os.path.join(HERE, "data", "bicubic_torch.npz")
 
 
@@ -112,7 +113,6 @@ def _load_ckpt(names):
   return out
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ORACLE, "golden.npz")), reason="oracle absent")
 def test_siglip_interp_embeddings_golden():
   g = np.load(os.path.join(ORACLE, "golden.npz"))
   px, ref = g["siglip.interp.pixels"], g["siglip.interp.embeddings"]

@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 SMALL_VOCAB = "--config.model.text.vocab_size=1024"
 CACHE_DIR = os.environ.get("CHEERS_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "cheers_jax_test_jax_cache"))
-FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true --xla_cpu_enable_concurrency_optimized_scheduler=false"  # faster XLA:CPU compiles, same numerics; see tests/train/conftest.py
+# faster XLA:CPU compiles, same numerics; see tests/train/conftest.py
+FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def env(devices: Optional[int] = None, cache: bool = True, **extra: str) -> dict[str, str]:

@@ -41,7 +41,9 @@ def test_aot_memory_of_a_small_config(tmp_path):
   from cheers_jax.train import synthetic
   from cheers_jax.train import state as state_lib
   config = config_lib.load(TINY, [SMALL_VOCAB])
-  abstract, _ = state_lib.abstract_train_state(config, sharding.make_mesh_on_first_devices({"fsdp": 1}, jax.devices()[:1]))
+  mesh = sharding.make_mesh_on_first_devices({"fsdp": 1}, jax.devices()[:1])
+  abstract, _ = state_lib.abstract_train_state(config, mesh)
   state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-  batch = sum(np.prod(s) * d.itemsize for s, d in synthetic.batch_shapes(synthetic.batch_spec(config, 8, seq_len=96)).values())
+  shapes = synthetic.batch_shapes(synthetic.batch_spec(config, 8, seq_len=96))
+  batch = sum(np.prod(s) * d.itemsize for s, d in shapes.values())
   assert gib["args_gib"] * 2 ** 30 == pytest.approx(state + batch, rel=0.01), (gib, state, batch)

@@ -26,6 +26,8 @@ def test_parse_meshes_and_names():
   assert sharding.parse_meshes("data=8;fsdp=8;fsdp=4,tensor=2") == [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
   assert sharding.mesh_name({"data": 1, "fsdp": 4, "tensor": 2}) == "fsdp=4,tensor=2"
   assert sharding.mesh_name({"data": 1, "fsdp": 1, "tensor": 1}) == "fsdp=1"
+  assert sharding.mesh_overrides({"fsdp": 4, "tensor": 2}) == ("--config.mesh.data=1 --config.mesh.fsdp=4 "
+                                                              "--config.mesh.tensor=2")
   with pytest.raises(UserError, match="AXIS=SIZE"):
     sharding.parse_meshes("model=8")
 
@@ -90,8 +92,9 @@ def test_sweep_on_8_fake_devices(tmp_path):
   """Two layouts x 2 steps of the tiny model (1024-token vocabulary) plus one that cannot run (batch 8 over
   16 shards is refused before compiling): CSV rows for all three, positive numbers, a PNG, a best layout."""
   out = tmp_path / "sweep"
-  proc = run(["-m", "cheers_jax.sweep", "--config", TINY, SMALL_VOCAB, "--meshes", "data=8;fsdp=4,tensor=2;data=2,fsdp=8",
-              "--batch-sizes", "8", "--steps", "2", "--seq-len", "32", "--out", str(out)], devices=8, timeout=1200)
+  proc = run(["-m", "cheers_jax.sweep", "--config", TINY, SMALL_VOCAB,
+              "--meshes", "data=8;fsdp=4,tensor=2;data=2,fsdp=8", "--batch-sizes", "8", "--steps", "2",
+              "--seq-len", "32", "--out", str(out)], devices=8, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out / "sweep.csv") as f:
     rows = list(csv.DictReader(f))

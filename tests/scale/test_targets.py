@@ -84,8 +84,9 @@ def test_gemm_with_a_non_power_of_two_head_dim_compiles_for_h100(tmp_path):
   XLA:GPU fuses the transpose into a Triton GEMM and, with no GPU to autotune on, finds no tiling for the
   72-wide contracting pieces; with the target's compiler options (no Triton GEMM fusion, cuBLAS instead) it
   compiles. Our HLO is not at fault: the same GEMM compiles at 1024 tokens, and the dot is a plain bf16 one
-  (on a GPU the autotuner would try other configs; not verified, no GPU was lent). When this stops failing without the options, the workaround can go."""
-  code = f"""
+  (on a GPU the autotuner would try other configs; not verified, no GPU was lent). When this stops failing
+  without the options, the workaround can go."""
+  code = """
 import os
 os.environ['JAX_PLATFORMS'] = 'cpu'; os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'
 import jax, jax.numpy as jnp

@@ -7,11 +7,12 @@ import jax
 import numpy as np
 
 from configs import tiny
+from tests import oracle
 from tests.train.fake_data import FakeIterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-ORACLE = os.path.join(os.path.dirname(REPO), "shared", "oracle")
+ORACLE = str(oracle.ORACLE)
 
 BATCH, SEQ, IMAGE, TOKENS = 4, 32, 64, 4
 

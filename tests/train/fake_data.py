@@ -46,9 +46,9 @@ def make_batch(seed: int, index: int, batch_size: int, seq_len: int, image_size:
   layout = assemble(ids, tokens_per_image, attention_mask=att, labels=labels, seq_len=seq_len,
                     check_fm_positions=True)
   m = layout.num_images
-  pixels = rng.uniform(size=(m, image_size, image_size, 3)).astype(np.float32)
+  pixels = rng.integers(0, 256, (m, image_size, image_size, 3), np.uint8)
   kinds_ = layout.image_kind
-  pixels[kinds_ == 0] = 0.0  # text-only samples carry a black dummy image
+  pixels[kinds_ == 0] = 0  # text-only samples carry a black dummy image
   t = np.array([samples[s][2] for s in layout.image_sample], np.float32)
   # one image per sample (the text-only dummy included): one slot each
   return batch_lib.from_assembled(layout, tokens_per_image, 1, pixels, t)

@@ -61,6 +61,19 @@ def check_shardings(state, name: str) -> None:
     assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 4)
 
 
+def compare_to_one_device(name: str, new, metrics, ref_state, ref) -> dict:
+  """A mesh's step (state after it, metrics) against the one-device step's; asserts they agree."""
+  cmp = compare_updates(new, ref_state)
+  cmp.update({k: abs(float(metrics[k]) - float(ref[k])) / abs(float(ref[k]))
+              for k in ("loss", "loss_ar", "loss_fm", "grad_norm")})
+  assert int(metrics["num_text_targets"]) == int(ref["num_text_targets"])
+  for k in ("loss", "loss_ar", "loss_fm", "grad_norm"):
+    assert cmp[k] <= 1e-5, (name, k, cmp)
+  assert cmp["grad_rel"] <= 1e-5, (name, cmp)
+  assert cmp["param_abs_well"] <= 1e-6, (name, cmp)
+  return cmp
+
+
 def main() -> int:
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   config = small_config()
@@ -94,15 +107,7 @@ def main() -> int:
       state = jax.device_put(initial, shardings)
     new, metrics = run(mesh, state, shardings)
     check_shardings(new, name)  # the step's out_shardings keep the layout
-    cmp = compare_updates(jax.device_get(new), ref_state)
-    cmp.update({k: abs(float(metrics[k]) - float(ref[k])) / abs(float(ref[k]))
-                for k in ("loss", "loss_ar", "loss_fm", "grad_norm")})
-    results[name] = cmp
-    assert int(metrics["num_text_targets"]) == int(ref["num_text_targets"])
-    for k in ("loss", "loss_ar", "loss_fm", "grad_norm"):
-      assert cmp[k] <= 1e-5, (name, k, cmp)
-    assert cmp["grad_rel"] <= 1e-5, (name, cmp)
-    assert cmp["param_abs_well"] <= 1e-6, (name, cmp)
+    results[name] = compare_to_one_device(name, jax.device_get(new), metrics, ref_state, ref)
   print("RESULT " + json.dumps(results), flush=True)
   return 0
 

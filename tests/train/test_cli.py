@@ -18,7 +18,8 @@ def test_help():
   proc = run_cli("--help")
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout + proc.stderr
-  for text in ("--config", "--workdir", "--config.train.steps=", "resumes", "--[no]export_hf"):
+  for text in ("--config", "--workdir", "--config.train.steps=", "resumes", "--export-hf", "--no-export-hf",
+               "--no-eval"):
     assert text in out, text
 
 
@@ -76,8 +77,24 @@ def test_a_preempted_run_exits_75(tmp_path, monkeypatch, capsys):
   from cheers_jax.train import __main__ as train_main
   from cheers_jax.train import loop
   monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("preempted", 4))
-  train_main.parse_flags(["train", "--config", "tiny", f"--workdir={tmp_path}"])
-  assert train_main.main(["train"]) == train_main.EXIT_PREEMPTED == 75
+  argv = ["--config", "tiny", f"--workdir={tmp_path}"]
+  assert train_main.main(argv) == train_main.EXIT_PREEMPTED == 75
   monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("done", 6))
-  assert train_main.main(["train"]) == 0
+  assert train_main.main(argv) == 0
   assert "75" in (train_main.__doc__ or "") and "preempted" in capsys.readouterr().out
+
+
+def test_flags_are_the_shared_argparse_ones(tmp_path, monkeypatch):
+  """Issue 24: train parses its flags as every other tool (cli.ArgumentParser, cli.add_config_flags): the
+  end-of-run switches are --no-X, the absl spellings still work, a bad flag is one line and exit 2."""
+  from cheers_jax.train import __main__ as train_main
+  from cheers_jax.train import loop
+  seen = {}
+  monkeypatch.setattr(loop, "train", lambda config, workdir, **k: seen.update(k, steps=config.train.steps)
+                      or loop.TrainResult("done", 1))
+  base = ["--config", "tiny", f"--workdir={tmp_path}", "--config.train.steps=7"]
+  assert train_main.main(base + ["--no-export-hf", "--no-eval"]) == 0
+  assert seen == {"export_hf": False, "evaluate": False, "samples": True, "steps": 7}
+  assert train_main.main(base + ["--noexport_hf", "--nosamples"]) == 0
+  assert seen["export_hf"] is False and seen["samples"] is False and seen["evaluate"] is True
+  assert train_main.main(base + ["--epochs=3"]) == 2

@@ -11,11 +11,10 @@ from tests.scale.common import SMALL_VOCAB, TINY, run
 CODE = """
 import json, sys
 import jax
-from cheers_jax import aot
 from cheers_jax import config as config_lib
-from cheers_jax.train import synthetic
+from cheers_jax.train import measure, synthetic
 cfg = config_lib.load(sys.argv[1], sys.argv[2:])
-rows = [aot.aot_memory(cfg, {"fsdp": f}, 4, batch=synthetic.BatchOptions(seq_len=96), devices=jax.devices())
+rows = [measure.aot_memory(cfg, {"fsdp": f}, 4, batch=synthetic.BatchOptions(seq_len=96), devices=jax.devices())
         for f in (1, 4)]
 print(json.dumps(rows))
 """

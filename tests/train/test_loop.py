@@ -40,12 +40,12 @@ class SigtermAt:
 
 
 class NanAt(SigtermAt):
-  """NaN pixels in batch `index`."""
+  """NaN flow-matching times in batch `index` (uint8 pixels cannot be NaN)."""
 
   def __next__(self):
     batch = next(self.inner)
     if self.calls == self.index:
-      batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
+      batch = dict(batch, t=np.full_like(batch["t"], np.nan))
     self.calls += 1
     return batch
 
@@ -162,7 +162,6 @@ def test_training_over_a_jsonl_full_of_bad_lines_finishes_and_names_and_counts_e
   import json
   import logging
 
-  from PIL import Image
 
   from cheers_jax.data.pipeline import SKIP_REASONS
   from tests.data.test_images import write_bomb_png

@@ -1,10 +1,11 @@
 """The embedded default's own parts and its read-and-draw evaluation.
 
-- the shape judge of the t2i evaluation reads the training set's images right;
+- the judge of the t2i evaluation reads the training set's images right, sharp and blurred;
 - `python -m cheers_jax.train.tiny_parts` runs (a few steps) and writes VAE and SigLIP parts that load;
   the shipped parts (package data) load into the tiny default, keep colour, and the config points at them;
 - the labelled grid and eval.json summary;
-- heavy: the README's first command from scratch meets the issue's figures, and its exported checkpoint
+- heavy: the README's first command from scratch, at seeds 0, 1 and 2, meets issue 25's targets (captions:
+  colour >= 95 %, shape >= 75 %; t2i: colour >= 75 %, shape >= 60 %), and at seed 0 its exported checkpoint
   answers `generate ask` (one batched call, --jsonl) on shapes this test draws itself.
 """
 from __future__ import annotations
@@ -18,14 +19,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from cheers_jax import config as config_lib
 from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.data import sources
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
-from cheers_jax.train import shapes_eval, tiny_parts
+from cheers_jax.demo import evaluate as demo_eval
+from cheers_jax.demo import shapes as demo_shapes
+from cheers_jax.train import tiny_parts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,18 +37,33 @@ def tiny_cfg() -> ModelConfig:
   return ModelConfig.from_dict(config_lib.load("tiny").model)
 
 
-def test_judge_reads_the_training_images():
+def test_judge_reads_the_training_images_sharp_and_blurred():
   shapes = sources.SyntheticShapes(600, 32, 0)
   wanted = [tuple(shapes.label(i)) for i in range(600)]
-  scores = shapes_eval.score_generations(wanted, [shapes.render(i) for i in range(600)])
-  assert scores["t2i_colour_acc"] >= 0.95 and scores["t2i_shape_acc"] >= 0.95, scores
-  assert shapes_eval.judge_image(np.full((32, 32, 3), 0.8, np.float32)) == (None, None)  # grey: nothing drawn
-  # generated images are blurry: a blurred edge mixes the colour with the grey background (same hue)
-  blurred = [np.asarray(Image.fromarray(shapes.render(i)).filter(ImageFilter.GaussianBlur(2))) for i in range(600)]
-  for colour in sources.COLOURS:
-    mine = [i for i, w in enumerate(wanted) if w[0] == colour]
-    right = sum(shapes_eval.judge_image(blurred[i])[0] == colour for i in mine)
-    assert right >= 0.95 * len(mine), (colour, right, len(mine))
+  sharp = [shapes.render(i) for i in range(600)]
+  assert demo_shapes.judge_image(np.full((32, 32, 3), 0.8, np.float32)) == (None, None)  # grey: nothing drawn
+  dots = np.full((32, 32, 3), 0.85, np.float32)
+  dots[tuple(np.random.default_rng(0).integers(0, 32, (2, 60)))] = np.asarray(demo_shapes.COLOURS["red"]) / 255
+  assert demo_shapes.judge_image(dots) == ("red", None)  # scattered dots: a colour but no shape
+  # generated images are blurry: a blurred edge mixes the colour with the grey ground, corners round off
+  blurred = [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2))) for im in sharp]
+  for images in (sharp, blurred):
+    judged = [demo_shapes.judge_image(im) for im in images]
+    for k, names in ((0, demo_shapes.COLOURS), (1, demo_shapes.SHAPES)):
+      for name in names:  # each colour and each shape on its own: no class may hide behind the others
+        mine = [i for i, w in enumerate(wanted) if w[k] == name]
+        right = sum(judged[i][k] == name for i in mine)
+        assert right >= 0.95 * len(mine), (name, right, len(mine))
+    scores = demo_shapes.score_generations(wanted, images)
+    assert scores["t2i_both_acc"] >= 0.95, scores
+
+
+def test_t2i_counts_an_image_only_if_colour_and_shape_are_right():
+  red_circle = demo_shapes.draw_shape(32, "circle", (0.2, 0.2, 0.7, 0.7), demo_shapes.COLOURS["red"], 230)
+  blue_square = demo_shapes.draw_shape(32, "square", (0.3, 0.3, 0.7, 0.7), demo_shapes.COLOURS["blue"], 230)
+  wanted = [("red", "circle"), ("red", "square"), ("blue", "square"), ("green", "square")]
+  scores = demo_shapes.score_generations(wanted, [red_circle, red_circle, blue_square, blue_square])
+  assert scores["t2i_colour_acc"] == 0.75 and scores["t2i_shape_acc"] == 0.75 and scores["t2i_both_acc"] == 0.5
 
 
 def test_tiny_default_starts_from_the_shipped_parts():
@@ -68,7 +86,7 @@ def test_shipped_parts_load_and_keep_colour():
   assert abs(float(np.std(latents)) - 1.0) < 0.5  # the shipped BatchNorm statistics normalise the latent
   recon = np.clip(np.asarray(model.apply(variables, latents, method=Cheers.decode)), 0.0, 1.0)
   wanted = [tuple(shapes.label(i)) for i in range(64)]
-  scores = shapes_eval.score_generations(wanted, recon)
+  scores = demo_shapes.score_generations(wanted, recon)
   assert scores["t2i_colour_acc"] >= 0.9, scores  # the round trip keeps the colour (a random VAE: grey)
   # the ViT's tokens differ from image to image more than they share (a random ViT's: 0.2 x their mean)
   tokens = np.asarray(model.apply(variables, latents, method=Cheers.image_tokens)["tokens"]).reshape(64, -1)
@@ -86,56 +104,57 @@ def test_pretraining_command_writes_loadable_parts(tmp_path):
 
 
 def test_labelled_grid_and_summary(tmp_path):
-  images = [np.zeros((32, 32, 3), np.float32), np.ones((32, 32, 3), np.float32)]
-  grid = shapes_eval.labelled_grid(images, ["a red circle", "a blue square"], columns=2)
-  assert grid.dtype == np.uint8 and grid.shape[0] > 4 * 32 and grid.shape[1] > 2 * 4 * 32
+  images = [np.zeros((32, 32, 3), np.float32), np.ones((32, 32, 3), np.float32)] * 2
+  wanted = [("red", "circle"), ("red", "circle"), ("blue", "square"), ("blue", "square")]
+  grid = demo_eval.labelled_grid(images, wanted, columns=2)  # a row per prompt
+  assert grid.dtype == np.uint8 and grid.shape[0] > 2 * 5 * 32 and grid.shape[1] > 2 * 5 * 32
+  # the label is written in ink under each image, not left blank
+  assert (grid[5 * 32 + 8:5 * 32 + 20, 10:5 * 32].min(-1) < 100).any()
   caption = dict(colour_acc=0.9, shape_acc=0.8, both_acc=0.7, majority_colour=0.2, majority_shape=0.4,
                  well_formed=1.0, num_images=96)
-  generation = shapes_eval.score_generations([("red", "circle")], images[:1])
-  summary = shapes_eval.eval_summary(caption, generation)
-  assert set(shapes_eval.EVAL_KEYS) <= set(summary)
-  shapes_eval.write_eval(tmp_path / "eval.json", summary)
+  generation = demo_shapes.score_generations([("red", "circle")], images[:1])
+  summary = demo_eval.eval_summary(caption, generation, {"steps": 1.0})
+  assert set(demo_eval.EVAL_KEYS) <= set(summary) and summary["timing_s"] == {"steps": 1.0}
+  demo_eval.write_eval(tmp_path / "eval.json", summary)
   assert json.loads((tmp_path / "eval.json").read_text())["caption_colour_acc"] == 0.9
 
 
 def draw_own_shapes(count: int, seed: int = 123) -> list[tuple[Image.Image, tuple[str, str]]]:
-  """Shapes drawn unlike the training set: no supersampling (hard edges), other sizes and greys."""
+  """Shapes drawn unlike the training set: 128 px, no supersampling (hard edges), other sizes and greys."""
   rng = np.random.default_rng(seed)
   out = []
   for i in range(count):
-    colour, shape = list(sources.COLOURS)[i % 6], sources.SHAPES[(i // 6) % 3]
-    size = 128
-    img = Image.new("RGB", (size, size), (int(rng.integers(190, 250)),) * 3)
-    extent = rng.uniform(0.35, 0.55) * size
-    x0, y0 = rng.uniform(0, size - extent, size=2)
-    box = (x0, y0, x0 + extent, y0 + extent)
-    draw = ImageDraw.Draw(img)
-    fill = sources.COLOURS[colour]
-    if shape == "circle":
-      draw.ellipse(box, fill=fill)
-    elif shape == "square":
-      draw.rectangle(box, fill=fill)
-    else:
-      draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    out.append((img, (colour, shape)))
+    colour, shape = list(demo_shapes.COLOURS)[i % 6], demo_shapes.SHAPES[(i // 6) % 3]
+    background = int(rng.integers(190, 250))
+    extent = rng.uniform(0.35, 0.55)
+    x0, y0 = rng.uniform(0, 1 - extent, size=2)
+    pixels = demo_shapes.draw_shape(128, shape, (x0, y0, x0 + extent, y0 + extent), demo_shapes.COLOURS[colour],
+                                    background, supersample=1)
+    out.append((Image.fromarray(pixels), (colour, shape)))
   return out
 
 
+TARGETS = {"caption_colour_acc": 0.95, "caption_shape_acc": 0.75, "t2i_colour_acc": 0.75, "t2i_shape_acc": 0.60}
+
+
 @pytest.mark.heavy
-def test_readme_first_command_reads_and_draws(tmp_path):
-  """The README's first command, then `generate ask` on 36 images this test draws (~6 min on 2 cores)."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_readme_first_command_reads_and_draws(tmp_path, seed):
+  """The README's first command at --config.seed 0, 1 and 2 meets every target of issue 25 (~4 min each
+  on 2 cores); at seed 0, `generate ask` with its export on 36 shapes this test draws."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   work = tmp_path / "w"
-  proc = subprocess.run([sys.executable, "-m", "cheers_jax.train", "--config", "tiny", "--workdir", str(work)],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run([sys.executable, "-m", "cheers_jax.train", "--config", "tiny", "--workdir", str(work),
+                         f"--config.seed={seed}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.loads((work / "eval.json").read_text())
-  # issue 15: captions colour >= 85 %, shape >= 70 %; t2i colour >= 70 %; each above its blind baseline
-  assert ev["caption_colour_acc"] >= 0.85 and ev["caption_shape_acc"] >= 0.70, ev
-  assert ev["t2i_colour_acc"] >= 0.70, ev
-  for key in ("caption_colour", "caption_shape", "t2i_colour"):
+  missed = {k: (ev[k], want) for k, want in TARGETS.items() if ev[k] < want}
+  assert not missed, (seed, missed, ev)
+  for key in ("caption_colour", "caption_shape", "t2i_colour", "t2i_shape"):
     assert ev[f"{key}_acc"] > ev[f"{key}_blind"] + 0.25, (key, ev)
   assert list((work / "samples").glob("*.png"))
+  if seed:
+    return
   folder = tmp_path / "own"
   folder.mkdir()
   labels = {}
@@ -148,6 +167,6 @@ def test_readme_first_command_reads_and_draws(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert len(answers) == 36
-  scores = sources.score_captions([sources.ShapeLabel(*labels[a["image"]]) for a in answers],
-                                  [a["answer"] for a in answers])
+  scores = demo_shapes.score_captions([demo_shapes.ShapeLabel(*labels[a["image"]]) for a in answers],
+                                      [a["answer"] for a in answers])
   assert scores["colour_acc"] >= 0.85 and scores["shape_acc"] >= 0.70, scores  # the same bar on new images
