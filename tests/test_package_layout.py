@@ -106,7 +106,6 @@ LEFT_TO_OTHERS = {
     "cheers_jax/evaluate/suite.py": (2, "issue 26"),
     "cheers_jax/evaluate/understanding.py": (5, "issue 26"),
     "cheers_jax/evaluate/vlmeval_io.py": (0, "issue 26"),
-    "cheers_jax/bench/evaluate.py": (6, "issue 26 owns bench/evaluate.py"),
     "cheers_jax/bench/train.py": (1, "issue 23: the packing figure (print_padding)"),
     "cheers_jax/data/pipeline.py": (1, "issue 22 (grain's workers read absl flags)"),
     "cheers_jax/data/sources.py": (0, "issue 22 (a TFDS import without its reason)"),
