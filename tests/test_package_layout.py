@@ -65,13 +65,14 @@ CITES_LEFT_TO_OTHERS = {
 
 
 def _tracked_text_files():
-  for top in ("cheers_jax", "configs", "launch", ".ci", "tests"):
+  for top in ("cheers_jax", "configs", "launch", ".ci", "tests", "docs"):
     for folder, _, files in os.walk(os.path.join(REPO, top)):
       if {"assets", "fixtures", "__pycache__"} & set(folder.split(os.sep)):
         continue
       for f in files:
         yield os.path.relpath(os.path.join(folder, f), REPO)
   yield "pyproject.toml"
+  yield "README.md"
 
 
 def test_nothing_cites_a_file_the_repository_lacks():

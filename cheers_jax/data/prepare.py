@@ -225,16 +225,18 @@ def prepare(inputs: Sequence[str], image_roots: Sequence[str], output: str, *,
         f"kept) and re-encoded (JPEG quality {REENCODE_JPEG_QUALITY}, PNG for PNG and transparent images); "
         "the others are copied as they are")
   results = []
-  if processes > 1 and len(jobs) > 1:
+  done = [os.path.exists(shards_lib.index_path(j.output)) for j in jobs]  # kept shards need no process
+  finished = [j for j, d in zip(jobs, done) if d]
+  pending = [j for j, d in zip(jobs, done) if not d]
+  for job in finished + (pending if processes == 1 or len(pending) == 1 else []):
+    results.append(prepare_shard(job))
+    _log_shard(log, results[-1], len(results), len(jobs))
+  if len(results) < len(jobs):
     # spawn: the tokenizer's threads do not survive a fork
-    with multiprocessing.get_context("spawn").Pool(min(processes, len(jobs))) as pool:
-      for meta in pool.imap_unordered(prepare_shard, jobs):
+    with multiprocessing.get_context("spawn").Pool(min(processes, len(pending))) as pool:
+      for meta in pool.imap_unordered(prepare_shard, pending):
         results.append(meta)
         _log_shard(log, meta, len(results), len(jobs))
-  else:
-    for job in jobs:
-      results.append(prepare_shard(job))
-      _log_shard(log, results[-1], len(results), len(jobs))
   summary = _summary(results, counts, task_index, num_tasks)
   path = report_path(output, task_index, num_tasks)
   with open(path + ".tmp", "w") as f:
