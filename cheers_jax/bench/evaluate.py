@@ -25,15 +25,22 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+from PIL import Image
 
 from cheers_jax import cli
+from cheers_jax.bench.generate import add_model_flags, build_model
+from cheers_jax.data.tokenizer import CheersTokenizer
 from cheers_jax.errors import UserError
+from cheers_jax.evaluate.generation import run_geneval
+from cheers_jax.evaluate.parallel import Workers
+from cheers_jax.evaluate.understanding import run_understanding
+from cheers_jax.sharding import make_mesh
 
 
 def synthetic_mcq(path: Path, rows: int, seed: int = 0) -> None:
-  import pandas as pd
-  from PIL import Image
+  import pandas as pd  # pandas: the evaluation's TSV files only
   rng = np.random.RandomState(seed)
   sizes = [(640, 480), (480, 640), (512, 512), (800, 300)]
   records = []
@@ -54,7 +61,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  from cheers_jax.bench.generate import add_model_flags, build_model
   p = cli.ArgumentParser(prog="python -m cheers_jax.bench evaluate", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   add_model_flags(p)
@@ -72,12 +78,6 @@ def _main(argv: list[str]) -> int:
   if min(args.rows, args.batch_size, args.answer_tokens, args.steps, args.gen_batch_size) < 1 or args.prompts < 0:
     p.error("--rows, --batch-size, --answer-tokens, --steps and --gen-batch-size must be >= 1, --prompts >= 0")
 
-  import jax
-  from cheers_jax.data.tokenizer import CheersTokenizer
-  from cheers_jax.evaluate.generation import run_geneval
-  from cheers_jax.evaluate.parallel import Workers
-  from cheers_jax.evaluate.understanding import run_understanding
-  from cheers_jax.sharding import make_mesh
   local = jax.local_device_count()
   counts = cli.comma_list(args.devices, "--devices", int) if args.devices else sorted({1, local})
   if any(n < 1 or n > local for n in counts):

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from tests.infer.conftest import TINY, needs_tiny
+from tests.infer.conftest import TINY
 from tests.scale.common import env
 
-pytestmark = [pytest.mark.heavy, needs_tiny]
+pytestmark = [pytest.mark.heavy]
 
 
 def test_bench_evaluate_prints_rows_per_second(capsys):

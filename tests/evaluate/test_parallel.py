@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from tests.evaluate.test_understanding import _mmbench
-from tests.infer.conftest import TINY, needs_tiny
+from tests.infer.conftest import TINY
 from tests.scale.common import REPO, env, free_port
 
-pytestmark = [pytest.mark.heavy, needs_tiny]
+pytestmark = [pytest.mark.heavy]
 
 
 def _inputs(root: Path) -> Path:
