@@ -40,7 +40,7 @@ from cheers_jax.sharding import make_mesh
 
 
 def synthetic_mcq(path: Path, rows: int, seed: int = 0) -> None:
-  import pandas as pd  # heavy; only to write the synthetic TSV
+  import pandas as pd  # pandas: the evaluation's TSV files only
   rng = np.random.RandomState(seed)
   sizes = [(640, 480), (480, 640), (512, 512), (800, 300)]
   records = []

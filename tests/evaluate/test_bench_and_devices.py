@@ -9,7 +9,7 @@ import pytest
 from tests.infer.conftest import TINY
 from tests.scale.common import env
 
-pytestmark = pytest.mark.heavy
+pytestmark = [pytest.mark.heavy]
 
 
 def test_bench_evaluate_prints_rows_per_second(capsys):

@@ -20,7 +20,7 @@ from tests.evaluate.test_understanding import _mmbench
 from tests.infer.conftest import TINY
 from tests.scale.common import REPO, env, free_port
 
-pytestmark = pytest.mark.heavy
+pytestmark = [pytest.mark.heavy]
 
 
 def _inputs(root: Path) -> Path:
