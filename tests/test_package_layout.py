@@ -59,7 +59,6 @@ REPO = os.path.dirname(PACKAGE)
 NOT_IN_REPO = ("SPEC.md", 'SPEC "', "DESIGN.md", "PAPER_RESULTS", "shared/oracle", "shared/reference", "/work/")
 # Files other open issues rewrite (left to them, so the branches merge): path -> why it is still allowed.
 CITES_LEFT_TO_OTHERS = {
-    "cheers_jax/model/sequence.py": "issue 23 rewrites this module (its docstring cites SPEC.md)",
     "tests/test_package_layout.py": "names them to look for them",
 }
 

@@ -250,7 +250,7 @@ def write_siglip_part(variables: dict, cfg: ModelConfig, out_dir: Path, report: 
 
 def tiny_model_config(config_name: str = "tiny", overrides: Sequence[str] = ()) -> tuple[ModelConfig, int]:
   config = config_lib.load(config_name, ["init_from="] + list(overrides))
-  return ModelConfig.from_dict(config.model), int(config.data.image_size)
+  return config_lib.model_config(config), int(config.data.image_size)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
