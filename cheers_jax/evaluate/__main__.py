@@ -24,6 +24,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cheers_jax import cli
+from cheers_jax import distributed
+from cheers_jax.data.tokenizer import CheersTokenizer
+from cheers_jax.evaluate import generation as gen
+from cheers_jax.evaluate import suite
+from cheers_jax.evaluate.datasets import DatasetError, dataset_spec
+from cheers_jax.evaluate.parallel import current_workers
+from cheers_jax.evaluate.scoring import score_file, score_path, summary_lines
+from cheers_jax.evaluate.understanding import run_understanding
+from cheers_jax.infer import loader
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -44,8 +53,7 @@ def _understanding_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_args(p: argparse.ArgumentParser, name: str, prefix: str = "") -> None:
-  from cheers_jax.evaluate.generation import DEFAULTS
-  d = DEFAULTS[name]
+  d = gen.DEFAULTS[name]
   flag = f"--{prefix}" if prefix else "--"
   dest = prefix.replace("-", "_")
   p.add_argument(f"{flag}steps", dest=f"{dest}steps", type=cli.POSITIVE_INT, default=d["steps"],
@@ -57,7 +65,6 @@ def _generation_args(p: argparse.ArgumentParser, name: str, prefix: str = "") ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from cheers_jax.evaluate.generation import DEFAULTS
   p = cli.ArgumentParser(prog="python -m cheers_jax.evaluate", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True, metavar="{understanding,score,geneval,dpg,suite}")
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   for name, helptext in (("geneval", "GenEval images in the official layout"),
                          ("dpg", "DPG-Bench 2x2 grids in the official layout")):
-    d = DEFAULTS[name]
+    d = gen.DEFAULTS[name]
     g = sub.add_parser(name, help=helptext)
     _model_args(g)
     if name == "geneval":
@@ -114,7 +121,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _load(args, need_generation: bool):
   """The model, once per process, after the inputs were checked."""
-  from cheers_jax.infer import loader
   dtype = args.dtype or loader.default_dtype()
   t0 = time.perf_counter()
   model, variables = loader.load_model(args.checkpoint, args.orbax, args.run, dtype, need_generation=need_generation)
@@ -126,21 +132,13 @@ def _load(args, need_generation: bool):
 def _main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   if args.command == "score":
-    from cheers_jax.evaluate.datasets import dataset_spec
-    from cheers_jax.evaluate.scoring import score_file, score_path, summary_lines
     spec = dataset_spec(args.dataset)
     scores = score_file(spec, args.predictions)
     print("\n".join(summary_lines(scores)))
     print(f"wrote {score_path(spec, args.predictions)}")
     return 0
 
-  from cheers_jax import distributed
-  from cheers_jax.data.tokenizer import CheersTokenizer
-  from cheers_jax.evaluate import generation as gen
-  from cheers_jax.evaluate.datasets import DatasetError, dataset_spec
-  from cheers_jax.evaluate.parallel import current_workers
-  from cheers_jax.infer.loader import check_one_source
-  check_one_source(args.checkpoint, args.orbax, args.run)
+  loader.check_one_source(args.checkpoint, args.orbax, args.run)
   # the inputs are checked before the (slow) model load, so a bad file fails fast
   if args.command == "understanding":
     if not os.path.isfile(args.data):
@@ -154,20 +152,16 @@ def _main(argv: list[str]) -> int:
     gen.check_flow_args(args.steps, args.shift, args.batch_size)
     gen.read_dpg_prompts(args.prompts)
   else:
-    from cheers_jax.evaluate import suite
     plan = suite.plan(args.lmudata, args.geneval_metadata, args.dpg_prompts, args.only)
   distributed.maybe_initialize()
   workers = current_workers()
-  from cheers_jax.evaluate.suite import GENERATION
-  draws = args.command in GENERATION or (args.command == "suite" and any(n in plan.inputs for n in GENERATION))
+  draws = args.command in suite.GENERATION or (args.command == "suite" and any(n in plan.inputs for n in suite.GENERATION))
   model, variables = _load(args, need_generation=draws)
   tokenizer = CheersTokenizer()
   quiet = dict(workers=workers, progress=not args.no_progress)
   understanding = dict(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
                        bucket=args.bucket, save_every=args.save_every)
   if args.command == "understanding":
-    from cheers_jax.evaluate.scoring import summary_lines
-    from cheers_jax.evaluate.understanding import run_understanding
     scores = run_understanding(model, variables, args.data, name, args.out, tokenizer=tokenizer, **understanding,
                                **quiet)
     if workers.is_lead:

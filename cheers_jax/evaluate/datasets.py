@@ -12,16 +12,19 @@ reads that file back. A single image therefore goes through a JPEG encode at PIL
 """
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import dataclasses
 import io
 import os
+import string
 from typing import Optional
 
 import numpy as np
 
 from cheers_jax.errors import UserError
+from cheers_jax.data.images import BadImageError, open_image, preprocess_understanding
 
 MCQ, YORN, VQA = "MCQ", "Y/N", "VQA"
 
@@ -75,7 +78,7 @@ def read_tsv(path: str | os.PathLike, need_images: bool = True):
   Rows without an image are dropped as VLMEvalKit does (`skip_noimg`); pointer images are resolved to
   the row they point at. Returns (frame, n_rows_without_image).
   """
-  import pandas as pd
+  import pandas as pd  # pandas: the evaluation's TSV files only
   try:
     data = pd.read_csv(path, sep="\t", dtype=str)
   except FileNotFoundError as e:
@@ -113,10 +116,9 @@ def resolve_pointers(indices: list[str], images: list[str]) -> list[str]:
 
 def image_cells(row) -> list[tuple[str, str]]:
   """(base64, file name) of each image of a row, with the name VLMEvalKit would write it under."""
-  import pandas as pd
+  import pandas as pd  # pandas: the evaluation's TSV files only
   value = row["image"]
   if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
-    import ast
     try:
       images = [str(x) for x in ast.literal_eval(value)]
     except (ValueError, SyntaxError) as e:
@@ -137,7 +139,6 @@ def image_cells(row) -> list[tuple[str, str]]:
 def _list_cell(value) -> list[str]:
   text = str(value)
   if text.startswith("[") and text.endswith("]"):
-    import ast
     return [str(x) for x in ast.literal_eval(text)]
   return [text]
 
@@ -148,8 +149,6 @@ _SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", 
 def decode_image(b64: str, file_name: str = "image.jpg"):
   """A base64 image as the wrapper reads it: decoded, palette/alpha modes to RGB, written in the format
   of `file_name`'s extension (JPEG at PIL's defaults for VLMEvalKit's `<index>.jpg`), read back as RGB."""
-  from PIL import Image
-  from cheers_jax.data.images import BadImageError, open_image
   shown = b64 if len(b64) <= 64 else b64[:20] + "..."
   try:
     im = open_image(base64.b64decode(b64, validate=False), name=file_name)
@@ -172,7 +171,6 @@ def decode_image(b64: str, file_name: str = "image.jpg"):
 def preprocess_row_images(row, resolution: int, patch_size: int) -> list[np.ndarray]:
   """Every image of a row at the model's resolution, (res, res, 3) float32 in [0, 1] (resized so the
   longer side is `resolution` and padded, as the wrapper's processor with max_resolution=512)."""
-  from cheers_jax.data.images import preprocess_understanding
   out = []
   for b64, name in image_cells(row):
     img = decode_image(b64, name)
@@ -187,7 +185,6 @@ def is_missing(value) -> bool:
 
 def option_letters(row) -> list[str]:
   """The option columns A..Z present in a row with a non-empty value, in order."""
-  import string
   return [c for c in string.ascii_uppercase if c in row and not is_missing(row[c])]
 
 

@@ -33,9 +33,12 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from cheers_jax.evaluate.datasets import DatasetError
 from cheers_jax.evaluate.parallel import Workers, progress_bar, replicate, round_up
+from cheers_jax.infer.t2i import t2i_prompt, text_to_image_per_device
+from cheers_jax.sharding import local_data_mesh
 
 DEFAULT_BUCKET = 64  # prompt lengths (with the dummy image's tokens) are padded to a multiple of this
 
@@ -128,7 +131,6 @@ def dpg_grid(tiles: list[np.ndarray]) -> np.ndarray:
 
 
 def _save_atomic(array: np.ndarray, path: Path, fmt: str) -> None:
-  from PIL import Image
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   Image.fromarray(array).save(tmp, format=fmt)
@@ -158,8 +160,6 @@ def generate_images(model, variables, tokenizer, jobs: Sequence[tuple[str, int]]
   """jobs: (prompt text, seed) of every image, done or not; generates this process's share of the
   pending ones in batches of batch_size per local device (`plan_steps`), calling on_image(job number,
   clamped image, raw decoder output) as batches finish. Returns the number of images generated here."""
-  from cheers_jax.infer.t2i import t2i_prompt, text_to_image_per_device
-  from cheers_jax.sharding import local_data_mesh
   mesh = workers.mesh or local_data_mesh()  # one program per device, whatever their number
   ids = {text: t2i_prompt(tokenizer, text) for text in {t for t, _ in jobs}}
   n_tok = model.cfg.tokens_per_image  # the dummy image's tokens, prepended to a T2I prompt
@@ -271,7 +271,6 @@ def run_dpg(model, variables, tokenizer, prompts_dir: str, out_dir: str, *, step
 
 
 def _assemble_dpg_grids(out: Path, stems: list[str], tiles_dir: Path, per: int) -> int:
-  from PIL import Image
   made = 0
   for stem in stems:
     paths = [tiles_dir / f"{stem}_{n}.png" for n in range(per)]

@@ -13,6 +13,12 @@ import dataclasses
 import sys
 from typing import Sequence, TypeVar
 
+import jax
+from tqdm import tqdm
+
+from cheers_jax import distributed
+from cheers_jax.sharding import local_data_mesh, replicated
+
 T = TypeVar("T")
 
 
@@ -32,7 +38,6 @@ class Workers:
     return list(items[self.process_index::self.process_count])
 
   def barrier(self, name: str) -> None:
-    from cheers_jax import distributed
     distributed.barrier(name)
 
   def describe(self) -> str:
@@ -41,8 +46,6 @@ class Workers:
 
 def current_workers() -> Workers:
   """The processes and local devices of this run (call `distributed.maybe_initialize()` first)."""
-  import jax
-  from cheers_jax.sharding import local_data_mesh
   local = jax.local_device_count()
   return Workers(jax.process_index(), jax.process_count(), local, local_data_mesh() if local > 1 else None)
 
@@ -51,8 +54,6 @@ def replicate(variables, workers: Workers):
   """The model's variables on every local device (a no-op on one device)."""
   if workers.mesh is None:
     return variables
-  import jax
-  from cheers_jax.sharding import replicated
   return jax.device_put(variables, replicated(workers.mesh))
 
 
@@ -71,5 +72,4 @@ class _NoBar:
 def progress_bar(total: int, enabled: bool, unit: str, desc: str):
   if not enabled or total == 0:
     return _NoBar()
-  from tqdm import tqdm  # only for interactive runs
   return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)

@@ -322,7 +322,7 @@ def read_predictions(path: str | os.PathLike):
   """A predictions TSV: the dataset's columns as its own TSV reads (strings, pandas' missing values NaN),
   and `raw` / `prediction` exactly as written: they stand for the model's text, which the official
   pipeline holds in memory (a raw answer 'N/A' is not missing: the wrapper finds the letter A in it)."""
-  import pandas as pd
+  import pandas as pd  # pandas: the evaluation's TSV files only
   try:
     frame = pd.read_csv(path, sep="\t", dtype=str)
     literal = read_literal_tsv(path)

@@ -18,8 +18,10 @@ from typing import Callable, Optional
 
 from cheers_jax.errors import UserError
 from cheers_jax.evaluate.datasets import DATASETS, DatasetError
+from cheers_jax.evaluate.generation import run_dpg, run_geneval
 from cheers_jax.evaluate.paper import in_paper_scale, paper_figure
 from cheers_jax.evaluate.parallel import Workers
+from cheers_jax.evaluate.understanding import run_understanding
 
 GENERATION = ("geneval", "dpg")
 DEFAULT_GENEVAL = Path("geneval") / "evaluation_metadata.jsonl"
@@ -62,8 +64,6 @@ def run_suite(model, variables, tokenizer, suite_plan: SuitePlan, out_dir: str, 
   """Runs the planned benchmarks (every process of `workers` calls it); process 0 writes and returns the
   summary, the others return None. understanding: run_understanding's settings; generation: per
   'geneval' / 'dpg', run_geneval / run_dpg's settings."""
-  from cheers_jax.evaluate.generation import run_dpg, run_geneval
-  from cheers_jax.evaluate.understanding import run_understanding
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   lead_log = log if workers.is_lead else (lambda s: None)

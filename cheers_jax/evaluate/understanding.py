@@ -30,10 +30,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from cheers_jax.evaluate.datasets import BadRowImage, DatasetError, dataset_spec, image_cells, read_tsv
+from cheers_jax.data.images import preprocess_understanding
+from cheers_jax.data.tokenizer import IM_START_ID, CheersTokenizer
+from cheers_jax.evaluate.datasets import BadRowImage, DatasetError, dataset_spec, decode_image, image_cells, read_tsv
 from cheers_jax.evaluate.parallel import Workers, progress_bar, replicate, round_up
 from cheers_jax.evaluate.prompts import build_row_prompt
 from cheers_jax.evaluate.scoring import OWN_COLUMNS, read_predictions, score_frame
+from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts
+from cheers_jax.sharding import place_rows
 
 REFERENCE_MAX_INPUT_IDS = 1024  # Cheers.generate: `if input_ids.size(1) > max_input_tokens: break`
 ANSWER_SLOT_BUCKET = 128
@@ -57,8 +61,6 @@ class PreparedRow:
 
 def prepare_row(spec, row, tokenizer, cfg, cap: Optional[int]) -> PreparedRow:
   """Prompt ids and images of one row; a broken image gives an error instead of raising."""
-  from cheers_jax.data.images import preprocess_understanding
-  from cheers_jax.evaluate.datasets import decode_image
   try:
     cells = image_cells(row)
     prompt = build_row_prompt(spec, row, len(cells))
@@ -92,8 +94,6 @@ class Decoder:
     self.variables = replicate(variables, workers)
 
   def __call__(self, rows: list[PreparedRow]) -> list[np.ndarray]:
-    from cheers_jax.infer.decode import GREEDY, decode, prefill, prepare_prompts
-    from cheers_jax.sharding import place_rows
     padded = rows + [rows[-1]] * (self.batch_size - len(rows))
     seq_len = round_up(max(r.length for r in padded), self.bucket)
     slots = round_up(max(max(r.budget for r in padded), 1), ANSWER_SLOT_BUCKET)
@@ -230,7 +230,6 @@ def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path:
                  progress: bool, log: Callable[[str], None]) -> None:
   """Decodes this process's rows, appending each batch's answers to its part file; process 0 also
   rewrites NAME.tsv every `save_every` batches."""
-  from cheers_jax.data.tokenizer import IM_START_ID, CheersTokenizer
   tokenizer = tokenizer or CheersTokenizer()
   batch_size = round_up(batch_size, workers.local_devices)
   part_path = _parts_dir(path.parent) / f"{spec.name}.{workers.process_index}.jsonl"

@@ -74,7 +74,7 @@ def _url_text(url: str) -> str:
 
 def xlsx_round_trip(frame):
   """The frame as `pd.read_excel` gives it back after `frame.to_excel(index=False, engine='xlsxwriter')`."""
-  from pandas.io.parsers import TextParser  # pandas: imported by the scorers only
+  from pandas.io.parsers import TextParser  # pandas: the evaluation's TSV files only
   if frame.empty:
     return frame.copy()
   rows = [[str(c) for c in frame.columns]]
@@ -86,7 +86,7 @@ def xlsx_round_trip(frame):
 def as_vlmevalkit_reads_tsv(frame):
   """A frame of cell texts (as this tool reads TSVs: strings, empty cells NaN) re-read the way
   VLMEvalKit's `load(tsv)` reads the file they came from: default missing values and type inference."""
-  import pandas as pd  # pandas: imported by the scorers only
+  import pandas as pd  # pandas: the evaluation's TSV files only
   buf = io.StringIO()
   frame.to_csv(buf, sep="\t", index=False)
   buf.seek(0)
@@ -96,5 +96,5 @@ def as_vlmevalkit_reads_tsv(frame):
 def read_literal_tsv(path):
   """Every cell's text exactly as written (no missing-value strings, no numbers): how this tool reads back
   the model's answers (`raw`, `prediction`), which the official pipeline holds in memory."""
-  import pandas as pd  # pandas: imported by the scorers only
+  import pandas as pd  # pandas: the evaluation's TSV files only
   return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[])

@@ -8,7 +8,7 @@ from PIL import Image
 from cheers_jax.evaluate.__main__ import main
 from cheers_jax.evaluate.generation import (DEFAULTS, dpg_grid, dpg_uint8, plan_steps, read_geneval_metadata,
                                             run_dpg, run_geneval, save_image_uint8)
-from tests.infer.conftest import TINY, needs_tiny
+from tests.infer.conftest import TINY
 
 
 def test_official_defaults():
@@ -40,7 +40,6 @@ def test_plan_steps_keeps_each_job_in_its_slot():
   assert plan_steps(lengths, [False] * 6, rows=2) == []
 
 
-@needs_tiny
 def test_geneval_layout_and_resume(tiny, tokenizer, tmp_path):
   meta = tmp_path / "evaluation_metadata.jsonl"
   lines = [{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"},
@@ -68,7 +67,6 @@ def _images(folder, prompt_index, n):
   return [np.asarray(Image.open(folder / f"{prompt_index:05}" / "samples" / f"{k:05}.png")) for k in range(n)]
 
 
-@needs_tiny
 def test_an_image_does_not_depend_on_its_batch(tiny, tokenizer, tmp_path):
   """One prompt drawn alone, and drawn after prompts of other lengths (one in its padded-length group,
   so its images sit in other slots of a batch that holds another prompt; one longer, in a group of its
@@ -88,7 +86,6 @@ def test_an_image_does_not_depend_on_its_batch(tiny, tokenizer, tmp_path):
   assert not np.array_equal(alone[0], alone[1])
 
 
-@needs_tiny
 def test_dpg_layout(tiny, tokenizer, tmp_path):
   prompts = tmp_path / "prompts"
   prompts.mkdir()
@@ -106,7 +103,6 @@ def test_dpg_layout(tiny, tokenizer, tmp_path):
   assert res["generated"] == 0
 
 
-@needs_tiny
 def test_cli_errors(tmp_path, capsys):
   assert main(["geneval", "--checkpoint", str(TINY), "--metadata", str(tmp_path / "none.jsonl"),
                "--out", str(tmp_path)]) == 2

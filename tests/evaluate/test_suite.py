@@ -9,7 +9,7 @@ from cheers_jax.evaluate.__main__ import main
 from cheers_jax.evaluate.paper import in_paper_scale, paper_figure
 from cheers_jax.evaluate.suite import plan
 from tests.evaluate.test_understanding import _b64, _mmbench, _write
-from tests.infer.conftest import TINY, needs_tiny
+from tests.infer.conftest import TINY
 
 
 def test_paper_figures_and_scales():
@@ -30,7 +30,6 @@ def test_plan_says_what_is_missing(tmp_path):
     plan(str(tmp_path), only="POPE,NoSuchSet")
 
 
-@needs_tiny
 def test_suite_writes_the_summary_and_resumes(tmp_path, capsys):
   lmu = tmp_path / "LMUData"
   lmu.mkdir()

@@ -14,7 +14,7 @@ from cheers_jax.evaluate import understanding as und
 from cheers_jax.evaluate.__main__ import main
 from cheers_jax.evaluate.datasets import dataset_spec, read_tsv
 from cheers_jax.evaluate.understanding import reference_answer_budget, run_understanding
-from tests.infer.conftest import TINY, needs_tiny
+from tests.infer.conftest import TINY
 
 BROKEN = base64.b64encode(b"definitely not an image file, just some bytes" * 3).decode()
 
@@ -57,7 +57,6 @@ def _recompute_mcq(frame):
   return np.mean([all(v) for v in groups.values()])
 
 
-@needs_tiny
 def test_understanding_end_to_end_with_resume(tiny, tmp_path, monkeypatch):
   data = _mmbench(tmp_path)
   out = tmp_path / "out"
@@ -105,7 +104,6 @@ def test_understanding_end_to_end_with_resume(tiny, tmp_path, monkeypatch):
   assert list(again["raw"]) == list(frame["raw"]) and single["overall"] == scores["overall"]
 
 
-@needs_tiny
 def test_yes_no_and_vqa_files(tiny, tmp_path):
   pope = _write(tmp_path, "pope", [
       dict(index=i, image=_b64(10 + i), question="Is there a dog in the image?", answer=a, category=c)
@@ -123,7 +121,6 @@ def test_yes_no_and_vqa_files(tiny, tmp_path):
   assert s["overall"] == pytest.approx(100 * np.mean(frame["extracted"] == "stop"))
 
 
-@needs_tiny
 def test_mmmu_interleaved_images(tiny, tokenizer, tmp_path):
   rows = [dict(index="validation_1", image=str([_b64(30), _b64(31, (16, 48))]), question="Compare <image 1> and <image 2>.",
                A="same", B="different", answer="B", split="validation"),
@@ -142,7 +139,6 @@ def test_mmmu_interleaved_images(tiny, tokenizer, tmp_path):
   assert s["splits"]["dev"]["overall"] == float(frame["extracted"][1] == "A")
 
 
-@needs_tiny
 def test_cli_errors(tmp_path, capsys):
   assert main(["understanding", "--checkpoint", str(TINY), "--data", str(tmp_path / "none.tsv"),
                "--out", str(tmp_path)]) == 2
@@ -152,7 +148,6 @@ def test_cli_errors(tmp_path, capsys):
   assert "unknown dataset" in capsys.readouterr().err
 
 
-@needs_tiny
 def test_orbax_export_gives_the_checkpoints_answers(tiny, tmp_path):
   """--orbax (an export of the tiny checkpoint) loads through the inference loader and answers as the
   HF checkpoint does."""
@@ -169,7 +164,6 @@ def test_orbax_export_gives_the_checkpoints_answers(tiny, tmp_path):
   assert list(got["status"]) == ["ok", "ok"] and list(got["raw"]) == list(want["raw"])
 
 
-@needs_tiny
 def test_a_bad_image_is_one_line_naming_file_and_row(tiny, tmp_path):
   path = _write(tmp_path, "SEEDBench_IMG", [
       dict(index=7, image=BROKEN, question="q", A="x", B="y", answer="A"),
