@@ -102,8 +102,7 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__)
   cli.add_config_flags(p, default=DEFAULT_CONFIG)
   p.add_argument("--target", default="cpu", help=f"what to compile for: {targets.names()} (default cpu: fake CPU "
                  "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`")

@@ -23,7 +23,12 @@ USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Perm
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors are user errors (one line, exit 2) instead of usage + exit."""
+  """argparse whose usage errors are user errors (one line, exit 2) instead of usage + exit; the description
+  (a tool's docstring) is printed as written."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message: str):
     raise UserError(f"{message} (see {self.prog} --help)")

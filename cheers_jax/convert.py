@@ -108,8 +108,7 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str = "the files") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(
-      prog="python -m cheers_jax.convert", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog="python -m cheers_jax.convert", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   a = sub.add_parser("hf-to-orbax", help="HF safetensors checkpoint -> Orbax checkpoint",

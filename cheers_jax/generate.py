@@ -290,8 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "or new unless --overwrite)")
   g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
 
-  p = cli.ArgumentParser(prog="python -m cheers_jax.generate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.generate", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True, metavar="{chat,ask,t2i,edit}")
   c = sub.add_parser("chat", parents=[common], help="text chat (interactive without --prompt)")
   c.add_argument("--prompt", action="append", help="a message; repeat for a batch of independent prompts")

@@ -11,7 +11,6 @@ tolerance per array is 3x what the reference itself moves between bf16 and fp32 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,8 +28,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.parity", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.parity", description=__doc__)
   p.add_argument("--checkpoint", required=True, help="HF checkpoint directory (the oracle's tiny_ckpt)")
   p.add_argument("--golden", required=True, help="golden .npz (golden.npz for fp32, golden_bf16.npz for bf16)")
   p.add_argument("--manifest", help="golden_manifest.json (default: next to the golden)")

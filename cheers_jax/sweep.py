@@ -96,8 +96,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.sweep", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.sweep", description=__doc__)
   cli.add_config_flags(p, required=True)
   p.add_argument("--meshes", help="';'-separated meshes of AXIS=SIZE (axes data, fsdp, tensor), e.g. "
                  "'data=8;fsdp=8;fsdp=4,tensor=2' (default: the config's mesh)")

@@ -59,7 +59,6 @@ REPO = os.path.dirname(PACKAGE)
 NOT_IN_REPO = ("SPEC.md", 'SPEC "', "DESIGN.md", "PAPER_RESULTS", "shared/oracle", "shared/reference", "/work/")
 # Files other open issues rewrite (left to them, so the branches merge): path -> why it is still allowed.
 CITES_LEFT_TO_OTHERS = {
-    "cheers_jax/model/sequence.py": "issue 23 rewrites this module (its docstring cites SPEC.md)",
     "tests/test_package_layout.py": "names them to look for them",
 }
 
@@ -106,7 +105,6 @@ LEFT_TO_OTHERS = {
     "cheers_jax/evaluate/suite.py": (2, "issue 26"),
     "cheers_jax/evaluate/understanding.py": (5, "issue 26"),
     "cheers_jax/evaluate/vlmeval_io.py": (0, "issue 26"),
-    "cheers_jax/bench/evaluate.py": (6, "issue 26 owns bench/evaluate.py"),
     "cheers_jax/bench/train.py": (1, "issue 23: the packing figure (print_padding)"),
     "cheers_jax/data/pipeline.py": (1, "issue 22 (grain's workers read absl flags)"),
     "cheers_jax/data/sources.py": (0, "issue 22 (a TFDS import without its reason)"),

@@ -199,7 +199,7 @@ def stage_times(source: Any, spec: pipeline.PipelineSpec, count: int) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------- CLI
-# Step rates one accelerator must be fed at (samples/s): the README's figures.
+# Step rates one accelerator must be fed at (samples/s): the figures of docs/scaling.md.
 FEED_RATES = {"H100, official PyTorch code (7.06 samples/s, batch 8)": 7.06,
               "H100, this port's target (21 samples/s)": 21.0,
               "v5p chip at 40 % MFU (459 TFLOP/s x 0.4 / 16.2 TFLOP per sample)": 459 * 0.4 / 16.2}

@@ -106,8 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__)
   add_model_flags(p)
   p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
   p.add_argument("--prompt-len", type=cli.POSITIVE_INT, default=64,

@@ -68,8 +68,7 @@ REFERENCE_H100 = {
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.bench train", description=__doc__)
   src = p.add_mutually_exclusive_group()
   cli.add_config_flags(src)  # default: tiny
   src.add_argument("--full-size", action="store_true", help="the published model (config cheers_1p5b: 2.6 B "

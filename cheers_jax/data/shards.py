@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import zlib
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter  # comes with grain

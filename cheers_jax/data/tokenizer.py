@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from importlib.resources import files
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from cheers_jax import package_data
 from cheers_jax.tokens import (  # noqa: F401  (re-exported: the ids live in one place)
     CHAT_END_ID, CHAT_START_ID, EOS_TOKEN_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_ID,
     IMAGE_GEN_TOKEN_INDEX, IMAGE_ID, IMAGE_TOKEN_INDEX, NEWLINE_ID, NO_MEAN_ID, PAD_TOKEN_ID)
@@ -58,7 +58,7 @@ class Encoded(NamedTuple):
 
 
 def _asset_text(name: str) -> str:
-  return (files("cheers_jax") / "assets" / "tokenizer" / name).read_text(encoding="utf-8")
+  return (package_data.TOKENIZER / name).read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,8 +25,6 @@ from cheers_jax.demo import shapes
 from cheers_jax.infer import images as images_lib
 from cheers_jax.infer.decode import GREEDY, generate_text
 from cheers_jax.infer.t2i import t2i_prompt, text_to_image
-
-log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("caption_colour_acc", "caption_shape_acc", "t2i_colour_acc", "t2i_shape_acc", "t2i_both_acc")
 CAPTION_IMAGES = 96

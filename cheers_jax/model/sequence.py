@@ -4,7 +4,7 @@ This is the reference's `prepare_inputs_labels_for_multimodal` plus the label re
 `Cheers.forward`, done once on the host so the jitted model only gathers: every output is a
 static-shape integer array.
 
-Rules (SPEC.md "Sequence assembly" and "Training loss"):
+Rules (the reference's sequence assembly and training loss):
 - tokens with attention_mask 0 are dropped; each -200 / -300 placeholder becomes the next image's N
   tokens (images are consumed in order across the batch); image tokens are bidirectional within
   their block (image_mask 1);

@@ -37,8 +37,7 @@ _DEPRECATED = {"--export_hf": "--export-hf", "--noexport_hf": "--no-export-hf", 
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.train", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m cheers_jax.train", description=__doc__)
   cli.add_config_flags(p, required=True)
   p.add_argument("--workdir", help="directory for checkpoints, metrics, samples and the HF export (default: "
                  "config.workdir). An existing run there is resumed.")

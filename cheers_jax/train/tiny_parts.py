@@ -32,7 +32,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -250,7 +250,7 @@ def write_siglip_part(variables: dict, cfg: ModelConfig, out_dir: Path, report: 
 
 def tiny_model_config(config_name: str = "tiny", overrides: Sequence[str] = ()) -> tuple[ModelConfig, int]:
   config = config_lib.load(config_name, ["init_from="] + list(overrides))
-  return ModelConfig.from_dict(config.model), int(config.data.image_size)
+  return config_lib.model_config(config), int(config.data.image_size)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

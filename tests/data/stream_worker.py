@@ -24,7 +24,8 @@ import numpy as np
 
 from configs import tiny
 
-def config(batch_size: int, **data):
+def config(batch_size: int = 4, **data):
+  """configs/tiny with the pipeline at 64 px (4 tokens per image), 128-token rows, 2 image slots."""
   c = tiny.get_config()
   c.train.batch_size = batch_size
   c.data.image_size = 64

@@ -172,7 +172,6 @@ def test_padding_figure_of_the_realistic_mix_at_the_published_buckets():
 
 
 # ---- loss and gradients: packed == unpacked ------------------------------------------------------------
-@pytest.mark.skipif(not os.path.exists(CKPT), reason="oracle tiny checkpoint not found")
 def test_packed_loss_and_gradients_equal_unpacked_on_the_oracle_model():
   """The same 8 samples, one per row (32 tokens) and packed into 3 rows of 96: loss, its parts and every
   gradient agree to fp32 rounding (same flow-matching noise per image)."""

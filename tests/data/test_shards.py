@@ -5,12 +5,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from configs import tiny
 from cheers_jax.bench.data import write_dataset
 from cheers_jax.data import prepare as prepare_lib
 from cheers_jax.data import shards as shards_lib
@@ -18,22 +16,9 @@ from cheers_jax.data import sources as sources_lib
 from cheers_jax.data.images import load_image
 from cheers_jax.data.pipeline import PrepareExample, make_train_iterator, spec_from_config
 from cheers_jax.errors import ConfigError, UserError
+from tests.data.stream_worker import config as _config
 
 QUIET = dict(log=lambda *a: None)
-
-
-def _config(batch_size: int = 4, **data: Any):
-  c = tiny.get_config()
-  c.train.batch_size = batch_size
-  c.data.image_size = 64
-  c.model.vision.patch_size = 16
-  c.data.num_threads = 2
-  c.data.seq_buckets = (128,)
-  c.data.max_images_per_sample = 2
-  c.data.mix = {"und": 3.0, "gen": 6.0, "text": 1.0}
-  for k, v in data.items():
-    c.data[k] = v
-  return c
 
 
 def _prepare(jsonl: Path | str, out: Path, **kw) -> dict:
