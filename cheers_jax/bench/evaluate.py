@@ -68,7 +68,8 @@ def _main(argv: list[str]) -> int:
   p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=16,
                  help="understanding rows per device (default 16)")
   p.add_argument("--answer-tokens", type=cli.POSITIVE_INT, default=16, help="ids decoded per row (default 16)")
-  p.add_argument("--prompts", type=cli.NON_NEGATIVE_INT, default=2, help="GenEval prompts, 4 images each (default 2; 0 skips)")
+  p.add_argument("--prompts", type=cli.NON_NEGATIVE_INT, default=2,
+                 help="GenEval prompts, 4 images each (default 2; 0 skips)")
   p.add_argument("--steps", type=cli.POSITIVE_INT, default=80, help="GenEval Euler steps (default 80)")
   p.add_argument("--gen-batch-size", type=cli.POSITIVE_INT, default=8,
                  help="GenEval images per device per call (default 8)")

@@ -155,7 +155,8 @@ def _main(argv: list[str]) -> int:
     plan = suite.plan(args.lmudata, args.geneval_metadata, args.dpg_prompts, args.only)
   distributed.maybe_initialize()
   workers = current_workers()
-  draws = args.command in suite.GENERATION or (args.command == "suite" and any(n in plan.inputs for n in suite.GENERATION))
+  draws = args.command in suite.GENERATION or (
+      args.command == "suite" and any(n in plan.inputs for n in suite.GENERATION))
   model, variables = _load(args, need_generation=draws)
   tokenizer = CheersTokenizer()
   quiet = dict(workers=workers, progress=not args.no_progress)

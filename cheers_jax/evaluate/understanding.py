@@ -226,8 +226,8 @@ def run_understanding(model, variables, data_path: str | os.PathLike, dataset: s
 
 
 def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path: Path, results: dict, *,
-                 source: str, batch_size: int, max_new_tokens: Optional[int], bucket: int, save_every: int, workers: Workers,
-                 progress: bool, log: Callable[[str], None]) -> None:
+                 source: str, batch_size: int, max_new_tokens: Optional[int], bucket: int, save_every: int,
+                 workers: Workers, progress: bool, log: Callable[[str], None]) -> None:
   """Decodes this process's rows, appending each batch's answers to its part file; process 0 also
   rewrites NAME.tsv every `save_every` batches."""
   tokenizer = tokenizer or CheersTokenizer()

@@ -35,7 +35,6 @@ from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID, UND_IMAGE_TEXT, Ch
 from cheers_jax.infer.decode import (GREEDY, DecodeState, GenerationError, SamplingConfig, _feed, _prefill, decode,
                                      prefill, prepare_prompts, round_up, text_ids)
 from cheers_jax.model.cheers import Cheers
-from cheers_jax.sharding import place_rows
 
 Array = jax.Array
 
@@ -154,7 +153,7 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
               t_list: np.ndarray, dt_list: np.ndarray, init_latent, noise: Optional[np.ndarray],
               seeds: Optional[Sequence[int]], cfg_scale: Optional[float], prefix_x0: Optional[np.ndarray],
               max_new_tokens: int, sampling: SamplingConfig, record: bool, bucket: int,
-              max_len: Optional[int], mesh=None) -> ImageResult:
+              max_len: Optional[int]) -> ImageResult:
   cfg = model.cfg
   n_tok = cfg.tokens_per_image
   prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
@@ -179,12 +178,10 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
   cache_len = round_up(batch.seq_len + after, bucket)
   if max_len is not None:
     cache_len = min(cache_len, max_len)
-  if mesh is not None:  # data parallel: rows over the mesh's data axes (variables replicated by the caller)
-    batch.batch = place_rows(batch.batch, mesh)
   state = prefill(model, variables, batch, cache_len, prefix_x0)
   if noise is None:
     noise = latent_noise(model, seeds)
-  noise = jnp.asarray(noise, jnp.float32) if mesh is None else place_rows(np.asarray(noise, np.float32), mesh)
+  noise = jnp.asarray(noise, jnp.float32)
   x = init_latent(noise)
   latent, image_raw, trace, cond = _sample(model, variables, state, x, jnp.asarray(t_list), jnp.asarray(dt_list),
                                            jnp.asarray(cfg_scale if use_cfg else 1.0, jnp.float32), use_cfg, record)
@@ -215,7 +212,7 @@ def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, st
                   noise: Optional[np.ndarray] = None, images: Optional[Sequence[Sequence[np.ndarray]]] = None,
                   prefix_x0: Optional[np.ndarray] = None, max_new_tokens: int = 0,
                   sampling: SamplingConfig = GREEDY, record: bool = False, bucket: int = 64,
-                  max_len: Optional[int] = None, mesh=None) -> ImageResult:
+                  max_len: Optional[int] = None) -> ImageResult:
   """Prompt ids (ending with <im_start>; added if missing) -> images. Defaults are the published ones.
 
   seeds[b] draws sample b's latent noise (`latent_noise`) and its dummy prompt image, so a sample does
@@ -223,7 +220,6 @@ def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, st
   sample b's dummy image (e.g. the reference's own). cfg_scale None or 1 turns CFG off.
   prefix_x0: (2B or B, h, w, C) flow noise of the prompt images (irrelevant at t = 1).
   max_new_tokens: text tokens decoded after `<im_end>` (the reference's max_length - N + 1).
-  mesh: split the rows over its data axes (`sharding.local_data_mesh()`); variables replicated on it.
   A row's image depends only on its prompt, its seed, the padded prompt length (the longest prompt
   rounded up to `bucket`) and the batch size, never on the other rows' prompts.
   """
@@ -231,7 +227,7 @@ def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, st
   t_list, dt_list = t2i_schedule(int(steps), alpha)
   images = images if images is not None else [[] for _ in prompts]
   return _generate(model, variables, prompts, images, t_list, dt_list, lambda z: z, noise, seeds, cfg_scale,
-                   prefix_x0, max_new_tokens, sampling, record, bucket, max_len, mesh)
+                   prefix_x0, max_new_tokens, sampling, record, bucket, max_len)
 
 
 def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources: np.ndarray, *, steps: int = 80,
@@ -257,12 +253,13 @@ def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources
 def text_to_image_per_device(model: Cheers, variables, prompts: Sequence[np.ndarray], seeds: Sequence[int],
                              mesh: Mesh, *, steps: int, cfg_scale: float, alpha: float, bucket: int = 64
                              ) -> np.ndarray:
-  """Plain T2I with guidance (the cond and uncond rows; no text after the image) data parallel over `mesh`'s data
-  axis, where every device runs the one-device program on its own len(prompts) / devices rows: each device's rows are
-  assembled as their own batch (their cond rows, then their uncond rows) and the prefill and the ODE
-  run under shard_map. An image is therefore bit-identical for any device count (a jit over the whole
-  batch lets XLA partition and fuse differently per count: last-bit pixel differences). All prompts
-  must pad to one length (round_up(longest, bucket)). Returns the raw decoder output (B, H, W, 3)."""
+  """Plain T2I with guidance (cond and uncond rows; no text after the image), data parallel over `mesh`'s
+  data axis: each device's len(prompts) / devices rows are assembled as their own batch (their cond
+  rows, then their uncond rows) and the prefill and the ODE run under shard_map, so every device runs
+  the one-device computation on its own rows, and an image depends only on its prompt, its seed, the
+  padded length and the per-device batch. All prompts must pad to one length (round_up(longest, bucket)).
+  Returns the raw decoder output (B, H, W, 3). (XLA:CPU's fake devices still compile it a little
+  differently per device count: last-bit differences, docs/evaluation.md.)"""
   _check_flow_args(steps, alpha)
   devices = mesh.shape["data"]
   if len(prompts) % devices or mesh.size != devices:

@@ -2,7 +2,8 @@
 rows with a broken image, GenEval and DPG prompts) run three ways through the real CLI: 1 CPU device, 8
 fake CPU devices in one process, and 2 jax.distributed processes (as `train` starts them, CHEERS_*
 environment) of 1 device each sharing the output folder (bit-identical images: the same one-device
-program), and a run interrupted with one device resumed with 8. Heavy: every run compiles the tiny model's programs (several minutes on 2 cores)."""
+program), and a run interrupted with one device resumed with 8. Heavy: every run compiles the tiny
+model's programs (several minutes on 2 cores)."""
 from __future__ import annotations
 
 import json
