@@ -32,6 +32,7 @@ config with those buckets and data.max_images_per_sample=2. A GPU also needs roo
 JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the memory; set it to 0.95 for runs
 that are close.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,9 +78,11 @@ def pick_devices(target: targets.Target, need: int) -> tuple[list, str]:
 
 
 def format_table(rows: Sequence[dict], memory_gib: float) -> str:
-  head = (f"{'mesh':<18} {'dev':>3} {'remat':>5} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} "
-          f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} "
-          f"{'compile s':>9}")
+  head = (
+    f"{'mesh':<18} {'dev':>3} {'remat':>5} {'B/dev':>5} {'B':>4} {'seq':>5} {'args':>7} {'outputs':>7} "
+    f"{'aliased':>7} {'temp':>7} {'total':>7} {'fits ' + format(memory_gib, '.4g') + ' GiB':>15} "
+    f"{'compile s':>9}"
+  )
   lines = [head, " " * 50 + "(GiB per device)"]
   f = lambda v: measure.fmt(v, ".2f")
   for r in rows:
@@ -87,16 +90,20 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
     if r.get("status") != "ok":
       lines.append(f"{lead}{r.get('global_batch', ''):>4}  {r['status']}: {r.get('error', '')}")
       continue
-    line = (f"{lead}{r['global_batch']:>4} {r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} "
-            f"{f(r['alias_gib']):>7} {f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>15} "
-            f"{measure.fmt(r['compile_s'], '.1f'):>9}")
+    line = (
+      f"{lead}{r['global_batch']:>4} {r['seq_len']:>5} {f(r['args_gib']):>7} {f(r['outputs_gib']):>7} "
+      f"{f(r['alias_gib']):>7} {f(r['temp_gib']):>7} {f(r['total_gib']):>7} {r['fits']:>15} "
+      f"{measure.fmt(r['compile_s'], '.1f'):>9}"
+    )
     if r.get("rows", r["global_batch"]) != r["global_batch"]:
       line += f"  (packed: {r['global_batch']} samples in {r['rows']} rows of {r['seq_len']})"
     if r.get("compiled_tflop") is not None:
-      line += (f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's"
-               + (f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.; "
-                  "scanned loop bodies counted once)"
-                  if r.get("roofline_step_s_est") else ""))
+      line += f"  | {r['compiled_tflop']:.1f} TFLOP/device compiled = {r['recompute']:.2f}x the model's" + (
+        f"; roofline {r['roofline_step_s_est']:.3f} s/step, MFU {100 * r['roofline_mfu_est']:.0f} % (est.; "
+        "scanned loop bodies counted once)"
+        if r.get("roofline_step_s_est")
+        else ""
+      )
     lines.append(line)
   return "\n".join(lines)
 
@@ -104,15 +111,20 @@ def format_table(rows: Sequence[dict], memory_gib: float) -> str:
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.aot", description=__doc__)
   cli.add_config_flags(p, default=DEFAULT_CONFIG)
-  p.add_argument("--target", default="cpu", help=f"what to compile for: {targets.names()} (default cpu: fake CPU "
-                 "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`")
+  p.add_argument(
+    "--target",
+    default="cpu",
+    help=f"what to compile for: {targets.names()} (default cpu: fake CPU "
+    "devices, an estimate); GPU and TPU targets need `pip install -r requirements-aot.txt`",
+  )
   p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"';'-separated meshes (default '{DEFAULT_MESHES}')")
   p.add_argument("--per-device-batch", default="1,2,4,8", help="comma-separated rows per data shard (default 1,2,4,8)")
   cli.add_batch_shape_flags(p, seq_len_default=400, seq_len_help="400, the reference timing's")
   p.add_argument("--remat", help="comma-separated remat policies, one row each (default: the config's)")
   p.add_argument("--attention", help="attention implementation (default: the config's)")
-  p.add_argument("--hbm-gib", type=cli.POSITIVE, help="device memory for the 'fits' column (default: the target's; "
-                 "79 GiB for cpu)")
+  p.add_argument(
+    "--hbm-gib", type=cli.POSITIVE, help="device memory for the 'fits' column (default: the target's; 79 GiB for cpu)"
+  )
   p.add_argument("--fake-devices", type=cli.POSITIVE_INT, help="CPU devices to create (default: the largest mesh)")
   p.add_argument("--out", help="also write the rows to this CSV file (an existing one needs --overwrite)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -143,8 +155,9 @@ def _main(argv: list[str]) -> int:
   targets.prepare_environment(target)
   ensure_fake_devices(max(need, args.fake_devices or 0))
   devices, platform = pick_devices(target, need)
-  print(f"AOT memory of the train step: {args.config} {' '.join(overrides)}; {platform}, {len(devices)} devices",
-        flush=True)
+  print(
+    f"AOT memory of the train step: {args.config} {' '.join(overrides)}; {platform}, {len(devices)} devices", flush=True
+  )
   rows = []
   for remat in remats:
     with config.unlocked():
@@ -153,16 +166,23 @@ def _main(argv: list[str]) -> int:
       for b in per_device:
         row = measure.aot_memory(config, mesh, b, batch=batch, devices=devices, target=target)
         row.update(target=target.name, platform=platform, memory_gib=memory_gib)
-        row["fits"] = ("yes" if row["total_gib"] <= memory_gib else "NO") if row.get("status") == "ok" else (
-            "NO" if row.get("status") == "oom" else "?")
+        row["fits"] = (
+          ("yes" if row["total_gib"] <= memory_gib else "NO")
+          if row.get("status") == "ok"
+          else ("NO" if row.get("status") == "oom" else "?")
+        )
         rows.append(row)
-        state = (f"total {row['total_gib']:.2f} GiB/device (compile {row['compile_s']:.0f} s)"
-                 if row["status"] == "ok" else f"{row['status']}: {row.get('error')}")
+        state = (
+          f"total {row['total_gib']:.2f} GiB/device (compile {row['compile_s']:.0f} s)"
+          if row["status"] == "ok"
+          else f"{row['status']}: {row.get('error')}"
+        )
         print(f"  {row['mesh']} remat={remat} per-device batch {b}: {state}", flush=True)
   print("\n" + format_table(rows, memory_gib))
   if not target.exact:
-    print("\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real "
-          "compiler's.")
+    print(
+      "\nCPU figures estimate a GPU's (XLA:CPU buffers differ); --target h100|a100|tpu:... gives the real compiler's."
+    )
   if args.out:
     measure.write_csv(rows, args.out, measure.AOT_FIELDS)
     print(f"wrote {args.out}")

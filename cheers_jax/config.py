@@ -13,6 +13,7 @@ sweep, aot, bench):
   replace. A key must exist, except below `model.` (ModelConfig.from_dict checks those keys).
 A misspelt key, here or in a config file, is a ConfigError naming the closest valid key.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,30 +46,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = ""  # --workdir on the command line wins
 
   # Keys of cheers_jax.model.config.ModelConfig (nested text / vision / vae).
-  c.model = ml_collections.ConfigDict(dict(
-      text={}, vision={}, vae={}, dtype="bfloat16", param_dtype="float32", remat_policy="none",
-      attention="xla", reference_bf16_casts=False, max_seq_len=4096))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      text={},
+      vision={},
+      vae={},
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat_policy="none",
+      attention="xla",
+      reference_bf16_casts=False,
+      max_seq_len=4096,
+    )
+  )
   # '' = random init; 'hf:DIR' = a Hugging Face checkpoint dir; 'orbax:DIR' = params from an orbax workdir;
   # 'parts:vae=DIR,siglip=DIR,llm=DIR' (any subset) = pretrained parts, the rest random (checkpoint/parts.py).
   c.init_from = ""
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"          # synthetic | jsonl | tfds
-  c.data.jsonl_path = ""               # official conversation format (one JSON object per line)
-  c.data.image_root = ""               # folder the JSONL image paths are relative to
+  c.data.source = "synthetic"  # synthetic | jsonl | tfds
+  c.data.jsonl_path = ""  # official conversation format (one JSON object per line)
+  c.data.image_root = ""  # folder the JSONL image paths are relative to
   # Several sources by weight (replaces source/jsonl_path when given): entries {'path': JSONL file, glob or
   # folder of prepared shards (python -m cheers_jax.data.prepare), 'weight': 1.0, 'image_root': ''}, or paths.
   # The weights mix the sources within each kind; data.mix still sets the und : gen : text ratio on top.
   c.data.sources = ()
-  c.data.tfds_name = ""                # e.g. 'my_captions' (image + caption/label features)
+  c.data.tfds_name = ""  # e.g. 'my_captions' (image + caption/label features)
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""
   c.data.tfds_image_key = "image"
-  c.data.tfds_text_key = "caption"     # a text feature, or a ClassLabel feature (its names are used)
-  c.data.tfds_tasks = ("t2i", "i2t")   # which samples a TFDS example becomes
-  c.data.image_size = 512              # must equal model.vision.image_size
+  c.data.tfds_text_key = "caption"  # a text feature, or a ClassLabel feature (its names are used)
+  c.data.tfds_tasks = ("t2i", "i2t")  # which samples a TFDS example becomes
+  c.data.image_size = 512  # must equal model.vision.image_size
   c.data.seq_buckets = (512, 1024, 2048, 4096)  # static sequence lengths (few compiles)
-  c.data.max_images_per_sample = 2     # image slots per sample in a batch (editing = 2)
+  c.data.max_images_per_sample = 2  # image slots per sample in a batch (editing = 2)
   # Packed rows (cheers_jax/data/packing.py): train.batch_size rows of pack_len tokens (0 = the largest bucket)
   # and pack_images image slots (0 = automatic), each holding as many whole samples as fit.
   c.data.packing = False
@@ -78,17 +89,17 @@ def base_config() -> ml_collections.ConfigDict:
   # A first phase: the stream's first `first_samples` samples (global) follow `first_mix` instead (0 = none).
   c.data.first_samples = 0
   c.data.first_mix = ml_collections.ConfigDict(dict(und=0.0, gen=1.0, text=0.0))
-  c.data.cfg_data_rate = 0.2           # CFG dropout for generation samples
-  c.data.worker_count = 0              # grain worker processes (0 = in-process)
+  c.data.cfg_data_rate = 0.2  # CFG dropout for generation samples
+  c.data.worker_count = 0  # grain worker processes (0 = in-process)
   c.data.shuffle = True
-  c.data.synthetic_size = 20000        # examples in the synthetic source
+  c.data.synthetic_size = 20000  # examples in the synthetic source
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
-  c.train.batch_size = 512             # global batch (samples per optimizer step)
-  c.train.grad_accum = 1               # micro-batches per step (batch_size % grad_accum == 0)
+  c.train.batch_size = 512  # global batch (samples per optimizer step)
+  c.train.grad_accum = 1  # micro-batches per step (batch_size % grad_accum == 0)
   c.train.lr = 1e-4
-  c.train.schedule = "constant"        # constant | cosine
+  c.train.schedule = "constant"  # constant | cosine
   c.train.warmup_ratio = 0.02
   c.train.weight_decay = 0.0
   c.train.b1 = 0.9
@@ -101,19 +112,19 @@ def base_config() -> ml_collections.ConfigDict:
   # processes' collectives in different orders (gloo size mismatch; tests/scale/test_distributed.py).
   c.train.activation_shardings = True
   c.train.clip_norm = 1.0
-  c.train.trainable = "all_but_vae"    # align | all_but_vae | all_but_vision_tokenizer (VAE encoder: always frozen)
-  c.train.lr_multipliers = ""          # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
-  c.train.calibrate_latent_norm = 0    # random init only: set the VAE's latent BN stats from N training images
-  c.train.fm_weight = 1.0              # lambda
-  c.train.fm_gen_only = False          # True: FM loss on generation images only (paper variant)
-  c.train.ce_chunk = 1024              # sequence chunk of the chunked cross-entropy
-  c.train.nan_policy = "stop"          # stop | skip
+  c.train.trainable = "all_but_vae"  # align | all_but_vae | all_but_vision_tokenizer (VAE encoder: always frozen)
+  c.train.lr_multipliers = ""  # per-module lr factors: 'und_projector=10,language_model/embed_tokens=0.5'
+  c.train.calibrate_latent_norm = 0  # random init only: set the VAE's latent BN stats from N training images
+  c.train.fm_weight = 1.0  # lambda
+  c.train.fm_gen_only = False  # True: FM loss on generation images only (paper variant)
+  c.train.ce_chunk = 1024  # sequence chunk of the chunked cross-entropy
+  c.train.nan_policy = "stop"  # stop | skip
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
   c.log_every = 10
-  c.sample_every = 0                   # steps between sample grids (0 = only at the end)
+  c.sample_every = 0  # steps between sample grids (0 = only at the end)
   c.sample_prompts = ("a red circle", "a blue square")
   c.sample_steps = 20
   c.sample_cfg = 4.0
@@ -159,8 +170,7 @@ def tiny():
   c = base_config()
   c.init_from = "parts:vae={0}/vae,siglip={0}/siglip".format(TINY_PARTS)
   c.model.text = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-  c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32,
-                        patch_size=8)
+  c.model.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32, patch_size=8)
   c.model.vae = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, resolution=32)
   c.model.dtype = "float32"
   c.data.image_size = 32
@@ -177,8 +187,8 @@ def tiny():
   c.train.trainable = "all_but_vision_tokenizer"  # keep the pretrained parts (see above)
   c.train.fm_weight = 2.0
   c.train.fm_gen_only = True
-  c.train.calibrate_latent_norm = 0    # the VAE part ships its latent BatchNorm statistics
-  c.train.ce_chunk = 128               # ~240 text targets per batch of 16: two chunks
+  c.train.calibrate_latent_norm = 0  # the VAE part ships its latent BatchNorm statistics
+  c.train.ce_chunk = 128  # ~240 text targets per batch of 16: two chunks
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.checkpoint.every_steps = 250
   c.log_every = 10
@@ -205,36 +215,36 @@ def check_known_keys(config) -> None:
 # Numeric keys and their ranges: (key, lowest, lowest allowed?, highest, highest allowed?, what it means).
 # None = unbounded. NaN and infinities are always refused.
 _RANGES = (
-    ("seed", 0, True, None, True, ""),
-    ("train.steps", 1, True, None, True, "optimizer steps"),
-    ("train.batch_size", 1, True, None, True, "global batch"),
-    ("train.grad_accum", 1, True, None, True, "micro-batches per step"),
-    ("train.lr", 0, False, None, True, "peak learning rate"),
-    ("train.warmup_ratio", 0, True, 1, True, "share of the steps"),
-    ("train.weight_decay", 0, True, None, True, ""),
-    ("train.b1", 0, True, 1, False, "Adam beta1"),
-    ("train.b2", 0, True, 1, False, "Adam beta2"),
-    ("train.eps", 0, False, None, True, "Adam epsilon"),
-    ("train.clip_norm", 0, True, None, True, "0 turns clipping off"),
-    ("train.calibrate_latent_norm", 0, True, None, True, "0 turns it off"),
-    ("train.fm_weight", 0, True, None, True, "lambda"),
-    ("train.ce_chunk", 1, True, None, True, ""),
-    ("checkpoint.every_steps", 1, True, None, True, ""),
-    ("checkpoint.keep", 0, True, None, True, "0 keeps every checkpoint"),
-    ("log_every", 1, True, None, True, ""),
-    ("sample_every", 0, True, None, True, "0 = only at the end"),
-    ("sample_steps", 1, True, None, True, ""),
-    ("sample_cfg", 0, True, None, True, "1 turns guidance off"),
-    ("data.image_size", 1, True, None, True, ""),
-    ("data.max_images_per_sample", 1, True, None, True, ""),
-    ("data.pack_len", 0, True, None, True, "0 = the largest bucket"),
-    ("data.pack_images", 0, True, None, True, "0 = automatic"),
-    ("data.cfg_data_rate", 0, True, 1, True, "a probability"),
-    ("data.worker_count", 0, True, None, True, "0 = in-process"),
-    ("data.synthetic_size", 1, True, None, True, ""),
-    ("data.first_samples", 0, True, None, True, "0 = no first phase"),
-    ("data.num_threads", 1, True, None, True, ""),
-    ("data.prefetch", 1, True, None, True, ""),
+  ("seed", 0, True, None, True, ""),
+  ("train.steps", 1, True, None, True, "optimizer steps"),
+  ("train.batch_size", 1, True, None, True, "global batch"),
+  ("train.grad_accum", 1, True, None, True, "micro-batches per step"),
+  ("train.lr", 0, False, None, True, "peak learning rate"),
+  ("train.warmup_ratio", 0, True, 1, True, "share of the steps"),
+  ("train.weight_decay", 0, True, None, True, ""),
+  ("train.b1", 0, True, 1, False, "Adam beta1"),
+  ("train.b2", 0, True, 1, False, "Adam beta2"),
+  ("train.eps", 0, False, None, True, "Adam epsilon"),
+  ("train.clip_norm", 0, True, None, True, "0 turns clipping off"),
+  ("train.calibrate_latent_norm", 0, True, None, True, "0 turns it off"),
+  ("train.fm_weight", 0, True, None, True, "lambda"),
+  ("train.ce_chunk", 1, True, None, True, ""),
+  ("checkpoint.every_steps", 1, True, None, True, ""),
+  ("checkpoint.keep", 0, True, None, True, "0 keeps every checkpoint"),
+  ("log_every", 1, True, None, True, ""),
+  ("sample_every", 0, True, None, True, "0 = only at the end"),
+  ("sample_steps", 1, True, None, True, ""),
+  ("sample_cfg", 0, True, None, True, "1 turns guidance off"),
+  ("data.image_size", 1, True, None, True, ""),
+  ("data.max_images_per_sample", 1, True, None, True, ""),
+  ("data.pack_len", 0, True, None, True, "0 = the largest bucket"),
+  ("data.pack_images", 0, True, None, True, "0 = automatic"),
+  ("data.cfg_data_rate", 0, True, 1, True, "a probability"),
+  ("data.worker_count", 0, True, None, True, "0 = in-process"),
+  ("data.synthetic_size", 1, True, None, True, ""),
+  ("data.first_samples", 0, True, None, True, "0 = no first phase"),
+  ("data.num_threads", 1, True, None, True, ""),
+  ("data.prefetch", 1, True, None, True, ""),
 )
 
 
@@ -264,14 +274,19 @@ def check_values(config) -> None:
       continue
     want_int = isinstance(_lookup(base_config(), key), int) or key in ("data.num_threads", "data.prefetch")
     _number(key, value, "an integer" if want_int else "a number")
-    bad = ((low is not None and (value < low or (value == low and not low_ok)))
-           or (high is not None and (value > high or (value == high and not high_ok)))
-           or (want_int and int(value) != value))
+    bad = (
+      (low is not None and (value < low or (value == low and not low_ok)))
+      or (high is not None and (value > high or (value == high and not high_ok)))
+      or (want_int and int(value) != value)
+    )
     if bad:
-      rng = " and ".join(([f"{'>=' if low_ok else '>'} {low}"] if low is not None else [])
-                         + ([f"{'<=' if high_ok else '<'} {high}"] if high is not None else []))
-      raise ConfigError(f"{key}={value!r}: must be {'an integer' if want_int else 'a number'} {rng}"
-                        + (f" ({note})" if note else ""))
+      rng = " and ".join(
+        ([f"{'>=' if low_ok else '>'} {low}"] if low is not None else [])
+        + ([f"{'<=' if high_ok else '<'} {high}"] if high is not None else [])
+      )
+      raise ConfigError(
+        f"{key}={value!r}: must be {'an integer' if want_int else 'a number'} {rng}" + (f" ({note})" if note else "")
+      )
   for axis, size in dict(config.get("mesh") or {}).items():
     if isinstance(size, bool) or not isinstance(size, int) or not (size == -1 or size >= 1):
       raise ConfigError(f"mesh.{axis}={size!r}: give a device count >= 1, or -1 for the rest of the devices")
@@ -279,8 +294,11 @@ def check_values(config) -> None:
   if data is not None:
     buckets = data.get("seq_buckets")
     if buckets is not None:
-      if (not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
-          or list(buckets) != sorted(set(buckets))):
+      if (
+        not buckets
+        or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
+        or list(buckets) != sorted(set(buckets))
+      ):
         raise ConfigError(f"data.seq_buckets={tuple(buckets)!r}: give strictly increasing token counts >= 1")
     for key in ("mix", "first_mix"):
       mix = data.get(key)
@@ -291,8 +309,10 @@ def check_values(config) -> None:
         if w < 0:
           raise ConfigError(f"data.{key}.{name}={w!r}: a sampling weight must be >= 0")
       if not any(w > 0 for w in weights.values()):
-        raise ConfigError(f"data.{key} {weights}: every weight is 0, so nothing would be drawn; give at least one "
-                          "kind (und, gen, text) a positive weight")
+        raise ConfigError(
+          f"data.{key} {weights}: every weight is 0, so nothing would be drawn; give at least one "
+          "kind (und, gen, text) a positive weight"
+        )
 
 
 def check_consistency(config) -> None:
@@ -308,8 +328,10 @@ def check_consistency(config) -> None:
       raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by train.grad_accum={train.grad_accum}")
   data = config.get("data")
   if data is not None and data.get("image_size") is not None and int(data.image_size) != cfg.vision.image_size:
-    raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}: "
-                      "they must match (the SigLIP position table is trained at one size); set both")
+    raise ConfigError(
+      f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}: "
+      "they must match (the SigLIP position table is trained at one size); set both"
+    )
   if data is not None and data.get("seq_buckets") is not None:
     packing.resolve(data, cfg.tokens_per_image, rows=1)
 
@@ -358,8 +380,7 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> ml_collections.Con
   elif text in NAMED:
     config = NAMED[text]()
   else:
-    raise ConfigError(unknown_key(text, text, NAMED, noun="config name") +
-                      " (or give the path of a config file)")
+    raise ConfigError(unknown_key(text, text, NAMED, noun="config name") + " (or give the path of a config file)")
   apply_overrides(config, overrides)
   check_known_keys(config)
   check_values(config)
@@ -417,7 +438,7 @@ def _coerce(raw: str, like: Any) -> Any:
 def apply_overrides(config, overrides: Iterable[str]) -> None:
   """'--config.a.b=v' (or 'a.b=v'). Keys must exist, except below `model.`."""
   for item in overrides:
-    text = item[len("--config."):] if item.startswith("--config.") else item
+    text = item[len("--config.") :] if item.startswith("--config.") else item
     key, eq, raw = text.partition("=")
     if not eq:
       raise ConfigError(f"override {item!r}: use --config.KEY=VALUE")
@@ -425,7 +446,7 @@ def apply_overrides(config, overrides: Iterable[str]) -> None:
     node = config
     for i, part in enumerate(parts[:-1]):
       if part not in node:
-        raise ConfigError(f"override {item!r}: " + unknown_key(".".join(parts[:i + 1]), part, node.keys()))
+        raise ConfigError(f"override {item!r}: " + unknown_key(".".join(parts[: i + 1]), part, node.keys()))
       node = node[part]
     last = parts[-1]
     try:

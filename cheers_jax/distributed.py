@@ -9,6 +9,7 @@ bench generate) do not. A single process needs nothing. Recognised environments,
 - SLURM (srun): jax detects SLURM_* itself (one process per task);
 - Cloud TPU pods: jax detects the TPU worker metadata itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,10 +41,11 @@ def maybe_initialize() -> None:
   if env.get("CHEERS_COORDINATOR"):
     local = env.get("CHEERS_LOCAL_DEVICE_IDS")
     jax.distributed.initialize(
-        coordinator_address=env["CHEERS_COORDINATOR"],
-        num_processes=int(env["CHEERS_NUM_PROCESSES"]),
-        process_id=int(env["CHEERS_PROCESS_ID"]),
-        local_device_ids=[int(x) for x in local.split(",")] if local else None)
+      coordinator_address=env["CHEERS_COORDINATOR"],
+      num_processes=int(env["CHEERS_NUM_PROCESSES"]),
+      process_id=int(env["CHEERS_PROCESS_ID"]),
+      local_device_ids=[int(x) for x in local.split(",")] if local else None,
+    )
   elif _cluster_env(env):
     jax.distributed.initialize()  # cluster auto-detection (SLURM, TPU pods)
   _initialized = True
@@ -73,5 +75,7 @@ def check_batch_splits_over_processes(batch_size: int) -> None:
 def check_rows_split_evenly(key: str, rows: int, shards: int) -> None:
   """Under several processes a batch array cannot be replicated (each process holds other rows)."""
   if jax.process_count() > 1 and rows % shards:
-    raise ConfigError(f"batch array '{key}' has {rows} rows, not divisible by the {shards} data x fsdp "
-                      "shards; make train.batch_size a multiple of them")
+    raise ConfigError(
+      f"batch array '{key}' has {rows} rows, not divisible by the {shards} data x fsdp "
+      "shards; make train.batch_size a multiple of them"
+    )

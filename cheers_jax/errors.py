@@ -4,6 +4,7 @@ A `UserError` is a mistake the user can fix (a bad file, config, argument or dat
 what to do. Every CLI prints it as one line `error: ...` and exits with status 2 (`cheers_jax.cli`).
 Any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -15,6 +15,7 @@ official scripts: T2I 80 steps, CFG 9.5, shift 0.5, greedy text; I2T temperature
 0.7. Each T2I prompt i uses seed --seed + i, so an image does not depend on the batch it was drawn in.
 Images go to --out, which must be empty or new unless --overwrite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ class CLIError(UserError):
 # ---- model loading -------------------------------------------------------------------------------
 def load_model(args, need_generation: bool):
   """-> (Cheers module, variables) from the one source flag given, in the dtype policy of the loader."""
-  return loader.load_model(**{k: getattr(args, k) for k in MODEL_SOURCES}, dtype=args.dtype,
-                           need_generation=need_generation)
+  return loader.load_model(
+    **{k: getattr(args, k) for k in MODEL_SOURCES}, dtype=args.dtype, need_generation=need_generation
+  )
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -56,8 +58,10 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def save_images(images: np.ndarray, prompts: Sequence[str], out_dir: Path, first_index: int = 0) -> list[Path]:
-  return [images_lib.save_png(img, out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png")
-          for i, (img, prompt) in enumerate(zip(images, prompts))]
+  return [
+    images_lib.save_png(img, out_dir / f"{first_index + i:04d}_{_slug(prompt)}.png")
+    for i, (img, prompt) in enumerate(zip(images, prompts))
+  ]
 
 
 def _read_image(path: str):
@@ -79,13 +83,14 @@ def _load_source(args, resolution: int, patch: int) -> np.ndarray:
 # ---- commands ------------------------------------------------------------------------------------
 def _check_text(text: Optional[str], what: str = "prompt") -> str:
   if text is None or not text.strip():
-    raise CLIError(f"empty {what}: give some text (e.g. --prompt \"a red circle\")")
+    raise CLIError(f'empty {what}: give some text (e.g. --prompt "a red circle")')
   return text
 
 
 def _sampling(args):
-  return decode.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        repetition_penalty=args.repetition_penalty).validate()
+  return decode.SamplingConfig(
+    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty
+  ).validate()
 
 
 def _printer(tokenizer, out=sys.stdout):
@@ -97,17 +102,27 @@ def _printer(tokenizer, out=sys.stdout):
     ids.extend(int(i) for i in new[0])
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-      out.write(text[len(shown[0]):])
+      out.write(text[len(shown[0]) :])
       out.flush()
       shown[0] = text
+
   return show
 
 
 def _answer(model, variables, tokenizer, prompts: list[np.ndarray], images, args) -> list[str]:
   stream = _printer(tokenizer) if len(prompts) == 1 and not args.no_stream else None
-  ids = decode.generate_text(model, variables, prompts, images, max_new_tokens=args.max_new_tokens,
-                             sampling=_sampling(args), seed=args.seed, max_len=args.max_len, stream=stream,
-                             dummy_seeds=[args.seed + i for i in range(len(prompts))])
+  ids = decode.generate_text(
+    model,
+    variables,
+    prompts,
+    images,
+    max_new_tokens=args.max_new_tokens,
+    sampling=_sampling(args),
+    seed=args.seed,
+    max_len=args.max_len,
+    stream=stream,
+    dummy_seeds=[args.seed + i for i in range(len(prompts))],
+  )
   texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
   if stream is None:
     for i, text in enumerate(texts):
@@ -119,8 +134,10 @@ def _answer(model, variables, tokenizer, prompts: list[np.ndarray], images, args
 
 def cmd_chat(args, model, variables, tokenizer) -> int:
   if args.prompt:
-    prompts = [tokenizer.build_prompt([{"role": "user", "content": _check_text(p)}], system_prompt=args.system)
-               for p in args.prompt]
+    prompts = [
+      tokenizer.build_prompt([{"role": "user", "content": _check_text(p)}], system_prompt=args.system)
+      for p in args.prompt
+    ]
     _answer(model, variables, tokenizer, prompts, None, args)
     return 0
   history: list[dict] = []
@@ -173,9 +190,17 @@ def cmd_ask(args, model, variables, tokenizer) -> int:
   if len(pairs) == 1 and not args.jsonl:
     _answer(model, variables, tokenizer, prompts, [[images[0]]], args)  # streamed as it grows
     return 0
-  ids = decode.generate_text(model, variables, prompts, [[images[i]] for _, i, _ in pairs],
-                             max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed,
-                             max_len=args.max_len, dummy_seeds=[args.seed + k for k in range(len(prompts))])
+  ids = decode.generate_text(
+    model,
+    variables,
+    prompts,
+    [[images[i]] for _, i, _ in pairs],
+    max_new_tokens=args.max_new_tokens,
+    sampling=_sampling(args),
+    seed=args.seed,
+    max_len=args.max_len,
+    dummy_seeds=[args.seed + k for k in range(len(prompts))],
+  )
   for (f, _, q), x in zip(pairs, ids):
     answer = tokenizer.decode(x, skip_special_tokens=True).strip()
     if args.jsonl:
@@ -186,8 +211,14 @@ def cmd_ask(args, model, variables, tokenizer) -> int:
 
 
 def _flow_kwargs(args) -> dict:
-  return dict(steps=args.steps, cfg_scale=args.cfg, alpha=args.shift, max_new_tokens=args.max_new_tokens,
-              sampling=_sampling(args), max_len=args.max_len)
+  return dict(
+    steps=args.steps,
+    cfg_scale=args.cfg,
+    alpha=args.shift,
+    max_new_tokens=args.max_new_tokens,
+    sampling=_sampling(args),
+    max_len=args.max_len,
+  )
 
 
 def _report_text(tokenizer, ids_list, offset: int) -> None:
@@ -202,17 +233,17 @@ def cmd_t2i(args, model, variables, tokenizer) -> int:
   out_dir = Path(args.out)
   all_images, bs = [], args.batch_size
   for start in range(0, len(texts), bs):
-    chunk = texts[start:start + bs]
+    chunk = texts[start : start + bs]
     # pad the last batch to the same shape: no second compile
     padded = chunk + [chunk[-1]] * (min(bs, len(texts)) - len(chunk))
     seeds = [args.seed + start + i for i in range(len(padded))]
     t0 = time.perf_counter()
     res = text_to_image(model, variables, [t2i_prompt(tokenizer, t) for t in padded], seeds=seeds, **_flow_kwargs(args))
     dt = time.perf_counter() - t0
-    images = res.images[:len(chunk)]
+    images = res.images[: len(chunk)]
     paths = save_images(images, chunk, out_dir, start)
     all_images += list(images)
-    _report_text(tokenizer, res.generated_ids[:len(chunk)], start)
+    _report_text(tokenizer, res.generated_ids[: len(chunk)], start)
     for p in paths:
       print(f"saved {p}")
     print(f"[t2i] {len(chunk)} image(s) in {dt:.1f} s", file=sys.stderr)
@@ -226,10 +257,15 @@ def cmd_edit(args, model, variables, tokenizer) -> int:
   source = _load_source(args, cfg.vision.image_size, cfg.vision.patch_size)
   instructions = [_check_text(p) for p in (args.prompt or [])]
   if not instructions:
-    raise CLIError("edit needs an instruction: --prompt \"make the sky purple\"")
-  res = edit_images(model, variables, [edit_prompt(tokenizer, t) for t in instructions],
-                    np.stack([source] * len(instructions)), seeds=[args.seed + i for i in range(len(instructions))],
-                    **_flow_kwargs(args))
+    raise CLIError('edit needs an instruction: --prompt "make the sky purple"')
+  res = edit_images(
+    model,
+    variables,
+    [edit_prompt(tokenizer, t) for t in instructions],
+    np.stack([source] * len(instructions)),
+    seeds=[args.seed + i for i in range(len(instructions))],
+    **_flow_kwargs(args),
+  )
   out_dir = Path(args.out)
   for p in save_images(res.images, instructions, out_dir):
     print(f"saved {p}")
@@ -261,33 +297,64 @@ def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   src = common.add_argument_group("model")
   cli.add_model_source_flags(src)
-  src.add_argument("--max-len", type=cli.POSITIVE_INT, default=4096,
-                   help="KV cache length: prompt + image tokens + new tokens must fit (default 4096)")
+  src.add_argument(
+    "--max-len",
+    type=cli.POSITIVE_INT,
+    default=4096,
+    help="KV cache length: prompt + image tokens + new tokens must fit (default 4096)",
+  )
   src.add_argument("--seed", type=cli.NON_NEGATIVE_INT, default=0, help="random seed (T2I prompt i uses seed + i)")
   txt = common.add_argument_group("text decoding")
-  txt.add_argument("--max-new-tokens", type=cli.NON_NEGATIVE_INT, help="text tokens to generate (chat/ask 256; "
-                   "t2i/edit 0 = none "
-                   "after the image)")
-  txt.add_argument("--temperature", type=cli.NON_NEGATIVE,
-                   help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)")
-  txt.add_argument("--top-p", type=cli.number(float, above=0, maximum=1, hint="1 turns it off"), default=1.0,
-                   help="nucleus sampling (1 = off, the reference default)")
-  txt.add_argument("--top-k", type=cli.NON_NEGATIVE_INT, default=0,
-                   help="top-k sampling (0 = off, the reference default)")
-  txt.add_argument("--repetition-penalty", type=cli.number(float, above=0, hint="1 turns it off"), default=1.0,
-                   help="1 = off (the reference default)")
+  txt.add_argument(
+    "--max-new-tokens",
+    type=cli.NON_NEGATIVE_INT,
+    help="text tokens to generate (chat/ask 256; t2i/edit 0 = none after the image)",
+  )
+  txt.add_argument(
+    "--temperature", type=cli.NON_NEGATIVE, help="<= 1e-6 is greedy (defaults: chat 0.7, ask 0.3, t2i/edit 0)"
+  )
+  txt.add_argument(
+    "--top-p",
+    type=cli.number(float, above=0, maximum=1, hint="1 turns it off"),
+    default=1.0,
+    help="nucleus sampling (1 = off, the reference default)",
+  )
+  txt.add_argument(
+    "--top-k", type=cli.NON_NEGATIVE_INT, default=0, help="top-k sampling (0 = off, the reference default)"
+  )
+  txt.add_argument(
+    "--repetition-penalty",
+    type=cli.number(float, above=0, hint="1 turns it off"),
+    default=1.0,
+    help="1 = off (the reference default)",
+  )
   txt.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
 
   flow = argparse.ArgumentParser(add_help=False)
   g = flow.add_argument_group("image generation")
-  g.add_argument("--steps", type=cli.number(int, minimum=1, hint="at least 1 denoising step; published default 80"),
-                 default=80, help="Euler steps N (default 80; editing runs int(0.9 N))")
-  g.add_argument("--cfg", type=cli.number(float, minimum=0, hint="1 turns guidance off"), default=9.5,
-                 help="classifier-free guidance scale (1 = off; default 9.5)")
-  g.add_argument("--shift", type=cli.number(float, above=0, hint="published default 0.5"), default=0.5,
-                 help="time shift a in a t / (1 + (a-1) t) (default 0.5)")
-  g.add_argument("--out", default="outputs", help="output folder for the PNGs (default ./outputs; must be empty "
-                 "or new unless --overwrite)")
+  g.add_argument(
+    "--steps",
+    type=cli.number(int, minimum=1, hint="at least 1 denoising step; published default 80"),
+    default=80,
+    help="Euler steps N (default 80; editing runs int(0.9 N))",
+  )
+  g.add_argument(
+    "--cfg",
+    type=cli.number(float, minimum=0, hint="1 turns guidance off"),
+    default=9.5,
+    help="classifier-free guidance scale (1 = off; default 9.5)",
+  )
+  g.add_argument(
+    "--shift",
+    type=cli.number(float, above=0, hint="published default 0.5"),
+    default=0.5,
+    help="time shift a in a t / (1 + (a-1) t) (default 0.5)",
+  )
+  g.add_argument(
+    "--out",
+    default="outputs",
+    help="output folder for the PNGs (default ./outputs; must be empty or new unless --overwrite)",
+  )
   g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
 
   p = cli.ArgumentParser(prog="python -m cheers_jax.generate", description=__doc__)
@@ -296,8 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--prompt", action="append", help="a message; repeat for a batch of independent prompts")
   c.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it grows")
   a = sub.add_parser("ask", parents=[common], help="answer questions about an image")
-  a.add_argument("--image", required=True, action="append", help="image file or folder of images (repeatable; "
-                 "every image is answered in one batched call)")
+  a.add_argument(
+    "--image",
+    required=True,
+    action="append",
+    help="image file or folder of images (repeatable; every image is answered in one batched call)",
+  )
   a.add_argument("--prompt", action="append", help="question (repeatable; default 'Describe this image.')")
   a.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it grows")
   a.add_argument("--jsonl", action="store_true", help="print one JSON object per answer: image, prompt, answer")
@@ -312,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-DEFAULTS = {"chat": dict(temperature=0.7, max_new_tokens=256), "ask": dict(temperature=0.3, max_new_tokens=256),
-            "t2i": dict(temperature=0.0, max_new_tokens=0), "edit": dict(temperature=0.0, max_new_tokens=0)}
+DEFAULTS = {
+  "chat": dict(temperature=0.7, max_new_tokens=256),
+  "ask": dict(temperature=0.3, max_new_tokens=256),
+  "t2i": dict(temperature=0.0, max_new_tokens=0),
+  "edit": dict(temperature=0.0, max_new_tokens=0),
+}
 
 
 def _validate(args) -> None:

@@ -9,6 +9,7 @@ Scale = max(1, max|golden|); fp32 tolerance 1e-4 (oracle README); ids and masks 
 tolerance per array is 3x what the reference itself moves between bf16 and fp32 (the manifest's
 `tolerances_observed.bf16_vs_fp32`), and generated/argmax ids are reported, not required.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,7 @@ def _main(argv: list[str]) -> int:
   if not os.path.exists(args.golden):
     raise UserError(f"golden file not found: {args.golden}")
   golden = dict(np.load(args.golden, allow_pickle=False))
-  manifest_path = args.manifest or os.path.join(os.path.dirname(os.path.abspath(args.golden)),
-                                                "golden_manifest.json")
+  manifest_path = args.manifest or os.path.join(os.path.dirname(os.path.abspath(args.golden)), "golden_manifest.json")
   manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
   groups = [x.strip() for x in args.groups.split(",") if x.strip()]
   unknown = [x for x in groups if x not in golden_lib.GROUPS]

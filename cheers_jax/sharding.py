@@ -4,6 +4,7 @@ Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded param
 state), `tensor` (Megatron-style sharding of heads and MLP width). Model code names logical axes
 only (see `cheers_jax/model/layers.py`); `LOGICAL_RULES` maps them here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,27 +25,27 @@ BATCH_AXES = ("data", "fsdp")  # a batch's rows are split over these; `tensor` d
 
 # logical name -> mesh axis (or None = replicated). First match wins (flax semantics).
 LOGICAL_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
-    # activations
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", "tensor"),
-    # text / DiT widths
-    ("embed", "fsdp"),
-    ("vision_embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("vision_mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vision_heads", "tensor"),
-    ("kv", None),  # only 2 KV heads: too few to split
-    ("modulation", "tensor"),
-    ("vocab", "tensor"),
-    # conv channels (VAE): whole. Sharding them over fsdp made XLA compute the VAE's weight gradients from
-    # channel-sharded activations of the GLOBAL batch (1.6x the temp memory at fsdp=4, tests/train/
-    # test_fsdp_memory.py); the two decoders are ~2 % of the parameters.
-    ("conv_in", None),
-    ("conv_out", None),
-    ("layers", None),
-    ("norm", None),
+  # activations
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", "tensor"),
+  # text / DiT widths
+  ("embed", "fsdp"),
+  ("vision_embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("vision_mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vision_heads", "tensor"),
+  ("kv", None),  # only 2 KV heads: too few to split
+  ("modulation", "tensor"),
+  ("vocab", "tensor"),
+  # conv channels (VAE): whole. Sharding them over fsdp made XLA compute the VAE's weight gradients from
+  # channel-sharded activations of the GLOBAL batch (1.6x the temp memory at fsdp=4, tests/train/
+  # test_fsdp_memory.py); the two decoders are ~2 % of the parameters.
+  ("conv_in", None),
+  ("conv_out", None),
+  ("layers", None),
+  ("norm", None),
 )
 
 
@@ -66,8 +67,10 @@ def make_mesh(shape: dict | Sequence[int], devices: Optional[Sequence[jax.Device
       raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} are available; set one axis to -1 to use the rest")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+      f"{len(devices)} are available; set one axis to -1 to use the rest"
+    )
   try:
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # fake CPU devices / odd topologies
@@ -91,10 +94,12 @@ def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
   """NamedShardings for boxed abstract variables (from `jax.eval_shape(init)`); unboxed leaves
   (no logical names) and vectors (norm scales, biases: tiny, and when split over fsdp XLA computes
   their gradients from feature-sharded activations of the global batch) are replicated."""
+
   def one(leaf):
     value = leaf.unbox() if isinstance(leaf, nn.Partitioned) else leaf
     names = leaf.names if isinstance(leaf, nn.Partitioned) and value.ndim > 1 else ()
     return NamedSharding(mesh, _fit(_spec_of_names(names, rules), value.shape, mesh))
+
   return jax.tree_util.tree_map(one, abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
@@ -207,8 +212,7 @@ def local_data_mesh() -> Mesh:
 
 def place_rows(tree, mesh: Mesh):
   """Numpy arrays of a batch onto `mesh`, rows split over the data axes (replicated where they do not divide)."""
-  return jax.tree_util.tree_map(lambda v: jax.device_put(np.asarray(v), leading_axis_sharding(mesh, np.shape(v))),
-                                tree)
+  return jax.tree_util.tree_map(lambda v: jax.device_put(np.asarray(v), leading_axis_sharding(mesh, np.shape(v))), tree)
 
 
 # ---- mesh shapes as text and on a subset of the devices --------------------------------------------
@@ -224,8 +228,9 @@ def parse_meshes(text: str, flag: str = "--meshes") -> list[dict[str, int]]:
       if not eq or axis.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
         raise UserError(f"{flag} {chunk!r}: use AXIS=SIZE pairs with AXIS in {MESH_AXES}, e.g. 'fsdp=4,tensor=2'")
       if int(size) < 1 and int(size) != -1:
-        raise UserError(f"{flag} {chunk!r}: {axis.strip()}={int(size)}; give a device count >= 1, or -1 for the "
-                        "rest of the devices")
+        raise UserError(
+          f"{flag} {chunk!r}: {axis.strip()}={int(size)}; give a device count >= 1, or -1 for the rest of the devices"
+        )
       mesh[axis.strip()] = int(size)
     if list(mesh.values()).count(-1) > 1:
       raise UserError(f"{flag} {chunk!r}: at most one axis may be -1 (the rest of the devices)")
@@ -251,8 +256,7 @@ def mesh_overrides(mesh: Mapping[str, int]) -> str:
   return " ".join(f"--config.mesh.{axis}={size}" for axis, size in full_mesh_shape(mesh).items())
 
 
-def make_mesh_on_first_devices(mesh_shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None
-                               ) -> Mesh:
+def make_mesh_on_first_devices(mesh_shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """The mesh over the first prod(sizes) devices (all of them when an axis is -1)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = list(full_mesh_shape(mesh_shape).values())

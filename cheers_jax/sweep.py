@@ -30,6 +30,7 @@ table and the best layout (highest samples/s). The measuring is `cheers_jax.trai
   synthetic`: compiles in seconds, the step's cost is the same); `--init config` runs the real
   initialisation (`init_train_state`, honours `init_from`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,31 @@ from cheers_jax.train import measure, synthetic
 
 # ---- reports ----------------------------------------------------------------------------------------
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  cols = (("layout", 34), ("status", 13), ("compile s", 9), ("step s", 8), ("samples/s", 9), ("tokens/s", 9),
-          ("TFLOP/s/dev", 11), ("MFU", 6), ("mem GiB", 8))
+  cols = (
+    ("layout", 34),
+    ("status", 13),
+    ("compile s", 9),
+    ("step s", 8),
+    ("samples/s", 9),
+    ("tokens/s", 9),
+    ("TFLOP/s/dev", 11),
+    ("MFU", 6),
+    ("mem GiB", 8),
+  )
   lines = [" ".join(f"{name:>{w}}" if i else f"{name:<{w}}" for i, (name, w) in enumerate(cols))]
   for r in rows:
     name = f"{r['mesh']} {r['remat']} {r['attention']} B={r['batch_size']}"
-    vals = [name, r.get("status", "?"), measure.fmt(r.get("compile_s"), ".1f"), measure.fmt(r.get("step_s"), ".3f"),
-            measure.fmt(r.get("samples_per_s"), ".2f"), measure.fmt(r.get("tokens_per_s"), ".0f"),
-            measure.fmt(r.get("tflops_per_device"), ".3f"),
-            measure.fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f"),
-            measure.fmt(r.get("peak_mem_gib"), ".2f")]
+    vals = [
+      name,
+      r.get("status", "?"),
+      measure.fmt(r.get("compile_s"), ".1f"),
+      measure.fmt(r.get("step_s"), ".3f"),
+      measure.fmt(r.get("samples_per_s"), ".2f"),
+      measure.fmt(r.get("tokens_per_s"), ".0f"),
+      measure.fmt(r.get("tflops_per_device"), ".3f"),
+      measure.fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f"),
+      measure.fmt(r.get("peak_mem_gib"), ".2f"),
+    ]
     lines.append(" ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(vals, cols))))
     if r.get("status") != "ok" and r.get("error"):
       lines.append(f"    {r['error']}")
@@ -66,8 +82,10 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> None:
   """Two panels: samples/s per layout and peak memory per device (failed layouts marked)."""
   import matplotlib  # heavy and only for this plot: imported when a sweep draws it
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # after use("Agg"): no display needed
+
   labels = [f"{r['mesh']}\n{r['remat']}/{r['attention']}/B={r['batch_size']}" for r in rows]
   ok = [r.get("status") == "ok" for r in rows]
   speed = [r.get("samples_per_s") or 0.0 for r in rows]
@@ -75,8 +93,9 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str 
   x = np.arange(len(rows))
   fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(rows) + 4), 4.5))
   best = measure.best_row(rows)
-  colours = ["tab:green" if (best is not None and r is best) else ("tab:blue" if k else "lightgrey")
-             for r, k in zip(rows, ok)]
+  colours = [
+    "tab:green" if (best is not None and r is best) else ("tab:blue" if k else "lightgrey") for r, k in zip(rows, ok)
+  ]
   for ax, values, ylabel in ((axes[0], speed, "samples / s"), (axes[1], mem, "peak memory / device (GiB)")):
     ax.bar(x, values, color=colours)
     ax.set_xticks(x, labels, fontsize=7)
@@ -98,22 +117,37 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str 
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.sweep", description=__doc__)
   cli.add_config_flags(p, required=True)
-  p.add_argument("--meshes", help="';'-separated meshes of AXIS=SIZE (axes data, fsdp, tensor), e.g. "
-                 "'data=8;fsdp=8;fsdp=4,tensor=2' (default: the config's mesh)")
-  p.add_argument("--remat", help="comma-separated remat policies: none, full, dots, dots_no_batch "
-                 "(default: the config's)")
+  p.add_argument(
+    "--meshes",
+    help="';'-separated meshes of AXIS=SIZE (axes data, fsdp, tensor), e.g. "
+    "'data=8;fsdp=8;fsdp=4,tensor=2' (default: the config's mesh)",
+  )
+  p.add_argument(
+    "--remat", help="comma-separated remat policies: none, full, dots, dots_no_batch (default: the config's)"
+  )
   p.add_argument("--batch-sizes", help="comma-separated GLOBAL batch sizes (default: train.batch_size)")
   p.add_argument("--attention", help="comma-separated attention implementations: xla, cudnn (default: the config's)")
   p.add_argument("--steps", type=cli.POSITIVE_INT, default=5, help="timed steps per layout (median; default 5)")
   p.add_argument("--warmup", type=cli.NON_NEGATIVE_INT, default=1, help="untimed steps after the compile (default 1)")
   cli.add_batch_shape_flags(p)
-  p.add_argument("--init", choices=("synthetic", "config"), default="synthetic",
-                 help="synthetic: cheap pseudo-random state (default); config: the real init_train_state")
-  p.add_argument("--out", default="sweep_out", help="output folder for sweep.csv and sweep.png (refused if it "
-                 "holds files, unless --overwrite)")
+  p.add_argument(
+    "--init",
+    choices=("synthetic", "config"),
+    default="synthetic",
+    help="synthetic: cheap pseudo-random state (default); config: the real init_train_state",
+  )
+  p.add_argument(
+    "--out",
+    default="sweep_out",
+    help="output folder for sweep.csv and sweep.png (refused if it holds files, unless --overwrite)",
+  )
   p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
-  p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
-                 help="one subprocess per layout (auto: unless jax.distributed is in use)")
+  p.add_argument(
+    "--isolate",
+    choices=("auto", "subprocess", "none"),
+    default="auto",
+    help="one subprocess per layout (auto: unless jax.distributed is in use)",
+  )
   p.add_argument("--timeout", type=cli.POSITIVE, default=3600.0, help="seconds per layout in subprocess mode")
   return p
 
@@ -128,14 +162,24 @@ def _main(argv: list[str]) -> int:
   meshes = sharding.parse_meshes(args.meshes) if args.meshes else [dict(config.mesh)]
   remats = cli.comma_list(args.remat, "--remat") if args.remat else [config.model.remat_policy]
   attentions = cli.comma_list(args.attention, "--attention") if args.attention else [config.model.attention]
-  batch_sizes = (cli.comma_list(args.batch_sizes, "--batch-sizes", int) if args.batch_sizes
-                 else [int(config.train.batch_size)])
+  batch_sizes = (
+    cli.comma_list(args.batch_sizes, "--batch-sizes", int) if args.batch_sizes else [int(config.train.batch_size)]
+  )
   batch = synthetic.BatchOptions.from_args(args)
   batch.spec(config, batch_sizes[0])  # check the batch composition fits before any compile
   out = cli.check_output_dir(args.out, args.overwrite)
   layouts = measure.layouts_from(meshes, remats, attentions, batch_sizes)
-  rows = measure.run_sweep(args.config, overrides, layouts, steps=args.steps, warmup=args.warmup, batch=batch,
-                           init=args.init, isolate=args.isolate, timeout=args.timeout)
+  rows = measure.run_sweep(
+    args.config,
+    overrides,
+    layouts,
+    steps=args.steps,
+    warmup=args.warmup,
+    batch=batch,
+    init=args.init,
+    isolate=args.isolate,
+    timeout=args.timeout,
+  )
   if distributed.launched_multi_process() and not distributed.is_lead():  # process 0 reports
     return 0
   out.mkdir(parents=True, exist_ok=True)
@@ -146,12 +190,16 @@ def _main(argv: list[str]) -> int:
   if best is None:
     print("\nno layout ran; see the errors above")
   else:
-    print(f"\nbest layout: {best['mesh']} remat={best['remat']} attention={best['attention']} "
-          f"batch={best['batch_size']}: {best['samples_per_s']:.2f} samples/s, {best['step_s']:.3f} s/step, "
-          f"peak {measure.fmt(best.get('peak_mem_gib'), '.2f')} GiB/device")
+    print(
+      f"\nbest layout: {best['mesh']} remat={best['remat']} attention={best['attention']} "
+      f"batch={best['batch_size']}: {best['samples_per_s']:.2f} samples/s, {best['step_s']:.3f} s/step, "
+      f"peak {measure.fmt(best.get('peak_mem_gib'), '.2f')} GiB/device"
+    )
     mesh = sharding.parse_meshes(best["mesh"])[0]
-    print(f"  -> {sharding.mesh_overrides(mesh)} --config.model.remat_policy={best['remat']} "
-          f"--config.model.attention={best['attention']}")
+    print(
+      f"  -> {sharding.mesh_overrides(mesh)} --config.model.remat_policy={best['remat']} "
+      f"--config.model.attention={best['attention']}"
+    )
   print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
   return 0 if best is not None else 1
 

@@ -12,6 +12,7 @@ Each target carries what the reports need: memory per device, peak dense bf16 FL
 (`CHIPS`, the package's one hardware table, which MFU reads too), so `aot` can say whether a step fits and what
 its roofline time is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,26 +27,32 @@ from jax.experimental import topologies
 from cheers_jax import package_data
 from cheers_jax.errors import UserError
 
-GIB = 2.0 ** 30  # bytes; every GiB figure of the package divides by this
+GIB = 2.0**30  # bytes; every GiB figure of the package divides by this
 GPU_TARGETS = ("h100", "a100", "a100-40gb")
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """One accelerator's figures (vendor data sheets; Cloud TPU system-architecture pages)."""
-  peak_tflops: float                  # dense bf16, per device: MFU and the roofline
-  hbm_gib: Optional[float] = None     # usable by XLA (a GPU target's comes from its description instead)
+
+  peak_tflops: float  # dense bf16, per device: MFU and the roofline
+  hbm_gib: Optional[float] = None  # usable by XLA (a GPU target's comes from its description instead)
   hbm_gbps: Optional[float] = None
 
 
 # THE hardware table: matched in order against jax's device_kind (lower case), e.g. 'NVIDIA H100 80GB HBM3',
 # 'TPU v5 lite'; a TPU target's generation (tpu:v5p:2x2x1) through TPU_GENERATIONS.
 CHIPS: tuple[tuple[str, Chip], ...] = (
-    ("h200", Chip(989.0)), ("h100", Chip(989.0)), ("a100", Chip(312.0)),
-    ("tpu v5 lite", Chip(197.0, 15.75, 819.0)), ("tpu v5e", Chip(197.0, 15.75, 819.0)),
-    ("tpu v5p", Chip(459.0, 95.74, 2765.0)), ("tpu v5", Chip(459.0, 95.74, 2765.0)),
-    ("tpu v4", Chip(275.0, 32.0, 1228.0)),
-    ("tpu v6 lite", Chip(918.0, 31.25, 1640.0)), ("tpu v6e", Chip(918.0, 31.25, 1640.0)),
+  ("h200", Chip(989.0)),
+  ("h100", Chip(989.0)),
+  ("a100", Chip(312.0)),
+  ("tpu v5 lite", Chip(197.0, 15.75, 819.0)),
+  ("tpu v5e", Chip(197.0, 15.75, 819.0)),
+  ("tpu v5p", Chip(459.0, 95.74, 2765.0)),
+  ("tpu v5", Chip(459.0, 95.74, 2765.0)),
+  ("tpu v4", Chip(275.0, 32.0, 1228.0)),
+  ("tpu v6 lite", Chip(918.0, 31.25, 1640.0)),
+  ("tpu v6e", Chip(918.0, 31.25, 1640.0)),
 )
 TPU_GENERATIONS = {"v4": "tpu v4", "v5e": "tpu v5e", "v5litepod": "tpu v5e", "v5p": "tpu v5p", "v6e": "tpu v6e"}
 
@@ -71,11 +78,11 @@ class TargetError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  name: str                       # as given: 'h100', 'tpu:v5p:2x2x1', 'cpu'
-  platform: str                   # 'cuda', 'tpu' or 'cpu'
-  memory_gib: Optional[float]     # per device
-  peak_tflops: Optional[float]    # bf16 dense, per device
-  hbm_gbps: Optional[float]       # per device
+  name: str  # as given: 'h100', 'tpu:v5p:2x2x1', 'cpu'
+  platform: str  # 'cuda', 'tpu' or 'cpu'
+  memory_gib: Optional[float]  # per device
+  peak_tflops: Optional[float]  # bf16 dense, per device
+  hbm_gbps: Optional[float]  # per device
 
   @property
   def compiler_options(self) -> dict:
@@ -117,14 +124,21 @@ def parse(name: str) -> Target:
     return Target("cpu", "cpu", None, None, None)
   if name in GPU_TARGETS:
     text = gpu_description(name)
-    return Target(name, "cuda", _proto_number(text, "device_memory_size") / GIB, chip(name).peak_tflops,
-                  _proto_number(text, "memory_bandwidth") / 1e9)
+    return Target(
+      name,
+      "cuda",
+      _proto_number(text, "device_memory_size") / GIB,
+      chip(name).peak_tflops,
+      _proto_number(text, "memory_bandwidth") / 1e9,
+    )
   if name.startswith("tpu:"):
     topology = name[4:]
     generation = topology.split(":")[0].split("-")[0]
     if not topology or generation not in TPU_GENERATIONS:
-      raise TargetError(f"unknown TPU topology '{topology}'; give GENERATION:SHAPE with a generation of "
-                        f"{', '.join(sorted(TPU_GENERATIONS))}, e.g. tpu:v5p:2x2x1")
+      raise TargetError(
+        f"unknown TPU topology '{topology}'; give GENERATION:SHAPE with a generation of "
+        f"{', '.join(sorted(TPU_GENERATIONS))}, e.g. tpu:v5p:2x2x1"
+      )
     c = chip(TPU_GENERATIONS[generation])
     return Target(name, "tpu", c.hbm_gib, c.peak_tflops, c.hbm_gbps)
   raise TargetError(f"unknown target '{name}'; known: {names()}")
@@ -163,13 +177,16 @@ def devices(target: Target, count: int) -> list:
   if target.platform == "cpu":
     cpu = jax.devices("cpu")
     if len(cpu) < count:
-      raise TargetError(f"{count} CPU devices needed, {len(cpu)} exist (set XLA_FLAGS="
-                        f"--xla_force_host_platform_device_count={count} before jax starts)")
+      raise TargetError(
+        f"{count} CPU devices needed, {len(cpu)} exist (set XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={count} before jax starts)"
+      )
     return cpu[:count]
   try:
     if target.platform == "cuda":
-      topo = topologies.get_topology_desc(target.name, "cuda", target_config=gpu_description(target.name),
-                                          topology=_gpu_topology(count))
+      topo = topologies.get_topology_desc(
+        target.name, "cuda", target_config=gpu_description(target.name), topology=_gpu_topology(count)
+      )
       return list(topo.devices)
     return list(topologies.get_topology_desc(target.name[4:], "tpu").devices)
   except Exception as e:  # noqa: BLE001 -- the compiler's own message, on one line

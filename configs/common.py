@@ -2,4 +2,5 @@
 
 Override anything from the command line: `--config configs/tiny.py --config.train.steps=200`.
 """
+
 from cheers_jax.config import base_config  # noqa: F401  (re-exported for config files)

@@ -1,4 +1,5 @@
 """Training stage 'stage1_align' of configs/stages.py (its table and how to start it), by file name."""
+
 from configs import stages
 
 

@@ -1,4 +1,5 @@
 """Training stage 'stage3_refined' of configs/stages.py (its table and how to start it), by file name."""
+
 from configs import stages
 
 

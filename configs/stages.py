@@ -14,15 +14,16 @@ siglip=SIGLIP2_DIR,llm=QWEN2.5_DIR; the head modules start random) or from a Che
 hf:DIR); each later stage from the previous one (--config.init_from=orbax:DIR or hf:DIR). Point the data at your
 JSONL: --config.data.jsonl_path=... --config.data.image_root=...
 """
+
 from cheers_jax import config
 from cheers_jax.errors import ConfigError, unknown_key
 
 # stage: (lr, schedule, global batch, steps, trainable, data mix)
 STAGES = {
-    "stage1_align": (1e-4, "constant", 512, 30000, "align", dict(und=4.5, gen=10, text=0)),
-    "stage2_pretrain": (1e-4, "constant", 512, 60000, "all_but_vae", dict(und=3, gen=6, text=1)),
-    "stage3_refined": (4e-5, "constant", 512, 65000, "all_but_vae", dict(und=3, gen=6, text=1)),
-    "stage4_sft": (2e-5, "cosine", 128, 30000, "all_but_vae", dict(und=1, gen=1, text=0)),
+  "stage1_align": (1e-4, "constant", 512, 30000, "align", dict(und=4.5, gen=10, text=0)),
+  "stage2_pretrain": (1e-4, "constant", 512, 60000, "all_but_vae", dict(und=3, gen=6, text=1)),
+  "stage3_refined": (4e-5, "constant", 512, 65000, "all_but_vae", dict(und=3, gen=6, text=1)),
+  "stage4_sft": (2e-5, "cosine", 128, 30000, "all_but_vae", dict(und=1, gen=1, text=0)),
 }
 
 

@@ -3,4 +3,5 @@ works from anywhere). Its definition and the reasons for its choices: `cheers_ja
 
 python -m cheers_jax.train --config configs/tiny.py --workdir /tmp/cheers_tiny
 """
+
 from cheers_jax.config import tiny as get_config  # noqa: F401

@@ -6,6 +6,7 @@
   handed to the xdist workers one by one; programs compiled by one worker reach the other through the
   persistent compilation cache (tests/train/conftest.py).
 """
+
 import os
 
 import pytest
@@ -15,8 +16,10 @@ import pytest
 # make jax probe for a TPU or GPU. JAX_PLATFORMS=cuda python -m pytest ... still chooses otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-HEAVY_HINT = ("heavy test (compile-bound minutes on a 2-core CPU): run `python -m pytest -m heavy tests` "
-              "or set CHEERS_HEAVY_TESTS=1")
+HEAVY_HINT = (
+  "heavy test (compile-bound minutes on a 2-core CPU): run `python -m pytest -m heavy tests` "
+  "or set CHEERS_HEAVY_TESTS=1"
+)
 
 
 # the longest tests' files first (minutes, cold cache, 2 cores)

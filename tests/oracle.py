@@ -8,6 +8,7 @@ CHEERS_ORACLE_EXTRA (paths separated by ':'), each a folder holding golden.npz, 
 tiny_ckpt/. tests/fixtures/reference/ holds the published checkpoint's small files (config, tensor list,
 processor and generation configs).
 """
+
 from __future__ import annotations
 
 import os

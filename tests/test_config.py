@@ -1,4 +1,5 @@
 """The run config loader: impossible values are refused with the key named (issue 13 item 5)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,11 @@ from cheers_jax import config as config_lib
 from cheers_jax.errors import ConfigError
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.steps=-5", "train.steps"),          # was: exit 0, "done at step 0", an untrained export
-    ("train.lr=-1", "train.lr"),                # was: trained
+@pytest.mark.parametrize(
+  "override, key",
+  [
+    ("train.steps=-5", "train.steps"),  # was: exit 0, "done at step 0", an untrained export
+    ("train.lr=-1", "train.lr"),  # was: trained
     ("train.batch_size=0", "train.batch_size"),  # was: "max() arg is an empty sequence" after 22 s
     ("train.lr=nan", "train.lr"),
     ("train.grad_accum=0", "train.grad_accum"),
@@ -24,7 +27,8 @@ from cheers_jax.errors import ConfigError
     ("log_every=0", "log_every"),
     ("sample_cfg=inf", "sample_cfg"),
     ("seed=-1", "seed"),
-])
+  ],
+)
 def test_impossible_values_are_config_errors_naming_the_key(override, key):
   with pytest.raises(ConfigError) as info:
     config_lib.load("tiny", [override])
@@ -48,6 +52,7 @@ def test_a_first_phase_mix_is_checked_when_there_is_a_first_phase():
 def test_shipped_configs_and_recipes_pass():
   import glob
   import os
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for name in config_lib.NAMED:
     config_lib.load(name)
@@ -63,9 +68,12 @@ def test_shipped_configs_and_recipes_pass():
 
 def test_load_checks_across_keys_once():
   """Issue 24: config.load does every check (the Trainer no longer re-checks), cross-field ones included."""
-  for override, message in [("train.nan_policy=maybe", "choose one of"), ("train.grad_accum=3", "not divisible"),
-                            ("data.image_size=64", "model.vision.image_size=32"),
-                            ("model.text.num_layerz=2", "num_layerz")]:
+  for override, message in [
+    ("train.nan_policy=maybe", "choose one of"),
+    ("train.grad_accum=3", "not divisible"),
+    ("data.image_size=64", "model.vision.image_size=32"),
+    ("model.text.num_layerz=2", "num_layerz"),
+  ]:
     with pytest.raises(ConfigError, match=message):
       config_lib.load("tiny", [override])
 

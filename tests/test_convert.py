@@ -1,4 +1,5 @@
 """`python -m cheers_jax.convert orbax-to-hf` on a training workdir (issue 13 item 9)."""
+
 from __future__ import annotations
 
 import jax
@@ -19,8 +20,14 @@ def _workdir_with_random_params(path, steps=(3, 5)):
   states = {}
   for step in steps:
     rng = np.random.default_rng(step)
-    states[step] = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype)
-                                if np.issubdtype(a.dtype, np.floating) else np.zeros(a.shape, a.dtype), abstract)
+    states[step] = jax.tree.map(
+      lambda a: (
+        rng.standard_normal(a.shape).astype(a.dtype)
+        if np.issubdtype(a.dtype, np.floating)
+        else np.zeros(a.shape, a.dtype)
+      ),
+      abstract,
+    )
     checkpointer.save(step, states[step], None, config, force=True)
   checkpointer.close()
   return states
@@ -38,8 +45,10 @@ def test_orbax_to_hf_reads_a_training_workdir(tmp_path, capsys):
     want, got = jax.tree.leaves(states[step].params), jax.tree.leaves(variables["params"])
     assert len(want) == len(got) and all(np.array_equal(a, b) for a, b in zip(want, got))
   assert "wrote" in capsys.readouterr().out
-  assert convert.main(["orbax-to-hf", "--orbax", str(tmp_path / "run" / "checkpoints" / "4"), "--out",
-                       str(tmp_path / "x")]) == 2
+  assert (
+    convert.main(["orbax-to-hf", "--orbax", str(tmp_path / "run" / "checkpoints" / "4"), "--out", str(tmp_path / "x")])
+    == 2
+  )
   assert "no checkpoint of step 4" in capsys.readouterr().err
   help_text = convert.build_parser()._subparsers._group_actions[0].choices["orbax-to-hf"].format_help()
   assert "training workdir" in help_text

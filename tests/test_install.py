@@ -1,5 +1,6 @@
 """The installable package: the wheel holds every asset the tools read (tokenizer, tiny parts, GPU
 descriptions), so a non-editable install works away from the checkout (CI installs it: .ci/run)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,8 +20,9 @@ def _build_wheel(tmp_path) -> zipfile.ZipFile:
   src.mkdir()
   for name in ("pyproject.toml", "README.md", "requirements.txt"):
     shutil.copy(os.path.join(REPO, name), src / name)
-  shutil.copytree(os.path.join(REPO, "cheers_jax"), src / "cheers_jax",
-                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+  shutil.copytree(
+    os.path.join(REPO, "cheers_jax"), src / "cheers_jax", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+  )
   # Offline when the build backend is at hand (setuptools + wheel, as in a Python 3.11 venv); else pip
   # fetches it into an isolated build environment.
   offline = all(importlib.util.find_spec(m) for m in ("setuptools", "wheel"))
@@ -31,10 +33,14 @@ def _build_wheel(tmp_path) -> zipfile.ZipFile:
 
 
 def test_the_wheel_holds_every_asset(tmp_path):
-  assets = sorted(os.path.relpath(os.path.join(folder, f), os.path.dirname(ASSETS)).replace(os.sep, "/")
-                  for folder, _, files in os.walk(ASSETS) for f in files)
-  assert any(a.startswith("assets/gpu_targets/") for a in assets) and any(a.startswith("assets/tokenizer/")
-                                                                         for a in assets)
+  assets = sorted(
+    os.path.relpath(os.path.join(folder, f), os.path.dirname(ASSETS)).replace(os.sep, "/")
+    for folder, _, files in os.walk(ASSETS)
+    for f in files
+  )
+  assert any(a.startswith("assets/gpu_targets/") for a in assets) and any(
+    a.startswith("assets/tokenizer/") for a in assets
+  )
   names = set(_build_wheel(tmp_path).namelist())
   missing = [a for a in assets if f"cheers_jax/{a}" not in names]
   assert not missing, f"package data misses {missing}: see [tool.setuptools.package-data] in pyproject.toml"

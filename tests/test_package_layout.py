@@ -1,5 +1,6 @@
 """The package's shape: no import cycles (module- or function-level imports alike), and nothing in it
 depends on the repository's top-level config folder (an installed package has none)."""
+
 from __future__ import annotations
 
 import ast
@@ -15,7 +16,7 @@ def _modules() -> dict[str, str]:
       if f.endswith(".py"):
         path = os.path.join(folder, f)
         name = "cheers_jax." + os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
-        out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+        out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
   return out
 
 
@@ -36,7 +37,7 @@ def test_no_import_cycles():
   done: set[str] = set()
 
   def visit(m: str, path: list[str]) -> None:
-    assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+    assert m not in path, f"import cycle: {' -> '.join(path[path.index(m) :] + [m])}"
     if m in done:
       return
     for n in sorted(graph[m]):
@@ -59,7 +60,7 @@ REPO = os.path.dirname(PACKAGE)
 NOT_IN_REPO = ("SPEC.md", 'SPEC "', "DESIGN.md", "PAPER_RESULTS", "shared/oracle", "shared/reference", "/work/")
 # Files other open issues rewrite (left to them, so the branches merge): path -> why it is still allowed.
 CITES_LEFT_TO_OTHERS = {
-    "tests/test_package_layout.py": "names them to look for them",
+  "tests/test_package_layout.py": "names them to look for them",
 }
 
 
@@ -88,26 +89,26 @@ def test_nothing_cites_a_file_the_repository_lacks():
 # A module's header is its dependency list: function-level imports only for heavy optional packages, each
 # with a short reason on its line.
 HEAVY_OPTIONAL = {
-    "tensorflow": "TFDS sources and the TensorBoard writer only",
-    "tensorflow_datasets": "the TFDS source only",
-    "pandas": "the evaluation's TSV files only",
-    "matplotlib": "the sweep's plot only",
-    "clu": "the metric writer; it imports TensorFlow",
+  "tensorflow": "TFDS sources and the TensorBoard writer only",
+  "tensorflow_datasets": "the TFDS source only",
+  "pandas": "the evaluation's TSV files only",
+  "matplotlib": "the sweep's plot only",
+  "clu": "the metric writer; it imports TensorFlow",
 }
 # Modules other open issues rewrite: their function-level imports are left to them (at most this many;
 # heavy optional ones not counted). Remove an entry when its issue has landed.
 LEFT_TO_OTHERS = {
-    "cheers_jax/evaluate/__main__.py": (15, "issue 26 rewrites the evaluate CLIs (run_cli)"),
-    "cheers_jax/evaluate/datasets.py": (6, "issue 26"),
-    "cheers_jax/evaluate/generation.py": (4, "issue 26"),
-    "cheers_jax/evaluate/scoring.py": (0, "issue 26 (a pandas import without its reason)"),
-    "cheers_jax/evaluate/parallel.py": (6, "issue 26 (its own mesh)"),
-    "cheers_jax/evaluate/suite.py": (2, "issue 26"),
-    "cheers_jax/evaluate/understanding.py": (5, "issue 26"),
-    "cheers_jax/evaluate/vlmeval_io.py": (0, "issue 26"),
-    "cheers_jax/bench/train.py": (1, "issue 23: the packing figure (print_padding)"),
-    "cheers_jax/data/pipeline.py": (1, "issue 22 (grain's workers read absl flags)"),
-    "cheers_jax/data/sources.py": (0, "issue 22 (a TFDS import without its reason)"),
+  "cheers_jax/evaluate/__main__.py": (15, "issue 26 rewrites the evaluate CLIs (run_cli)"),
+  "cheers_jax/evaluate/datasets.py": (6, "issue 26"),
+  "cheers_jax/evaluate/generation.py": (4, "issue 26"),
+  "cheers_jax/evaluate/scoring.py": (0, "issue 26 (a pandas import without its reason)"),
+  "cheers_jax/evaluate/parallel.py": (6, "issue 26 (its own mesh)"),
+  "cheers_jax/evaluate/suite.py": (2, "issue 26"),
+  "cheers_jax/evaluate/understanding.py": (5, "issue 26"),
+  "cheers_jax/evaluate/vlmeval_io.py": (0, "issue 26"),
+  "cheers_jax/bench/train.py": (1, "issue 23: the packing figure (print_padding)"),
+  "cheers_jax/data/pipeline.py": (1, "issue 22 (grain's workers read absl flags)"),
+  "cheers_jax/data/sources.py": (0, "issue 22 (a TFDS import without its reason)"),
 }
 
 

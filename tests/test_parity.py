@@ -1,4 +1,5 @@
 """The parity tool against the oracle: every forward group (and, marked slow, the training groups)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,18 @@ FORWARD_GROUPS = "preprocess,vae_encode,vae_decode,siglip,und_projector,time_emb
 
 
 def run_tool(capsys, instance, groups, golden="golden.npz", dtype="float32"):
-  code = parity.main(["--checkpoint", str(instance / "tiny_ckpt"), "--golden", str(instance / golden),
-                      "--groups", groups, "--dtype", dtype])
+  code = parity.main(
+    [
+      "--checkpoint",
+      str(instance / "tiny_ckpt"),
+      "--golden",
+      str(instance / golden),
+      "--groups",
+      groups,
+      "--dtype",
+      dtype,
+    ]
+  )
   out = capsys.readouterr().out
   last = out.strip().splitlines()[-1]
   return code, out, last
@@ -38,13 +49,15 @@ def test_train_groups_fp32(capsys, instance):
 @pytest.mark.parametrize("instance", instance_params()[:1])
 def test_bf16_within_reference_range(capsys, instance):
   """bf16 vs the reference's own bf16 run, within 3x what the reference moves between bf16 and fp32."""
-  code, out, last = run_tool(capsys, instance, "vae_encode,siglip,und_projector,time_embed,heads,und",
-                             golden="golden_bf16.npz", dtype="bfloat16")
+  code, out, last = run_tool(
+    capsys, instance, "vae_encode,siglip,und_projector,time_embed,heads,und", golden="golden_bf16.npz", dtype="bfloat16"
+  )
   assert code == 0, out
 
 
 def test_unknown_group_is_an_error(capsys, tmp_path):
   import numpy as np
+
   np.savez(tmp_path / "x.npz", a=np.zeros(1))
   assert parity.main(["--checkpoint", str(tmp_path), "--golden", str(tmp_path / "x.npz"), "--groups", "nope"]) == 2
   assert "unknown group" in capsys.readouterr().err

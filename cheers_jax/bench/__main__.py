@@ -3,6 +3,7 @@
 Each subcommand is the module cheers_jax/bench/SUBCOMMAND.py with a `main(argv) -> int`; adding a file
 adds a subcommand.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   names = available()
   if not argv or argv[0] in ("-h", "--help"):
-    print(f"usage: python -m cheers_jax.bench {{{','.join(names)}}} [options]\n\n"
-          "subcommands:\n" + "\n".join(f"  {n:<10} python -m cheers_jax.bench {n} --help" for n in names))
+    print(
+      f"usage: python -m cheers_jax.bench {{{','.join(names)}}} [options]\n\n"
+      "subcommands:\n" + "\n".join(f"  {n:<10} python -m cheers_jax.bench {n} --help" for n in names)
+    )
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
   if name not in names:

@@ -16,6 +16,7 @@ of several sizes, as a JSONL and as prepared shards of the same records. Then:
   or a shard record), decode (JPEG -> RGB), preprocess (resize / crop / pad, uint8), tokenise
   (training template) and assemble (collate one batch, per sample), in one process.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def _conversation(kind: str, i: int) -> list[dict[str, str]]:
   if kind == "und":
     return [human("<im_start><image><im_end>\nWhat is this?"), gpt(f"Picture number {i}, a blurred colour field.")]
   if kind == "gen":
-    return [human(f"Colour field {i}.\nBased on the above description, generate an image."),
-            gpt("<im_start><image_gen><im_end>")]
+    return [
+      human(f"Colour field {i}.\nBased on the above description, generate an image."),
+      gpt("<im_start><image_gen><im_end>"),
+    ]
   if kind == "edit":
     return [human(f"<im_start><image><im_end>\nMake it look like picture {i}."), gpt("<im_start><image_gen><im_end>")]
   return [human(f"Please say something about the number {i}."), gpt(f"{i} is a number.")]
@@ -59,9 +62,15 @@ def _image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
   return small.resize(size, Image.Resampling.BICUBIC)
 
 
-def write_dataset(folder: str, count: int, seed: int = 0, kinds: Sequence[str] = KINDS,
-                  image_sizes: Sequence[tuple[int, int]] = IMAGE_SIZES, num_images: Optional[int] = None,
-                  start: int = 0) -> str:
+def write_dataset(
+  folder: str,
+  count: int,
+  seed: int = 0,
+  kinds: Sequence[str] = KINDS,
+  image_sizes: Sequence[tuple[int, int]] = IMAGE_SIZES,
+  num_images: Optional[int] = None,
+  start: int = 0,
+) -> str:
   """`count` official-format records (kinds in turn; ids KIND-i, i from `start`, in the text too) in
   FOLDER/data.jsonl, their JPEGs in
   FOLDER/images (num_images distinct files, reused in turn; default: a file per use). Returns the JSONL."""
@@ -93,8 +102,11 @@ def write_dataset(folder: str, count: int, seed: int = 0, kinds: Sequence[str] =
 
 
 # --------------------------------------------------------------------------------------- start-up
-TINY_TEXT = {"id": "t", "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
-             "image_kinds": []}
+TINY_TEXT = {
+  "id": "t",
+  "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
+  "image_kinds": [],
+}
 
 
 def write_tiny_shards(folder: str, count: int, per_shard: int = 100_000) -> str:
@@ -116,8 +128,10 @@ def write_tiny_shards(folder: str, count: int, per_shard: int = 100_000) -> str:
 
 
 def write_tiny_jsonl(path: str, count: int) -> str:
-  line = json.dumps({"id": "t", "conversations": [{"from": "human", "value": "Say hi."},
-                                                  {"from": "gpt", "value": "Hi."}]}) + "\n"
+  line = (
+    json.dumps({"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]})
+    + "\n"
+  )
   with open(path, "w") as f:
     for _ in range(count // 10_000):
       f.write(line * 10_000)
@@ -126,8 +140,15 @@ def write_tiny_jsonl(path: str, count: int) -> str:
 
 
 def _config(base: str, data: dict[str, Any], batch_size: int, image_size: int, overrides: Sequence[str] = ()):
-  config = config_lib.load(base, [f"--config.train.batch_size={batch_size}", f"--config.data.image_size={image_size}",
-                                  f"--config.model.vision.image_size={image_size}", *overrides])
+  config = config_lib.load(
+    base,
+    [
+      f"--config.train.batch_size={batch_size}",
+      f"--config.data.image_size={image_size}",
+      f"--config.model.vision.image_size={image_size}",
+      *overrides,
+    ],
+  )
   with config.unlocked():
     for k, v in data.items():
       config.data[k] = v
@@ -192,7 +213,7 @@ def stage_times(source: Any, spec: pipeline.PipelineSpec, count: int) -> dict[st
   batches = len(prepared) // spec.batch_size
   t0 = time.perf_counter()
   for k in range(batches):
-    pipeline.collate(prepared[k * spec.batch_size:(k + 1) * spec.batch_size], spec)
+    pipeline.collate(prepared[k * spec.batch_size : (k + 1) * spec.batch_size], spec)
   ms = {k: 1000 * v / count for k, v in spent.items()}
   ms["assemble"] = 1000 * (time.perf_counter() - t0) / max(1, batches * spec.batch_size)
   return ms
@@ -200,9 +221,11 @@ def stage_times(source: Any, spec: pipeline.PipelineSpec, count: int) -> dict[st
 
 # ------------------------------------------------------------------------------------------- CLI
 # Step rates one accelerator must be fed at (samples/s): the figures of docs/scaling.md.
-FEED_RATES = {"H100, official PyTorch code (7.06 samples/s, batch 8)": 7.06,
-              "H100, this port's target (21 samples/s)": 21.0,
-              "v5p chip at 40 % MFU (459 TFLOP/s x 0.4 / 16.2 TFLOP per sample)": 459 * 0.4 / 16.2}
+FEED_RATES = {
+  "H100, official PyTorch code (7.06 samples/s, batch 8)": 7.06,
+  "H100, this port's target (21 samples/s)": 21.0,
+  "v5p chip at 40 % MFU (459 TFLOP/s x 0.4 / 16.2 TFLOP per sample)": 459 * 0.4 / 16.2,
+}
 
 
 def _parser() -> cli.ArgumentParser:
@@ -214,10 +237,18 @@ def _parser() -> cli.ArgumentParser:
   p.add_argument("--workers", default="0,1,2", help="data.worker_count values to time (comma list)")
   p.add_argument("--steps", type=cli.POSITIVE_INT, default=20, help="timed batches per throughput figure")
   p.add_argument("--stage-samples", type=cli.POSITIVE_INT, default=200, help="samples timed per stage")
-  p.add_argument("--startup-records", type=cli.NON_NEGATIVE_INT, default=0,
-                 help="also time the start-up on shards of this many tiny records (e.g. 10000000)")
-  p.add_argument("--jsonl-startup-records", type=cli.NON_NEGATIVE_INT, default=500_000,
-                 help="JSONL lines timed for the start-up comparison (scaled linearly to --startup-records)")
+  p.add_argument(
+    "--startup-records",
+    type=cli.NON_NEGATIVE_INT,
+    default=0,
+    help="also time the start-up on shards of this many tiny records (e.g. 10000000)",
+  )
+  p.add_argument(
+    "--jsonl-startup-records",
+    type=cli.NON_NEGATIVE_INT,
+    default=500_000,
+    help="JSONL lines timed for the start-up comparison (scaled linearly to --startup-records)",
+  )
   p.add_argument("--processes", type=cli.POSITIVE_INT, default=os.cpu_count() or 1, help="prepare's processes")
   p.add_argument("--workdir", default="", help="folder for the generated data (default: a temporary one); reused")
   p.add_argument("--skip", default="", help="parts to leave out: comma list of startup,throughput,stages")
@@ -229,22 +260,36 @@ def _main(argv: Sequence[str]) -> int:
   workers = cli.comma_list(args.workers, "--workers", int)
   skip = set(cli.comma_list(args.skip, "--skip")) if args.skip else set()
   work = args.workdir or tempfile.mkdtemp(prefix="cheers_bench_data_")
-  result: dict[str, Any] = {"records": args.records, "image_size": args.image_size, "batch_size": args.batch_size,
-                            "cpu_cores": os.cpu_count()}
+  result: dict[str, Any] = {
+    "records": args.records,
+    "image_size": args.image_size,
+    "batch_size": args.batch_size,
+    "cpu_cores": os.cpu_count(),
+  }
   folder = os.path.join(work, f"records{args.records}")
   jsonl = os.path.join(folder, "data.jsonl")
   if not os.path.exists(jsonl):
     write_dataset(folder, args.records)
   shards = os.path.join(folder, "shards")
   t0 = time.perf_counter()
-  summary = prepare_lib.prepare([jsonl], [os.path.join(folder, "images")], shards, processes=args.processes,
-                                records_per_shard=max(1, args.records // 4), log=lambda *_: None)
+  summary = prepare_lib.prepare(
+    [jsonl],
+    [os.path.join(folder, "images")],
+    shards,
+    processes=args.processes,
+    records_per_shard=max(1, args.records // 4),
+    log=lambda *_: None,
+  )
   result["prepare_s"] = time.perf_counter() - t0
   result["prepared_resumed_shards"] = summary["inputs"][os.path.abspath(jsonl)]["resumed"]
-  print(f"data: {args.records} records in {folder} (JPEGs {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}); "
-        f"prepare: {result['prepare_s']:.1f} s")
-  sources = {"jsonl": {"source": "jsonl", "jsonl_path": jsonl, "image_root": os.path.join(folder, "images")},
-             "shards": {"sources": (shards,)}}
+  print(
+    f"data: {args.records} records in {folder} (JPEGs {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}); "
+    f"prepare: {result['prepare_s']:.1f} s"
+  )
+  sources = {
+    "jsonl": {"source": "jsonl", "jsonl_path": jsonl, "image_root": os.path.join(folder, "images")},
+    "shards": {"sources": (shards,)},
+  }
   make = lambda data, w=0: _config(args.config, {**data, "worker_count": w}, args.batch_size, args.image_size)
 
   if "startup" not in skip:
@@ -261,9 +306,14 @@ def _main(argv: Sequence[str]) -> int:
         big["jsonl_records"] = m
         big["jsonl_scaled_s"] = big["jsonl_s"] * n / m
       result["startup_large"] = big
-      print(f"first batch, {n} tiny records in shards: {big['shards_s']:.1f} s"
-            + (f"; JSONL of {m} lines: {big['jsonl_s']:.1f} s (x{n / m:g} -> ~{big['jsonl_scaled_s']:.0f} s for {n})"
-               if m else ""))
+      print(
+        f"first batch, {n} tiny records in shards: {big['shards_s']:.1f} s"
+        + (
+          f"; JSONL of {m} lines: {big['jsonl_s']:.1f} s (x{n / m:g} -> ~{big['jsonl_scaled_s']:.0f} s for {n})"
+          if m
+          else ""
+        )
+      )
 
   if "throughput" not in skip:
     result["throughput"] = {}
@@ -277,12 +327,16 @@ def _main(argv: Sequence[str]) -> int:
     result["stages_ms"] = {}
     for name, data in sources.items():
       config = make(data)
-      ms = stage_times(sources_lib.make_source(config.data), pipeline.spec_from_config(config),
-                       min(args.stage_samples, args.records))
+      ms = stage_times(
+        sources_lib.make_source(config.data), pipeline.spec_from_config(config), min(args.stage_samples, args.records)
+      )
       result["stages_ms"][name] = ms
       per_core = 1000 / sum(ms.values())
-      print(f"{name:6s} ms/sample: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
-            + f"; total {sum(ms.values()):.1f} ms -> {per_core:.1f} samples/s per core")
+      print(
+        f"{name:6s} ms/sample: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+        + f"; total {sum(ms.values()):.1f} ms -> {per_core:.1f} samples/s per core"
+      )
       result.setdefault("cores_per_accelerator", {})[name] = {k: rate / per_core for k, rate in FEED_RATES.items()}
       for what, rate in FEED_RATES.items():
         print(f"  {what}: {rate / per_core:.1f} cores")

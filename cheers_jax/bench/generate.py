@@ -10,6 +10,7 @@ steady-state time), then timed over --repeats runs (median). Prefill: an underst
 at <|im_end|>. T2I: --steps Euler steps with CFG (2B rows per LLM call, tokenizer path once per step),
 the final VAE decode included. The last line is `RESULT {json}`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,16 +89,24 @@ def bench_batch(model, variables, batch: int, args) -> dict:
   state = prefill(model, variables, pb, cache_len)
   run = lambda: decode(model, variables, state, args.new_tokens, GREEDY, eos_id=None).tokens
   first, steady = _timed(run, args.repeats)
-  out.update(decode_s=steady, decode_compile_s=max(first - steady, 0.0),
-             decode_tokens_per_s=batch * args.new_tokens / steady, decode_ms_per_step=1e3 * steady / args.new_tokens)
+  out.update(
+    decode_s=steady,
+    decode_compile_s=max(first - steady, 0.0),
+    decode_tokens_per_s=batch * args.new_tokens / steady,
+    decode_ms_per_step=1e3 * steady / args.new_tokens,
+  )
 
   if args.steps > 0:
     t2i_prompts = [np.append(row[: args.t2i_prompt_len], IM_START_ID) for row in text]
     seeds = list(range(batch))
     run = lambda: text_to_image(model, variables, t2i_prompts, steps=args.steps, cfg_scale=args.cfg, seeds=seeds).images
     first, steady = _timed(run, args.repeats)
-    out.update(t2i_s=steady, t2i_compile_s=max(first - steady, 0.0), t2i_s_per_image=steady / batch,
-               t2i_s_per_step=steady / args.steps)
+    out.update(
+      t2i_s=steady,
+      t2i_compile_s=max(first - steady, 0.0),
+      t2i_s_per_image=steady / batch,
+      t2i_s_per_step=steady / args.steps,
+    )
   return out
 
 
@@ -109,8 +118,9 @@ def _main(argv: list[str]) -> int:
   p = cli.ArgumentParser(prog="python -m cheers_jax.bench generate", description=__doc__)
   add_model_flags(p)
   p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
-  p.add_argument("--prompt-len", type=cli.POSITIVE_INT, default=64,
-                 help="text tokens of the prefill prompt (+ one image)")
+  p.add_argument(
+    "--prompt-len", type=cli.POSITIVE_INT, default=64, help="text tokens of the prefill prompt (+ one image)"
+  )
   p.add_argument("--new-tokens", type=cli.POSITIVE_INT, default=128, help="decoded tokens (default 128)")
   p.add_argument("--steps", type=cli.NON_NEGATIVE_INT, default=80, help="T2I Euler steps (default 80; 0 skips T2I)")
   p.add_argument("--t2i-prompt-len", type=cli.POSITIVE_INT, default=48, help="text tokens of the T2I prompt")
@@ -125,22 +135,38 @@ def _main(argv: list[str]) -> int:
   t0 = time.perf_counter()
   model, variables, what = build_model(args)
   jax.block_until_ready(variables)
-  print(f"model: {what}; {jax.devices()[0].device_kind} x{jax.device_count()}; ready in "
-        f"{time.perf_counter() - t0:.1f} s", flush=True)
+  print(
+    f"model: {what}; {jax.devices()[0].device_kind} x{jax.device_count()}; ready in {time.perf_counter() - t0:.1f} s",
+    flush=True,
+  )
   rows = []
   for b in batches:
     r = bench_batch(model, variables, b, args)
     rows.append(r)
-    line = (f"B={b:<3} prefill {r['prompt_tokens']} tok: {1e3 * r['prefill_s']:8.1f} ms "
-            f"(compile {r['prefill_compile_s']:.1f} s)"
-            f" | decode {r['decode_tokens_per_s']:9.1f} tok/s, {r['decode_ms_per_step']:.2f} ms/step "
-            f"(compile {r['decode_compile_s']:.1f} s)")
+    line = (
+      f"B={b:<3} prefill {r['prompt_tokens']} tok: {1e3 * r['prefill_s']:8.1f} ms "
+      f"(compile {r['prefill_compile_s']:.1f} s)"
+      f" | decode {r['decode_tokens_per_s']:9.1f} tok/s, {r['decode_ms_per_step']:.2f} ms/step "
+      f"(compile {r['decode_compile_s']:.1f} s)"
+    )
     if "t2i_s" in r:
-      line += (f" | T2I {args.steps} steps: {r['t2i_s_per_image']:.3f} s/image, {r['t2i_s_per_step']:.4f} s/step "
-               f"(compile {r['t2i_compile_s']:.1f} s)")
+      line += (
+        f" | T2I {args.steps} steps: {r['t2i_s_per_image']:.3f} s/image, {r['t2i_s_per_step']:.4f} s/step "
+        f"(compile {r['t2i_compile_s']:.1f} s)"
+      )
     print(line, flush=True)
-  print("RESULT " + json.dumps({"model": what, "device": jax.devices()[0].device_kind, "steps": args.steps,
-                                "new_tokens": args.new_tokens, "rows": rows}))
+  print(
+    "RESULT "
+    + json.dumps(
+      {
+        "model": what,
+        "device": jax.devices()[0].device_kind,
+        "steps": args.steps,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+      }
+    )
+  )
   return 0
 
 

@@ -5,6 +5,7 @@ checkpoint has one tensor per layer under `model.<module>.…` in torch layouts.
 the HF name of every leaf from a short list of regex rules; loading streams tensor by tensor from
 memory-mapped safetensors so no full host copy of the model is ever built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
 _MAX_LISTED = 20
 
 # ModelConfig fields that change no tensor: a caller's cfg may override these on load.
-NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention",
-                  "reference_bf16_casts")
+NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention", "reference_bf16_casts")
 
 
 class CheckpointError(UserError):
@@ -49,31 +49,30 @@ class CheckpointError(UserError):
 # Applied in order to our path without its collection ('params/' or 'batch_stats/'); '{i}' marks a
 # scanned stack's layer index. Whatever no rule touches keeps its name ('/' -> '.').
 _RULES: tuple[tuple[str, str], ...] = (
-    # VAE: down_{l}_block_{i} -> down.{l}.block.{i}, resampling convs sit one level deeper
-    (r"/(down|up)_(\d+)_block_(\d+)/", r"/\1/\2/block/\3/"),
-    (r"/down_(\d+)_downsample/", r"/down/\1/downsample/conv/"),
-    (r"/up_(\d+)_upsample/", r"/up/\1/upsample/conv/"),
-    # SigLIP
-    (r"^vision_representation/embeddings/(kernel|bias)$", r"vision_representation/embeddings/patch_embedding/\1"),
-    (r"^vision_representation/embeddings/position_embedding$", r"\g<0>/weight"),
-    (r"^vision_representation/layers/", "vision_representation/encoder/layers/{i}/"),
-    (r"^vision_representation/head/(in_proj_kernel|in_proj_bias|out_proj/)",
-     r"vision_representation/head/attention/\1"),
-    # small MLPs that are nn.Sequential in torch
-    (r"^und_projector/fc1/", "und_projector/mlp/0/"),
-    (r"^und_projector/fc2/", "und_projector/mlp/2/"),
-    (r"^time_embed/mlp_(\d)_(\d)/", r"time_embed/mlp_\1/\2/"),
-    (r"^hi_gate/gate_(\d)/", r"hi_gate/gate/\1/"),
-    # DiT projectors: scanned blocks = diffusion_head_a.{i}, final layer = diffusion_head_b
-    (r"_projector/blocks/adaLN_modulation/", "_projector/diffusion_head_a/{i}/adaLN_modulation/1/"),
-    (r"_projector/blocks/([qkvo]_proj)/", r"_projector/diffusion_head_a/{i}/attn/\1/"),
-    (r"_projector/blocks/", "_projector/diffusion_head_a/{i}/"),
-    (r"_projector/final_layer/adaLN_modulation/", "_projector/diffusion_head_b/adaLN_modulation/1/"),
-    (r"_projector/final_layer/", "_projector/diffusion_head_b/"),
-    # Qwen2
-    (r"^language_model/embed_tokens$", "language_model/embed_tokens/weight"),
-    (r"^language_model/layers/", "language_model/layers/{i}/"),
-    (r"kernel$", "weight"),
+  # VAE: down_{l}_block_{i} -> down.{l}.block.{i}, resampling convs sit one level deeper
+  (r"/(down|up)_(\d+)_block_(\d+)/", r"/\1/\2/block/\3/"),
+  (r"/down_(\d+)_downsample/", r"/down/\1/downsample/conv/"),
+  (r"/up_(\d+)_upsample/", r"/up/\1/upsample/conv/"),
+  # SigLIP
+  (r"^vision_representation/embeddings/(kernel|bias)$", r"vision_representation/embeddings/patch_embedding/\1"),
+  (r"^vision_representation/embeddings/position_embedding$", r"\g<0>/weight"),
+  (r"^vision_representation/layers/", "vision_representation/encoder/layers/{i}/"),
+  (r"^vision_representation/head/(in_proj_kernel|in_proj_bias|out_proj/)", r"vision_representation/head/attention/\1"),
+  # small MLPs that are nn.Sequential in torch
+  (r"^und_projector/fc1/", "und_projector/mlp/0/"),
+  (r"^und_projector/fc2/", "und_projector/mlp/2/"),
+  (r"^time_embed/mlp_(\d)_(\d)/", r"time_embed/mlp_\1/\2/"),
+  (r"^hi_gate/gate_(\d)/", r"hi_gate/gate/\1/"),
+  # DiT projectors: scanned blocks = diffusion_head_a.{i}, final layer = diffusion_head_b
+  (r"_projector/blocks/adaLN_modulation/", "_projector/diffusion_head_a/{i}/adaLN_modulation/1/"),
+  (r"_projector/blocks/([qkvo]_proj)/", r"_projector/diffusion_head_a/{i}/attn/\1/"),
+  (r"_projector/blocks/", "_projector/diffusion_head_a/{i}/"),
+  (r"_projector/final_layer/adaLN_modulation/", "_projector/diffusion_head_b/adaLN_modulation/1/"),
+  (r"_projector/final_layer/", "_projector/diffusion_head_b/"),
+  # Qwen2
+  (r"^language_model/embed_tokens$", "language_model/embed_tokens/weight"),
+  (r"^language_model/layers/", "language_model/layers/{i}/"),
+  (r"kernel$", "weight"),
 )
 _RULES_RE = tuple((re.compile(p), r) for p, r in _RULES)
 
@@ -81,8 +80,9 @@ _RULES_RE = tuple((re.compile(p), r) for p, r in _RULES)
 @dataclasses.dataclass(frozen=True)
 class HFEntry:
   """Where one of our leaves lives in the HF checkpoint."""
-  name: str                  # HF tensor name; contains '{i}' for a scanned stack
-  transform: str             # 'none' | 'linear' (transpose) | 'conv' (HWIO <-> OIHW)
+
+  name: str  # HF tensor name; contains '{i}' for a scanned stack
+  transform: str  # 'none' | 'linear' (transpose) | 'conv' (HWIO <-> OIHW)
   num_layers: Optional[int]  # length of the leading layer axis of a scanned stack, else None
 
   def names(self) -> list[str]:
@@ -176,8 +176,11 @@ def _to_torch(x: np.ndarray, transform: str) -> np.ndarray:
 
 def _num_batches_tracked(paths: Iterable[str]) -> list[str]:
   """HF BatchNorm counters: one per `bn` whose running stats we keep in batch_stats."""
-  return [hf_name_of(p).rsplit(".", 1)[0] + ".num_batches_tracked"
-          for p in paths if p.startswith("batch_stats/") and p.endswith("/running_mean")]
+  return [
+    hf_name_of(p).rsplit(".", 1)[0] + ".num_batches_tracked"
+    for p in paths
+    if p.startswith("batch_stats/") and p.endswith("/running_mean")
+  ]
 
 
 def _tied(flat_shapes: Mapping[str, Any]) -> bool:
@@ -239,8 +242,12 @@ def _merge_numerics(file_cfg: ModelConfig, cfg: Optional[ModelConfig]) -> ModelC
   mine, theirs = _flat_cfg(cfg), _flat_cfg(merged)
   diffs = [f"{k}={mine[k]!r} (checkpoint: {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
   if diffs:
-    warnings.warn("the given cfg differs from the checkpoint's config.json in "
-                  + ", ".join(diffs) + "; using the checkpoint's values", stacklevel=4)
+    warnings.warn(
+      "the given cfg differs from the checkpoint's config.json in "
+      + ", ".join(diffs)
+      + "; using the checkpoint's values",
+      stacklevel=4,
+    )
   return merged
 
 
@@ -264,8 +271,10 @@ def open_tensor_files(ckpt_dir: PathLike) -> dict[str, st.SafetensorsFile]:
   if not index_path.is_file() and ckpt_dir.is_dir():
     indexes = sorted(ckpt_dir.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-      raise CheckpointError(f"{ckpt_dir}: several safetensors indexes ({', '.join(p.name for p in indexes)}); "
-                            "keep the one that belongs to these weights")
+      raise CheckpointError(
+        f"{ckpt_dir}: several safetensors indexes ({', '.join(p.name for p in indexes)}); "
+        "keep the one that belongs to these weights"
+      )
     index_path = indexes[0] if indexes else index_path
   if index_path.is_file():
     try:
@@ -278,8 +287,9 @@ def open_tensor_files(ckpt_dir: PathLike) -> dict[str, st.SafetensorsFile]:
     paths = [single] if single.is_file() else sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []
     if not paths:
       found = sorted(p.name for p in ckpt_dir.iterdir()) if ckpt_dir.is_dir() else "directory does not exist"
-      raise CheckpointError(f"{ckpt_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} (nor any *.safetensors) "
-                            f"found ({found})")
+      raise CheckpointError(
+        f"{ckpt_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} (nor any *.safetensors) found ({found})"
+      )
 
   def open_file(path: Path) -> st.SafetensorsFile:
     try:
@@ -293,16 +303,19 @@ def open_tensor_files(ckpt_dir: PathLike) -> dict[str, st.SafetensorsFile]:
       f = open_file(path)
       twice = [n for n in f.keys() if n in out]
       if twice:
-        raise CheckpointError(f"{ckpt_dir}: {_listing('tensors', twice)} are stored both in "
-                              f"{out[twice[0]].path.name} and {path.name}; without an index the files must "
-                              "not overlap")
+        raise CheckpointError(
+          f"{ckpt_dir}: {_listing('tensors', twice)} are stored both in "
+          f"{out[twice[0]].path.name} and {path.name}; without an index the files must "
+          "not overlap"
+        )
       out.update({name: f for name in f.keys()})
     return out
   by_file: dict[str, list[str]] = {}
   for name, fname in weight_map.items():
     by_file.setdefault(fname, []).append(name)
-  absent = [f"'{f}' ({len(n)} tensors, e.g. '{n[0]}')" for f, n in sorted(by_file.items())
-            if not (ckpt_dir / f).is_file()]
+  absent = [
+    f"'{f}' ({len(n)} tensors, e.g. '{n[0]}')" for f, n in sorted(by_file.items()) if not (ckpt_dir / f).is_file()
+  ]
   if absent:
     raise CheckpointError(f"{index_path} references shard files that are missing: {', '.join(absent)}")
   out = {}
@@ -310,8 +323,7 @@ def open_tensor_files(ckpt_dir: PathLike) -> dict[str, st.SafetensorsFile]:
     f = open_file(ckpt_dir / fname)
     lost = [n for n in names if n not in f]
     if lost:
-      raise CheckpointError(
-          f"{index_path} maps {_listing('tensors', lost)} to '{fname}', which does not hold them")
+      raise CheckpointError(f"{index_path} maps {_listing('tensors', lost)} to '{fname}', which does not hold them")
     out.update({n: f for n in names})
   return out
 
@@ -321,18 +333,21 @@ def shardings_by_path(shardings: Any) -> Callable[[str], Optional[jax.sharding.S
     return lambda path: shardings
   shardings = nn.unbox(shardings)  # a tree mirroring the boxed variables works too
   leaves = jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or x is None)[0]
+    shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or x is None
+  )[0]
   flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p): s for p, s in leaves}
 
   def get(path: str) -> Optional[jax.sharding.Sharding]:
     if path not in flat:
       raise CheckpointError(f"the shardings tree has no entry for '{path}'")
     return flat[path]
+
   return get
 
 
-def leaf_reader(entry: HFEntry, files: Mapping[str, st.SafetensorsFile],
-                 dtype: np.dtype) -> Callable[[tuple], np.ndarray]:
+def leaf_reader(
+  entry: HFEntry, files: Mapping[str, st.SafetensorsFile], dtype: np.dtype
+) -> Callable[[tuple], np.ndarray]:
   """index (tuple of slices, in our layout) -> a fresh host array of just that part."""
   views = [_from_torch(files[n].get(n), entry.transform) for n in entry.names()]  # memmap views
 
@@ -347,6 +362,7 @@ def leaf_reader(entry: HFEntry, files: Mapping[str, st.SafetensorsFile],
     for j, l in enumerate(layers):
       out[j] = views[l][rest]
     return out
+
   return read
 
 
@@ -354,12 +370,20 @@ def _check_tied_head(files: Mapping[str, st.SafetensorsFile]) -> None:
   embed, head = files[EMBED].get(EMBED), files[LM_HEAD].get(LM_HEAD)
   rows = sorted({0, embed.shape[0] // 2, embed.shape[0] - 1})
   if not np.array_equal(embed[rows].astype(np.float32), head[rows].astype(np.float32)):
-    warnings.warn(f"{LM_HEAD} differs from {EMBED} (rows {rows}) although tie_word_embeddings is true; "
-                  "using the embeddings as the head and ignoring lm_head.weight", stacklevel=4)
+    warnings.warn(
+      f"{LM_HEAD} differs from {EMBED} (rows {rows}) although tie_word_embeddings is true; "
+      "using the embeddings as the head and ignoring lm_head.weight",
+      stacklevel=4,
+    )
 
 
-def check_tensors(files: Mapping[str, st.SafetensorsFile], required: Mapping[str, tuple[int, ...]],
-                  optional: Mapping[str, Optional[tuple[int, ...]]], where: str, model: str) -> None:
+def check_tensors(
+  files: Mapping[str, st.SafetensorsFile],
+  required: Mapping[str, tuple[int, ...]],
+  optional: Mapping[str, Optional[tuple[int, ...]]],
+  where: str,
+  model: str,
+) -> None:
   """Raises one CheckpointError listing every missing / unexpected tensor, else every tensor whose
   shape differs from `required` (or from `optional`'s shape, where one is given) or whose dtype is not
   floating. Reads headers only. `where` names the source ('checkpoint DIR'), `model` what it must fit."""
@@ -367,7 +391,8 @@ def check_tensors(files: Mapping[str, st.SafetensorsFile], required: Mapping[str
   unexpected = sorted(set(files) - set(required) - set(optional))
   if missing or unexpected:
     parts = ([_listing("missing tensors", missing)] if missing else []) + (
-        [_listing("unexpected tensors", unexpected)] if unexpected else [])
+      [_listing("unexpected tensors", unexpected)] if unexpected else []
+    )
     raise CheckpointError(f"{where} does not match {model}:\n  " + "\n  ".join(parts))
   checked = dict(required)
   checked.update({n: s for n, s in optional.items() if s is not None and n in files})
@@ -379,13 +404,16 @@ def check_tensors(files: Mapping[str, st.SafetensorsFile], required: Mapping[str
     elif not (np.issubdtype(info.dtype, np.floating) or info.dtype == np.dtype(jnp.bfloat16)):
       bad.append(f"'{name}' has non-float dtype {info.dtype} in {files[name].path.name}")
   if bad:
-    raise CheckpointError(f"{where}: {len(bad)} tensors do not fit the model:\n  "
-                          + "\n  ".join(bad[:_MAX_LISTED])
-                          + (f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""))
+    raise CheckpointError(
+      f"{where}: {len(bad)} tensors do not fit the model:\n  "
+      + "\n  ".join(bad[:_MAX_LISTED])
+      + (f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+    )
 
 
-def place_leaves(readers: Mapping[str, Callable[[tuple], np.ndarray]], shapes: Mapping[str, tuple[int, ...]],
-                 shardings: Any) -> dict[str, jax.Array]:
+def place_leaves(
+  readers: Mapping[str, Callable[[tuple], np.ndarray]], shapes: Mapping[str, tuple[int, ...]], shardings: Any
+) -> dict[str, jax.Array]:
   """{path: array}: each leaf built from its reader (index -> host array), one leaf (or one shard of
   it, when `shardings` gives it one) in host memory at a time. `shardings` as in load_hf_checkpoint."""
   sharding_of = shardings_by_path(shardings)
@@ -399,8 +427,9 @@ def place_leaves(readers: Mapping[str, Callable[[tuple], np.ndarray]], shapes: M
   return flat
 
 
-def open_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None
-                       ) -> tuple[ModelConfig, dict[str, st.SafetensorsFile]]:
+def open_hf_checkpoint(
+  ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None
+) -> tuple[ModelConfig, dict[str, st.SafetensorsFile]]:
   """(config, {HF name: open file}) of a Cheers checkpoint whose tensors have been checked against its
   config.json (headers only: nothing is read yet). `cfg` as in load_hf_checkpoint."""
   ckpt_dir = Path(ckpt_dir)
@@ -422,8 +451,9 @@ def open_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None
   return cfg, files
 
 
-def load_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dtype: Any = jnp.float32,
-                       shardings: Any = None) -> tuple[ModelConfig, dict]:
+def load_hf_checkpoint(
+  ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dtype: Any = jnp.float32, shardings: Any = None
+) -> tuple[ModelConfig, dict]:
   """Reads an HF-layout Cheers checkpoint into {'params', 'batch_stats'} (unboxed arrays).
 
   Args:
@@ -445,8 +475,14 @@ def load_hf_checkpoint(ckpt_dir: PathLike, cfg: Optional[ModelConfig] = None, dt
 
 
 # ---- saving --------------------------------------------------------------------------------------
-def save_hf_checkpoint(variables: Any, cfg: ModelConfig, out_dir: PathLike, dtype: Any = "bfloat16",
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, store_lm_head: bool = True) -> dict:
+def save_hf_checkpoint(
+  variables: Any,
+  cfg: ModelConfig,
+  out_dir: PathLike,
+  dtype: Any = "bfloat16",
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  store_lm_head: bool = True,
+) -> dict:
   """Writes config.json, sharded safetensors and the index in the published layout.
 
   Args:
@@ -464,9 +500,11 @@ def save_hf_checkpoint(variables: Any, cfg: ModelConfig, out_dir: PathLike, dtyp
   have = {k: tuple(v.shape) for k, v in flat.items()}
   if have != want:
     diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    raise CheckpointError("variables do not match cfg: " + "; ".join(
-        f"{k}: have {have.get(k)}, cfg wants {want.get(k)}" for k in diff[:_MAX_LISTED])
-        + (f"; ... and {len(diff) - _MAX_LISTED} more" if len(diff) > _MAX_LISTED else ""))
+    raise CheckpointError(
+      "variables do not match cfg: "
+      + "; ".join(f"{k}: have {have.get(k)}, cfg wants {want.get(k)}" for k in diff[:_MAX_LISTED])
+      + (f"; ... and {len(diff) - _MAX_LISTED} more" if len(diff) > _MAX_LISTED else "")
+    )
 
   host_cache: dict[str, np.ndarray] = {}
 
@@ -488,8 +526,9 @@ def save_hf_checkpoint(variables: Any, cfg: ModelConfig, out_dir: PathLike, dtyp
     per_layer = have[path][1:] if entry.num_layers is not None else have[path]
     for i, name in enumerate(entry.names()):
       layer = i if entry.num_layers is not None else None
-      tensors[name] = st.LazyTensor(to_torch_shape(per_layer, entry.transform), out,
-                                    functools.partial(produce, path, layer, entry.transform, out))
+      tensors[name] = st.LazyTensor(
+        to_torch_shape(per_layer, entry.transform), out, functools.partial(produce, path, layer, entry.transform, out)
+      )
   for name in _num_batches_tracked(flat):
     tensors[name] = st.LazyTensor((), np.dtype(np.int64), lambda: np.zeros((), np.int64))
   if _tied(flat) and store_lm_head:

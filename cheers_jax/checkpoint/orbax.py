@@ -13,6 +13,7 @@
      WORKDIR/hf/                         the final export in the published HF layout
    written by `cheers_jax.train.checkpointing.Checkpointer` (async, keeps the last K).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def load_export(ckpt_dir: PathLike, sharding: Optional[jax.sharding.Sharding] = 
   cfg_path, state_path = ckpt_dir / CONFIG_JSON, ckpt_dir / STATE_DIR
   for p in (cfg_path, state_path):
     if not p.exists():
-      raise CheckpointError(f"{p} not found: expected an Orbax export written by cheers_jax.convert "
-                            f"(with {STATE_DIR}/ and {CONFIG_JSON})")
+      raise CheckpointError(
+        f"{p} not found: expected an Orbax export written by cheers_jax.convert (with {STATE_DIR}/ and {CONFIG_JSON})"
+      )
   cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
@@ -80,16 +82,19 @@ def run_checkpoint_dir(workdir: PathLike) -> Path:
   if directory.name == CHECKPOINT_DIR:
     return directory
   if not (directory / CHECKPOINT_DIR).is_dir():
-    raise CheckpointError(f"{directory} has no {CHECKPOINT_DIR}/ folder: expected a training workdir "
-                          "(written by python -m cheers_jax.train)")
+    raise CheckpointError(
+      f"{directory} has no {CHECKPOINT_DIR}/ folder: expected a training workdir "
+      "(written by python -m cheers_jax.train)"
+    )
   return directory / CHECKPOINT_DIR
 
 
 def _restore_run(workdir: PathLike, step: Optional[int], args: Callable[[], Any]) -> tuple[int, Any]:
   """(step, restored items) of a training workdir's checkpoint `step` (default: the latest)."""
   directory = run_checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(directory.absolute(), item_names=RUN_ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+    directory.absolute(), item_names=RUN_ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
+  )
   try:
     if step is not None and step not in manager.all_steps():
       raise CheckpointError(f"no checkpoint of step {step} in {directory} (steps: {sorted(manager.all_steps())})")
@@ -134,13 +139,26 @@ def load_run_model(path: PathLike) -> tuple[ModelConfig, dict]:
   return cfg, load_run_variables(workdir, abstract, jax.tree.map(lambda _: device, abstract), step)
 
 
-def load_run_variables(workdir: PathLike, abstract_variables: Mapping[str, PyTree], shardings: Mapping[str, PyTree],
-                       step: Optional[int] = None) -> dict:
+def load_run_variables(
+  workdir: PathLike,
+  abstract_variables: Mapping[str, PyTree],
+  shardings: Mapping[str, PyTree],
+  step: Optional[int] = None,
+) -> dict:
   """{'params', 'batch_stats'} of a training workdir's latest (or given) checkpoint, placed in
   `shardings`; no optimizer state is read."""
-  target = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_variables[k], shardings[k]) for k in ("params", "batch_stats")}
+  target = {
+    k: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_variables[k], shardings[k]
+    )
+    for k in ("params", "batch_stats")
+  }
   restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
-  _, out = _restore_run(workdir, step, lambda: ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+  _, out = _restore_run(
+    workdir,
+    step,
+    lambda: ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    ),
+  )
   return {"params": out.state["params"], "batch_stats": out.state["batch_stats"]}

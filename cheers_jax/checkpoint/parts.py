@@ -18,6 +18,7 @@ Hugging Face `config.json`, which must agree with the model config. The VAE (BFL
 `encoder.down.N.block.M...`, `bn.running_mean`, ...) has no published config; a `config.json` with the
 Cheers VAE keys (`ch`, `ch_mult`, ...) is checked when present.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,10 +34,24 @@ from flax import traverse_util
 
 from cheers_jax import config as config_lib
 from cheers_jax.checkpoint import safetensors_io as st
-from cheers_jax.checkpoint.hf import (CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, LM_HEAD, CheckpointError, HFEntry,
-                                      _flat_shapes, abstract_variables, check_tensors, hf_name_map,
-                                      hf_tensor_shapes, leaf_reader, open_hf_checkpoint, open_tensor_files,
-                                      place_leaves, save_hf_checkpoint, shardings_by_path)
+from cheers_jax.checkpoint.hf import (
+  CONFIG_FILE,
+  DEFAULT_MAX_SHARD_BYTES,
+  LM_HEAD,
+  CheckpointError,
+  HFEntry,
+  _flat_shapes,
+  abstract_variables,
+  check_tensors,
+  hf_name_map,
+  hf_tensor_shapes,
+  leaf_reader,
+  open_hf_checkpoint,
+  open_tensor_files,
+  place_leaves,
+  save_hf_checkpoint,
+  shardings_by_path,
+)
 from cheers_jax.model.cheers import init_variables
 from cheers_jax.model.config import ConfigError, ModelConfig
 
@@ -50,20 +65,32 @@ COUNTER = ".num_batches_tracked"
 
 # Cheers HF name prefix -> (part, the prefix of the same tensor in the part). Both VAE copies read the
 # one VAE; `vae_model` comes first, so it is the copy `split_hf_checkpoint` writes out.
-_ROUTES = (("model.vae_model.", "vae", ""),
-           ("model.vae_decoder_projector.", "vae", ""),
-           ("model.vision_representation.", "siglip", SIGLIP_PREFIX),
-           ("model.language_model.", "llm", "model."))
+_ROUTES = (
+  ("model.vae_model.", "vae", ""),
+  ("model.vae_decoder_projector.", "vae", ""),
+  ("model.vision_representation.", "siglip", SIGLIP_PREFIX),
+  ("model.language_model.", "llm", "model."),
+)
 
 # (key in the part's HF config.json, our field, the HF config class's default when the file omits it)
-_LLM_FIELDS = (("hidden_size", "hidden_size", 4096), ("intermediate_size", "intermediate_size", 22016),
-               ("num_hidden_layers", "num_layers", 32), ("num_attention_heads", "num_heads", 32),
-               ("num_key_value_heads", "num_kv_heads", 32), ("rope_theta", "rope_theta", 10000.0),
-               ("rms_norm_eps", "rms_norm_eps", 1e-6))
-_SIGLIP_FIELDS = (("hidden_size", "hidden_size", 768), ("intermediate_size", "intermediate_size", 3072),
-                  ("num_hidden_layers", "num_layers", 12), ("num_attention_heads", "num_heads", 12),
-                  ("patch_size", "patch_size", 16), ("image_size", "image_size", 224),
-                  ("layer_norm_eps", "layer_norm_eps", 1e-6))
+_LLM_FIELDS = (
+  ("hidden_size", "hidden_size", 4096),
+  ("intermediate_size", "intermediate_size", 22016),
+  ("num_hidden_layers", "num_layers", 32),
+  ("num_attention_heads", "num_heads", 32),
+  ("num_key_value_heads", "num_kv_heads", 32),
+  ("rope_theta", "rope_theta", 10000.0),
+  ("rms_norm_eps", "rms_norm_eps", 1e-6),
+)
+_SIGLIP_FIELDS = (
+  ("hidden_size", "hidden_size", 768),
+  ("intermediate_size", "intermediate_size", 3072),
+  ("num_hidden_layers", "num_layers", 12),
+  ("num_attention_heads", "num_heads", 12),
+  ("patch_size", "patch_size", 16),
+  ("image_size", "image_size", 224),
+  ("layer_norm_eps", "layer_norm_eps", 1e-6),
+)
 _VAE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch")  # checked if present
 
 
@@ -75,7 +102,7 @@ def part_tensor_name(cheers_name: str) -> Optional[tuple[str, str]]:
     return "llm", LM_HEAD
   for prefix, part, part_prefix in _ROUTES:
     if cheers_name.startswith(prefix):
-      return part, part_prefix + cheers_name[len(prefix):]
+      return part, part_prefix + cheers_name[len(prefix) :]
   return None
 
 
@@ -83,7 +110,7 @@ def cheers_source_name(part: str, part_name: str) -> str:
   """The part tensor's name in a Cheers checkpoint (the `vae_model` copy for the VAE)."""
   for prefix, p, part_prefix in _ROUTES:
     if p == part and part_name.startswith(part_prefix):
-      return prefix + part_name[len(part_prefix):]
+      return prefix + part_name[len(part_prefix) :]
   if part == "llm" and part_name == LM_HEAD:
     return LM_HEAD
   raise KeyError(f"'{part_name}' is not a {part} tensor Cheers holds")
@@ -133,15 +160,19 @@ def check_part_config(part: str, part_dir: PathLike, cfg: ModelConfig) -> None:
   if not path.is_file():
     if part == "vae":
       return  # the FLUX.2 VAE is published without one
-    raise CheckpointError(f"{part} part {part_dir}: {CONFIG_FILE} not found (the {PART_TITLES[part]} layout "
-                          "ships one; it is checked against the model config)")
+    raise CheckpointError(
+      f"{part} part {part_dir}: {CONFIG_FILE} not found (the {PART_TITLES[part]} layout "
+      "ships one; it is checked against the model config)"
+    )
   hf = _read_json(path)
   if part == "llm":
     bad = _disagreements(hf, _LLM_FIELDS, cfg.text, "text")
     vocab = hf.get("vocab_size", 151936)
     if vocab > cfg.text.vocab_size:
-      bad.append(f"vocab_size={vocab} is larger than the model config's text.vocab_size={cfg.text.vocab_size} "
-                 "(the part's embedding rows are copied into the first rows)")
+      bad.append(
+        f"vocab_size={vocab} is larger than the model config's text.vocab_size={cfg.text.vocab_size} "
+        "(the part's embedding rows are copied into the first rows)"
+      )
   elif part == "siglip":
     vision = hf.get("vision_config", hf)  # a SiglipModel config nests it; a vision-only one does not
     bad = _disagreements(vision, _SIGLIP_FIELDS, cfg.vision, "vision")
@@ -156,23 +187,51 @@ def part_config(part: str, cfg: ModelConfig, torch_dtype: str = "bfloat16") -> d
   the Cheers VAE keys for the VAE)."""
   if part == "vae":
     v = cfg.vae
-    return {"resolution": v.resolution, "in_channels": v.in_channels, "ch": v.ch, "out_ch": v.out_ch,
-            "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels}
+    return {
+      "resolution": v.resolution,
+      "in_channels": v.in_channels,
+      "ch": v.ch,
+      "out_ch": v.out_ch,
+      "ch_mult": list(v.ch_mult),
+      "num_res_blocks": v.num_res_blocks,
+      "z_channels": v.z_channels,
+    }
   if part == "siglip":
     v = cfg.vision
-    return {"architectures": ["SiglipModel"], "model_type": "siglip", "vision_config": {
-        "model_type": "siglip_vision_model", "hidden_size": v.hidden_size,
-        "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads, "num_channels": 3, "image_size": v.image_size,
-        "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
-        "attention_dropout": 0.0}}
+    return {
+      "architectures": ["SiglipModel"],
+      "model_type": "siglip",
+      "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "num_channels": 3,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": "gelu_pytorch_tanh",
+        "attention_dropout": 0.0,
+      },
+    }
   t = cfg.text
-  return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": t.hidden_size,
-          "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
-          "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
-          "vocab_size": t.vocab_size, "rope_theta": t.rope_theta, "rms_norm_eps": t.rms_norm_eps,
-          "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
-          "max_position_embeddings": 32768, "torch_dtype": torch_dtype}
+  return {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": t.hidden_size,
+    "intermediate_size": t.intermediate_size,
+    "num_hidden_layers": t.num_layers,
+    "num_attention_heads": t.num_heads,
+    "num_key_value_heads": t.num_kv_heads,
+    "vocab_size": t.vocab_size,
+    "rope_theta": t.rope_theta,
+    "rms_norm_eps": t.rms_norm_eps,
+    "tie_word_embeddings": t.tie_word_embeddings,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "torch_dtype": torch_dtype,
+  }
 
 
 # ---- opening and checking a part -----------------------------------------------------------------
@@ -235,8 +294,10 @@ def _corner_reader(base: jax.Array, read_part, part_shape: tuple[int, ...], dtyp
     if all(a < n for (a, _), n in zip(key, part_shape)):
       stops = [min(b, n) for (_, b), n in zip(key, part_shape)]
       out[tuple(slice(0, s - a) for (a, _), s in zip(key, stops))] = read_part(
-          tuple(slice(a, s) for (a, _), s in zip(key, stops)))
+        tuple(slice(a, s) for (a, _), s in zip(key, stops))
+      )
     return out
+
   return read
 
 
@@ -246,6 +307,7 @@ def _random_init_program(cfg: ModelConfig, out_shardings: Optional[tuple]) -> An
 
   def init(rng):
     return traverse_util.flatten_dict(nn.unbox(init_variables(cfg, rng)), sep="/")
+
   return jax.jit(init, out_shardings=flat_shardings) if flat_shardings is not None else jax.jit(init)
 
 
@@ -259,8 +321,9 @@ def random_variables(cfg: ModelConfig, rng: jax.Array, shardings: Any = None) ->
   return _random_init_program(cfg, tuple((p, sharding_of(p)) for p in paths))(rng)
 
 
-def load_parts(parts: Mapping[str, PathLike], cfg: ModelConfig, rng: jax.Array, dtype: Any = np.float32,
-               shardings: Any = None) -> dict:
+def load_parts(
+  parts: Mapping[str, PathLike], cfg: ModelConfig, rng: jax.Array, dtype: Any = np.float32, shardings: Any = None
+) -> dict:
   """{'params', 'batch_stats'} for `cfg`: the given parts' tensors, every other leaf as
   `init_variables(cfg, rng)` draws it.
 
@@ -304,8 +367,9 @@ def load_parts(parts: Mapping[str, PathLike], cfg: ModelConfig, rng: jax.Array, 
   readers = {}
   for path, (part, entry) in from_part.items():
     read_part = leaf_reader(entry, opened[part], np_dtype)
-    readers[path] = (_corner_reader(random.pop(path), read_part, corners[path], np_dtype)
-                     if path in corners else read_part)
+    readers[path] = (
+      _corner_reader(random.pop(path), read_part, corners[path], np_dtype) if path in corners else read_part
+    )
   flat = place_leaves(readers, shapes, shardings)
   flat.update({p: x if x.dtype == np_dtype else x.astype(np_dtype) for p, x in random.items()})
   return traverse_util.unflatten_dict(flat, sep="/")
@@ -318,8 +382,10 @@ def parse_parts_spec(spec: str) -> dict[str, str]:
     part, eq, path = item.partition("=")
     part = part.strip()
     if not eq or not path.strip():
-      raise ConfigError(f"init_from=parts:{spec}: '{item}' is not PART=DIR (e.g. parts:vae=/w/flux2_vae,"
-                        "siglip=/w/siglip2,llm=/w/qwen2.5)")
+      raise ConfigError(
+        f"init_from=parts:{spec}: '{item}' is not PART=DIR (e.g. parts:vae=/w/flux2_vae,"
+        "siglip=/w/siglip2,llm=/w/qwen2.5)"
+      )
     if part not in PARTS:
       raise ConfigError(f"init_from=parts:{spec}: unknown part '{part}'; the parts are {', '.join(PARTS)}")
     if part in out:
@@ -330,8 +396,9 @@ def parse_parts_spec(spec: str) -> dict[str, str]:
   return out
 
 
-def load_parts_spec(spec: str, cfg: ModelConfig, rng: jax.Array, dtype: Any = np.float32,
-                    shardings: Any = None) -> dict:
+def load_parts_spec(
+  spec: str, cfg: ModelConfig, rng: jax.Array, dtype: Any = np.float32, shardings: Any = None
+) -> dict:
   """load_parts from the text of `init_from=parts:SPEC`."""
   return load_parts(parse_parts_spec(spec), cfg, rng, dtype, shardings)
 
@@ -358,8 +425,14 @@ def read_model_config(path_or_name: PathLike) -> ModelConfig:
   return config_lib.model_config(config_lib.load(str(path_or_name)))
 
 
-def assemble_hf_checkpoint(parts: Mapping[str, PathLike], cfg: ModelConfig, out_dir: PathLike, seed: int = 0,
-                           dtype: Any = "bfloat16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+def assemble_hf_checkpoint(
+  parts: Mapping[str, PathLike],
+  cfg: ModelConfig,
+  out_dir: PathLike,
+  seed: int = 0,
+  dtype: Any = "bfloat16",
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict:
   """Writes a Cheers HF checkpoint (config.json, shards, index) built from `parts`, every other module
   random as training's init with `config.seed = seed` draws it, stored in `dtype` (bit-exact for parts
   stored in it). Holds the model once in fp32 host memory (~10 GB at full size). Returns the index."""
@@ -368,8 +441,9 @@ def assemble_hf_checkpoint(parts: Mapping[str, PathLike], cfg: ModelConfig, out_
   return save_hf_checkpoint(variables, cfg, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
-def split_hf_checkpoint(ckpt_dir: PathLike, out_dir: PathLike,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Path]:
+def split_hf_checkpoint(
+  ckpt_dir: PathLike, out_dir: PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> dict[str, Path]:
   """Writes the parts a Cheers checkpoint holds, in their published layouts, bit for bit:
   `vae/ae.safetensors` (+ config.json with the Cheers VAE keys), `siglip/model.safetensors` (SigLIP2
   vision tower, `vision_model.*`), `llm/` (Qwen2.5 `model.*`, sharded with its index). The VAE part is

@@ -6,6 +6,7 @@ tensor bytes (offsets relative to the end of the header, contiguous, no gaps). W
 directly so that bf16 comes back as `ml_dtypes.bfloat16` without torch, and so that the writer can
 produce one tensor at a time instead of holding a whole model in memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +26,21 @@ PathLike = Union[str, os.PathLike]
 
 # safetensors dtype code <-> numpy dtype (all little-endian).
 _CODE_TO_DTYPE = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U64": np.dtype("<u8"),
+  "U32": np.dtype("<u4"),
+  "U16": np.dtype("<u2"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype("?"),
 }
 _DTYPE_TO_CODE = {dt: code for code, dt in _CODE_TO_DTYPE.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
@@ -95,8 +105,9 @@ def read_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected or begin < 0 or data_start + end > size:
       raise SafetensorsFormatError(
-          f"{path}: tensor '{name}' {entry['dtype']}{list(shape)} needs {expected} bytes but its "
-          f"data_offsets are [{begin}, {end}] (data section is {size - data_start} bytes)")
+        f"{path}: tensor '{name}' {entry['dtype']}{list(shape)} needs {expected} bytes but its "
+        f"data_offsets are [{begin}, {end}] (data section is {size - data_start} bytes)"
+      )
     infos[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
   return infos, metadata
 
@@ -122,10 +133,11 @@ class SafetensorsFile:
     info = self.tensors[name]
     if self._buf is None:
       # one mapping per file; an empty file cannot be mapped (and holds no bytes anyway)
-      self._buf = (np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size
-                   else np.zeros((0,), np.uint8))
+      self._buf = (
+        np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else np.zeros((0,), np.uint8)
+      )
     # uint8 slice -> view: no copy; numpy tolerates the (rare) unaligned offset
-    return self._buf[info.begin:info.end].view(info.dtype).reshape(info.shape)
+    return self._buf[info.begin : info.end].view(info.dtype).reshape(info.shape)
 
   def close(self) -> None:
     self._buf = None  # the mapping closes when the last view is gone
@@ -147,6 +159,7 @@ def load_file(path: PathLike) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:
   """A tensor to write, produced only when its bytes are due (streaming export)."""
+
   shape: tuple[int, ...]
   dtype: np.dtype
   produce: Callable[[], np.ndarray]
@@ -166,8 +179,7 @@ def _as_lazy(t: TensorLike) -> LazyTensor:
   return LazyTensor(tuple(arr.shape), arr.dtype, lambda: arr)
 
 
-def save_file(tensors: Mapping[str, TensorLike], path: PathLike,
-              metadata: Optional[Mapping[str, str]] = None) -> int:
+def save_file(tensors: Mapping[str, TensorLike], path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> int:
   """Writes one .safetensors file, producing lazy tensors one at a time; returns the data bytes."""
   lazy = {name: _as_lazy(t) for name, t in tensors.items()}
   # widest dtypes first keeps every tensor aligned to its itemsize (as the reference writer does)
@@ -178,8 +190,11 @@ def save_file(tensors: Mapping[str, TensorLike], path: PathLike,
   offset = 0
   for name in order:
     t = lazy[name]
-    header[name] = {"dtype": code_from_dtype(t.dtype), "shape": list(t.shape),
-                    "data_offsets": [offset, offset + t.nbytes]}
+    header[name] = {
+      "dtype": code_from_dtype(t.dtype),
+      "shape": list(t.shape),
+      "data_offsets": [offset, offset + t.nbytes],
+    }
     offset += t.nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # pad so the data section starts 8-byte aligned
@@ -213,9 +228,14 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[
   return shards
 
 
-def save_sharded(tensors: Mapping[str, TensorLike], out_dir: PathLike, max_shard_bytes: int,
-                 prefix: str = "model", metadata: Optional[Mapping[str, str]] = None,
-                 index_name: str = "model.safetensors.index.json") -> dict:
+def save_sharded(
+  tensors: Mapping[str, TensorLike],
+  out_dir: PathLike,
+  max_shard_bytes: int,
+  prefix: str = "model",
+  metadata: Optional[Mapping[str, str]] = None,
+  index_name: str = "model.safetensors.index.json",
+) -> dict:
   """Writes `{prefix}-0000i-of-0000n.safetensors` plus the HF index; returns the index dict.
 
   The index is always written (even for one shard) so that readers have a single layout to follow.

@@ -8,6 +8,7 @@ an exported directory loads in our tools and, once the official modeling files a
 (configuration_umm.py, modeling_umm.py, processing_umm.py, image_processing_umm.py), in the official
 evaluation (`AutoProcessor` / `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,31 @@ from cheers_jax import package_data
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 # Training/cheers_config/generation_config.json of the official repository
-GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
-                     "pad_token_id": 151643, "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20,
-                     "top_p": 0.8, "transformers_version": "4.51.0"}
+GENERATION_CONFIG = {
+  "bos_token_id": 151643,
+  "do_sample": True,
+  "eos_token_id": [151645, 151643],
+  "pad_token_id": 151643,
+  "repetition_penalty": 1.05,
+  "temperature": 0.7,
+  "top_k": 20,
+  "top_p": 0.8,
+  "transformers_version": "4.51.0",
+}
 
 
 def preprocessor_config(image_size: int = 512, patch_size: int = 16) -> dict:
   """Training/cheers_config/preprocessor_config.json, at the model's resolution."""
-  return {"image_processor_type": "UMMImageProcessor",
-          "auto_map": {"AutoProcessor": "processing_umm.UMMProcessor",
-                       "AutoImageProcessor": "image_processing_umm.UMMImageProcessor"},
-          "processor_class": "UMMProcessor", "scale_resolution": int(image_size), "patch_size": int(patch_size)}
+  return {
+    "image_processor_type": "UMMImageProcessor",
+    "auto_map": {
+      "AutoProcessor": "processing_umm.UMMProcessor",
+      "AutoImageProcessor": "image_processing_umm.UMMImageProcessor",
+    },
+    "processor_class": "UMMProcessor",
+    "scale_resolution": int(image_size),
+    "patch_size": int(patch_size),
+  }
 
 
 def write_support_files(out_dir: str | Path, cfg=None) -> list[Path]:

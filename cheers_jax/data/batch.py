@@ -33,6 +33,7 @@ slot m belongs to row m // K and a row's images stay with it under data sharding
 Unused slots are padding and no image_index refers to them. A batch is indexed locally: positions and
 slots count from its first row.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -47,22 +48,37 @@ ROW_KEYS = ("token_ids", "image_index", "image_mask", "positions", "segment_ids"
 IMAGE_KEYS = ("pixels", "t", "image_kind", "image_weight", "image_positions")
 OPTIONAL_KEYS = ("x0",)
 HOST_ONLY_KEYS = ("num_skipped",)  # pipeline counters, summed on the host by the loop
-DTYPES = {**{k: np.dtype(np.int32) for k in ROW_KEYS}, "valid": np.dtype(bool), "pixels": np.dtype(np.uint8),
-          "t": np.dtype(np.float32), "image_kind": np.dtype(np.int32), "image_weight": np.dtype(np.float32),
-          "image_positions": np.dtype(np.int32), "num_skipped": np.dtype(np.int32)}
+DTYPES = {
+  **{k: np.dtype(np.int32) for k in ROW_KEYS},
+  "valid": np.dtype(bool),
+  "pixels": np.dtype(np.uint8),
+  "t": np.dtype(np.float32),
+  "image_kind": np.dtype(np.int32),
+  "image_weight": np.dtype(np.float32),
+  "image_positions": np.dtype(np.int32),
+  "num_skipped": np.dtype(np.int32),
+}
 
 
-def shapes(batch_size: int, seq_len: int, slots_per_row: int, tokens_per_image: int, image_size: int
-           ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def shapes(
+  batch_size: int, seq_len: int, slots_per_row: int, tokens_per_image: int, image_size: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """(shape, dtype) of every array the step consumes (ROW_KEYS + IMAGE_KEYS), without building one."""
   b, s, m, n, hw = batch_size, seq_len, batch_size * slots_per_row, tokens_per_image, image_size
-  shape = {**{k: (b, s) for k in ROW_KEYS}, "pixels": (m, hw, hw, 3), "t": (m,), "image_kind": (m,),
-           "image_weight": (m,), "image_positions": (m, n)}
+  shape = {
+    **{k: (b, s) for k in ROW_KEYS},
+    "pixels": (m, hw, hw, 3),
+    "t": (m,),
+    "image_kind": (m,),
+    "image_weight": (m,),
+    "image_positions": (m, n),
+  }
   return {k: (v, DTYPES[k]) for k, v in shape.items()}
 
 
-def pad_samples(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_samples(
+  ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per-sample ids and labels -> right-padded int64 (ids, labels, attention_mask), padded as the
   reference collator does: ids with 0, labels with -100, mask 0; ready for `sequence.assemble`."""
   b, width = len(ids), max(len(x) for x in ids)
@@ -70,7 +86,7 @@ def pad_samples(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]
   out_labels = np.full((b, width), IGNORE_INDEX, np.int64)
   mask = np.zeros((b, width), np.int64)
   for i, (x, y) in enumerate(zip(ids, labels)):
-    out_ids[i, :len(x)], out_labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
+    out_ids[i, : len(x)], out_labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
   return out_ids, out_labels, mask
 
 
@@ -85,19 +101,36 @@ def image_slots(assembled: AssembledBatch, slots_per_row: int) -> np.ndarray:
   return rows * slots_per_row + rank
 
 
-def from_samples(assembled: AssembledBatch, samples: Sequence[Mapping[str, Any]], tokens_per_image: int,
-                 slots_per_row: int, num_skipped: int = 0) -> dict[str, Any]:
+def from_samples(
+  assembled: AssembledBatch,
+  samples: Sequence[Mapping[str, Any]],
+  tokens_per_image: int,
+  slots_per_row: int,
+  num_skipped: int = 0,
+) -> dict[str, Any]:
   """`from_assembled` with the images of the assembled prepared samples (the pipeline's: pixels, t and
   image_kind of each, in the samples' order, which must be the assembly's)."""
   kinds = np.concatenate([x["image_kind"] for x in samples])
   if not np.array_equal(kinds, assembled.image_kind):
     raise AssertionError(f"image order mismatch: samples {kinds}, assembled {assembled.image_kind}")
-  return from_assembled(assembled, tokens_per_image, slots_per_row, np.concatenate([x["pixels"] for x in samples]),
-                        np.concatenate([x["t"] for x in samples]), num_skipped)
+  return from_assembled(
+    assembled,
+    tokens_per_image,
+    slots_per_row,
+    np.concatenate([x["pixels"] for x in samples]),
+    np.concatenate([x["t"] for x in samples]),
+    num_skipped,
+  )
 
 
-def from_assembled(assembled: AssembledBatch, tokens_per_image: int, slots_per_row: int, pixels: np.ndarray,
-                   t: np.ndarray, num_skipped: int = 0) -> dict[str, Any]:
+def from_assembled(
+  assembled: AssembledBatch,
+  tokens_per_image: int,
+  slots_per_row: int,
+  pixels: np.ndarray,
+  t: np.ndarray,
+  num_skipped: int = 0,
+) -> dict[str, Any]:
   """The contract's batch from `sequence.assemble`'s output and each image's uint8 pixels (n, H, W, 3)
   and t (n,), in assembly order (images across the batch, in order)."""
   if np.asarray(pixels).dtype != np.uint8:
@@ -120,10 +153,17 @@ def from_assembled(assembled: AssembledBatch, tokens_per_image: int, slots_per_r
   image_positions = np.repeat((np.arange(m) // per * s)[:, None], n_tok, axis=1).astype(np.int32)
   image_positions[slot] = assembled.image_positions(n_tok)
   return {
-      "token_ids": assembled.token_ids.astype(np.int32), "image_index": image_index.astype(np.int32),
-      "image_mask": assembled.image_mask.astype(np.int32), "positions": assembled.positions.astype(np.int32),
-      "segment_ids": assembled.segment_ids.astype(np.int32),
-      "targets": assembled.targets.astype(np.int32), "valid": assembled.valid.astype(bool),
-      "pixels": placed_pixels, "t": placed_t, "image_kind": image_kind, "image_weight": image_weight,
-      "image_positions": image_positions, "num_skipped": np.asarray(num_skipped, np.int32),
+    "token_ids": assembled.token_ids.astype(np.int32),
+    "image_index": image_index.astype(np.int32),
+    "image_mask": assembled.image_mask.astype(np.int32),
+    "positions": assembled.positions.astype(np.int32),
+    "segment_ids": assembled.segment_ids.astype(np.int32),
+    "targets": assembled.targets.astype(np.int32),
+    "valid": assembled.valid.astype(bool),
+    "pixels": placed_pixels,
+    "t": placed_t,
+    "image_kind": image_kind,
+    "image_weight": image_weight,
+    "image_positions": image_positions,
+    "num_skipped": np.asarray(num_skipped, np.int32),
   }

@@ -40,8 +40,9 @@ class Preprocessed(NamedTuple):
   grid_hw: tuple[int, int]  # (H // 16, W // 16)
 
 
-def open_image(source: str | os.PathLike | bytes | bytearray, name: str | None = None,
-               mode: str | None = None) -> Image.Image:
+def open_image(
+  source: str | os.PathLike | bytes | bytearray, name: str | None = None, mode: str | None = None
+) -> Image.Image:
   """THE one place images are decoded: a file path or encoded bytes -> a fully loaded PIL image, in
   `mode` (default: its own), loaded here so truncation shows up here, not later. Any decoder failure,
   PIL's decompression-bomb guard included (a header claiming more than 2 x Image.MAX_IMAGE_PIXELS
@@ -116,23 +117,23 @@ def generation_image(image: Image.Image | np.ndarray, resolution: int = DEFAULT_
 
 
 def preprocess_understanding(
-    image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
+  image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
 ) -> Preprocessed:
   """`understanding_image` as the processor's float32 CHW pixel values."""
   return _finish(understanding_image(image, resolution), patch_size)
 
 
 def preprocess_generation(
-    image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
+  image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOLUTION, patch_size: int = PATCH_SIZE
 ) -> Preprocessed:
   """`generation_image` as the processor's float32 CHW pixel values."""
   return _finish(generation_image(image, resolution), patch_size)
 
 
 def dummy_inference_image(
-    rng: np.random.RandomState | np.random.Generator | int | None = None,
-    resolution: int = DEFAULT_RESOLUTION,
-    patch_size: int = PATCH_SIZE,
+  rng: np.random.RandomState | np.random.Generator | int | None = None,
+  resolution: int = DEFAULT_RESOLUTION,
+  patch_size: int = PATCH_SIZE,
 ) -> Preprocessed:
   """The image the processor makes for `images=[None]` (T2I/T2T prompts without an image): uniform uint8
   noise of 256x256x3, preprocessed for understanding (so bicubic-upscaled to `resolution`).

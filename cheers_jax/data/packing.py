@@ -21,6 +21,7 @@ The padding figure: `PaddingCounter` counts real and padded tokens (and image sl
 tokens, understanding answers up to 1,500 tokens, text) and `padding_figures` packs it both ways
 (`python -m cheers_jax.bench train --padding` prints it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,9 +38,10 @@ from cheers_jax.model.sequence import AssembledBatch, assemble
 @dataclasses.dataclass(frozen=True)
 class PackingSpec:
   """Row geometry of packed batches."""
-  rows: int         # rows per batch (per process)
-  row_len: int      # tokens per row
-  row_images: int   # image slots per row
+
+  rows: int  # rows per batch (per process)
+  row_len: int  # tokens per row
+  row_images: int  # image slots per row
 
 
 def resolve(data: Any, tokens_per_image: int, rows: int) -> Optional[PackingSpec]:
@@ -53,11 +55,15 @@ def resolve(data: Any, tokens_per_image: int, rows: int) -> Optional[PackingSpec
   row_len = int(data.get("pack_len", 0)) or longest
   row_images = int(data.get("pack_images", 0)) or max(max_images, row_len // (2 * tokens_per_image))
   if row_len < longest:
-    raise ConfigError(f"data.pack_len={row_len} cannot hold the longest bucket (data.seq_buckets={buckets}): a "
-                      f"sample of {longest} tokens would fit no row; set data.pack_len >= {longest} (0 = {longest})")
+    raise ConfigError(
+      f"data.pack_len={row_len} cannot hold the longest bucket (data.seq_buckets={buckets}): a "
+      f"sample of {longest} tokens would fit no row; set data.pack_len >= {longest} (0 = {longest})"
+    )
   if row_images < max_images:
-    raise ConfigError(f"data.pack_images={row_images} cannot hold a sample with data.max_images_per_sample="
-                      f"{max_images} images; set data.pack_images >= {max_images} (0 = automatic)")
+    raise ConfigError(
+      f"data.pack_images={row_images} cannot hold a sample with data.max_images_per_sample="
+      f"{max_images} images; set data.pack_images >= {max_images} (0 = automatic)"
+    )
   return PackingSpec(int(rows), row_len, row_images)
 
 
@@ -104,13 +110,26 @@ def first_fit(lengths: Sequence[int], images: Sequence[int], spec: PackingSpec) 
 
 
 # ------------------------------------------------------------------------------------------ layout
-def packed_layout(ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray, placement: Sequence[tuple[int, int]],
-                  spec: PackingSpec, tokens_per_image: int, max_seq_len: int = 4096) -> AssembledBatch:
+def packed_layout(
+  ids: np.ndarray,
+  labels: np.ndarray,
+  attention_mask: np.ndarray,
+  placement: Sequence[tuple[int, int]],
+  spec: PackingSpec,
+  tokens_per_image: int,
+  max_seq_len: int = 4096,
+) -> AssembledBatch:
   """The samples of a padded (ids, labels, attention_mask) batch (`batch.pad_samples`), assembled each on
   its own (`sequence.assemble`, with its FM-position check) and placed at (row, offset): one segment each,
   positions from 0, targets shifted within the sample. Image numbering stays the samples' order."""
-  one = assemble(ids, tokens_per_image, attention_mask=attention_mask, labels=labels, max_seq_len=max_seq_len,
-                 check_fm_positions=True)
+  one = assemble(
+    ids,
+    tokens_per_image,
+    attention_mask=attention_mask,
+    labels=labels,
+    max_seq_len=max_seq_len,
+    check_fm_positions=True,
+  )
   r, s = spec.rows, spec.row_len
   token_ids = np.zeros((r, s), np.int32)
   image_index = np.full((r, s), -1, np.int32)
@@ -133,13 +152,30 @@ def packed_layout(ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarra
     positions[row, span], lab[row, span] = one.positions[b, :n], one.labels[b, :n]
     targets[row, span] = one.targets[b, :n]
     segment_ids[row, span] = int(segment_ids[row].max()) + 1
-  return AssembledBatch(token_ids, image_index, image_mask, valid, positions, lab, targets, one.image_kind,
-                        one.image_sample, offsets[one.image_sample] + one.image_start, segment_ids,
-                        rows[one.image_sample])
+  return AssembledBatch(
+    token_ids,
+    image_index,
+    image_mask,
+    valid,
+    positions,
+    lab,
+    targets,
+    one.image_kind,
+    one.image_sample,
+    offsets[one.image_sample] + one.image_start,
+    segment_ids,
+    rows[one.image_sample],
+  )
 
 
-def collate_packed(samples: Sequence[Mapping[str, Any]], placement: Sequence[tuple[int, int]], spec: PackingSpec,
-                   tokens_per_image: int, max_seq_len: int = 4096, num_skipped: int = 0) -> dict[str, np.ndarray]:
+def collate_packed(
+  samples: Sequence[Mapping[str, Any]],
+  placement: Sequence[tuple[int, int]],
+  spec: PackingSpec,
+  tokens_per_image: int,
+  max_seq_len: int = 4096,
+  num_skipped: int = 0,
+) -> dict[str, np.ndarray]:
   """Prepared samples (the pipeline's: input_ids, labels, pixels, t, image_kind) at their placements ->
   one packed batch of `cheers_jax.data.batch`'s contract (rows x row_len, row_images slots per row)."""
   ids, labels, mask = batch_lib.pad_samples([x["input_ids"] for x in samples], [x["labels"] for x in samples])
@@ -156,8 +192,13 @@ class PaddingCounter:
 
   def add(self, batch: Mapping[str, np.ndarray]) -> None:
     valid = np.asarray(batch["valid"])
-    self.add_counts(valid.size, int(valid.sum()), int(np.size(batch["image_weight"])),
-                    int(np.sum(np.asarray(batch["image_weight"]) > 0)), samples_in(batch))
+    self.add_counts(
+      valid.size,
+      int(valid.sum()),
+      int(np.size(batch["image_weight"])),
+      int(np.sum(np.asarray(batch["image_weight"]) > 0)),
+      samples_in(batch),
+    )
 
   def add_counts(self, tokens: int, real_tokens: int, slots: int, real_images: int, samples: int) -> None:
     self.tokens += tokens
@@ -178,8 +219,14 @@ class PaddingCounter:
     return 1.0 - self.real_images / self.slots if self.slots else 0.0
 
   def summary(self) -> dict[str, float]:
-    return {"padding": self.padding, "slot_padding": self.slot_padding, "batches": self.batches,
-            "samples": self.samples, "tokens": self.tokens, "real_tokens": self.real_tokens}
+    return {
+      "padding": self.padding,
+      "slot_padding": self.slot_padding,
+      "batches": self.batches,
+      "samples": self.samples,
+      "tokens": self.tokens,
+      "real_tokens": self.real_tokens,
+    }
 
 
 def samples_in(batch: Mapping[str, np.ndarray]) -> int:
@@ -214,8 +261,9 @@ def bucket_of(length: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"{length} tokens exceed the largest bucket {max(buckets)}")
 
 
-def padding_figures(lengths: np.ndarray, buckets: Sequence[int], batch_size: int, slots_per_sample: int,
-                    spec: PackingSpec) -> dict:
+def padding_figures(
+  lengths: np.ndarray, buckets: Sequence[int], batch_size: int, slots_per_sample: int, spec: PackingSpec
+) -> dict:
   """Padding of `lengths` (one image each) batched as the pipeline does: unpacked (batch_size rows of
   slots_per_sample image slots, each batch padded to the bucket of its longest sample; and the best case,
   every sample padded alone to its own bucket) and packed (first fit into spec's rows). Samples longer
@@ -223,15 +271,14 @@ def padding_figures(lengths: np.ndarray, buckets: Sequence[int], batch_size: int
   lengths = lengths[lengths <= max(buckets)]
   unpacked, alone, packed = PaddingCounter(), PaddingCounter(), PaddingCounter()
   for i in range(0, len(lengths) - batch_size + 1, batch_size):
-    chunk = lengths[i:i + batch_size]
+    chunk = lengths[i : i + batch_size]
     width = bucket_of(int(chunk.max()), buckets)
     unpacked.add_counts(width * len(chunk), int(chunk.sum()), slots_per_sample * len(chunk), len(chunk), len(chunk))
   for length in lengths:
     alone.add_counts(bucket_of(int(length), buckets), int(length), slots_per_sample, 1, 1)
   start = 0
   for placement in first_fit(lengths, np.ones(len(lengths), np.int64), spec):
-    chunk = lengths[start:start + len(placement)]
+    chunk = lengths[start : start + len(placement)]
     start += len(placement)
-    packed.add_counts(spec.rows * spec.row_len, int(chunk.sum()), spec.rows * spec.row_images, len(chunk),
-                      len(chunk))
+    packed.add_counts(spec.rows * spec.row_len, int(chunk.sum()), spec.rows * spec.row_images, len(chunk), len(chunk))
   return {"unpacked": unpacked.summary(), "unpacked_alone": alone.summary(), "packed": packed.summary()}

@@ -44,6 +44,7 @@ seq_buckets, max_images_per_sample, mix, cfg_data_rate, shuffle, worker_count, p
 pack_images}, train.batch_size, model.max_seq_len, seed; optional data.num_threads (reader threads,
 default 8) and data.prefetch (samples read ahead).
 """
+
 from __future__ import annotations
 
 import collections
@@ -61,10 +62,15 @@ from cheers_jax.data import batch as batch_lib
 from cheers_jax.data import packing as packing_lib
 from cheers_jax.data import sources as sources_lib
 from cheers_jax.data.images import BadImageError, generation_image, load_image, understanding_image
-from cheers_jax.data.tokenizer import (DEFAULT_MAX_SEQ_LEN, IMAGE_GEN_TOKEN_INDEX,
-                                       IMAGE_TOKEN_INDEX, CheersTokenizer, cfg_dropout_ids)
+from cheers_jax.data.tokenizer import (
+  DEFAULT_MAX_SEQ_LEN,
+  IMAGE_GEN_TOKEN_INDEX,
+  IMAGE_TOKEN_INDEX,
+  CheersTokenizer,
+  cfg_dropout_ids,
+)
 from cheers_jax.errors import UserError
-from cheers_jax.model.sequence import (KIND_GEN, KIND_PREPENDED, KIND_UND, SequenceError, assemble)
+from cheers_jax.model.sequence import KIND_GEN, KIND_PREPENDED, KIND_UND, SequenceError, assemble
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class DataWorkerError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
   """Everything the per-sample and per-batch steps need (plain values, picklable)."""
+
   batch_size: int  # per process
   image_size: int
   seq_buckets: tuple[int, ...]
@@ -95,8 +102,10 @@ class PipelineSpec:
 
   def __post_init__(self) -> None:
     if self.image_size % self.token_pixels:
-      raise ValueError(f"image_size {self.image_size} must be a multiple of {self.token_pixels} (one LLM token per "
-                       f"2x2 patches of {self.patch_size} pixels)")
+      raise ValueError(
+        f"image_size {self.image_size} must be a multiple of {self.token_pixels} (one LLM token per "
+        f"2x2 patches of {self.patch_size} pixels)"
+      )
     if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
       raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
     if self.seed < 0:
@@ -137,14 +146,15 @@ def spec_from_config(config: Any, *, seed: int | None = None, process_count: int
   model = config.get("model", None)
   max_seq_len = int(model.get("max_seq_len", 4096)) if model is not None else 4096  # reference: 4096
   spec = PipelineSpec(
-      batch_size=config.train.batch_size // process_count,
-      image_size=int(data.image_size),
-      seq_buckets=tuple(int(b) for b in data.seq_buckets),
-      max_images_per_sample=int(data.max_images_per_sample),
-      max_seq_len=max_seq_len,
-      cfg_data_rate=float(data.cfg_data_rate),
-      seed=int(config.seed if seed is None else seed),
-      patch_size=int((model.get("vision", None) or {}).get("patch_size", 16)) if model is not None else 16)
+    batch_size=config.train.batch_size // process_count,
+    image_size=int(data.image_size),
+    seq_buckets=tuple(int(b) for b in data.seq_buckets),
+    max_images_per_sample=int(data.max_images_per_sample),
+    max_seq_len=max_seq_len,
+    cfg_data_rate=float(data.cfg_data_rate),
+    seed=int(config.seed if seed is None else seed),
+    patch_size=int((model.get("vision", None) or {}).get("patch_size", 16)) if model is not None else 16,
+  )
   return dataclasses.replace(spec, packing=packing_lib.resolve(data, spec.tokens_per_image, spec.batch_size))
 
 
@@ -161,8 +171,12 @@ def _to_rgb(image: Any) -> Image.Image:
   if isinstance(image, (bytes, bytearray)):
     return load_image(image)
   arr = np.asarray(image)
-  if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)) \
-      or 0 in arr.shape:
+  if (
+    arr.dtype != np.uint8
+    or arr.ndim not in (2, 3)
+    or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4))
+    or 0 in arr.shape
+  ):
     raise BadImageError(f"image array must be uint8 (H, W[, 1|3|4]), got {arr.dtype} {arr.shape}")
   if arr.ndim == 3 and arr.shape[-1] == 1:
     arr = arr[..., 0]
@@ -206,21 +220,25 @@ class PrepareExample:
     is_ph = (ids == IMAGE_TOKEN_INDEX) | (ids == IMAGE_GEN_TOKEN_INDEX)
     if ids[is_ph].tolist() != [_PLACEHOLDER_OF_KIND[k] for k in kinds]:
       if len(ids) == DEFAULT_MAX_SEQ_LEN:
-        return skip_record(sid, "too_long", f"the template's truncation to the last {DEFAULT_MAX_SEQ_LEN} "
-                           "tokens removed an image placeholder")
-      return skip_record(sid, "malformed", f"placeholders in the text {ids[is_ph].tolist()} do not match the "
-                         f"image kinds {kinds}")
+        return skip_record(
+          sid,
+          "too_long",
+          f"the template's truncation to the last {DEFAULT_MAX_SEQ_LEN} tokens removed an image placeholder",
+        )
+      return skip_record(
+        sid, "malformed", f"placeholders in the text {ids[is_ph].tolist()} do not match the image kinds {kinds}"
+      )
     n_img = max(1, len(kinds))  # a text-only sample carries the prepended dummy image
     if n_img > spec.max_images_per_sample:
-      return skip_record(sid, "too_many_images", f"{n_img} images > max_images_per_sample "
-                         f"{spec.max_images_per_sample}")
+      return skip_record(sid, "too_many_images", f"{n_img} images > max_images_per_sample {spec.max_images_per_sample}")
     # Assembled length: each placeholder becomes N tokens; no placeholder = N prepended tokens.
     ph_at = np.flatnonzero(is_ph)
     starts = ph_at + np.arange(len(ph_at)) * (n_tok - 1) if len(ph_at) else np.zeros(1, np.int64)
     full = len(ids) + len(ph_at) * (n_tok - 1) + (0 if len(ph_at) else n_tok)
     if np.any(starts + n_tok > spec.max_seq_len):
-      return skip_record(sid, "too_long", f"an image is cut by the truncation to max_seq_len={spec.max_seq_len} "
-                         f"({full} tokens)")
+      return skip_record(
+        sid, "too_long", f"an image is cut by the truncation to max_seq_len={spec.max_seq_len} ({full} tokens)"
+      )
     length = min(full, spec.max_seq_len)
     if length > spec.max_sample_len:
       where = "a packed row" if spec.packing else "the largest bucket"
@@ -246,10 +264,15 @@ class PrepareExample:
     if cfg_dropped:
       ids = cfg_dropout_ids(ids)  # labels unchanged, as the reference
     return {
-        "id": sid, "input_ids": ids, "labels": labels,
-        "pixels": np.stack(pixels), "t": np.asarray(t, np.float32),
-        "image_kind": np.asarray([_SEQ_KIND_OF_KIND[k] for k in kinds] or [KIND_PREPENDED], np.int32),
-        "length": int(length), "category": sources_lib.category_of_kinds(kinds), "cfg_dropped": cfg_dropped,
+      "id": sid,
+      "input_ids": ids,
+      "labels": labels,
+      "pixels": np.stack(pixels),
+      "t": np.asarray(t, np.float32),
+      "image_kind": np.asarray([_SEQ_KIND_OF_KIND[k] for k in kinds] or [KIND_PREPENDED], np.int32),
+      "length": int(length),
+      "category": sources_lib.category_of_kinds(kinds),
+      "cfg_dropped": cfg_dropped,
     }
 
 
@@ -259,8 +282,15 @@ def collate(samples: Sequence[Mapping[str, Any]], spec: PipelineSpec, num_skippe
   n_tok = spec.tokens_per_image
   ids, labels, mask = batch_lib.pad_samples([s["input_ids"] for s in samples], [s["labels"] for s in samples])
   bucket = spec.bucket_for(max(int(s["length"]) for s in samples))
-  lay = assemble(ids, n_tok, attention_mask=mask, labels=labels, seq_len=bucket, max_seq_len=spec.max_seq_len,
-                 check_fm_positions=True)
+  lay = assemble(
+    ids,
+    n_tok,
+    attention_mask=mask,
+    labels=labels,
+    seq_len=bucket,
+    max_seq_len=spec.max_seq_len,
+    check_fm_positions=True,
+  )
   return batch_lib.from_samples(lay, samples, n_tok, spec.max_images_per_sample, num_skipped)
 
 
@@ -268,6 +298,7 @@ class _BatchIterator(grain.DatasetIterator):
   """Pulls prepared samples, sets skip records aside, collates B good ones, or with packing fills B rows
   (`packing.RowFiller`) until a sample fits none: that sample is held for the next batch, and the state
   is then the parent's from before it, so a restored iterator reads it again. State = the parent's."""
+
   _MUTATES_ELEMENT_SPEC = True
 
   def __init__(self, parent: grain.DatasetIterator, spec: PipelineSpec) -> None:
@@ -293,9 +324,11 @@ class _BatchIterator(grain.DatasetIterator):
         skips.append((item["id"], item["skip"], item["message"]))
         if len(skips) > limit:
           reasons = collections.Counter(reason for _, reason, _ in skips)
-          raise UserError(f"{len(skips)} consecutive samples were skipped while filling one batch "
-                          f"({', '.join(f'{r}: {n}' for r, n in reasons.items())}); the data looks broken. "
-                          f"Last: {skips[-1][0]}: {skips[-1][2]}")
+          raise UserError(
+            f"{len(skips)} consecutive samples were skipped while filling one batch "
+            f"({', '.join(f'{r}: {n}' for r, n in reasons.items())}); the data looks broken. "
+            f"Last: {skips[-1][0]}: {skips[-1][2]}"
+          )
       elif filler is not None and not filler.place(int(item["length"]), len(item["image_kind"])):
         if not samples:  # PrepareExample and packing.resolve make every accepted sample fit an empty row
           raise AssertionError(f"sample {item['id']} fits no empty row of {spec.packing}")
@@ -306,8 +339,9 @@ class _BatchIterator(grain.DatasetIterator):
     if filler is None:
       batch = collate(samples, spec)
     else:
-      batch = packing_lib.collate_packed(samples, filler.placement, spec.packing, spec.tokens_per_image,
-                                         spec.max_seq_len)
+      batch = packing_lib.collate_packed(
+        samples, filler.placement, spec.packing, spec.tokens_per_image, spec.max_seq_len
+      )
     batch["_skips"] = skips
     return batch
 
@@ -331,6 +365,7 @@ class _BatchIterDataset(grain.IterDataset):
 class TrainIterator(grain.DatasetIterator):
   """The pipeline's outer iterator: logs and counts skips (in the main process, once each) and stamps
   `num_skipped`. `get_state()` is JSON-serialisable (grain's orbax CheckpointHandler accepts it)."""
+
   _MUTATES_ELEMENT_SPEC = False
 
   def __init__(self, parent: grain.DatasetIterator, source_report: Any = None) -> None:
@@ -355,8 +390,9 @@ class TrainIterator(grain.DatasetIterator):
         log.warning("skipped sample %s (%s): %s", line.id, "malformed", message)
         self.recent_skips.append((line.id, "malformed", message))
       if total > len(named):
-        log.warning("skipped %d more unusable lines of %s (only the first %d are named)", total - len(named),
-                    name, len(named))
+        log.warning(
+          "skipped %d more unusable lines of %s (only the first %d are named)", total - len(named), name, len(named)
+        )
       if not self._source_counted:
         self.skipped["malformed"] += total
     self._source_counted = True
@@ -370,8 +406,10 @@ class TrainIterator(grain.DatasetIterator):
       if "Worker process was terminated" not in str(e):  # grain's words for a worker that died
         raise
       self._parent.close()  # stops the other workers: none outlives the run
-      raise DataWorkerError(f"a data loader process (data.worker_count) died: {e} If it was killed for memory, "
-                            "lower data.worker_count or data.prefetch; the run resumes from its last checkpoint") from e
+      raise DataWorkerError(
+        f"a data loader process (data.worker_count) died: {e} If it was killed for memory, "
+        "lower data.worker_count or data.prefetch; the run resumes from its last checkpoint"
+      ) from e
     for sid, reason, message in batch.pop("_skips"):
       log.warning("skipped sample %s (%s): %s", sid, reason, message)
       self.skipped[reason] += 1
@@ -416,8 +454,6 @@ def _derived_seed(seed: int, *salt: int) -> int:
   return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])  # < 2**32, as grain wants
 
 
-
-
 def _pool(source: Any, idx: np.ndarray, seed: int, shuffle: bool, *salt: int) -> grain.MapDataset:
   ds = grain.MapDataset.source(_Subset(source, idx))
   if shuffle:
@@ -451,9 +487,11 @@ def _unused_parts(source: Any, cats: np.ndarray, mix: Mapping[str, float]) -> li
   drawn = [c for c, name in enumerate(sources_lib.CATEGORIES) if float(mix.get(name, 0.0)) > 0]
   ends = list(source.starts()[1:]) + [len(source)]
   has = lambda start, end: np.bincount(cats[start:end], minlength=len(sources_lib.CATEGORIES) + 1)[drawn].any()
-  return [sources_lib.source_label(part)
-          for part, start, end, weight in zip(source.parts, source.starts(), ends, weights)
-          if weight <= 0 or not has(start, end)]
+  return [
+    sources_lib.source_label(part)
+    for part, start, end, weight in zip(source.parts, source.starts(), ends, weights)
+    if weight <= 0 or not has(start, end)
+  ]
 
 
 def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool = True) -> grain.MapDataset:
@@ -473,13 +511,20 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
       continue
     if weight <= 0:
       if len(idx):
-        log.warning("%d %r samples of %s are not drawn: data.mix.%s=%g", len(idx), name,
-                    sources_lib.source_label(source), name, weight)
+        log.warning(
+          "%d %r samples of %s are not drawn: data.mix.%s=%g",
+          len(idx),
+          name,
+          sources_lib.source_label(source),
+          name,
+          weight,
+        )
       continue
     ds = _category_pool(source, idx, c, seed, shuffle)
     if ds is None:
-      log.warning("data.mix gives %r weight %g but no source of positive weight has %r samples; ignored", name,
-                  weight, name)
+      log.warning(
+        "data.mix gives %r weight %g but no source of positive weight has %r samples; ignored", name, weight, name
+      )
       continue
     pools.append(ds)
     weights.append(weight)
@@ -488,10 +533,15 @@ def mixed_stream(source: Any, mix: Mapping[str, float], seed: int, shuffle: bool
   if not pools:
     wanted = [name for name in sources_lib.CATEGORIES if float(mix.get(name, 0.0)) > 0]
     have = ", ".join(f"{n} {k}" for k, n in counts.items()) + (f", {bad} unusable" if bad else "")
-    raise UserError(f"{sources_lib.source_label(source)} has no usable sample of the kinds data.mix draws "
-                    f"({', '.join(wanted) or 'none'}): it holds {have}; "
-                    + ("fix the data or give the kinds it has a positive data.mix weight" if len(cats) > bad
-                       else "the source has no usable record at all"))
+    raise UserError(
+      f"{sources_lib.source_label(source)} has no usable sample of the kinds data.mix draws "
+      f"({', '.join(wanted) or 'none'}): it holds {have}; "
+      + (
+        "fix the data or give the kinds it has a positive data.mix weight"
+        if len(cats) > bad
+        else "the source has no usable record at all"
+      )
+    )
   if len(pools) == 1:
     return pools[0]
   ds = grain.MapDataset.mix(pools, weights)
@@ -525,8 +575,15 @@ def phased_stream(source: Any, data: Any, seed: int) -> grain.MapDataset:
   return grain.MapDataset.source(_Sequenced(first, first_samples, rest))
 
 
-def make_train_dataset(config: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
-                       tokenizer: CheersTokenizer | None = None, source: Any = None) -> grain.IterDataset:
+def make_train_dataset(
+  config: Any,
+  *,
+  seed: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  tokenizer: CheersTokenizer | None = None,
+  source: Any = None,
+) -> grain.IterDataset:
   """The pipeline as a grain IterDataset (iterate it, or use `make_train_iterator`). `source` overrides
   the one `config.data.source` names."""
   if not 0 <= process_index < process_count:
@@ -545,20 +602,34 @@ def make_train_dataset(config: Any, *, seed: int | None = None, process_index: i
   workers = int(data.get("worker_count", 0))
   if workers > 0:
     from absl import flags  # grain's worker processes read absl flags; outside absl.app nothing parsed them
+
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   report = None
   if process_index == 0:  # one process reports and counts the records the sources found unusable
-    report = [(list(leaf.bad_lines), int(leaf.num_bad_lines), sources_lib.source_label(leaf))
-              for leaf in sources_lib.leaf_sources(source) if getattr(leaf, "num_bad_lines", 0)] or None
+    report = [
+      (list(leaf.bad_lines), int(leaf.num_bad_lines), sources_lib.source_label(leaf))
+      for leaf in sources_lib.leaf_sources(source)
+      if getattr(leaf, "num_bad_lines", 0)
+    ] or None
   return _TrainIterDataset(batched, report)
 
 
-def make_train_iterator(config: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
-                        tokenizer: CheersTokenizer | None = None, source: Any = None) -> TrainIterator:
+def make_train_iterator(
+  config: Any,
+  *,
+  seed: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  tokenizer: CheersTokenizer | None = None,
+  source: Any = None,
+) -> TrainIterator:
   """Iterator over this process's batches (see the module docstring); `get_state` / `set_state`
   checkpoint it. seed defaults to config.seed; the data order depends on seed, process_count and
   data.worker_count (a state restores into an iterator built with the same three)."""
-  return iter(make_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
-                                 tokenizer=tokenizer, source=source))
+  return iter(
+    make_train_dataset(
+      config, seed=seed, process_index=process_index, process_count=process_count, tokenizer=tokenizer, source=source
+    )
+  )

@@ -26,6 +26,7 @@ NAME = the JSONL's file name without extension. Train on them with
 `inspect` prints the records per source JSONL and category, what prepare left out, and decodes a few
 records (their conversation, image kinds and sizes).
 """
+
 from __future__ import annotations
 
 import array
@@ -54,6 +55,7 @@ REENCODE_JPEG_QUALITY = 95
 
 class ShardJob(NamedTuple):
   """One shard to write: the records [first_record, first_record + records) of one input."""
+
   input: str
   image_root: str
   output: str  # the shard's path
@@ -86,15 +88,24 @@ def input_stem(path: str) -> str:
   return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def plan(inputs: Sequence[str], image_roots: Sequence[str], output: str, records_per_shard: int,
-         task_index: int = 0, num_tasks: int = 1, max_side: int = 0) -> tuple[list[ShardJob], dict[str, int]]:
+def plan(
+  inputs: Sequence[str],
+  image_roots: Sequence[str],
+  output: str,
+  records_per_shard: int,
+  task_index: int = 0,
+  num_tasks: int = 1,
+  max_side: int = 0,
+) -> tuple[list[ShardJob], dict[str, int]]:
   """This task's shards (shard g of all inputs, in input order, is task g % num_tasks's) and the number of
   records of every input."""
   stems = collections.Counter(input_stem(p) for p in inputs)
   twice = [s for s, n in stems.items() if n > 1]
   if twice:
-    raise UserError(f"several inputs are named {twice[0]!r} (shard names come from the JSONL's name): prepare them "
-                    "into separate --output folders (one data.sources entry each), or rename them")
+    raise UserError(
+      f"several inputs are named {twice[0]!r} (shard names come from the JSONL's name): prepare them "
+      "into separate --output folders (one data.sources entry each), or rename them"
+    )
   jobs, counts = [], {}
   for path, root in zip(inputs, image_roots):
     offsets, numbers = scan_lines(path)
@@ -102,9 +113,18 @@ def plan(inputs: Sequence[str], image_roots: Sequence[str], output: str, records
     count = -(-len(offsets) // records_per_shard)
     for k in range(count):
       first = k * records_per_shard
-      jobs.append(ShardJob(path, root, os.path.join(output, shards_lib.shard_name(input_stem(path), k, count)),
-                           int(offsets[first]), first, int(numbers[first]),
-                           min(records_per_shard, len(offsets) - first), max_side))
+      jobs.append(
+        ShardJob(
+          path,
+          root,
+          os.path.join(output, shards_lib.shard_name(input_stem(path), k, count)),
+          int(offsets[first]),
+          first,
+          int(numbers[first]),
+          min(records_per_shard, len(offsets) - first),
+          max_side,
+        )
+      )
   return jobs[task_index::num_tasks], counts
 
 
@@ -160,17 +180,24 @@ def _read_images(example: dict[str, Any], max_side: int) -> tuple[list[bytes], i
 
 def prepare_shard(job: ShardJob) -> dict[str, Any]:
   """Writes one shard (or keeps it, when finished before); returns its index's meta and `resumed`."""
-  want = {"source": os.path.abspath(job.input), "first_record": job.first_record, "max_side": job.max_side,
-          "shard": os.path.basename(job.output)}
+  want = {
+    "source": os.path.abspath(job.input),
+    "first_record": job.first_record,
+    "max_side": job.max_side,
+    "shard": os.path.basename(job.output),
+  }
   if os.path.exists(shards_lib.index_path(job.output)):
     meta = shards_lib.read_index(job.output).meta
     if {k: meta.get(k) for k in want} != want or meta["records"] + len(meta["bad"]) != job.records:
-      raise UserError(f"{job.output} was prepared from other inputs or settings ({meta.get('source')}, first "
-                      f"record {meta.get('first_record')}, max_side {meta.get('max_side')}): write into a new "
-                      "--output folder")
+      raise UserError(
+        f"{job.output} was prepared from other inputs or settings ({meta.get('source')}, first "
+        f"record {meta.get('first_record')}, max_side {meta.get('max_side')}): write into a new "
+        "--output folder"
+      )
     return {**meta, "resumed": True}
   for stale in glob.glob(glob.escape(job.output) + ".tmp*") + glob.glob(
-      glob.escape(shards_lib.index_path(job.output)) + ".tmp*"):
+    glob.escape(shards_lib.index_path(job.output)) + ".tmp*"
+  ):
     os.remove(stale)  # an interrupted run's leftovers
   writer = shards_lib.ShardWriter(job.output)
   bad, reencoded = [], 0
@@ -195,14 +222,18 @@ def prepare_shard(job: ShardJob) -> dict[str, Any]:
         reason = "malformed"
         ids, _ = _tokenizer().build_conversation(example["messages"])
       except (ValueError, TypeError, KeyError, AttributeError) as e:  # BadImageError is a ValueError
-        bad.append({"source": job.input, "line": line_number, "id": example["id"], "reason": reason,
-                    "error": str(e)})
+        bad.append({"source": job.input, "line": line_number, "id": example["id"], "reason": reason, "error": str(e)})
         continue
       reencoded += n
-      writer.add(shards_lib.encode_record(example, images), sources_lib.category_of_kinds(example["image_kinds"]),
-                 len(ids), len(images))
-  meta = writer.close({**want, "image_root": job.image_root, "first_line": job.first_line, "bad": bad,
-                       "reencoded": reencoded})
+      writer.add(
+        shards_lib.encode_record(example, images),
+        sources_lib.category_of_kinds(example["image_kinds"]),
+        len(ids),
+        len(images),
+      )
+  meta = writer.close(
+    {**want, "image_root": job.image_root, "first_line": job.first_line, "bad": bad, "reencoded": reencoded}
+  )
   return {**meta, "resumed": False}
 
 
@@ -211,19 +242,30 @@ def report_path(output: str, task_index: int, num_tasks: int) -> str:
   return os.path.join(output, f"report-task{task_index:05d}-of-{num_tasks:05d}.jsonl")
 
 
-def prepare(inputs: Sequence[str], image_roots: Sequence[str], output: str, *,
-            records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, processes: int = 1, task_index: int = 0,
-            num_tasks: int = 1, max_side: int = 0, log=print) -> dict[str, Any]:
+def prepare(
+  inputs: Sequence[str],
+  image_roots: Sequence[str],
+  output: str,
+  *,
+  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+  processes: int = 1,
+  task_index: int = 0,
+  num_tasks: int = 1,
+  max_side: int = 0,
+  log=print,
+) -> dict[str, Any]:
   """Prepares this task's shards (see the module docstring); returns the report's summary."""
   if not 0 <= task_index < num_tasks:
     raise UserError(f"--task-index {task_index} is not in [0, --num-tasks {num_tasks})")
   os.makedirs(output, exist_ok=True)
   jobs, counts = plan(inputs, image_roots, output, records_per_shard, task_index, num_tasks, max_side)
   if max_side:
-    log(f"re-encoding (--max-side {max_side}): images to understand with a long side over {max_side} px and "
-        f"images to generate with a short side over {max_side} px are downscaled to that side (bicubic, aspect "
-        f"kept) and re-encoded (JPEG quality {REENCODE_JPEG_QUALITY}, PNG for PNG and transparent images); "
-        "the others are copied as they are")
+    log(
+      f"re-encoding (--max-side {max_side}): images to understand with a long side over {max_side} px and "
+      f"images to generate with a short side over {max_side} px are downscaled to that side (bicubic, aspect "
+      f"kept) and re-encoded (JPEG quality {REENCODE_JPEG_QUALITY}, PNG for PNG and transparent images); "
+      "the others are copied as they are"
+    )
   results = []
   done = [os.path.exists(shards_lib.index_path(j.output)) for j in jobs]  # kept shards need no process
   finished = [j for j, d in zip(jobs, done) if d]
@@ -247,23 +289,38 @@ def prepare(inputs: Sequence[str], image_roots: Sequence[str], output: str, *,
   os.replace(path + ".tmp", path)
   for source, s in summary["inputs"].items():
     left = ", ".join(f"{r} {n}" for r, n in s["left_out"].items())
-    log(f"{source}: {s['records']} lines in this task's shards -> {s['written']} records written in {s['shards']} "
-        f"shards ({s['resumed']} kept from before); left out {sum(s['left_out'].values())}"
-        + (f" ({left})" if left else "") + f"; re-encoded images {s['reencoded']}")
+    log(
+      f"{source}: {s['records']} lines in this task's shards -> {s['written']} records written in {s['shards']} "
+      f"shards ({s['resumed']} kept from before); left out {sum(s['left_out'].values())}"
+      + (f" ({left})" if left else "")
+      + f"; re-encoded images {s['reencoded']}"
+    )
   log(f"report: {path}")
   return summary
 
 
 def _log_shard(log, meta: dict[str, Any], done: int, total: int) -> None:
-  log(f"[{done}/{total}] {meta['shard']}: {meta['records']} records, {len(meta['bad'])} left out"
-      + (" (kept from a previous run)" if meta["resumed"] else ""))
+  log(
+    f"[{done}/{total}] {meta['shard']}: {meta['records']} records, {len(meta['bad'])} left out"
+    + (" (kept from a previous run)" if meta["resumed"] else "")
+  )
 
 
-def _summary(results: Sequence[dict[str, Any]], counts: dict[str, int], task_index: int,
-             num_tasks: int) -> dict[str, Any]:
-  inputs: dict[str, Any] = {os.path.abspath(path): {"lines_in_input": n, "records": 0, "written": 0, "shards": 0,
-                                                    "resumed": 0, "left_out": {}, "reencoded": 0}
-                            for path, n in counts.items()}  # an input without a shard in this task says so too
+def _summary(
+  results: Sequence[dict[str, Any]], counts: dict[str, int], task_index: int, num_tasks: int
+) -> dict[str, Any]:
+  inputs: dict[str, Any] = {
+    os.path.abspath(path): {
+      "lines_in_input": n,
+      "records": 0,
+      "written": 0,
+      "shards": 0,
+      "resumed": 0,
+      "left_out": {},
+      "reencoded": 0,
+    }
+    for path, n in counts.items()
+  }  # an input without a shard in this task says so too
   for meta in results:
     s = inputs[meta["source"]]
     s["records"] += meta["records"] + len(meta["bad"])
@@ -292,9 +349,12 @@ def describe(pattern: str, samples: int = 3, log=print) -> dict[str, Any]:
   log(f"{len(paths)} shards (format version {shards_lib.FORMAT_VERSION}) matching {pattern}")
   for source, counter in sorted(per_source.items()):
     left = {r: n for (s, r), n in left_out.items() if s == source}
-    log(f"  {source}: {sum(counter.values())} records ("
-        + ", ".join(f"{name} {counter[name]}" for name in sources_lib.CATEGORIES) + ")"
-        + (f"; left out when prepared: {', '.join(f'{r} {n}' for r, n in left.items())}" if left else ""))
+    log(
+      f"  {source}: {sum(counter.values())} records ("
+      + ", ".join(f"{name} {counter[name]}" for name in sources_lib.CATEGORIES)
+      + ")"
+      + (f"; left out when prepared: {', '.join(f'{r} {n}' for r, n in left.items())}" if left else "")
+    )
   source = sources_lib.ShardSource(pattern)
   picks = np.unique(np.linspace(0, len(source) - 1, min(samples, len(source))).astype(int)) if len(source) else []
   for i in picks:
@@ -307,10 +367,15 @@ def describe(pattern: str, samples: int = 3, log=print) -> dict[str, Any]:
       except BadImageError as e:
         sizes.append(f"unreadable ({e.reason})")
     text = " | ".join(f"{m['role']}: {m['content']}" for m in example["messages"]).replace("\n", "\\n")
-    log(f"record {i} ({os.path.basename(shard)} #{number}) id={example['id']} kinds={example['image_kinds']} "
-        f"images={sizes} tokens={int(source.lengths()[i])}: {text[:160]}")
-  return {"shards": len(paths), "per_source": {s: dict(c) for s, c in per_source.items()},
-          "left_out": sum(left_out.values())}
+    log(
+      f"record {i} ({os.path.basename(shard)} #{number}) id={example['id']} kinds={example['image_kinds']} "
+      f"images={sizes} tokens={int(source.lengths()[i])}: {text[:160]}"
+    )
+  return {
+    "shards": len(paths),
+    "per_source": {s: dict(c) for s, c in per_source.items()},
+    "left_out": sum(left_out.values()),
+  }
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -319,17 +384,29 @@ def _parser() -> cli.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   w = sub.add_parser("prepare", help="JSONL + images -> shards")
   w.add_argument("--input", action="append", required=True, help="an official-format JSONL (repeat for several)")
-  w.add_argument("--image-root", action="append", default=[],
-                 help="folder the images paths of the inputs are relative to: once for all inputs, or once per "
-                      "--input in the same order (default: each JSONL's folder)")
+  w.add_argument(
+    "--image-root",
+    action="append",
+    default=[],
+    help="folder the images paths of the inputs are relative to: once for all inputs, or once per "
+    "--input in the same order (default: each JSONL's folder)",
+  )
   w.add_argument("--output", required=True, help="folder for the shards and the report")
   w.add_argument("--records-per-shard", type=cli.POSITIVE_INT, default=DEFAULT_RECORDS_PER_SHARD)
-  w.add_argument("--processes", type=cli.POSITIVE_INT, default=os.cpu_count() or 1,
-                 help="shards written at once on this machine (default: its cores)")
+  w.add_argument(
+    "--processes",
+    type=cli.POSITIVE_INT,
+    default=os.cpu_count() or 1,
+    help="shards written at once on this machine (default: its cores)",
+  )
   w.add_argument("--task-index", type=cli.NON_NEGATIVE_INT, default=0, help="this machine's task (0-based)")
   w.add_argument("--num-tasks", type=cli.POSITIVE_INT, default=1, help="machines sharing the work")
-  w.add_argument("--max-side", type=cli.NON_NEGATIVE_INT, default=0,
-                 help="opt-in re-encoding of images larger than training at this image_size uses (0: copy bytes)")
+  w.add_argument(
+    "--max-side",
+    type=cli.NON_NEGATIVE_INT,
+    default=0,
+    help="opt-in re-encoding of images larger than training at this image_size uses (0: copy bytes)",
+  )
   r = sub.add_parser("inspect", help="counts and a few decoded records of prepared shards")
   r.add_argument("path", help="a folder of shards or a glob of them")
   r.add_argument("--samples", type=cli.NON_NEGATIVE_INT, default=3, help="records to decode and print")
@@ -343,12 +420,22 @@ def _main(argv: Sequence[str]) -> int:
     return 0
   roots = args.image_root
   if len(roots) not in (0, 1, len(args.input)):
-    raise UserError(f"{len(roots)} --image-root for {len(args.input)} --input: give none, one for all, or one per "
-                    "input")
-  roots = roots * len(args.input) if len(roots) == 1 else roots or [os.path.dirname(os.path.abspath(p))
-                                                                      for p in args.input]
-  prepare(args.input, roots, args.output, records_per_shard=args.records_per_shard, processes=args.processes,
-          task_index=args.task_index, num_tasks=args.num_tasks, max_side=args.max_side)
+    raise UserError(
+      f"{len(roots)} --image-root for {len(args.input)} --input: give none, one for all, or one per input"
+    )
+  roots = (
+    roots * len(args.input) if len(roots) == 1 else roots or [os.path.dirname(os.path.abspath(p)) for p in args.input]
+  )
+  prepare(
+    args.input,
+    roots,
+    args.output,
+    records_per_shard=args.records_per_shard,
+    processes=args.processes,
+    task_index=args.task_index,
+    num_tasks=args.num_tasks,
+    max_side=args.max_side,
+  )
   return 0
 
 

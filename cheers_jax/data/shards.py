@@ -19,6 +19,7 @@ the header, JSON: {"id", "messages": [{"role", "content"}], "image_kinds": ["und
 encoded bytes, one after another, as the files held them (unless prepare re-encoded them). The CRC
 catches corruption that the container's own checks miss (riegeli hashes its chunk headers).
 """
+
 from __future__ import annotations
 
 import glob
@@ -40,8 +41,10 @@ INDEX_SUFFIX = ".index.npz"
 # Uncompressed: the images (most of the bytes) are JPEG / PNG already; zstd would cost CPU on every read.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 _HEADER = struct.Struct("<4sII")
-REPREPARE = "rerun `python -m cheers_jax.data.prepare` into a new folder (or delete the shard and its index and " \
-            "rerun it into the same folder: finished shards are kept)"
+REPREPARE = (
+  "rerun `python -m cheers_jax.data.prepare` into a new folder (or delete the shard and its index and "
+  "rerun it into the same folder: finished shards are kept)"
+)
 
 
 class ShardError(UserError):
@@ -51,10 +54,16 @@ class ShardError(UserError):
 # ------------------------------------------------------------------------------------------ records
 def encode_record(example: Mapping[str, Any], images: Sequence[bytes]) -> bytes:
   """An example (id, messages, image_kinds, image names in "images") and its encoded images -> one record."""
-  header = json.dumps({"id": example["id"], "messages": list(example["messages"]),
-                       "image_kinds": list(example["image_kinds"]),
-                       "image_names": [os.fspath(p) for p in example.get("images", [])],
-                       "image_sizes": [len(b) for b in images]}, ensure_ascii=False).encode()
+  header = json.dumps(
+    {
+      "id": example["id"],
+      "messages": list(example["messages"]),
+      "image_kinds": list(example["image_kinds"]),
+      "image_names": [os.fspath(p) for p in example.get("images", [])],
+      "image_sizes": [len(b) for b in images],
+    },
+    ensure_ascii=False,
+  ).encode()
   body = header + b"".join(images)
   return _HEADER.pack(MAGIC, len(header), zlib.crc32(body)) + body
 
@@ -67,23 +76,28 @@ def decode_record(record: bytes) -> dict[str, Any]:
   magic, header_len, crc = _HEADER.unpack_from(record)
   if magic != MAGIC:
     raise ValueError(f"not a cheers-jax shard record (starts with {magic!r}, not {MAGIC!r})")
-  body = memoryview(record)[_HEADER.size:]
+  body = memoryview(record)[_HEADER.size :]
   if zlib.crc32(body) != crc:
     raise ValueError("checksum mismatch: the record is corrupt")
   header = json.loads(bytes(body[:header_len]))
   images, pos = [], header_len
   for size in header["image_sizes"]:
-    images.append(bytes(body[pos:pos + size]))
+    images.append(bytes(body[pos : pos + size]))
     pos += size
   if pos != len(body):
     raise ValueError(f"the images take {pos - header_len} bytes, the record holds {len(body) - header_len}")
-  return {"id": header["id"], "messages": header["messages"], "images": images,
-          "image_kinds": header["image_kinds"], "image_names": header["image_names"]}
+  return {
+    "id": header["id"],
+    "messages": header["messages"],
+    "images": images,
+    "image_kinds": header["image_kinds"],
+    "image_names": header["image_names"],
+  }
 
 
 # -------------------------------------------------------------------------------------------- files
 def index_path(shard: str) -> str:
-  return shard[:-len(SHARD_SUFFIX)] + INDEX_SUFFIX
+  return shard[: -len(SHARD_SUFFIX)] + INDEX_SUFFIX
 
 
 def shard_name(stem: str, number: int, count: int) -> str:
@@ -113,20 +127,24 @@ class ShardWriter:
     """Finishes the shard; `meta` goes into its index. Returns the index's meta."""
     self._writer.close()
     os.replace(self._tmp, self.path)
-    meta = {**meta, "format_version": FORMAT_VERSION, "records": len(self),
-            "shard_bytes": os.path.getsize(self.path)}
+    meta = {**meta, "format_version": FORMAT_VERSION, "records": len(self), "shard_bytes": os.path.getsize(self.path)}
     index = index_path(self.path)
     tmp_index = f"{index}.tmp{os.getpid()}.npz"
-    np.savez(tmp_index, category=np.asarray(self._category, np.int8), length=np.asarray(self._length, np.int32),
-             num_images=np.asarray(self._num_images, np.int8), meta=np.asarray(json.dumps(meta)))
+    np.savez(
+      tmp_index,
+      category=np.asarray(self._category, np.int8),
+      length=np.asarray(self._length, np.int32),
+      num_images=np.asarray(self._num_images, np.int8),
+      meta=np.asarray(json.dumps(meta)),
+    )
     os.replace(tmp_index, index)
     return meta
 
 
 class ShardIndex(NamedTuple):
-  path: str            # the .arrayrecord file
+  path: str  # the .arrayrecord file
   category: np.ndarray  # int8 (n,)
-  length: np.ndarray    # int32 (n,)
+  length: np.ndarray  # int32 (n,)
   num_images: np.ndarray  # int8 (n,)
   meta: dict
 
@@ -139,23 +157,28 @@ def read_index(shard: str, check_size: bool = True) -> ShardIndex:
       meta = json.loads(str(z["meta"]))
       out = ShardIndex(shard, z["category"], z["length"], z["num_images"], meta)
   except FileNotFoundError:
-    raise ShardError(f"shard {shard} has no index {os.path.basename(index)} (its prepare run did not finish): "
-                     f"{REPREPARE}") from None
+    raise ShardError(
+      f"shard {shard} has no index {os.path.basename(index)} (its prepare run did not finish): {REPREPARE}"
+    ) from None
   except (OSError, ValueError, KeyError) as e:
     raise ShardError(f"the index of shard {shard} is unreadable ({type(e).__name__}: {e}): {REPREPARE}") from e
   version = meta.get("format_version")
   if version != FORMAT_VERSION:
-    raise ShardError(f"shard {shard} was prepared in shard format version {version}; this cheers_jax reads "
-                     f"version {FORMAT_VERSION}: re-prepare its data with this version's "
-                     "`python -m cheers_jax.data.prepare` (into a new folder)")
+    raise ShardError(
+      f"shard {shard} was prepared in shard format version {version}; this cheers_jax reads "
+      f"version {FORMAT_VERSION}: re-prepare its data with this version's "
+      "`python -m cheers_jax.data.prepare` (into a new folder)"
+    )
   if check_size:
     try:
       size = os.path.getsize(shard)
     except OSError as e:
       raise ShardError(f"cannot read shard {shard}: {e.strerror or e}") from e
     if size != meta["shard_bytes"]:
-      raise ShardError(f"shard {shard} is {size} bytes, its index says {meta['shard_bytes']}: truncated or "
-                       f"replaced (an interrupted copy?); copy it again or {REPREPARE}")
+      raise ShardError(
+        f"shard {shard} is {size} bytes, its index says {meta['shard_bytes']}: truncated or "
+        f"replaced (an interrupted copy?); copy it again or {REPREPARE}"
+      )
   if not len(out.category) == len(out.length) == len(out.num_images) == meta["records"]:
     raise ShardError(f"the index of shard {shard} is inconsistent: {REPREPARE}")
   return out
@@ -170,6 +193,8 @@ def resolve_shards(pattern: str) -> list[str]:
   else:
     found = [p for p in glob.glob(pattern) if p.endswith(SHARD_SUFFIX)]
   if not found:
-    raise UserError(f"no prepared shard (*{SHARD_SUFFIX}) matches {pattern!r}: check the path, or prepare the "
-                    "data first with `python -m cheers_jax.data.prepare`")
+    raise UserError(
+      f"no prepared shard (*{SHARD_SUFFIX}) matches {pattern!r}: check the path, or prepare the "
+      "data first with `python -m cheers_jax.data.prepare`"
+    )
   return sorted(found)

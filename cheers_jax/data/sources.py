@@ -18,6 +18,7 @@ TensorFlow is imported lazily), `SyntheticShapes` (the shapes demo of
 `cheers_jax.demo.shapes`, drawn in-process), and `MultiSource` (several of them one after
 another, with a sampling weight each: config.data.sources).
 """
+
 from __future__ import annotations
 
 import array
@@ -78,8 +79,7 @@ def t2i_prompt_messages(prompt: str) -> list[dict[str, str]]:
 
 
 def i2t_messages(caption: str) -> list[dict[str, str]]:
-  return [{"role": "user", "content": UND_IMAGE_TEXT + "\n" + I2T_PROMPT},
-          {"role": "assistant", "content": caption}]
+  return [{"role": "user", "content": UND_IMAGE_TEXT + "\n" + I2T_PROMPT}, {"role": "assistant", "content": caption}]
 
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -95,9 +95,9 @@ MAX_NAMED_BAD_LINES = 1000  # bad lines kept by name for the report (all of them
 
 
 class BadLine(NamedTuple):
-  index: int        # the record index (blank lines are not records)
+  index: int  # the record index (blank lines are not records)
   line_number: int  # 1-based line of the file
-  id: str           # the record's id when it can be read, else FILE:INDEX
+  id: str  # the record's id when it can be read, else FILE:INDEX
   error: str
 
 
@@ -231,8 +231,15 @@ class TfdsSource:
   small. tensorflow_datasets is imported only here, so the model never needs TensorFlow.
   """
 
-  def __init__(self, name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
-               text_key: str = "caption", tasks: Sequence[str] = TASKS) -> None:
+  def __init__(
+    self,
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_key: str = "image",
+    text_key: str = "caption",
+    tasks: Sequence[str] = TASKS,
+  ) -> None:
     self.name, self.split, self.data_dir = name, split, (data_dir or None)
     self.image_key, self.text_key, self.tasks = image_key, text_key, _check_tasks(tasks)
     builder = self._builder()
@@ -242,11 +249,13 @@ class TfdsSource:
 
   def _builder(self):
     import tensorflow_datasets as tfds  # lazy: TensorFlow only when a TFDS source is used
+
     return tfds.builder(self.name, data_dir=self.data_dir)
 
   def _source(self):
     if getattr(self, "_src", None) is None:
       import tensorflow_datasets as tfds
+
       builder = self._builder()
       fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format) or "")
       if fmt in ("array_record", "parquet"):
@@ -255,9 +264,10 @@ class TfdsSource:
         n = builder.info.splits[self.split].num_examples
         if n > _TFDS_IN_MEMORY_LIMIT:
           raise ValueError(
-              f"TFDS dataset {self.name!r} is stored as {fmt or 'tfrecord'} ({n} examples): random access "
-              "needs array_record; rebuild with `tfds build --file_format=array_record` or convert it with "
-              "`tfds convert_format --out_file_format=array_record`")
+            f"TFDS dataset {self.name!r} is stored as {fmt or 'tfrecord'} ({n} examples): random access "
+            "needs array_record; rebuild with `tfds build --file_format=array_record` or convert it with "
+            "`tfds convert_format --out_file_format=array_record`"
+          )
         ds = builder.as_dataset(split=self.split, shuffle_files=False)
         self._src = list(tfds.as_numpy(ds))
     return self._src
@@ -346,10 +356,13 @@ class SyntheticShapes:
     caption = shapes.describe(shape.label)
     image = shapes.render(shape, self.image_size)
     if index % 2 == 0:
-      return {"id": f"shapes/{index}", "messages": i2t_messages(caption), "images": [image],
-              "image_kinds": ["und"]}
-    return {"id": f"shapes/{index}", "messages": t2i_prompt_messages(shapes_prompt(caption)), "images": [image],
-            "image_kinds": ["gen"]}
+      return {"id": f"shapes/{index}", "messages": i2t_messages(caption), "images": [image], "image_kinds": ["und"]}
+    return {
+      "id": f"shapes/{index}",
+      "messages": t2i_prompt_messages(shapes_prompt(caption)),
+      "images": [image],
+      "image_kinds": ["gen"],
+    }
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -378,15 +391,17 @@ class ShardSource:
       for bad in ix.meta.get("bad", []):
         self.num_bad_lines += 1
         if len(self.bad_lines) < MAX_NAMED_BAD_LINES:
-          self.bad_lines.append(BadLine(-1, bad["line"], bad["id"],
-                                        f"left out when {bad['source']} was prepared: {bad['error']}"))
+          self.bad_lines.append(
+            BadLine(-1, bad["line"], bad["id"], f"left out when {bad['source']} was prepared: {bad['error']}")
+          )
     self._records = None  # opened on first read, in each process
 
   def _data_source(self) -> grain.sources.ArrayRecordDataSource:
     if self._records is None:
       # 'path[0:n]' instructions: the counts come from the indexes, so no shard is opened here
       self._records = grain.sources.ArrayRecordDataSource(
-          [f"{s}[0:{self._starts[i + 1] - self._starts[i]}]" for i, s in enumerate(self.shards)])
+        [f"{s}[0:{self._starts[i + 1] - self._starts[i]}]" for i, s in enumerate(self.shards)]
+      )
     return self._records
 
   def __getstate__(self) -> dict:
@@ -420,8 +435,10 @@ class ShardSource:
       return shards_lib.decode_record(self._data_source()[index])
     except Exception as e:  # noqa: BLE001 -- riegeli raises RuntimeError, ours ValueError; both mean a bad shard
       shard, number = self.locate(index)
-      raise shards_lib.ShardError(f"shard {shard}, record {number}: cannot be read ({type(e).__name__}: "
-                       f"{str(e)[:300]}); the shard is truncated or corrupt: {shards_lib.REPREPARE}") from e
+      raise shards_lib.ShardError(
+        f"shard {shard}, record {number}: cannot be read ({type(e).__name__}: "
+        f"{str(e)[:300]}); the shard is truncated or corrupt: {shards_lib.REPREPARE}"
+      ) from e
 
 
 # ------------------------------------------------------------------------------------ several sources
@@ -477,8 +494,9 @@ def open_path(pattern: str, image_root: str = "") -> Any:
     return ShardSource(pattern)
   if not glob.has_magic(pattern):
     if not os.path.lexists(pattern):
-      raise UserError(f"data source {pattern!r} does not exist: give a JSONL file, a glob, or a folder of prepared "
-                      "shards")
+      raise UserError(
+        f"data source {pattern!r} does not exist: give a JSONL file, a glob, or a folder of prepared shards"
+      )
     return _indexed_jsonl(pattern, image_root)
   files = sorted(glob.glob(pattern))
   if not files:
@@ -487,8 +505,10 @@ def open_path(pattern: str, image_root: str = "") -> Any:
   if shard_files:
     if len(shard_files) != len(files):
       others = [f for f in files if not f.endswith(shards_lib.SHARD_SUFFIX)][:3]
-      raise UserError(f"{pattern!r} matches prepared shards and other files ({', '.join(others)}): give a glob "
-                      f"that ends in *{shards_lib.SHARD_SUFFIX}, or one source entry per kind of file")
+      raise UserError(
+        f"{pattern!r} matches prepared shards and other files ({', '.join(others)}): give a glob "
+        f"that ends in *{shards_lib.SHARD_SUFFIX}, or one source entry per kind of file"
+      )
     return ShardSource(pattern)
   jsonl = [_indexed_jsonl(f, image_root) for f in files if not os.path.isdir(f)]
   if not jsonl:
@@ -561,8 +581,10 @@ def make_source(data_config: Any, seed: int = 0):
   entries = source_entries(data_config.get("sources", None) or ())
   if entries:
     if kind in ("jsonl", "tfds"):
-      raise ConfigError(f"data.sources and data.source={kind!r} both name the training data: keep one (an entry "
-                        "of data.sources may be a JSONL file)")
+      raise ConfigError(
+        f"data.sources and data.source={kind!r} both name the training data: keep one (an entry "
+        "of data.sources may be a JSONL file)"
+      )
     parts = [open_path(e["path"], e["image_root"]) for e in entries]
     return MultiSource(parts, [e["weight"] for e in entries])
   if kind == "synthetic":
@@ -574,6 +596,12 @@ def make_source(data_config: Any, seed: int = 0):
   if kind == "tfds":
     if not data_config.tfds_name:
       raise ConfigError("data.source='tfds' but data.tfds_name is empty: give --config.data.tfds_name=NAME")
-    return TfdsSource(data_config.tfds_name, data_config.tfds_split, data_config.tfds_data_dir or None,
-                      data_config.tfds_image_key, data_config.tfds_text_key, tuple(data_config.tfds_tasks))
+    return TfdsSource(
+      data_config.tfds_name,
+      data_config.tfds_split,
+      data_config.tfds_data_dir or None,
+      data_config.tfds_image_key,
+      data_config.tfds_text_key,
+      tuple(data_config.tfds_tasks),
+    )
   raise ConfigError(f"data.source={kind!r}: choose synthetic, jsonl or tfds (or give data.sources)")

@@ -20,8 +20,20 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from cheers_jax import package_data
 from cheers_jax.tokens import (  # noqa: F401  (re-exported: the ids live in one place)
-    CHAT_END_ID, CHAT_START_ID, EOS_TOKEN_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_ID,
-    IMAGE_GEN_TOKEN_INDEX, IMAGE_ID, IMAGE_TOKEN_INDEX, NEWLINE_ID, NO_MEAN_ID, PAD_TOKEN_ID)
+  CHAT_END_ID,
+  CHAT_START_ID,
+  EOS_TOKEN_ID,
+  IGNORE_INDEX,
+  IM_END_ID,
+  IM_START_ID,
+  IMAGE_GEN_ID,
+  IMAGE_GEN_TOKEN_INDEX,
+  IMAGE_ID,
+  IMAGE_TOKEN_INDEX,
+  NEWLINE_ID,
+  NO_MEAN_ID,
+  PAD_TOKEN_ID,
+)
 
 IMAGE_TOKEN = "<image>"
 IMAGE_GEN_TOKEN = "<image_gen>"
@@ -44,7 +56,9 @@ UNCOND_KEEP_IDS = frozenset({IM_START_ID, IM_END_ID, IMAGE_TOKEN_INDEX})
 CFG_DROPOUT_KEEP_IDS = frozenset({IMAGE_GEN_TOKEN_INDEX, IM_START_ID, IM_END_ID, IMAGE_TOKEN_INDEX})
 
 # Qwen2 pre-tokenizer split pattern (same as Qwen2Tokenizer / Qwen2TokenizerFast).
-QWEN2_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT_PATTERN = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PLACEHOLDER_OF = {IMAGE_ID: IMAGE_TOKEN_INDEX, IMAGE_GEN_ID: IMAGE_GEN_TOKEN_INDEX}
 _TOKEN_OF_PLACEHOLDER = {IMAGE_TOKEN_INDEX: IMAGE_ID, IMAGE_GEN_TOKEN_INDEX: IMAGE_GEN_ID}
 _ROLE_OF_SPEAKER = {"human": "user", "gpt": "assistant"}
@@ -72,10 +86,10 @@ def _build_backend() -> Tokenizer:
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
   tok.normalizer = normalizers.NFC()
   tok.pre_tokenizer = pre_tokenizers.Sequence(
-      [
-          pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
-          pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-      ]
+    [
+      pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ]
   )
   tok.decoder = decoders.ByteLevel()
 
@@ -84,16 +98,16 @@ def _build_backend() -> Tokenizer:
   expected: list[tuple[int, str]] = []
   for tid, spec in sorted(config["added_tokens_decoder"].items(), key=lambda kv: int(kv[0])):
     tok.add_tokens(
-        [
-            AddedToken(
-                spec["content"],
-                single_word=spec.get("single_word", False),
-                lstrip=spec.get("lstrip", False),
-                rstrip=spec.get("rstrip", False),
-                normalized=spec.get("normalized", False),
-                special=spec.get("special", False),
-            )
-        ]
+      [
+        AddedToken(
+          spec["content"],
+          single_word=spec.get("single_word", False),
+          lstrip=spec.get("lstrip", False),
+          rstrip=spec.get("rstrip", False),
+          normalized=spec.get("normalized", False),
+          special=spec.get("special", False),
+        )
+      ]
     )
     expected.append((int(tid), spec["content"]))
   for content in CHEERS_ADDED_TOKENS:
@@ -101,9 +115,7 @@ def _build_backend() -> Tokenizer:
     expected.append((expected[-1][0] + 1, content))
   for tid, content in expected:
     if tok.token_to_id(content) != tid:
-      raise RuntimeError(
-          f"tokenizer asset mismatch: {content!r} got id {tok.token_to_id(content)}, want {tid}"
-      )
+      raise RuntimeError(f"tokenizer asset mismatch: {content!r} got id {tok.token_to_id(content)}, want {tid}")
   return tok
 
 
@@ -177,10 +189,10 @@ class CheersTokenizer:
 
   # ------------------------------------------------------------------ training template (rae_qwen)
   def build_conversation(
-      self,
-      messages: Iterable[Message] | Mapping[str, Any],
-      max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-      system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    self,
+    messages: Iterable[Message] | Mapping[str, Any],
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
   ) -> Encoded:
     """Training ids and labels as veomni's RAEQwenTemplate ('rae_qwen') builds them.
 
@@ -204,11 +216,11 @@ class CheersTokenizer:
 
   # ------------------------------------------------------------------ inference template (Qwen2 chat)
   def build_prompt(
-      self,
-      text_or_messages: str | Iterable[Message],
-      add_generation_prompt: bool = True,
-      add_im_start: bool = False,
-      system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    self,
+    text_or_messages: str | Iterable[Message],
+    add_generation_prompt: bool = True,
+    add_im_start: bool = False,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
   ) -> np.ndarray:
     """Inference prompt ids as Inference/T2I.py and I2T.py build them.
 
@@ -218,9 +230,9 @@ class CheersTokenizer:
     `add_im_start_id=True`), which makes the model start an image right away.
     """
     messages = (
-        [{"role": "user", "content": text_or_messages}]
-        if isinstance(text_or_messages, str)
-        else normalize_messages(text_or_messages)
+      [{"role": "user", "content": text_or_messages}]
+      if isinstance(text_or_messages, str)
+      else normalize_messages(text_or_messages)
     )
     text = ""
     if not messages or messages[0]["role"] != "system":

@@ -9,6 +9,7 @@
   verdict, to workdir/samples/step_N.png and TensorBoard;
 - eval.json in the workdir: the accuracies (fractions), their blind baselines, the step timing.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ def draw(model, state, config, prompt_texts: Sequence[str]) -> np.ndarray:
   """(N, H, W, 3) in [0, 1]: T2I of each full prompt text (noise seeds 0..), the config's sampler settings."""
   tok = CheersTokenizer()
   ids = [t2i_prompt(tok, text) for text in prompt_texts]
-  out = text_to_image(model, _variables(state), ids, steps=int(config.sample_steps),
-                      cfg_scale=float(config.sample_cfg), seeds=list(range(len(ids))))
+  out = text_to_image(
+    model,
+    _variables(state),
+    ids,
+    steps=int(config.sample_steps),
+    cfg_scale=float(config.sample_cfg),
+    seeds=list(range(len(ids))),
+  )
   return np.asarray(out.images)
 
 
@@ -64,16 +71,18 @@ def evaluate_captions(model, state, config, num_images: int = CAPTION_IMAGES) ->
   return {**scores, "num_images": num_images, "examples": examples}
 
 
-def evaluate_generation(model, state, config, samples_per_prompt: int = SAMPLES_PER_PROMPT
-                        ) -> tuple[dict, list[np.ndarray], list[shapes.ShapeLabel]]:
+def evaluate_generation(
+  model, state, config, samples_per_prompt: int = SAMPLES_PER_PROMPT
+) -> tuple[dict, list[np.ndarray], list[shapes.ShapeLabel]]:
   """Every colour-shape prompt drawn `samples_per_prompt` times and judged: (scores, images, wanted)."""
   wanted = [label for label in shapes.all_labels() for _ in range(samples_per_prompt)]
   images = list(draw(model, state, config, [sources.shapes_prompt(shapes.describe(w)) for w in wanted]))
   return shapes.score_generations(wanted, images), images, wanted
 
 
-def labelled_grid(images: Sequence[np.ndarray], wanted: Sequence[tuple[str, str]], columns: int,
-                  scale: int = 5, font_size: int = 13) -> np.ndarray:
+def labelled_grid(
+  images: Sequence[np.ndarray], wanted: Sequence[tuple[str, str]], columns: int, scale: int = 5, font_size: int = 13
+) -> np.ndarray:
   """uint8 grid, `columns` images a row: each image enlarged `scale` times (nearest), under it the prompt
   the model read ('A RED CIRCLE') and the judge's verdict (green when colour and shape are right)."""
   font = ImageFont.load_default(size=font_size)  # Pillow's scalable font (>= 10.1)
@@ -100,10 +109,15 @@ def eval_summary(caption: Optional[dict], generation: Optional[dict], timing: Op
   """The eval.json content: the accuracies (fractions) and their image-/prompt-blind baselines."""
   out: dict = {}
   if caption is not None:
-    out.update(caption_colour_acc=caption["colour_acc"], caption_shape_acc=caption["shape_acc"],
-               caption_both_acc=caption["both_acc"], caption_colour_blind=caption["majority_colour"],
-               caption_shape_blind=caption["majority_shape"], caption_well_formed=caption["well_formed"],
-               caption_images=caption["num_images"])
+    out.update(
+      caption_colour_acc=caption["colour_acc"],
+      caption_shape_acc=caption["shape_acc"],
+      caption_both_acc=caption["both_acc"],
+      caption_colour_blind=caption["majority_colour"],
+      caption_shape_blind=caption["majority_shape"],
+      caption_well_formed=caption["well_formed"],
+      caption_images=caption["num_images"],
+    )
   if generation is not None:
     out.update({k: v for k, v in generation.items() if k.startswith("t2i_")})
   if timing:
@@ -118,22 +132,36 @@ def write_eval(path: Path, summary: dict) -> None:
 
 def caption_report(ev: dict) -> str:
   """One paragraph a person can judge: the template (well-formed), then image reading against chance."""
-  return (f"held-out synthetic captions ({ev['num_images']} images, greedy): well-formed {ev['well_formed']:.0%}, "
-          f"{int(ev['distinct'])} distinct; colour {ev['colour_acc']:.0%} (chance {ev['colour_chance']:.0%}, "
-          f"blind best {ev['majority_colour']:.0%}), shape {ev['shape_acc']:.0%} (chance {ev['shape_chance']:.0%}, "
-          f"blind best {ev['majority_shape']:.0%}), both {ev['both_acc']:.0%} (chance {ev['both_chance']:.1%}, "
-          f"blind best {ev['majority_both']:.0%})")
+  return (
+    f"held-out synthetic captions ({ev['num_images']} images, greedy): well-formed {ev['well_formed']:.0%}, "
+    f"{int(ev['distinct'])} distinct; colour {ev['colour_acc']:.0%} (chance {ev['colour_chance']:.0%}, "
+    f"blind best {ev['majority_colour']:.0%}), shape {ev['shape_acc']:.0%} (chance {ev['shape_chance']:.0%}, "
+    f"blind best {ev['majority_shape']:.0%}), both {ev['both_acc']:.0%} (chance {ev['both_chance']:.1%}, "
+    f"blind best {ev['majority_both']:.0%})"
+  )
 
 
 def generation_report(ev: dict) -> str:
-  return (f"text-to-image ({ev['t2i_images']} images, 18 prompts): colour {ev['t2i_colour_acc']:.0%} "
-          f"(prompt-blind {ev['t2i_colour_blind']:.0%}), shape {ev['t2i_shape_acc']:.0%} "
-          f"(prompt-blind {ev['t2i_shape_blind']:.0%}), both {ev['t2i_both_acc']:.0%} "
-          f"(prompt-blind {ev['t2i_both_blind']:.1%})")
+  return (
+    f"text-to-image ({ev['t2i_images']} images, 18 prompts): colour {ev['t2i_colour_acc']:.0%} "
+    f"(prompt-blind {ev['t2i_colour_blind']:.0%}), shape {ev['t2i_shape_acc']:.0%} "
+    f"(prompt-blind {ev['t2i_shape_blind']:.0%}), both {ev['t2i_both_acc']:.0%} "
+    f"(prompt-blind {ev['t2i_both_blind']:.1%})"
+  )
 
 
-def run(model, state, config, workdir: Path, step: int, writer=None, *, captions: bool = True,
-        generation: bool = True, timing: Optional[dict] = None) -> dict:
+def run(
+  model,
+  state,
+  config,
+  workdir: Path,
+  step: int,
+  writer=None,
+  *,
+  captions: bool = True,
+  generation: bool = True,
+  timing: Optional[dict] = None,
+) -> dict:
   """The demo's evaluation of a trained state: captions and/or generation as asked, the grid, eval.json
   and TensorBoard scalars (process 0 writes). Returns the eval.json content (plus 'grid' and
   'caption_examples' when made). Every process runs the model (SPMD over the global params)."""

@@ -15,6 +15,7 @@ and a judge that tells which colour and shape an image shows.
   On the training images and on the same images blurred with a 2-px Gaussian it is right >= 95 % of the
   time on both (tests/train/test_tiny.py).
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,8 +26,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 20)}
+  "red": (220, 40, 40),
+  "green": (40, 170, 60),
+  "blue": (40, 80, 220),
+  "yellow": (235, 200, 30),
+  "purple": (140, 60, 180),
+  "orange": (240, 130, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
 
@@ -40,7 +46,7 @@ class Shape(NamedTuple):
   colour: str
   shape: str
   box: tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image side
-  background: int                          # grey level of the ground
+  background: int  # grey level of the ground
 
   @property
   def label(self) -> ShapeLabel:
@@ -64,8 +70,14 @@ def sample_shape(seed: int, index: int) -> Shape:
   return Shape(colour, shape, (x0, y0, x0 + extent, y0 + extent), background)
 
 
-def draw_shape(image_size: int, shape: str, box: Sequence[float], fill: tuple[int, int, int],
-               background: int | tuple[int, int, int], supersample: int = SUPERSAMPLE) -> np.ndarray:
+def draw_shape(
+  image_size: int,
+  shape: str,
+  box: Sequence[float],
+  fill: tuple[int, int, int],
+  background: int | tuple[int, int, int],
+  supersample: int = SUPERSAMPLE,
+) -> np.ndarray:
   """uint8 (image_size, image_size, 3): `shape` filling `box` (x0, y0, x1, y1, fractions of the side;
   a triangle has its apex at the top middle) in `fill` on a plain `background` (a grey level or RGB).
   supersample > 1 draws that many times larger and downsamples (anti-aliased edges); 1: hard edges."""
@@ -130,18 +142,24 @@ def score_captions(wanted: Sequence[ShapeLabel], texts: Sequence[str]) -> dict[s
   n = float(len(texts))
   hits = lambda f: sum(p is not None and f(p, w) for p, w in zip(parsed, wanted)) / n
   top = lambda keys: max(collections.Counter(keys).values()) / n
-  return {"colour_acc": hits(lambda p, w: p.colour == w.colour), "shape_acc": hits(lambda p, w: p.shape == w.shape),
-          "both_acc": hits(lambda p, w: p == w), "well_formed": sum(p is not None for p in parsed) / n,
-          "distinct": float(len({p for p in parsed if p is not None})),
-          "colour_chance": 1 / len(COLOURS), "shape_chance": 1 / len(SHAPES),
-          "both_chance": 1 / (len(COLOURS) * len(SHAPES)),
-          "majority_colour": top([w.colour for w in wanted]), "majority_shape": top([w.shape for w in wanted]),
-          "majority_both": top([tuple(w) for w in wanted])}
+  return {
+    "colour_acc": hits(lambda p, w: p.colour == w.colour),
+    "shape_acc": hits(lambda p, w: p.shape == w.shape),
+    "both_acc": hits(lambda p, w: p == w),
+    "well_formed": sum(p is not None for p in parsed) / n,
+    "distinct": float(len({p for p in parsed if p is not None})),
+    "colour_chance": 1 / len(COLOURS),
+    "shape_chance": 1 / len(SHAPES),
+    "both_chance": 1 / (len(COLOURS) * len(SHAPES)),
+    "majority_colour": top([w.colour for w in wanted]),
+    "majority_shape": top([w.shape for w in wanted]),
+    "majority_both": top([tuple(w) for w in wanted]),
+  }
 
 
 # ---- the judge -------------------------------------------------------------------------------------
 CHROMA_MIN = 0.25  # max - min channel in [0, 1]: every palette colour has >= 0.55, grey 0
-MIN_PIXELS = 4     # fewer coloured pixels: nothing drawn (no colour, no shape)
+MIN_PIXELS = 4  # fewer coloured pixels: nothing drawn (no colour, no shape)
 CHROMA_FLOOR = 0.05  # chroma below this is the ground's noise, not shape
 # The best template must explain the coverage map up to this share of its energy (sum of squares), or the
 # image shows no single shape. Measured: training images <= 0.02 (blurred by 2 px <= 0.01); the noise a
@@ -162,9 +180,11 @@ _PALETTE = np.asarray([COLOURS[n] for n in _NAMES], np.float32) / 255.0
 _PALETTE_HUES = hue(_PALETTE)
 _PALETTE_CHROMA = _PALETTE.max(-1) - _PALETTE.min(-1)
 # per shape: (side from the area, the box's top above the centroid in sides, variance x / side^2, y / side^2)
-_GEOMETRY = {"circle": (lambda a: np.sqrt(4.0 * a / np.pi), 0.5, 1 / 16, 1 / 16),
-             "square": (lambda a: np.sqrt(a), 0.5, 1 / 12, 1 / 12),
-             "triangle": (lambda a: np.sqrt(2.0 * a), 2 / 3, 1 / 24, 1 / 18)}
+_GEOMETRY = {
+  "circle": (lambda a: np.sqrt(4.0 * a / np.pi), 0.5, 1 / 16, 1 / 16),
+  "square": (lambda a: np.sqrt(a), 0.5, 1 / 12, 1 / 12),
+  "triangle": (lambda a: np.sqrt(2.0 * a), 2 / 3, 1 / 24, 1 / 18),
+}
 
 
 def _as_unit(image: np.ndarray) -> np.ndarray:
@@ -234,11 +254,15 @@ def score_generations(wanted: Sequence[tuple[str, str]], images: Sequence[np.nda
   for t2i_both_acc only if its colour AND its shape are right."""
   judged = [judge_image(im) for im in images]
   n = float(len(images))
-  return {"t2i_colour_acc": sum(j[0] == w[0] for j, w in zip(judged, wanted)) / n,
-          "t2i_shape_acc": sum(j[1] == w[1] for j, w in zip(judged, wanted)) / n,
-          "t2i_both_acc": sum(tuple(j) == tuple(w) for j, w in zip(judged, wanted)) / n,
-          "t2i_judged_none": sum(j[0] is None for j in judged) / n,   # nothing coloured drawn
-          "t2i_judged_no_shape": sum(j[1] is None for j in judged) / n,  # no colour, or no single shape
-          # a prompt-blind generator draws the same thing for every prompt: one colour in six, one shape in three
-          "t2i_colour_blind": 1 / len(COLOURS), "t2i_shape_blind": 1 / len(SHAPES),
-          "t2i_both_blind": 1 / (len(COLOURS) * len(SHAPES)), "t2i_images": int(n)}
+  return {
+    "t2i_colour_acc": sum(j[0] == w[0] for j, w in zip(judged, wanted)) / n,
+    "t2i_shape_acc": sum(j[1] == w[1] for j, w in zip(judged, wanted)) / n,
+    "t2i_both_acc": sum(tuple(j) == tuple(w) for j, w in zip(judged, wanted)) / n,
+    "t2i_judged_none": sum(j[0] is None for j in judged) / n,  # nothing coloured drawn
+    "t2i_judged_no_shape": sum(j[1] is None for j in judged) / n,  # no colour, or no single shape
+    # a prompt-blind generator draws the same thing for every prompt: one colour in six, one shape in three
+    "t2i_colour_blind": 1 / len(COLOURS),
+    "t2i_shape_blind": 1 / len(SHAPES),
+    "t2i_both_blind": 1 / (len(COLOURS) * len(SHAPES)),
+    "t2i_images": int(n),
+  }

@@ -14,6 +14,7 @@ the missing rows (GenEval and DPG resume likewise). Under a multi-process launch
 rows or images on its local devices, process 0 writes the merged outputs; OUTDIR must be shared.
 A user's mistake is one line `error: ...`, exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,15 +41,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _understanding_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=16,
-                 help="rows decoded together per process (default 16; rounded up to the local devices)")
+  p.add_argument(
+    "--batch-size",
+    type=cli.POSITIVE_INT,
+    default=16,
+    help="rows decoded together per process (default 16; rounded up to the local devices)",
+  )
   p.add_argument("--limit", type=cli.POSITIVE_INT, help="only the first N rows (a quick look)")
-  p.add_argument("--max-new-tokens", type=cli.POSITIVE_INT,
-                 help="cap on answer tokens (default: the reference's own limit, prompt + answer <= 1025 ids)")
-  p.add_argument("--bucket", type=cli.POSITIVE_INT, default=64,
-                 help="prompt lengths are padded to a multiple of this (compiles)")
-  p.add_argument("--save-every", type=cli.POSITIVE_INT, default=1,
-                 help="write the predictions file every N batches (default 1)")
+  p.add_argument(
+    "--max-new-tokens",
+    type=cli.POSITIVE_INT,
+    help="cap on answer tokens (default: the reference's own limit, prompt + answer <= 1025 ids)",
+  )
+  p.add_argument(
+    "--bucket", type=cli.POSITIVE_INT, default=64, help="prompt lengths are padded to a multiple of this (compiles)"
+  )
+  p.add_argument(
+    "--save-every", type=cli.POSITIVE_INT, default=1, help="write the predictions file every N batches (default 1)"
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -56,17 +66,33 @@ def _generation_args(p: argparse.ArgumentParser, name: str, prefix: str = "") ->
   d = gen.DEFAULTS[name]
   flag = f"--{prefix}" if prefix else "--"
   dest = prefix.replace("-", "_")
-  p.add_argument(f"{flag}steps", dest=f"{dest}steps", type=cli.POSITIVE_INT, default=d["steps"],
-                 help=f"{name} Euler steps (default {d['steps']}: {d['steps_src']})")
-  p.add_argument(f"{flag}cfg", dest=f"{dest}cfg", type=cli.NON_NEGATIVE, default=d["cfg"],
-                 help=f"{name} guidance scale (default {d['cfg']}: {d['cfg_src']})")
-  p.add_argument(f"{flag}shift", dest=f"{dest}shift", type=cli.POSITIVE, default=d["shift"],
-                 help=f"{name} time shift a (default {d['shift']}: {d['shift_src']})")
+  p.add_argument(
+    f"{flag}steps",
+    dest=f"{dest}steps",
+    type=cli.POSITIVE_INT,
+    default=d["steps"],
+    help=f"{name} Euler steps (default {d['steps']}: {d['steps_src']})",
+  )
+  p.add_argument(
+    f"{flag}cfg",
+    dest=f"{dest}cfg",
+    type=cli.NON_NEGATIVE,
+    default=d["cfg"],
+    help=f"{name} guidance scale (default {d['cfg']}: {d['cfg_src']})",
+  )
+  p.add_argument(
+    f"{flag}shift",
+    dest=f"{dest}shift",
+    type=cli.POSITIVE,
+    default=d["shift"],
+    help=f"{name} time shift a (default {d['shift']}: {d['shift_src']})",
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = cli.ArgumentParser(prog="python -m cheers_jax.evaluate", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(
+    prog="python -m cheers_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = p.add_subparsers(dest="command", required=True, metavar="{understanding,score,geneval,dpg,suite}")
 
   u = sub.add_parser("understanding", help="answer a VLMEvalKit TSV with the model and score it")
@@ -80,21 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--dataset", required=True, help="benchmark name (the scorer)")
   s.add_argument("--predictions", required=True, help="predictions TSV (with `raw` and/or `prediction`)")
 
-  for name, helptext in (("geneval", "GenEval images in the official layout"),
-                         ("dpg", "DPG-Bench 2x2 grids in the official layout")):
+  for name, helptext in (
+    ("geneval", "GenEval images in the official layout"),
+    ("dpg", "DPG-Bench 2x2 grids in the official layout"),
+  ):
     d = gen.DEFAULTS[name]
     g = sub.add_parser(name, help=helptext)
     _model_args(g)
     if name == "geneval":
       g.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
-      g.add_argument("--images-per-prompt", type=cli.POSITIVE_INT, default=d["images_per_prompt"],
-                     help=f"default {d['images_per_prompt']} (run_short.sh --batch_size 4)")
+      g.add_argument(
+        "--images-per-prompt",
+        type=cli.POSITIVE_INT,
+        default=d["images_per_prompt"],
+        help=f"default {d['images_per_prompt']} (run_short.sh --batch_size 4)",
+      )
     else:
       g.add_argument("--prompts", required=True, help="DPG-Bench prompts folder (one .txt per prompt)")
     g.add_argument("--out", required=True, help="output folder (rerun to resume)")
     _generation_args(g, name)
-    g.add_argument("--seed", type=cli.NON_NEGATIVE_INT, default=0,
-                   help="image n of prompt i uses seed + i * images-per-prompt + n")
+    g.add_argument(
+      "--seed", type=cli.NON_NEGATIVE_INT, default=0, help="image n of prompt i uses seed + i * images-per-prompt + n"
+    )
     g.add_argument("--batch-size", type=cli.POSITIVE_INT, default=8, help="images per device per call (default 8)")
     g.add_argument("--limit", type=cli.POSITIVE_INT, help="only the first N prompts")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
   _model_args(su)
   su.add_argument("--lmudata", required=True, help="VLMEvalKit's LMUData folder (NAME.tsv of each benchmark)")
   su.add_argument("--out", required=True, help="output folder (rerun to resume)")
-  su.add_argument("--geneval-metadata", help="GenEval evaluation_metadata.jsonl (default: LMUDATA/geneval/"
-                  "evaluation_metadata.jsonl when present)")
+  su.add_argument(
+    "--geneval-metadata",
+    help="GenEval evaluation_metadata.jsonl (default: LMUDATA/geneval/evaluation_metadata.jsonl when present)",
+  )
   su.add_argument("--dpg-prompts", help="DPG-Bench prompts folder (default: LMUDATA/dpg_bench/prompts when present)")
   su.add_argument("--only", help="comma-separated benchmark names (the 12 understanding sets, geneval, dpg)")
   _understanding_args(su)
@@ -124,8 +159,9 @@ def _load(args, need_generation: bool):
   dtype = args.dtype or loader.default_dtype()
   t0 = time.perf_counter()
   model, variables = loader.load_model(args.checkpoint, args.orbax, args.run, dtype, need_generation=need_generation)
-  print(f"loaded {args.checkpoint or args.orbax or args.run} ({dtype}) in {time.perf_counter() - t0:.1f} s",
-        file=sys.stderr)
+  print(
+    f"loaded {args.checkpoint or args.orbax or args.run} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+  )
   return model, variables
 
 
@@ -156,33 +192,56 @@ def _main(argv: list[str]) -> int:
   distributed.maybe_initialize()
   workers = current_workers()
   draws = args.command in suite.GENERATION or (
-      args.command == "suite" and any(n in plan.inputs for n in suite.GENERATION))
+    args.command == "suite" and any(n in plan.inputs for n in suite.GENERATION)
+  )
   model, variables = _load(args, need_generation=draws)
   tokenizer = CheersTokenizer()
   quiet = dict(workers=workers, progress=not args.no_progress)
-  understanding = dict(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                       bucket=args.bucket, save_every=args.save_every)
+  understanding = dict(
+    batch_size=args.batch_size,
+    limit=args.limit,
+    max_new_tokens=args.max_new_tokens,
+    bucket=args.bucket,
+    save_every=args.save_every,
+  )
   if args.command == "understanding":
-    scores = run_understanding(model, variables, args.data, name, args.out, tokenizer=tokenizer, **understanding,
-                               **quiet)
+    scores = run_understanding(
+      model, variables, args.data, name, args.out, tokenizer=tokenizer, **understanding, **quiet
+    )
     if workers.is_lead:
       print("\n".join(summary_lines(scores)))
     return 0
   if args.command == "suite":
-    generation = {name: dict(steps=getattr(args, f"{name}_steps"), cfg=getattr(args, f"{name}_cfg"),
-                             shift=getattr(args, f"{name}_shift"), seed=args.seed, batch_size=args.gen_batch_size)
-                  for name in ("geneval", "dpg")}
-    suite.run_suite(model, variables, tokenizer, plan, args.out, understanding=understanding,
-                              generation=generation, **quiet)
+    generation = {
+      name: dict(
+        steps=getattr(args, f"{name}_steps"),
+        cfg=getattr(args, f"{name}_cfg"),
+        shift=getattr(args, f"{name}_shift"),
+        seed=args.seed,
+        batch_size=args.gen_batch_size,
+      )
+      for name in ("geneval", "dpg")
+    }
+    suite.run_suite(
+      model, variables, tokenizer, plan, args.out, understanding=understanding, generation=generation, **quiet
+    )
     if workers.is_lead:
       print(Path(args.out, "summary.md").read_text(encoding="utf-8"))
       print(f"wrote {Path(args.out, 'summary.md')} and {Path(args.out, 'summary.json')}")
     return 0
-  common = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed, batch_size=args.batch_size,
-                limit=args.limit, **quiet)
+  common = dict(
+    steps=args.steps,
+    cfg=args.cfg,
+    shift=args.shift,
+    seed=args.seed,
+    batch_size=args.batch_size,
+    limit=args.limit,
+    **quiet,
+  )
   if args.command == "geneval":
-    res = gen.run_geneval(model, variables, tokenizer, args.metadata, args.out,
-                          images_per_prompt=args.images_per_prompt, **common)
+    res = gen.run_geneval(
+      model, variables, tokenizer, args.metadata, args.out, images_per_prompt=args.images_per_prompt, **common
+    )
   else:
     res = gen.run_dpg(model, variables, tokenizer, args.prompts, args.out, **common)
   if workers.is_lead:

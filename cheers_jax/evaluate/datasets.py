@@ -10,6 +10,7 @@ to disk first (`ImageBaseDataset.dump_image`: a single image as `<index>.jpg`, a
 reads that file back. A single image therefore goes through a JPEG encode at PIL's default quality;
 `decode_image` does the same in memory.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,17 +41,24 @@ class BadRowImage(UserError):
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   name: str
-  family: str        # VLMEvalKit's DATASET_TYPE: MCQ, Y/N or VQA
-  metric: str        # mcq, mcq_circular, mmmu, pope, vqa_score, relaxed_accuracy, ocrbench, judge
-  unit: str          # how `overall` is expressed, as VLMEvalKit reports it
+  family: str  # VLMEvalKit's DATASET_TYPE: MCQ, Y/N or VQA
+  metric: str  # mcq, mcq_circular, mmmu, pope, vqa_score, relaxed_accuracy, ocrbench, judge
+  unit: str  # how `overall` is expressed, as VLMEvalKit reports it
   note: str = ""
 
 
 # The 12 datasets of Evaluation_Understanding/eval.sh. Classes and metrics: vlmeval/dataset/image_mcq.py
 # (ImageMCQDataset, MMMUDataset), image_yorn.py (POPE), image_vqa.py (ImageVQADataset, OCRBench, MathVista).
-DATASETS = {s.name: s for s in (
-    DatasetSpec("MathVista_MINI", VQA, "judge", "", "scored by a GPT judge (gpt-4o-mini) in VLMEvalKit: "
-                "predictions are written, no score"),
+DATASETS = {
+  s.name: s
+  for s in (
+    DatasetSpec(
+      "MathVista_MINI",
+      VQA,
+      "judge",
+      "",
+      "scored by a GPT judge (gpt-4o-mini) in VLMEvalKit: predictions are written, no score",
+    ),
     DatasetSpec("MMBench_DEV_EN_V11", MCQ, "mcq_circular", "fraction"),
     DatasetSpec("SEEDBench_IMG", MCQ, "mcq", "fraction"),
     DatasetSpec("MMStar", MCQ, "mcq", "fraction"),
@@ -62,13 +70,16 @@ DATASETS = {s.name: s for s in (
     DatasetSpec("OCRBench", VQA, "ocrbench", "points of 1000"),
     DatasetSpec("TextVQA_VAL", VQA, "vqa_score", "percent"),
     DatasetSpec("ChartQA_TEST", VQA, "relaxed_accuracy", "percent"),
-)}
+  )
+}
 
 
 def dataset_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
-    raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} (the names of the "
-                       "official eval.sh; the name picks the prompt and the scorer)")
+    raise DatasetError(
+      f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} (the names of the "
+      "official eval.sh; the name picks the prompt and the scorer)"
+    )
   return DATASETS[name]
 
 
@@ -79,6 +90,7 @@ def read_tsv(path: str | os.PathLike, need_images: bool = True):
   the row they point at. Returns (frame, n_rows_without_image).
   """
   import pandas as pd  # pandas: the evaluation's TSV files only
+
   try:
     data = pd.read_csv(path, sep="\t", dtype=str)
   except FileNotFoundError as e:
@@ -87,8 +99,9 @@ def read_tsv(path: str | os.PathLike, need_images: bool = True):
     raise DatasetError(f"cannot read {os.fspath(path)!r} as a tab-separated file: {e}") from e
   missing = [c for c in ("index", "question") + (("image",) if need_images else ()) if c not in data.columns]
   if missing:
-    raise DatasetError(f"{os.fspath(path)!r} has no column(s) {', '.join(missing)}: give a VLMEvalKit TSV "
-                       "(index, question, image, ...)")
+    raise DatasetError(
+      f"{os.fspath(path)!r} has no column(s) {', '.join(missing)}: give a VLMEvalKit TSV (index, question, image, ...)"
+    )
   if data["index"].isna().any():
     raise DatasetError(f"{os.fspath(path)!r}: some rows have an empty `index`")
   if data["index"].duplicated().any():
@@ -117,6 +130,7 @@ def resolve_pointers(indices: list[str], images: list[str]) -> list[str]:
 def image_cells(row) -> list[tuple[str, str]]:
   """(base64, file name) of each image of a row, with the name VLMEvalKit would write it under."""
   import pandas as pd  # pandas: the evaluation's TSV files only
+
   value = row["image"]
   if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
     try:
@@ -174,8 +188,9 @@ def preprocess_row_images(row, resolution: int, patch_size: int) -> list[np.ndar
   out = []
   for b64, name in image_cells(row):
     img = decode_image(b64, name)
-    out.append(preprocess_understanding(img, resolution=resolution, patch_size=patch_size)
-               .pixel_values.transpose(1, 2, 0))
+    out.append(
+      preprocess_understanding(img, resolution=resolution, patch_size=patch_size).pixel_values.transpose(1, 2, 0)
+    )
   return out
 
 

@@ -8,6 +8,7 @@ Two layers, as in the official pipeline:
   `dataset/utils/vqa_eval.py`, `smp/misc.py`). Their quirks are kept on purpose (they move scores), each
   with a short note.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,8 +46,12 @@ def extract_yes_no(text: str) -> str:
 
 
 # ---- VLMEvalKit's MCQ matching (exact matching, no GPT judge) -----------------------------------
-_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
-             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_REFUSALS = (
+  "Sorry, I can't help with images of people yet.",
+  "I can't process this file.",
+  "I'm sorry, but without the image provided",
+  "Cannot determine the answer",
+)
 _API_FAILURE = "Failed to obtain answer via API"
 
 
@@ -110,11 +115,25 @@ def yes_no_extraction(prediction: str) -> str:
 
 
 # ---- VLMEvalKit's VQA normalisation and metrics ------------------------------------------------
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+  "none": "0",
+  "zero": "0",
+  "one": "1",
+  "two": "2",
+  "three": "3",
+  "four": "4",
+  "five": "5",
+  "six": "6",
+  "seven": "7",
+  "eight": "8",
+  "nine": "9",
+  "ten": "10",
+}
 _ARTICLES = ("a", "an", "the")
 # the official VQA evaluation's contraction table (apostrophe-less spelling -> standard spelling)
-_CONTRACTIONS = dict(pair.split("=") for pair in (
+_CONTRACTIONS = dict(
+  pair.split("=")
+  for pair in (
     "aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've "
     "couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've "
     "hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's "
@@ -136,7 +155,9 @@ _CONTRACTIONS = dict(pair.split("=") for pair in (
     "whys=why's wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've "
     "wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've "
     "y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've "
-    "youll=you'll youre=you're youve=you've").split())
+    "youll=you'll youre=you're youve=you've"
+  ).split()
+)
 
 
 def _digits_and_articles(text: str) -> str:

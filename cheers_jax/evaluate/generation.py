@@ -23,6 +23,7 @@ folder; DPG tiles are kept as lossless PNGs in OUTDIR/.dpg_tiles until process 0
 A metadata line without a prompt, or an empty DPG prompt file, is reported on one line and counted as
 failed; the others are generated.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,22 +44,31 @@ from cheers_jax.sharding import local_data_mesh
 DEFAULT_BUCKET = 64  # prompt lengths (with the dummy image's tokens) are padded to a multiple of this
 
 DEFAULTS = {
-    "geneval": dict(
-        images_per_prompt=4, steps=80, cfg=9.5, shift=1.0,
-        steps_src="Evaluation_GenEval/generation/run_long.sh --steps 80 (run_short.sh gives the same flags)",
-        cfg_src="run_long.sh --cfg 9.5 (umm_generate.py's own argparse default, 4.0, is overridden)",
-        shift_src="umm_generate.py's gen_config passes no alpha, so Cheers.generate's default alpha=1.0 (no "
-                  "shift) applies; the README's inference example uses 0.5"),
-    "dpg": dict(
-        images_per_prompt=4, steps=250, cfg=9.5, shift=0.5,
-        steps_src="Evaluation_DPGBench/scripts/dpg_gen.sh --steps 250",
-        cfg_src="dpg_gen.sh --cfg 9.5",
-        shift_src="dpg_gen.sh --alpha 0.5"),
+  "geneval": dict(
+    images_per_prompt=4,
+    steps=80,
+    cfg=9.5,
+    shift=1.0,
+    steps_src="Evaluation_GenEval/generation/run_long.sh --steps 80 (run_short.sh gives the same flags)",
+    cfg_src="run_long.sh --cfg 9.5 (umm_generate.py's own argparse default, 4.0, is overridden)",
+    shift_src="umm_generate.py's gen_config passes no alpha, so Cheers.generate's default alpha=1.0 (no "
+    "shift) applies; the README's inference example uses 0.5",
+  ),
+  "dpg": dict(
+    images_per_prompt=4,
+    steps=250,
+    cfg=9.5,
+    shift=0.5,
+    steps_src="Evaluation_DPGBench/scripts/dpg_gen.sh --steps 250",
+    cfg_src="dpg_gen.sh --cfg 9.5",
+    shift_src="dpg_gen.sh --alpha 0.5",
+  ),
 }
 
 
-def read_geneval_metadata(path: str | os.PathLike, log: Callable[[str], None] = lambda s: None
-                          ) -> tuple[list[tuple[int, dict]], int]:
+def read_geneval_metadata(
+  path: str | os.PathLike, log: Callable[[str], None] = lambda s: None
+) -> tuple[list[tuple[int, dict]], int]:
   """(line number, object) of each usable non-blank line, numbered as umm_generate.load_metadatas does,
   and the number of bad lines (each reported through `log` as `FILE:LINE: why`)."""
   try:
@@ -74,8 +84,11 @@ def read_geneval_metadata(path: str | os.PathLike, log: Callable[[str], None] = 
     except json.JSONDecodeError as e:
       meta, why = None, f"not a JSON object ({e.msg})"
     else:
-      why = "" if isinstance(meta, dict) and isinstance(meta.get("prompt"), str) and meta["prompt"].strip() else \
-          "no non-empty \"prompt\" (GenEval metadata needs one per line)"
+      why = (
+        ""
+        if isinstance(meta, dict) and isinstance(meta.get("prompt"), str) and meta["prompt"].strip()
+        else 'no non-empty "prompt" (GenEval metadata needs one per line)'
+      )
     if why:
       log(f"{os.fspath(path)}:{i + 1}: {why}; counted as failed, the other lines go on")
       bad += 1
@@ -86,8 +99,9 @@ def read_geneval_metadata(path: str | os.PathLike, log: Callable[[str], None] = 
   return out, bad
 
 
-def read_dpg_prompts(folder: str | os.PathLike, log: Callable[[str], None] = lambda s: None
-                     ) -> tuple[list[tuple[str, str]], int]:
+def read_dpg_prompts(
+  folder: str | os.PathLike, log: Callable[[str], None] = lambda s: None
+) -> tuple[list[tuple[str, str]], int]:
   """(output stem, prompt) of every file in the folder, sorted by name (the official order is
   os.listdir's, which is arbitrary; the outputs do not depend on it), and the number of unusable files."""
   root = Path(folder)
@@ -146,17 +160,29 @@ def plan_steps(padded_lengths: Sequence[int], pending: Sequence[bool], rows: int
   for length in sorted(set(padded_lengths)):
     group = [j for j, n in enumerate(padded_lengths) if n == length]
     for i in range(0, len(group), rows):
-      slots = [j if pending[j] else None for j in group[i:i + rows]]
+      slots = [j if pending[j] else None for j in group[i : i + rows]]
       slots += [None] * (rows - len(slots))
       if any(s is not None for s in slots):
         steps.append(slots)
   return steps
 
 
-def generate_images(model, variables, tokenizer, jobs: Sequence[tuple[str, int]], pending: Sequence[bool], *,
-                    steps: int, cfg: float, shift: float, batch_size: int,
-                    on_image: Callable[[int, np.ndarray, np.ndarray], None], bucket: int = DEFAULT_BUCKET,
-                    workers: Workers = Workers(), progress: bool = True) -> int:
+def generate_images(
+  model,
+  variables,
+  tokenizer,
+  jobs: Sequence[tuple[str, int]],
+  pending: Sequence[bool],
+  *,
+  steps: int,
+  cfg: float,
+  shift: float,
+  batch_size: int,
+  on_image: Callable[[int, np.ndarray, np.ndarray], None],
+  bucket: int = DEFAULT_BUCKET,
+  workers: Workers = Workers(),
+  progress: bool = True,
+) -> int:
   """jobs: (prompt text, seed) of every image, done or not; generates this process's share of the
   pending ones in batches of batch_size per local device (`plan_steps`), calling on_image(job number,
   clamped image, raw decoder output) as batches finish. Returns the number of images generated here."""
@@ -171,8 +197,17 @@ def generate_images(model, variables, tokenizer, jobs: Sequence[tuple[str, int]]
   for slots in plan:
     real = [j for j in slots if j is not None]
     rows = [j if j is not None else real[0] for j in slots]  # padding rows repeat a job; their output is dropped
-    raw = text_to_image_per_device(model, variables, [ids[jobs[j][0]] for j in rows], [jobs[j][1] for j in rows],
-                                   mesh, steps=steps, cfg_scale=cfg, alpha=shift, bucket=bucket)
+    raw = text_to_image_per_device(
+      model,
+      variables,
+      [ids[jobs[j][0]] for j in rows],
+      [jobs[j][1] for j in rows],
+      mesh,
+      steps=steps,
+      cfg_scale=cfg,
+      alpha=shift,
+      bucket=bucket,
+    )
     for k, j in enumerate(slots):
       if j is not None:
         on_image(j, np.clip(raw[k], 0.0, 1.0), raw[k])
@@ -195,10 +230,25 @@ def _stderr(s: str) -> None:
   print(s, file=sys.stderr)
 
 
-def run_geneval(model, variables, tokenizer, metadata: str, out_dir: str, *, images_per_prompt: int = 4,
-                steps: int = 80, cfg: float = 9.5, shift: float = 1.0, seed: int = 0, batch_size: int = 8,
-                bucket: int = DEFAULT_BUCKET, limit: Optional[int] = None, workers: Workers = Workers(),
-                progress: bool = True, log: Callable[[str], None] = _stderr) -> dict:
+def run_geneval(
+  model,
+  variables,
+  tokenizer,
+  metadata: str,
+  out_dir: str,
+  *,
+  images_per_prompt: int = 4,
+  steps: int = 80,
+  cfg: float = 9.5,
+  shift: float = 1.0,
+  seed: int = 0,
+  batch_size: int = 8,
+  bucket: int = DEFAULT_BUCKET,
+  limit: Optional[int] = None,
+  workers: Workers = Workers(),
+  progress: bool = True,
+  log: Callable[[str], None] = _stderr,
+) -> dict:
   """GenEval's folders for a loaded model; batch_size images per device. Every process of `workers`
   calls it; each generates its share. Returns {prompts, images, generated, failed, seconds}."""
   check_flow_args(steps, shift, batch_size, images_per_prompt)
@@ -216,25 +266,59 @@ def run_geneval(model, variables, tokenizer, metadata: str, out_dir: str, *, ima
       targets.append(folder / "samples" / f"{n:05}.png")
   pending = [not t.is_file() for t in targets]
   if workers.is_lead:
-    log(f"geneval: {len(items)} prompts x {images_per_prompt} images, {sum(pending)} to generate "
-        f"(steps {steps}, cfg {cfg}, shift {shift}; {workers.describe()})")
+    log(
+      f"geneval: {len(items)} prompts x {images_per_prompt} images, {sum(pending)} to generate "
+      f"(steps {steps}, cfg {cfg}, shift {shift}; {workers.describe()})"
+    )
   workers.barrier("geneval_planned")  # every process planned from the same finished files
 
   def save(job, image, raw):
     _save_atomic(save_image_uint8(image), targets[job], "PNG")
 
   t0 = time.perf_counter()
-  generate_images(model, variables, tokenizer, jobs, pending, steps=steps, cfg=cfg, shift=shift,
-                  batch_size=batch_size, bucket=bucket, workers=workers, on_image=save, progress=progress)
+  generate_images(
+    model,
+    variables,
+    tokenizer,
+    jobs,
+    pending,
+    steps=steps,
+    cfg=cfg,
+    shift=shift,
+    batch_size=batch_size,
+    bucket=bucket,
+    workers=workers,
+    on_image=save,
+    progress=progress,
+  )
   workers.barrier("geneval_done")
-  return {"prompts": len(items), "images": len(jobs), "generated": sum(pending), "failed": failed,
-          "seconds": time.perf_counter() - t0}
+  return {
+    "prompts": len(items),
+    "images": len(jobs),
+    "generated": sum(pending),
+    "failed": failed,
+    "seconds": time.perf_counter() - t0,
+  }
 
 
-def run_dpg(model, variables, tokenizer, prompts_dir: str, out_dir: str, *, steps: int = 250, cfg: float = 9.5,
-            shift: float = 0.5, seed: int = 0, batch_size: int = 8, bucket: int = DEFAULT_BUCKET,
-            limit: Optional[int] = None, workers: Workers = Workers(), progress: bool = True,
-            log: Callable[[str], None] = _stderr) -> dict:
+def run_dpg(
+  model,
+  variables,
+  tokenizer,
+  prompts_dir: str,
+  out_dir: str,
+  *,
+  steps: int = 250,
+  cfg: float = 9.5,
+  shift: float = 0.5,
+  seed: int = 0,
+  batch_size: int = 8,
+  bucket: int = DEFAULT_BUCKET,
+  limit: Optional[int] = None,
+  workers: Workers = Workers(),
+  progress: bool = True,
+  log: Callable[[str], None] = _stderr,
+) -> dict:
   """DPG-Bench's grids for a loaded model (see run_geneval). Returns {prompts, generated (grids), failed, seconds}."""
   check_flow_args(steps, shift, batch_size)
   per = DEFAULTS["dpg"]["images_per_prompt"]
@@ -252,16 +336,31 @@ def run_dpg(model, variables, tokenizer, prompts_dir: str, out_dir: str, *, step
   todo = sorted({items[j // per][0] for j, p in enumerate(pending) if p})
   if workers.is_lead:
     out.mkdir(parents=True, exist_ok=True)
-    log(f"dpg: {len(items)} prompts, {len(todo)} grids to generate (4 images each; steps {steps}, cfg {cfg}, "
-        f"shift {shift}; {workers.describe()})")
+    log(
+      f"dpg: {len(items)} prompts, {len(todo)} grids to generate (4 images each; steps {steps}, cfg {cfg}, "
+      f"shift {shift}; {workers.describe()})"
+    )
   workers.barrier("dpg_planned")
 
   def save(job, image, raw):
     _save_atomic(dpg_uint8(raw), tiles[job], "PNG")  # lossless: the grid is assembled from these bytes
 
   t0 = time.perf_counter()
-  generate_images(model, variables, tokenizer, jobs, pending, steps=steps, cfg=cfg, shift=shift,
-                  batch_size=batch_size, bucket=bucket, workers=workers, on_image=save, progress=progress)
+  generate_images(
+    model,
+    variables,
+    tokenizer,
+    jobs,
+    pending,
+    steps=steps,
+    cfg=cfg,
+    shift=shift,
+    batch_size=batch_size,
+    bucket=bucket,
+    workers=workers,
+    on_image=save,
+    progress=progress,
+  )
   workers.barrier("dpg_tiles")
   grids = 0
   if workers.is_lead:

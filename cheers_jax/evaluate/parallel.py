@@ -7,6 +7,7 @@ the shares and writes the outputs and the score. No array spans processes, so th
 collective, only a barrier on the coordination service. As in VLMEvalKit's multi-GPU inference (its
 ranks write part files that rank 0 merges), the output folder must be shared by the processes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,7 @@ class Workers:
 
   def share(self, items: Sequence[T]) -> list[T]:
     """This process's items: every process_count-th, starting at its index (deterministic, any count)."""
-    return list(items[self.process_index::self.process_count])
+    return list(items[self.process_index :: self.process_count])
 
   def barrier(self, name: str) -> None:
     distributed.barrier(name)

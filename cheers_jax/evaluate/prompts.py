@@ -11,6 +11,7 @@ Three layers, each re-implemented from the code that defines it:
 3. `generate_inner`: one `<im_start><image><im_end>\\n` per image (images first, in message order),
    then the text, as one user turn of the tokenizer's chat template with the generation prompt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,24 +23,36 @@ IMAGE_MARK = "<im_start><image><im_end>\n"
 CHAT_SYSTEM = "You are a helpful assistant."
 
 # Suffixes of the Cheers wrapper (vlmeval/vlm/cheers.py), English and Chinese variants.
-MMMU_MC_SUFFIX = ("\nRead the question carefully. and think step by step to determine the correct answer. You MUST "
-                  "output ONLY the option letter corresponding to your choice or a very short phrase. Do NOT output "
-                  "reasoning, explanation, or any extra text. Output format: A single capital letter only or a very "
-                  "short phrase.")
-MMMU_MC_SUFFIX_CN = ("\n仔细阅读问题，并逐步思考以确定正确答案。\n你必须只输出对应的选项字母或短语，不要输出推理、解释或任何额外文本。"
-                     "\n输出格式：仅一个大写字母或短语。")
-MMMU_OPEN_SUFFIX = ("\nRead the question carefully. and think carefully to determine the correct answer. Do NOT "
-                    "repeat the answer or include any unnecessary text.")
-MMMU_OPEN_SUFFIX_CN = "\n仔细阅读问题，并认真思考以确定正确答案。\n答案要简单且准确。不要重复答案，也不要输出无关的文字。"
-MMSTAR_SUFFIX = ('Carefully read the question and reason step by step to determine the final correct answer. '
-                 'Format your answer as: "Answer: selected option (A B C or D)".')
+MMMU_MC_SUFFIX = (
+  "\nRead the question carefully. and think step by step to determine the correct answer. You MUST "
+  "output ONLY the option letter corresponding to your choice or a very short phrase. Do NOT output "
+  "reasoning, explanation, or any extra text. Output format: A single capital letter only or a very "
+  "short phrase."
+)
+MMMU_MC_SUFFIX_CN = (
+  "\n仔细阅读问题，并逐步思考以确定正确答案。\n你必须只输出对应的选项字母或短语，不要输出推理、解释或任何额外文本。"
+  "\n输出格式：仅一个大写字母或短语。"
+)
+MMMU_OPEN_SUFFIX = (
+  "\nRead the question carefully. and think carefully to determine the correct answer. Do NOT "
+  "repeat the answer or include any unnecessary text."
+)
+MMMU_OPEN_SUFFIX_CN = (
+  "\n仔细阅读问题，并认真思考以确定正确答案。\n答案要简单且准确。不要重复答案，也不要输出无关的文字。"
+)
+MMSTAR_SUFFIX = (
+  "Carefully read the question and reason step by step to determine the final correct answer. "
+  'Format your answer as: "Answer: selected option (A B C or D)".'
+)
 MMSTAR_SUFFIX_CN = '\n仔细阅读问题，并逐步思考以确定最终的正确答案。答案格式为："Answer: selected option (A B C or D)"'
 LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 LETTER_SUFFIX_CN = "\n请直接回答选项字母。"
 YES_NO_SUFFIX = "\nAnswer the question using only a single word: 'Yes' or 'No'"
 YES_NO_SUFFIX_CN = '\n用一个单词作答："Yes" 或 "No"。'
-MATHVISTA_SUFFIX = ("\nRead the question carefully. and think step by step if necessary. \nDo NOT repeat the answer "
-                    "or include any unnecessary text.")
+MATHVISTA_SUFFIX = (
+  "\nRead the question carefully. and think step by step if necessary. \nDo NOT repeat the answer "
+  "or include any unnecessary text."
+)
 MATHVISTA_SUFFIX_CN = "\n仔细阅读问题，并在必要时逐步思考。\n不要重复答案，也不要输出无关的文字。"
 OCRBENCH_SUFFIX = "Answer the question.\nDo NOT include any unnecessary text."
 SHORT_ANSWER_SUFFIX = "\nYou must answer the question using a single word or phrase."
@@ -59,8 +72,8 @@ def has_cjk(text: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class RowPrompt:
-  text: str                # the user turn's content, image marks included
-  image_order: tuple       # which of the row's images fill the marks, in order (MMMU may repeat or drop)
+  text: str  # the user turn's content, image marks included
+  image_order: tuple  # which of the row's images fill the marks, in order (MMMU may repeat or drop)
 
   @property
   def n_images(self) -> int:
@@ -141,5 +154,6 @@ def build_row_prompt(spec: DatasetSpec, row, n_images: int) -> RowPrompt:
 
 def chat_text(user_text: str) -> str:
   """The tokenizer's chat template for one user turn with the generation prompt (what the model reads)."""
-  return (f"<|im_start|>system\n{CHAT_SYSTEM}<|im_end|>\n<|im_start|>user\n{user_text}<|im_end|>\n"
-          "<|im_start|>assistant\n")
+  return (
+    f"<|im_start|>system\n{CHAT_SYSTEM}<|im_end|>\n<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
+  )

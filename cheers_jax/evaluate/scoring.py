@@ -8,6 +8,7 @@ computed from `extracted` and those values (`score_from_extracted`).
 
 Rows with a non-empty `error` (an image that did not decode...) are left out and counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,27 +21,36 @@ from typing import Optional
 import numpy as np
 
 from cheers_jax.evaluate import extract as ex
-from cheers_jax.evaluate.datasets import (MCQ, YORN, DatasetError, DatasetSpec, as_int_index, is_missing,
-                                          option_letters)
+from cheers_jax.evaluate.datasets import MCQ, YORN, DatasetError, DatasetSpec, as_int_index, is_missing, option_letters
 from cheers_jax.evaluate.vlmeval_io import as_vlmevalkit_reads_tsv, read_literal_tsv, xlsx_round_trip
 
 # VLMEvalKit's short names of MMBench's abilities (dataset/utils/multiple_choice.py)
 MMB_ABBREVIATIONS = {
-    "coarse_perception": "CP", "finegrained_perception (instance-level)": "FP-S",
-    "finegrained_perception (cross-instance)": "FP-C", "logic_reasoning": "LR", "relation_reasoning": "RR",
-    "attribute_reasoning": "AR"}
+  "coarse_perception": "CP",
+  "finegrained_perception (instance-level)": "FP-S",
+  "finegrained_perception (cross-instance)": "FP-C",
+  "logic_reasoning": "LR",
+  "relation_reasoning": "RR",
+  "attribute_reasoning": "AR",
+}
 OCRBENCH_GROUPS = {
-    "Text Recognition": ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
-                         "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition"),
-    "Scene Text-centric VQA": ("Scene Text-centric VQA",),
-    "Doc-oriented VQA": ("Doc-oriented VQA",),
-    "Key Information Extraction": ("Key Information Extraction",),
-    "Handwritten Mathematical Expression Recognition": ("Handwritten Mathematical Expression Recognition",),
+  "Text Recognition": (
+    "Regular Text Recognition",
+    "Irregular Text Recognition",
+    "Artistic Text Recognition",
+    "Handwriting Recognition",
+    "Digit String Recognition",
+    "Non-Semantic Text Recognition",
+  ),
+  "Scene Text-centric VQA": ("Scene Text-centric VQA",),
+  "Doc-oriented VQA": ("Doc-oriented VQA",),
+  "Key Information Extraction": ("Key Information Extraction",),
+  "Handwritten Mathematical Expression Recognition": ("Handwritten Mathematical Expression Recognition",),
 }
 HMER = "Handwritten Mathematical Expression Recognition"
 OWN_COLUMNS = ("raw", "prediction", "extracted", "status", "error")  # what this tool adds to a dataset's columns
 CIRCULAR_OFFSET = 1_000_000  # MMBench's rotated copies have index = original + k * 1e6
-NO_OPTION = "Z"              # VLMEvalKit's answer when no option can be inferred
+NO_OPTION = "Z"  # VLMEvalKit's answer when no option can be inferred
 
 
 # ---- prediction (the wrapper) --------------------------------------------------------------------
@@ -171,8 +181,12 @@ def _pope(rows: list[dict]) -> dict:
     cats = str(r["category"]).split(",") if "category" in r and not is_missing(r.get("category")) else [None]
     exploded += [dict(r, category=c) for c in cats]
   overall = _pope_metrics(exploded)
-  res = {"overall": overall["f1"], **{k: v for k, v in overall.items() if k != "f1"}, "f1": overall["f1"],
-         "categories": {}}
+  res = {
+    "overall": overall["f1"],
+    **{k: v for k, v in overall.items() if k != "f1"},
+    "f1": overall["f1"],
+    "categories": {},
+  }
   for c in sorted({r["category"] for r in exploded if r["category"] is not None}):
     res["categories"][c] = _pope_metrics([r for r in exploded if r["category"] == c])
   return res
@@ -202,8 +216,10 @@ def _vqa(spec: DatasetSpec, rows: list[dict]) -> dict:
   rows = [dict(r, hit=vqa_hit(spec, r)) for r in rows]
   res = {"overall": _mean(r["hit"] for r in rows) * 100, "categories": {}}
   if any("split" in r for r in rows):
-    res["splits"] = {sp: _mean(r["hit"] for r in rows if str(r.get("split")) == sp) * 100
-                     for sp in sorted({str(r.get("split")) for r in rows})}
+    res["splits"] = {
+      sp: _mean(r["hit"] for r in rows if str(r.get("split")) == sp) * 100
+      for sp in sorted({str(r.get("split")) for r in rows})
+    }
   elif any("category" in r for r in rows):
     for c in sorted({str(r["category"]) for r in rows if "category" in r}):
       res["categories"][c] = _mean(r["hit"] for r in rows if str(r.get("category")) == c) * 100
@@ -213,8 +229,11 @@ def _vqa(spec: DatasetSpec, rows: list[dict]) -> dict:
 def ocrbench_hit(row) -> bool:
   got = row["extracted"]
   for a in ex.answer_list(ex.cell_text(row.get("answer"))):
-    a = a.strip().replace("\n", " ").replace(" ", "") if row.get("category") == HMER else \
-        a.lower().strip().replace("\n", " ")
+    a = (
+      a.strip().replace("\n", " ").replace(" ", "")
+      if row.get("category") == HMER
+      else a.lower().strip().replace("\n", " ")
+    )
     if a in got:
       return True
   return False
@@ -224,8 +243,9 @@ def _ocrbench(rows: list[dict]) -> dict:
   known = {c for cats in OCRBENCH_GROUPS.values() for c in cats}
   unknown = sorted({str(r.get("category")) for r in rows} - known)
   if unknown:
-    raise DatasetError(f"OCRBench rows with unknown category {unknown[:3]}: VLMEvalKit only scores its 10 "
-                       "OCRBench categories")
+    raise DatasetError(
+      f"OCRBench rows with unknown category {unknown[:3]}: VLMEvalKit only scores its 10 OCRBench categories"
+    )
   per = defaultdict(int)
   for r in rows:
     per[r["category"]] += int(ocrbench_hit(r))
@@ -247,7 +267,7 @@ def score_from_extracted(spec: DatasetSpec, rows: list[dict]) -> dict:
     res["n_scored_questions"] = len(main)
     if m == "mmmu" and "validation" in res.get("splits", {}):
       res["overall_all_splits"], res["categories_all_splits"] = res["overall"], res["categories"]
-      res["overall"] = res["splits"]["validation"]["overall"]   # VLMEvalKit's reported row: the validation split
+      res["overall"] = res["splits"]["validation"]["overall"]  # VLMEvalKit's reported row: the validation split
       res["categories"] = res["splits"]["validation"]["categories"]
     return res
   if m == "pope":
@@ -276,28 +296,49 @@ def score_frame(spec: DatasetSpec, frame, recompute_prediction: bool = True, req
   frame = frame.copy()
   failed = failed_mask(frame)
   if "raw" in frame.columns and recompute_prediction:
-    frame["prediction"] = [None if bad else postprocess(spec, "" if is_missing(r) else str(r))
-                           for r, bad in zip(frame["raw"], failed)]
+    frame["prediction"] = [
+      None if bad else postprocess(spec, "" if is_missing(r) else str(r)) for r, bad in zip(frame["raw"], failed)
+    ]
   if "prediction" not in frame.columns:
     raise DatasetError("the predictions file has neither a `raw` nor a `prediction` column")
-  needed = {"mcq": ["answer"], "mcq_circular": ["answer"], "mmmu": ["answer"], "pope": ["answer"],
-            "vqa_score": ["answer"], "relaxed_accuracy": ["answer"], "ocrbench": ["answer", "category"]}
+  needed = {
+    "mcq": ["answer"],
+    "mcq_circular": ["answer"],
+    "mmmu": ["answer"],
+    "pope": ["answer"],
+    "vqa_score": ["answer"],
+    "relaxed_accuracy": ["answer"],
+    "ocrbench": ["answer", "category"],
+  }
   missing = [c for c in needed.get(spec.metric, []) if c not in frame.columns]
   if missing:
     if require_answers:
       raise DatasetError(f"{spec.name} is scored against column(s) {', '.join(missing)}, which the file lacks")
     frame["extracted"] = None
-    return frame, _clean({"dataset": spec.name, "overall": None, "n": int(sum(not f for f in failed)),
-                          "unit": spec.unit, "n_failed": int(sum(failed)),
-                          "note": f"no {', '.join(missing)} column: predictions only, nothing to score"})
+    return frame, _clean(
+      {
+        "dataset": spec.name,
+        "overall": None,
+        "n": int(sum(not f for f in failed)),
+        "unit": spec.unit,
+        "n_failed": int(sum(failed)),
+        "note": f"no {', '.join(missing)} column: predictions only, nothing to score",
+      }
+    )
   seen = vlmevalkit_view(frame) if len(frame) else []
   extracted = [None if bad else extract_one(spec, r) for r, bad in zip(seen, failed)]
   frame["extracted"] = extracted
   rows = [dict(r, extracted=e) for r, e, bad in zip(seen, extracted, failed) if not bad]
   res = score_from_extracted(spec, rows)
   errors = [(i, e) for i, e, bad in zip(frame["index"], frame.get("error", [None] * len(frame)), failed) if bad]
-  scores = {"dataset": spec.name, "overall": res.pop("overall"), "n": len(rows), "unit": spec.unit,
-            "n_failed": len(errors), **res}
+  scores = {
+    "dataset": spec.name,
+    "overall": res.pop("overall"),
+    "n": len(rows),
+    "unit": spec.unit,
+    "n_failed": len(errors),
+    **res,
+  }
   if errors:
     scores["failed_examples"] = [f"{i}: {e}" for i, e in errors[:5]]
   if spec.note:
@@ -323,6 +364,7 @@ def read_predictions(path: str | os.PathLike):
   and `raw` / `prediction` exactly as written: they stand for the model's text, which the official
   pipeline holds in memory (a raw answer 'N/A' is not missing: the wrapper finds the letter A in it)."""
   import pandas as pd  # pandas: the evaluation's TSV files only
+
   try:
     frame = pd.read_csv(path, sep="\t", dtype=str)
     literal = read_literal_tsv(path)
@@ -354,11 +396,15 @@ def score_file(spec: DatasetSpec, predictions: str | os.PathLike, out: Optional[
 
 def summary_lines(scores: dict) -> list[str]:
   """A small table: the overall figure, then each category / split."""
+
   def fmt(v):
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
-  lines = [f"{'dataset':<22} {'overall':>10}  unit            n  failed",
-           f"{scores['dataset']:<22} {fmt(scores['overall']):>10}  {scores.get('unit', ''):<14}"
-           f"{scores['n']:>3}  {scores['n_failed']:>6}"]
+
+  lines = [
+    f"{'dataset':<22} {'overall':>10}  unit            n  failed",
+    f"{scores['dataset']:<22} {fmt(scores['overall']):>10}  {scores.get('unit', ''):<14}"
+    f"{scores['n']:>3}  {scores['n_failed']:>6}",
+  ]
   for key in ("categories", "splits"):
     for name, value in (scores.get(key) or {}).items():
       v = value.get("overall", value.get("f1")) if isinstance(value, dict) else value

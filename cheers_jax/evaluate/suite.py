@@ -8,6 +8,7 @@ benchmark's status, our figure (in VLMEvalKit's unit and in the paper's scale) a
 with its table. A benchmark whose input is broken is reported as failed and the others go on; a rerun
 resumes every benchmark.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,13 @@ DEFAULT_DPG = Path("dpg_bench") / "prompts"
 
 @dataclasses.dataclass
 class SuitePlan:
-  inputs: dict[str, Path]   # benchmark -> its input (present)
-  missing: dict[str, str]   # benchmark -> what was looked for
+  inputs: dict[str, Path]  # benchmark -> its input (present)
+  missing: dict[str, str]  # benchmark -> what was looked for
 
 
-def plan(lmudata: str, geneval_metadata: Optional[str] = None, dpg_prompts: Optional[str] = None,
-         only: Optional[str] = None) -> SuitePlan:
+def plan(
+  lmudata: str, geneval_metadata: Optional[str] = None, dpg_prompts: Optional[str] = None, only: Optional[str] = None
+) -> SuitePlan:
   """Which benchmarks can run (their input is present) and which cannot; `only` restricts the list."""
   root = Path(lmudata)
   if not root.is_dir():
@@ -58,9 +60,19 @@ def _stderr(s: str) -> None:
   print(s, file=sys.stderr)
 
 
-def run_suite(model, variables, tokenizer, suite_plan: SuitePlan, out_dir: str, *, understanding: dict,
-              generation: dict, workers: Workers = Workers(), progress: bool = True,
-              log: Callable[[str], None] = _stderr) -> Optional[dict]:
+def run_suite(
+  model,
+  variables,
+  tokenizer,
+  suite_plan: SuitePlan,
+  out_dir: str,
+  *,
+  understanding: dict,
+  generation: dict,
+  workers: Workers = Workers(),
+  progress: bool = True,
+  log: Callable[[str], None] = _stderr,
+) -> Optional[dict]:
   """Runs the planned benchmarks (every process of `workers` calls it); process 0 writes and returns the
   summary, the others return None. understanding: run_understanding's settings; generation: per
   'geneval' / 'dpg', run_geneval / run_dpg's settings."""
@@ -75,29 +87,61 @@ def run_suite(model, variables, tokenizer, suite_plan: SuitePlan, out_dir: str, 
     row = {"benchmark": name, "input": str(source)}
     try:
       if name == "geneval":
-        res = run_geneval(model, variables, tokenizer, str(source), str(out / "geneval"), **generation["geneval"],
-                          **common)
-        row.update(status="done", overall=None, unit="", output=str(out / "geneval"), failed=res["failed"],
-                   note="images ready for GenEval's detector scorer (not run here)")
+        res = run_geneval(
+          model, variables, tokenizer, str(source), str(out / "geneval"), **generation["geneval"], **common
+        )
+        row.update(
+          status="done",
+          overall=None,
+          unit="",
+          output=str(out / "geneval"),
+          failed=res["failed"],
+          note="images ready for GenEval's detector scorer (not run here)",
+        )
       elif name == "dpg":
         res = run_dpg(model, variables, tokenizer, str(source), str(out / "dpg"), **generation["dpg"], **common)
-        row.update(status="done", overall=None, unit="", output=str(out / "dpg"), failed=res["failed"],
-                   note="grids ready for DPG-Bench's mPLUG scorer (not run here)")
+        row.update(
+          status="done",
+          overall=None,
+          unit="",
+          output=str(out / "dpg"),
+          failed=res["failed"],
+          note="grids ready for DPG-Bench's mPLUG scorer (not run here)",
+        )
       else:
-        scores = run_understanding(model, variables, source, name, out / "understanding", tokenizer=tokenizer,
-                                   **understanding, **common)
-        row.update(status="done", overall=scores.get("overall"), unit=scores.get("unit", ""),
-                   output=str(out / "understanding" / f"{name}.tsv"), failed=scores.get("n_failed", 0),
-                   note=scores.get("note", ""))
+        scores = run_understanding(
+          model, variables, source, name, out / "understanding", tokenizer=tokenizer, **understanding, **common
+        )
+        row.update(
+          status="done",
+          overall=scores.get("overall"),
+          unit=scores.get("unit", ""),
+          output=str(out / "understanding" / f"{name}.tsv"),
+          failed=scores.get("n_failed", 0),
+          note=scores.get("note", ""),
+        )
     except UserError as e:  # a broken input stops its benchmark only
       lead_log(f"suite: {name} failed: {e}")
       row.update(status="failed", overall=None, unit="", output="", failed=None, note=str(e))
     row["ours_paper_scale"] = in_paper_scale(row["unit"], row["overall"])
     row["paper"], row["paper_source"] = paper_figure(name)
     rows.append(row)
-  rows += [{"benchmark": n, "status": "missing", "input": looked, "overall": None, "unit": "",
-            "ours_paper_scale": None, "paper": paper_figure(n)[0], "paper_source": paper_figure(n)[1],
-            "output": "", "failed": None, "note": "input not found"} for n, looked in suite_plan.missing.items()]
+  rows += [
+    {
+      "benchmark": n,
+      "status": "missing",
+      "input": looked,
+      "overall": None,
+      "unit": "",
+      "ours_paper_scale": None,
+      "paper": paper_figure(n)[0],
+      "paper_source": paper_figure(n)[1],
+      "output": "",
+      "failed": None,
+      "note": "input not found",
+    }
+    for n, looked in suite_plan.missing.items()
+  ]
   if not workers.is_lead:
     return None
   summary = {"benchmarks": rows, "missing": list(suite_plan.missing)}
@@ -109,12 +153,18 @@ def run_suite(model, variables, tokenizer, suite_plan: SuitePlan, out_dir: str, 
 def summary_markdown(rows: list[dict]) -> list[str]:
   def fmt(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
-  lines = ["# Evaluation summary", "",
-           "| benchmark | status | ours | unit | ours (paper scale) | paper | source | failed rows | note |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+  lines = [
+    "# Evaluation summary",
+    "",
+    "| benchmark | status | ours | unit | ours (paper scale) | paper | source | failed rows | note |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for r in rows:
     note = str(r.get("note") or "").replace("|", "/").replace("\n", " ")
     failed = "-" if r.get("failed") is None else str(r["failed"])
-    lines.append(f"| {r['benchmark']} | {r['status']} | {fmt(r['overall'], 4)} | {r['unit'] or '-'} | "
-                 f"{fmt(r['ours_paper_scale'])} | {fmt(r['paper'])} | {r['paper_source'] or '-'} | {failed} | {note} |")
+    lines.append(
+      f"| {r['benchmark']} | {r['status']} | {fmt(r['overall'], 4)} | {r['unit'] or '-'} | "
+      f"{fmt(r['ours_paper_scale'])} | {fmt(r['paper'])} | {r['paper_source'] or '-'} | {failed} | {note} |"
+    )
   return lines

@@ -19,6 +19,7 @@ column but `image`, then `raw` (decoded text), `prediction` (the wrapper's post-
 number of processes or devices, keeps the `ok` rows of the TSV and of any part file and decodes the
 rest. A row whose image does not decode is `failed`, reported on one line, and left out of the score.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,11 +52,11 @@ def reference_answer_budget(prompt_ids: int, cap: Optional[int] = None) -> int:
 
 @dataclasses.dataclass
 class PreparedRow:
-  position: int               # row number in the input frame
-  ids: Optional[np.ndarray]   # prompt ids with -200 placeholders
-  images: list                # (res, res, 3) float32, in placeholder order
+  position: int  # row number in the input frame
+  ids: Optional[np.ndarray]  # prompt ids with -200 placeholders
+  images: list  # (res, res, 3) float32, in placeholder order
   budget: int
-  length: int                 # assembled length (image tokens included)
+  length: int  # assembled length (image tokens included)
   error: str = ""
 
 
@@ -69,8 +70,9 @@ def prepare_row(spec, row, tokenizer, cfg, cap: Optional[int]) -> PreparedRow:
     for i in prompt.image_order:
       if i not in decoded:
         b64, name = cells[i]
-        decoded[i] = preprocess_understanding(decode_image(b64, name), resolution=cfg.vision.image_size,
-                                              patch_size=cfg.vision.patch_size).pixel_values.transpose(1, 2, 0)
+        decoded[i] = preprocess_understanding(
+          decode_image(b64, name), resolution=cfg.vision.image_size, patch_size=cfg.vision.patch_size
+        ).pixel_values.transpose(1, 2, 0)
       images.append(decoded[i])
   except BadRowImage as e:
     return PreparedRow(-1, None, [], 0, 0, f"{type(e).__name__}: {e}")
@@ -82,7 +84,7 @@ def prepare_row(spec, row, tokenizer, cfg, cap: Optional[int]) -> PreparedRow:
 def plan_batches(rows: list[PreparedRow], batch_size: int) -> list[list[PreparedRow]]:
   """Rows with the same image count and similar length together (fewer distinct shapes)."""
   order = sorted(rows, key=lambda r: (len(r.images), r.length))
-  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class Decoder:
@@ -102,7 +104,7 @@ class Decoder:
       batch.batch = place_rows(batch.batch, self.mesh)
     state = prefill(self.model, self.variables, batch, seq_len + slots)
     result = decode(self.model, self.variables, state, slots, GREEDY, stop_after=max(r.budget for r in rows))
-    return [ids[:r.budget] for ids, r in zip(result.ids(), rows)]
+    return [ids[: r.budget] for ids, r in zip(result.ids(), rows)]
 
 
 def output_path(out_dir: str | os.PathLike, name: str) -> Path:
@@ -139,16 +141,24 @@ def _previous(path: Path, data) -> dict:
   if path.is_file():
     old = read_predictions(path)
     if "status" not in old.columns or "raw" not in old.columns:
-      raise DatasetError(f"{path} exists but is not a predictions file of this tool (no status/raw columns): "
-                         "choose another --out")
+      raise DatasetError(
+        f"{path} exists but is not a predictions file of this tool (no status/raw columns): choose another --out"
+      )
     for rec in old.to_dict("records"):
-      records[str(rec["index"])] = {"index": rec["index"], "question": rec.get("question"), "raw": rec["raw"],
-                                    "status": rec.get("status"), "error": ""}
+      records[str(rec["index"])] = {
+        "index": rec["index"],
+        "question": rec.get("question"),
+        "raw": rec["raw"],
+        "status": rec.get("status"),
+        "error": "",
+      }
   records.update(_read_parts(path.parent, path.stem))
   questions = dict(zip(data["index"], data["question"]))
-  return {idx: {"raw": "" if rec["raw"] is None else str(rec["raw"]), "status": "ok", "error": ""}
-          for idx, rec in records.items()
-          if rec.get("status") == "ok" and idx in questions and str(rec.get("question")) == str(questions[idx])}
+  return {
+    idx: {"raw": "" if rec["raw"] is None else str(rec["raw"]), "status": "ok", "error": ""}
+    for idx, rec in records.items()
+    if rec.get("status") == "ok" and idx in questions and str(rec.get("question")) == str(questions[idx])
+  }
 
 
 def _write_outputs(spec, data, results: dict, path: Path, final: bool) -> dict:
@@ -178,11 +188,23 @@ def _stderr(s: str) -> None:
   print(s, file=sys.stderr)
 
 
-def run_understanding(model, variables, data_path: str | os.PathLike, dataset: str, out_dir: str | os.PathLike, *,
-                      tokenizer=None, batch_size: int = 16, limit: Optional[int] = None,
-                      max_new_tokens: Optional[int] = None, bucket: int = 64, save_every: int = 1,
-                      workers: Workers = Workers(), progress: bool = True,
-                      log: Callable[[str], None] = _stderr) -> dict:
+def run_understanding(
+  model,
+  variables,
+  data_path: str | os.PathLike,
+  dataset: str,
+  out_dir: str | os.PathLike,
+  *,
+  tokenizer=None,
+  batch_size: int = 16,
+  limit: Optional[int] = None,
+  max_new_tokens: Optional[int] = None,
+  bucket: int = 64,
+  save_every: int = 1,
+  workers: Workers = Workers(),
+  progress: bool = True,
+  log: Callable[[str], None] = _stderr,
+) -> dict:
   """Answers and scores a VLMEvalKit TSV with a loaded model; returns the score dict (also written to
   OUTDIR/NAME_score.json). batch_size: rows decoded together per process (rounded up to a multiple of
   the local devices). Every process of `workers` calls it with the same arguments; process 0 writes
@@ -203,15 +225,31 @@ def run_understanding(model, variables, data_path: str | os.PathLike, dataset: s
   path = output_path(out, spec.name)
   results = _previous(path, data)
   todo = [i for i, idx in enumerate(data["index"]) if idx not in results]
-  lead_log(f"{spec.name}: {len(data)} rows, {len(data) - len(todo)} already answered in {out}, {len(todo)} to "
-           f"decode ({workers.describe()})")
+  lead_log(
+    f"{spec.name}: {len(data)} rows, {len(data) - len(todo)} already answered in {out}, {len(todo)} to "
+    f"decode ({workers.describe()})"
+  )
   workers.barrier(f"understanding_{spec.name}_planned")  # every process planned from the same finished rows
   mine = workers.share(todo)
   if mine:
-    _decode_rows(model, variables, tokenizer, spec, data, mine, path, results, source=str(data_path),
-                 batch_size=batch_size,
-                 max_new_tokens=max_new_tokens, bucket=bucket, save_every=save_every, workers=workers,
-                 progress=progress, log=log)
+    _decode_rows(
+      model,
+      variables,
+      tokenizer,
+      spec,
+      data,
+      mine,
+      path,
+      results,
+      source=str(data_path),
+      batch_size=batch_size,
+      max_new_tokens=max_new_tokens,
+      bucket=bucket,
+      save_every=save_every,
+      workers=workers,
+      progress=progress,
+      log=log,
+    )
   workers.barrier(f"understanding_{spec.name}_decoded")
   if not workers.is_lead:
     return {}
@@ -225,9 +263,25 @@ def run_understanding(model, variables, data_path: str | os.PathLike, dataset: s
   return scores
 
 
-def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path: Path, results: dict, *,
-                 source: str, batch_size: int, max_new_tokens: Optional[int], bucket: int, save_every: int,
-                 workers: Workers, progress: bool, log: Callable[[str], None]) -> None:
+def _decode_rows(
+  model,
+  variables,
+  tokenizer,
+  spec,
+  data,
+  rows: list[int],
+  path: Path,
+  results: dict,
+  *,
+  source: str,
+  batch_size: int,
+  max_new_tokens: Optional[int],
+  bucket: int,
+  save_every: int,
+  workers: Workers,
+  progress: bool,
+  log: Callable[[str], None],
+) -> None:
   """Decodes this process's rows, appending each batch's answers to its part file; process 0 also
   rewrites NAME.tsv every `save_every` batches."""
   tokenizer = tokenizer or CheersTokenizer()
@@ -250,14 +304,20 @@ def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path:
   def record(batch_new) -> None:
     with open(part_path, "a", encoding="utf-8") as f:
       for i, raw, status, error in batch_new:
-        rec = {"index": records[i]["index"], "question": records[i]["question"], "raw": raw, "status": status,
-               "error": error}
+        rec = {
+          "index": records[i]["index"],
+          "question": records[i]["question"],
+          "raw": raw,
+          "status": status,
+          "error": error,
+        }
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         results[records[i]["index"]] = rec
 
   record(new)
-  decoder = Decoder(model, variables, min(batch_size, round_up(max(len(prepared), 1), workers.local_devices)),
-                    bucket, workers)
+  decoder = Decoder(
+    model, variables, min(batch_size, round_up(max(len(prepared), 1), workers.local_devices)), bucket, workers
+  )
   bar = progress_bar(len(prepared), progress, "row", "decoding")
   flagged = 0
   for n, chunk in enumerate(plan_batches(prepared, decoder.batch_size)):
@@ -270,8 +330,10 @@ def _decode_rows(model, variables, tokenizer, spec, data, rows: list[int], path:
       _write_outputs(spec, data, results, path, final=False)
   bar.close()
   if flagged:
-    log(f"{flagged} answer(s) contain <im_start>: the reference would draw an image there and go on; "
-        "here the text simply continues")
+    log(
+      f"{flagged} answer(s) contain <im_start>: the reference would draw an image there and go on; "
+      "here the text simply continues"
+    )
 
 
 def decode_chunk(decoder: Decoder, chunk: list[PreparedRow]) -> list[np.ndarray]:

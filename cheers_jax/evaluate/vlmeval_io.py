@@ -20,6 +20,7 @@ The official pipeline never scores the model's text directly:
      xlsxwriter's limit of 65,530 links per sheet.
 3. Each scorer then applies `str()`: NaN becomes 'nan', 0 becomes '0'.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,11 +28,31 @@ import math
 import re
 
 # pandas' default missing-value strings (pandas._libs.parsers.STR_NA_VALUES), matched against a whole cell
-PANDAS_NA_STRINGS = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
-    "NULL", "NaN", "None", "n/a", "nan", "null"})
+PANDAS_NA_STRINGS = frozenset(
+  {
+    "",
+    "#N/A",
+    "#N/A N/A",
+    "#NA",
+    "-1.#IND",
+    "-1.#QNAN",
+    "-NaN",
+    "-nan",
+    "1.#IND",
+    "1.#QNAN",
+    "<NA>",
+    "N/A",
+    "NA",
+    "NULL",
+    "NaN",
+    "None",
+    "n/a",
+    "nan",
+    "null",
+  }
+)
 EXCEL_MAX_STRING = 32767  # UTF-16 code units
-EXCEL_MAX_URL = 2079      # xlsxwriter drops a longer link (a blank cell)
+EXCEL_MAX_URL = 2079  # xlsxwriter drops a longer link (a blank cell)
 _URL = re.compile(r"(ftp|http)s?://|mailto:|(in|ex)ternal:|file://")  # xlsxwriter writes these as hyperlinks
 
 
@@ -51,7 +72,7 @@ def xlsx_cell(value):
       return _url_text(value)
     units = value.encode("utf-16-le")
     if len(units) > 2 * EXCEL_MAX_STRING:
-      return units[:2 * EXCEL_MAX_STRING].decode("utf-16-le", errors="ignore")
+      return units[: 2 * EXCEL_MAX_STRING].decode("utf-16-le", errors="ignore")
     return value
   if isinstance(value, float) and value.is_integer():
     return int(value)  # a number cell: pandas' reader gives integers back as int
@@ -75,6 +96,7 @@ def _url_text(url: str) -> str:
 def xlsx_round_trip(frame):
   """The frame as `pd.read_excel` gives it back after `frame.to_excel(index=False, engine='xlsxwriter')`."""
   from pandas.io.parsers import TextParser  # pandas: the evaluation's TSV files only
+
   if frame.empty:
     return frame.copy()
   rows = [[str(c) for c in frame.columns]]
@@ -87,6 +109,7 @@ def as_vlmevalkit_reads_tsv(frame):
   """A frame of cell texts (as this tool reads TSVs: strings, empty cells NaN) re-read the way
   VLMEvalKit's `load(tsv)` reads the file they came from: default missing values and type inference."""
   import pandas as pd  # pandas: the evaluation's TSV files only
+
   buf = io.StringIO()
   frame.to_csv(buf, sep="\t", index=False)
   buf.seek(0)
@@ -97,4 +120,5 @@ def read_literal_tsv(path):
   """Every cell's text exactly as written (no missing-value strings, no numbers): how this tool reads back
   the model's answers (`raw`, `prediction`), which the official pipeline holds in memory."""
   import pandas as pd  # pandas: the evaluation's TSV files only
+
   return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[])

@@ -15,6 +15,7 @@ Reference semantics kept: temperature <= 1e-6 is argmax, otherwise softmax(logit
 top-p; the stop id `<|im_end|>` is kept in the output; stopping is per sample (the reference stops the
 whole batch on batch 0's token). `reference_max_new_tokens` converts the reference's `max_length`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,10 @@ class GenerationError(UserError):
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How the next token is chosen. Defaults are `Cheers.generate`'s (temperature 0.7, no top-p)."""
-  temperature: float = 0.7         # <= 1e-6: greedy (argmax)
-  top_p: float = 1.0               # nucleus sampling; 1.0 = off
-  top_k: int = 0                   # 0 = off (an extra: the reference's generate never uses it)
+
+  temperature: float = 0.7  # <= 1e-6: greedy (argmax)
+  top_p: float = 1.0  # nucleus sampling; 1.0 = off
+  top_k: int = 0  # 0 = off (an extra: the reference's generate never uses it)
   repetition_penalty: float = 1.0  # 1.0 = off (an extra): seen ids' logits / p if > 0, * p otherwise
 
   @property
@@ -79,16 +81,18 @@ def reference_max_new_tokens(max_length: int, tokens_before: int = 0) -> int:
 
 class DecodeState(NamedTuple):
   """Everything decoding needs after a prefill; a pytree (jit carries it)."""
-  cache: dict             # {'k', 'v'}: (L, B, S, KV, hd)
-  kv_valid: Array         # (B, S) bool: cache slots each sample may attend
-  next_position: Array    # (B,) int32: RoPE position of the next token
-  cache_index: Array      # () int32: slot the next token is written at (shared by the batch)
-  hidden: Array           # (B, D): final-norm state of the last token fed (its logits give the next id)
+
+  cache: dict  # {'k', 'v'}: (L, B, S, KV, hd)
+  kv_valid: Array  # (B, S) bool: cache slots each sample may attend
+  next_position: Array  # (B,) int32: RoPE position of the next token
+  cache_index: Array  # () int32: slot the next token is written at (shared by the batch)
+  hidden: Array  # (B, D): final-norm state of the last token fed (its logits give the next id)
 
 
 @dataclasses.dataclass
 class PromptBatch:
   """Assembled prompts: the static layout, the arrays `Cheers.prefill` reads, the valid lengths."""
+
   layout: AssembledBatch
   batch: dict
   lengths: np.ndarray  # (B,) assembled length of each prompt (image tokens included)
@@ -104,9 +108,9 @@ class PromptBatch:
 
 @dataclasses.dataclass
 class DecodeResult:
-  tokens: np.ndarray   # (B, T) int32, PAD after each sample's end
+  tokens: np.ndarray  # (B, T) int32, PAD after each sample's end
   lengths: np.ndarray  # (B,) ids generated per sample (stop id included)
-  state: DecodeState   # cache etc. after the last token fed
+  state: DecodeState  # cache etc. after the last token fed
 
   def ids(self) -> list[np.ndarray]:
     return [self.tokens[b, :n] for b, n in enumerate(self.lengths)]
@@ -126,10 +130,16 @@ def _count_placeholders(ids: np.ndarray) -> int:
   return int(np.sum((ids == IMAGE_TOKEN_INDEX) | (ids == IMAGE_GEN_TOKEN_INDEX)))
 
 
-def prepare_prompts(cfg: ModelConfig, prompts: Sequence[np.ndarray],
-                    images: Optional[Sequence[Sequence[np.ndarray]]] = None,
-                    dummy_seeds: Optional[Sequence[int]] = None, seq_len: Optional[int] = None,
-                    bucket: int = 1, max_len: Optional[int] = None, reserve: int = 0) -> PromptBatch:
+def prepare_prompts(
+  cfg: ModelConfig,
+  prompts: Sequence[np.ndarray],
+  images: Optional[Sequence[Sequence[np.ndarray]]] = None,
+  dummy_seeds: Optional[Sequence[int]] = None,
+  seq_len: Optional[int] = None,
+  bucket: int = 1,
+  max_len: Optional[int] = None,
+  reserve: int = 0,
+) -> PromptBatch:
   """Assembles prompts (ids with -200/-300 placeholders) and their images for `prefill`.
 
   images[b]: sample b's images, (H, W, 3) float32 in [0, 1] at the model's resolution (preprocessed
@@ -157,23 +167,31 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[np.ndarray],
     if n_ph == 0 and not imgs:
       imgs = [dummy_inference_image(dummy_seeds[b], resolution=res, patch_size=patch).pixel_values.transpose(1, 2, 0)]
     if len(imgs) != max(n_ph, 1):
-      raise GenerationError(f"prompt {b} has {n_ph} image placeholder(s) (<image>/<image_gen>) but "
-                            f"{len(imgs)} image(s) were given; give one image per placeholder")
+      raise GenerationError(
+        f"prompt {b} has {n_ph} image placeholder(s) (<image>/<image_gen>) but "
+        f"{len(imgs)} image(s) were given; give one image per placeholder"
+      )
     for img in imgs:
       if np.shape(img) != (res, res, 3):
-        raise GenerationError(f"prompt {b}: image of shape {np.shape(img)}, the model needs ({res}, {res}, 3): "
-                              "preprocess it with cheers_jax.data.images.preprocess_understanding")
+        raise GenerationError(
+          f"prompt {b}: image of shape {np.shape(img)}, the model needs ({res}, {res}, 3): "
+          "preprocess it with cheers_jax.data.images.preprocess_understanding"
+        )
       pixels.append(np.asarray(img, np.float32))
     ids_list.append(ids)
-  lengths = np.array([len(x) + (n_tok - 1) * _count_placeholders(x) + (n_tok if _count_placeholders(x) == 0 else 0)
-                      for x in ids_list], np.int32)
+  lengths = np.array(
+    [len(x) + (n_tok - 1) * _count_placeholders(x) + (n_tok if _count_placeholders(x) == 0 else 0) for x in ids_list],
+    np.int32,
+  )
   longest = int(lengths.max())
   if max_len is not None and longest + reserve > max_len:
     b = int(lengths.argmax())
     extra = f" plus {reserve} slots for what is generated after it" if reserve else ""
-    raise GenerationError(f"prompt {b} is {longest} tokens long (images included, {n_tok} each){extra} and does "
-                          f"not fit the cache of {max_len}: shorten it, generate less, or raise the cache length "
-                          "(--max-len)")
+    raise GenerationError(
+      f"prompt {b} is {longest} tokens long (images included, {n_tok} each){extra} and does "
+      f"not fit the cache of {max_len}: shorten it, generate less, or raise the cache length "
+      "(--max-len)"
+    )
   s = seq_len if seq_len is not None else round_up(longest, bucket)
   if max_len is not None:
     s = max(longest, min(s, max_len - reserve))
@@ -181,11 +199,17 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[np.ndarray],
   ids_arr = np.full((len(ids_list), width), PAD_TOKEN_ID, np.int64)
   attn = np.zeros((len(ids_list), width), np.int64)
   for b, x in enumerate(ids_list):
-    ids_arr[b, :len(x)], attn[b, :len(x)] = x, 1
+    ids_arr[b, : len(x)], attn[b, : len(x)] = x, 1
   layout = assemble(ids_arr, n_tok, attention_mask=attn, seq_len=s, max_seq_len=max(s, longest))
-  batch = {"token_ids": layout.token_ids, "image_index": layout.image_index, "image_mask": layout.image_mask,
-           "valid": layout.valid, "positions": layout.positions, "pixels": np.stack(pixels),
-           "t": np.ones(len(pixels), np.float32)}
+  batch = {
+    "token_ids": layout.token_ids,
+    "image_index": layout.image_index,
+    "image_mask": layout.image_mask,
+    "valid": layout.valid,
+    "positions": layout.positions,
+    "pixels": np.stack(pixels),
+    "t": np.ones(len(pixels), np.float32),
+  }
   return PromptBatch(layout, batch, layout.valid.sum(1).astype(np.int32))
 
 
@@ -211,8 +235,9 @@ def prefill(model: Cheers, variables, prompts: PromptBatch, cache_len: int, x0: 
   if x0 is None:
     side = res // model.cfg.vision.patch_size
     x0 = np.zeros((n_img, side, side, model.cfg.vae.latent_channels), np.float32)
-  return _prefill(model, cache_len, variables, prompts.batch, jnp.asarray(x0, jnp.float32),
-                  jnp.asarray(prompts.lengths))
+  return _prefill(
+    model, cache_len, variables, prompts.batch, jnp.asarray(x0, jnp.float32), jnp.asarray(prompts.lengths)
+  )
 
 
 # ---- one token -----------------------------------------------------------------------------------
@@ -220,8 +245,9 @@ def _feed(m: Cheers, state: DecodeState, tokens: Array) -> DecodeState:
   """Writes `tokens` (B,) at the shared slot `cache_index`; returns the advanced state."""
   slot = jnp.arange(state.kv_valid.shape[1]) == state.cache_index
   kv_valid = state.kv_valid | slot[None]
-  hidden, cache = m.llm(m.embed(tokens[:, None]), state.next_position[:, None], kv_valid[:, None, :],
-                        state.cache, state.cache_index)
+  hidden, cache = m.llm(
+    m.embed(tokens[:, None]), state.next_position[:, None], kv_valid[:, None, :], state.cache, state.cache_index
+  )
   return DecodeState(cache, kv_valid, state.next_position + 1, state.cache_index + 1, hidden[:, 0])
 
 
@@ -267,18 +293,20 @@ def sample_logits(logits: Array, key: Array, sampling: SamplingConfig, seen: Opt
 # ---- the loop ------------------------------------------------------------------------------------
 class _Carry(NamedTuple):
   state: DecodeState
-  tokens: Array    # (B, T) int32
-  lengths: Array   # (B,) int32
-  done: Array      # (B,) bool
+  tokens: Array  # (B, T) int32
+  lengths: Array  # (B,) int32
+  done: Array  # (B,) bool
   seen: Optional[Array]  # (B, V) bool, only with a repetition penalty
-  step: Array      # () int32: next output index
+  step: Array  # () int32: next output index
   key: Array
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id"))
-def _decode_loop(model: Cheers, sampling: SamplingConfig, eos_id: Optional[int], variables, carry: _Carry,
-                 stop_at: Array) -> _Carry:
+def _decode_loop(
+  model: Cheers, sampling: SamplingConfig, eos_id: Optional[int], variables, carry: _Carry, stop_at: Array
+) -> _Carry:
   """Samples output ids carry.step .. stop_at-1 (or until every sample has stopped)."""
+
   def cond(c: _Carry):
     return (c.step < stop_at) & ~jnp.all(c.done)
 
@@ -297,11 +325,19 @@ def _decode_loop(model: Cheers, sampling: SamplingConfig, eos_id: Optional[int],
   return jax.lax.while_loop(cond, body, carry)
 
 
-def decode(model: Cheers, variables, state: DecodeState, max_new_tokens: int,
-           sampling: SamplingConfig = SamplingConfig(), rng: Optional[Array] = None,
-           eos_id: Optional[int] = EOS_TOKEN_ID, prompt_tokens: Optional[np.ndarray] = None,
-           stream: Optional[Callable[[list[np.ndarray]], None]] = None, chunk: int = 16,
-           stop_after: Optional[int] = None) -> DecodeResult:
+def decode(
+  model: Cheers,
+  variables,
+  state: DecodeState,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  rng: Optional[Array] = None,
+  eos_id: Optional[int] = EOS_TOKEN_ID,
+  prompt_tokens: Optional[np.ndarray] = None,
+  stream: Optional[Callable[[list[np.ndarray]], None]] = None,
+  chunk: int = 16,
+  stop_after: Optional[int] = None,
+) -> DecodeResult:
   """Samples up to `max_new_tokens` ids per sample after a prefill; a sample stops at `eos_id` (kept).
 
   stop_after: end the loop after this many ids even though `max_new_tokens` (the static width of the
@@ -317,8 +353,10 @@ def decode(model: Cheers, variables, state: DecodeState, max_new_tokens: int,
     return DecodeResult(np.zeros((b, 0), np.int32), np.zeros(b, np.int32), state)
   free = slots - int(state.cache_index)
   if max_new_tokens > free:
-    raise GenerationError(f"{max_new_tokens} new tokens need as many free cache slots but only {free} are left: "
-                          "raise the cache length (--max-len) or ask for fewer tokens")
+    raise GenerationError(
+      f"{max_new_tokens} new tokens need as many free cache slots but only {free} are left: "
+      "raise the cache length (--max-len) or ask for fewer tokens"
+    )
   seen = None
   if sampling.repetition_penalty != 1.0:
     vocab = model.cfg.text.vocab_size
@@ -330,8 +368,15 @@ def decode(model: Cheers, variables, state: DecodeState, max_new_tokens: int,
     seen = jnp.asarray(seen)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   limit = max_new_tokens if stop_after is None else max(0, min(stop_after, max_new_tokens))
-  carry = _Carry(state, jnp.full((b, max_new_tokens), PAD_TOKEN_ID, jnp.int32), jnp.zeros(b, jnp.int32),
-                 jnp.zeros(b, bool), seen, jnp.asarray(0, jnp.int32), rng)
+  carry = _Carry(
+    state,
+    jnp.full((b, max_new_tokens), PAD_TOKEN_ID, jnp.int32),
+    jnp.zeros(b, jnp.int32),
+    jnp.zeros(b, bool),
+    seen,
+    jnp.asarray(0, jnp.int32),
+    rng,
+  )
   if stream is None:
     carry = _decode_loop(model, sampling, eos_id, variables, carry, jnp.asarray(limit, jnp.int32))
   else:
@@ -340,30 +385,49 @@ def decode(model: Cheers, variables, state: DecodeState, max_new_tokens: int,
       stop = min(int(carry.step) + max(1, chunk), limit)
       carry = _decode_loop(model, sampling, eos_id, variables, carry, jnp.asarray(stop, jnp.int32))
       tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
-      stream([tokens[i, shown[i]:lengths[i]] for i in range(b)])
+      stream([tokens[i, shown[i] : lengths[i]] for i in range(b)])
       shown = lengths.astype(np.int64)
   return DecodeResult(np.asarray(carry.tokens), np.asarray(carry.lengths), carry.state)
 
 
-def generate_text(model: Cheers, variables, prompts: Sequence[np.ndarray],
-                  images: Optional[Sequence[Sequence[np.ndarray]]] = None, max_new_tokens: int = 256,
-                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, cache_len: Optional[int] = None,
-                  max_len: Optional[int] = None, bucket: int = 64, x0: Optional[np.ndarray] = None,
-                  dummy_seeds: Optional[Sequence[int]] = None,
-                  stream: Optional[Callable[[list[np.ndarray]], None]] = None,
-                  eos_id: Optional[int] = EOS_TOKEN_ID) -> list[np.ndarray]:
+def generate_text(
+  model: Cheers,
+  variables,
+  prompts: Sequence[np.ndarray],
+  images: Optional[Sequence[Sequence[np.ndarray]]] = None,
+  max_new_tokens: int = 256,
+  sampling: SamplingConfig = SamplingConfig(),
+  seed: int = 0,
+  cache_len: Optional[int] = None,
+  max_len: Optional[int] = None,
+  bucket: int = 64,
+  x0: Optional[np.ndarray] = None,
+  dummy_seeds: Optional[Sequence[int]] = None,
+  stream: Optional[Callable[[list[np.ndarray]], None]] = None,
+  eos_id: Optional[int] = EOS_TOKEN_ID,
+) -> list[np.ndarray]:
   """Prompts (ids with placeholders) + their images -> new ids per sample (understanding / chat).
 
   cache_len: static cache size (default: padded prompt + max_new_tokens, rounded up to `bucket`, at
   most max_len). A prompt or budget that does not fit raises GenerationError.
   """
   limit = cache_len if cache_len is not None else max_len
-  batch = prepare_prompts(model.cfg, prompts, images, dummy_seeds=dummy_seeds, bucket=bucket, max_len=limit,
-                          reserve=max_new_tokens)
+  batch = prepare_prompts(
+    model.cfg, prompts, images, dummy_seeds=dummy_seeds, bucket=bucket, max_len=limit, reserve=max_new_tokens
+  )
   needed = batch.seq_len + max_new_tokens
   if cache_len is None:
     cache_len = round_up(needed, bucket) if limit is None else min(round_up(needed, bucket), limit)
   state = prefill(model, variables, batch, cache_len, x0)
-  result = decode(model, variables, state, max_new_tokens, sampling, jax.random.PRNGKey(seed), eos_id,
-                  prompt_tokens=text_ids(batch.layout), stream=stream)
+  result = decode(
+    model,
+    variables,
+    state,
+    max_new_tokens,
+    sampling,
+    jax.random.PRNGKey(seed),
+    eos_id,
+    prompt_tokens=text_ids(batch.layout),
+    stream=stream,
+  )
   return result.ids()

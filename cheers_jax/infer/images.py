@@ -3,6 +3,7 @@
 One home for the conversions every tool writes images with (`generate`, the training samples); the
 official benchmarks' own pixel rules (GenEval, DPG) stay with the evaluation that must match them.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None, pad: 
   for i, img in enumerate(images):
     r, c = divmod(i, cols)
     y, x = pad + r * (h + pad), pad + c * (w + pad)
-    grid[y:y + h, x:x + w] = img
+    grid[y : y + h, x : x + w] = img
   return grid
 
 

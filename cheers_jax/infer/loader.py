@@ -8,6 +8,7 @@ evaluate; `load_model` takes the source from the tools' --checkpoint / --orbax /
 The dtype policy (`inference_config`): parameters are cast to `dtype` and computation runs in it; in
 bf16 the reference's inference casts are reproduced (reference_bf16_casts), in fp32 it computes exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ from cheers_jax.model.config import ModelConfig
 
 PathLike = Union[str, Path]
 DTYPES = ("float32", "bfloat16")
-GENERATION_HEAD = ("model.gen_projector.", "model.hi_gate.", "model.hi_projector.", "model.time_embed.",
-                   "model.vae_decoder_projector.", "model.vae_model.decoder.")
+GENERATION_HEAD = (
+  "model.gen_projector.",
+  "model.hi_gate.",
+  "model.hi_projector.",
+  "model.time_embed.",
+  "model.vae_decoder_projector.",
+  "model.vae_model.decoder.",
+)
 
 
 def default_dtype() -> str:
@@ -74,13 +81,17 @@ def missing_generation_head(ckpt_dir: PathLike) -> list[str]:
 def load_hf(ckpt_dir: PathLike, dtype: str, need_generation: bool = False) -> tuple[Cheers, dict]:
   path = Path(ckpt_dir)
   if not (path / "config.json").is_file():
-    raise CheckpointError(f"{ckpt_dir}: no config.json there; give a Hugging Face Cheers checkpoint directory "
-                          "(config.json + model*.safetensors)")
+    raise CheckpointError(
+      f"{ckpt_dir}: no config.json there; give a Hugging Face Cheers checkpoint directory "
+      "(config.json + model*.safetensors)"
+    )
   if need_generation:
     missing = missing_generation_head(path)
     if missing:
-      raise CheckpointError(f"checkpoint {ckpt_dir} has no generation head (no tensors for {', '.join(missing)}): "
-                            "it cannot make images; use a full Cheers checkpoint, or the chat/ask commands")
+      raise CheckpointError(
+        f"checkpoint {ckpt_dir} has no generation head (no tensors for {', '.join(missing)}): "
+        "it cannot make images; use a full Cheers checkpoint, or the chat/ask commands"
+      )
   cfg, variables = load_hf_checkpoint(path, dtype=jnp.dtype(dtype))
   return Cheers(inference_config(cfg, dtype)), variables
 
@@ -88,8 +99,10 @@ def load_hf(ckpt_dir: PathLike, dtype: str, need_generation: bool = False) -> tu
 # ---- Orbax export and training run ------------------------------------------------------------------
 def load_orbax_export(ckpt_dir: PathLike, dtype: str) -> tuple[Cheers, dict]:
   if not orbax_lib.is_export(ckpt_dir):
-    raise CheckpointError(f"{ckpt_dir}: expected an Orbax export with {orbax_lib.CONFIG_JSON} and "
-                          f"{orbax_lib.STATE_DIR}/ (write one with `python -m cheers_jax.convert hf-to-orbax`)")
+    raise CheckpointError(
+      f"{ckpt_dir}: expected an Orbax export with {orbax_lib.CONFIG_JSON} and "
+      f"{orbax_lib.STATE_DIR}/ (write one with `python -m cheers_jax.convert hf-to-orbax`)"
+    )
   cfg, variables = orbax_lib.load_export(ckpt_dir)
   return _ready(cfg, variables, dtype)
 
@@ -106,9 +119,13 @@ def check_one_source(checkpoint, orbax, run) -> None:
     raise UserError("give exactly one of --checkpoint HF_DIR, --orbax ORBAX_EXPORT_DIR or --run TRAIN_WORKDIR")
 
 
-def load_model(checkpoint: Optional[PathLike] = None, orbax: Optional[PathLike] = None,
-               run: Optional[PathLike] = None, dtype: Optional[str] = None,
-               need_generation: bool = False) -> tuple[Cheers, dict]:
+def load_model(
+  checkpoint: Optional[PathLike] = None,
+  orbax: Optional[PathLike] = None,
+  run: Optional[PathLike] = None,
+  dtype: Optional[str] = None,
+  need_generation: bool = False,
+) -> tuple[Cheers, dict]:
   """The model from exactly one source: an HF checkpoint, an Orbax export or a training run's workdir;
   `dtype` None is `default_dtype()`. need_generation: an HF checkpoint must hold the generation head."""
   check_one_source(checkpoint, orbax, run)
@@ -153,8 +170,8 @@ def random_variables(cfg: ModelConfig, key) -> dict:
       else:
         name = str(getattr(path[-1], "key", path[-1]))
         fan_in = int(np.prod(leaf.shape[:-1][-3:] if len(leaf.shape) == 4 else leaf.shape[-2:-1])) or 1
-        std = 0.02 if name == "embed_tokens" else fan_in ** -0.5
-        out.append((std * pool[start:start + size].reshape(leaf.shape)).astype(leaf.dtype))
+        std = 0.02 if name == "embed_tokens" else fan_in**-0.5
+        out.append((std * pool[start : start + size].reshape(leaf.shape)).astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
   return jax.jit(draw)(key)

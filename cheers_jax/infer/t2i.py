@@ -20,6 +20,7 @@ positions and a cache validity mask, see decode.py; the reference drops the shor
 model runs in bf16, and text after the image uses only the conditional rows (the reference also
 samples unconditional text, which only matters for a second image; one image per call here).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,19 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from cheers_jax.data.tokenizer import IM_END_ID, IM_START_ID, UND_IMAGE_TEXT, CheersTokenizer, uncond_ids
-from cheers_jax.infer.decode import (GREEDY, DecodeState, GenerationError, SamplingConfig, _feed, _prefill, decode,
-                                     prefill, prepare_prompts, round_up, text_ids)
+from cheers_jax.infer.decode import (
+  GREEDY,
+  DecodeState,
+  GenerationError,
+  SamplingConfig,
+  _feed,
+  _prefill,
+  decode,
+  prefill,
+  prepare_prompts,
+  round_up,
+  text_ids,
+)
 from cheers_jax.model.cheers import Cheers
 
 Array = jax.Array
@@ -81,16 +93,17 @@ def edit_prompt(tokenizer: CheersTokenizer, instruction: str) -> np.ndarray:
 
 @dataclasses.dataclass
 class ImageResult:
-  images: np.ndarray               # (B, H, W, 3) in [0, 1]
-  image_raw: np.ndarray            # (B, H, W, 3) vae_model.decode output, unclamped
-  latent: np.ndarray               # (B, h, w, C): the final latent
+  images: np.ndarray  # (B, H, W, 3) in [0, 1]
+  image_raw: np.ndarray  # (B, H, W, 3) vae_model.decode output, unclamped
+  latent: np.ndarray  # (B, h, w, C): the final latent
   generated_ids: list[np.ndarray]  # per sample: <im_end>, then the text decoded after the image
-  step_t: np.ndarray               # (steps,) t of each velocity evaluation
-  trace: Optional[dict] = None     # with record=True: x_t, v_cond, v_uncond (steps, B, h, w, C), gate (steps, B, h, w)
+  step_t: np.ndarray  # (steps,) t of each velocity evaluation
+  trace: Optional[dict] = None  # with record=True: x_t, v_cond, v_uncond (steps, B, h, w, C), gate (steps, B, h, w)
 
 
-def _guided_velocity(m: Cheers, x: Array, t: Array, cache: dict, slot: Array, positions: Array, mask: Array,
-                     use_cfg: bool) -> dict:
+def _guided_velocity(
+  m: Cheers, x: Array, t: Array, cache: dict, slot: Array, positions: Array, mask: Array, use_cfg: bool
+) -> dict:
   """Velocity of x_t for the cond rows (and the uncond rows after them), tokenizer path run once."""
   tok = m.image_tokens(x)
   tokens, pixel_hat = tok["tokens"], tok["pixel_hat"]
@@ -103,8 +116,17 @@ def _guided_velocity(m: Cheers, x: Array, t: Array, cache: dict, slot: Array, po
 
 
 @functools.partial(jax.jit, static_argnames=("model", "use_cfg", "record"))
-def _sample(model: Cheers, variables, state: DecodeState, x: Array, t_list: Array, dt_list: Array,
-            cfg_scale: Array, use_cfg: bool, record: bool):
+def _sample(
+  model: Cheers,
+  variables,
+  state: DecodeState,
+  x: Array,
+  t_list: Array,
+  dt_list: Array,
+  cfg_scale: Array,
+  use_cfg: bool,
+  record: bool,
+):
   """The ODE (one scan), then <im_end> on the cond rows and the VAE decode of the final latent."""
   b, n = x.shape[0], model.cfg.tokens_per_image
   slot = state.cache_index
@@ -129,8 +151,9 @@ def _sample(model: Cheers, variables, state: DecodeState, x: Array, t_list: Arra
     return (x + v * dt, out["cache"]), trace
 
   (latent, cache), trace = jax.lax.scan(step, (x.astype(jnp.float32), state.cache), (t_list, dt_list))
-  cond = DecodeState({k: v[:, :b] for k, v in cache.items()}, kv_valid[:b], state.next_position[:b] + n,
-                     slot + n, state.hidden[:b])
+  cond = DecodeState(
+    {k: v[:, :b] for k, v in cache.items()}, kv_valid[:b], state.next_position[:b] + n, slot + n, state.hidden[:b]
+  )
   cond = model.apply(variables, cond, jnp.full((b,), IM_END_ID, jnp.int32), method=_feed)
   image_raw = model.apply(variables, latent, method=Cheers.decode).astype(jnp.float32)
   return latent, image_raw, trace, cond
@@ -149,11 +172,24 @@ def latent_noise(model: Cheers, seeds: Sequence[int]) -> np.ndarray:
   return np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(int(s)), shape, jnp.float32)) for s in seeds])
 
 
-def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: Sequence[Sequence[np.ndarray]],
-              t_list: np.ndarray, dt_list: np.ndarray, init_latent, noise: Optional[np.ndarray],
-              seeds: Optional[Sequence[int]], cfg_scale: Optional[float], prefix_x0: Optional[np.ndarray],
-              max_new_tokens: int, sampling: SamplingConfig, record: bool, bucket: int,
-              max_len: Optional[int]) -> ImageResult:
+def _generate(
+  model: Cheers,
+  variables,
+  prompts: Sequence[np.ndarray],
+  images: Sequence[Sequence[np.ndarray]],
+  t_list: np.ndarray,
+  dt_list: np.ndarray,
+  init_latent,
+  noise: Optional[np.ndarray],
+  seeds: Optional[Sequence[int]],
+  cfg_scale: Optional[float],
+  prefix_x0: Optional[np.ndarray],
+  max_new_tokens: int,
+  sampling: SamplingConfig,
+  record: bool,
+  bucket: int,
+  max_len: Optional[int],
+) -> ImageResult:
   cfg = model.cfg
   n_tok = cfg.tokens_per_image
   prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
@@ -173,8 +209,7 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
     rows += [uncond_ids(p) for p in prompts]
     row_images, row_seeds = row_images * 2, row_seeds * 2
   after = n_tok + 1 + max_new_tokens  # the image, <im_end>, the text
-  batch = prepare_prompts(cfg, rows, row_images, dummy_seeds=row_seeds, bucket=bucket, max_len=max_len,
-                          reserve=after)
+  batch = prepare_prompts(cfg, rows, row_images, dummy_seeds=row_seeds, bucket=bucket, max_len=max_len, reserve=after)
   cache_len = round_up(batch.seq_len + after, bucket)
   if max_len is not None:
     cache_len = min(cache_len, max_len)
@@ -183,12 +218,28 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
     noise = latent_noise(model, seeds)
   noise = jnp.asarray(noise, jnp.float32)
   x = init_latent(noise)
-  latent, image_raw, trace, cond = _sample(model, variables, state, x, jnp.asarray(t_list), jnp.asarray(dt_list),
-                                           jnp.asarray(cfg_scale if use_cfg else 1.0, jnp.float32), use_cfg, record)
+  latent, image_raw, trace, cond = _sample(
+    model,
+    variables,
+    state,
+    x,
+    jnp.asarray(t_list),
+    jnp.asarray(dt_list),
+    jnp.asarray(cfg_scale if use_cfg else 1.0, jnp.float32),
+    use_cfg,
+    record,
+  )
   generated = [np.array([IM_END_ID], np.int64) for _ in range(b)]
   if max_new_tokens > 0:
-    text = decode(model, variables, cond, max_new_tokens, sampling, jax.random.PRNGKey(seeds[0]),
-                  prompt_tokens=text_ids(batch.layout)[:b])
+    text = decode(
+      model,
+      variables,
+      cond,
+      max_new_tokens,
+      sampling,
+      jax.random.PRNGKey(seeds[0]),
+      prompt_tokens=text_ids(batch.layout)[:b],
+    )
     generated = [np.concatenate([g, ids.astype(np.int64)]) for g, ids in zip(generated, text.ids())]
   image_raw = np.asarray(image_raw)
   trace_np = None
@@ -196,8 +247,9 @@ def _generate(model: Cheers, variables, prompts: Sequence[np.ndarray], images: S
     side = latent.shape[1:3]
     trace_np = {k: np.asarray(v) for k, v in trace.items()}
     trace_np["gate"] = trace_np["gate"].reshape(trace_np["gate"].shape[:2] + tuple(side))
-  return ImageResult(np.clip(image_raw, 0.0, 1.0), image_raw, np.asarray(latent), generated,
-                     np.asarray(t_list), trace_np)
+  return ImageResult(
+    np.clip(image_raw, 0.0, 1.0), image_raw, np.asarray(latent), generated, np.asarray(t_list), trace_np
+  )
 
 
 def _check_flow_args(steps: int, alpha: float) -> None:
@@ -207,12 +259,24 @@ def _check_flow_args(steps: int, alpha: float) -> None:
     raise GenerationError(f"shift alpha={alpha} must be > 0 (the published default is 0.5)")
 
 
-def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, steps: int = 80,
-                  cfg_scale: Optional[float] = 9.5, alpha: float = 0.5, seeds: Optional[Sequence[int]] = None,
-                  noise: Optional[np.ndarray] = None, images: Optional[Sequence[Sequence[np.ndarray]]] = None,
-                  prefix_x0: Optional[np.ndarray] = None, max_new_tokens: int = 0,
-                  sampling: SamplingConfig = GREEDY, record: bool = False, bucket: int = 64,
-                  max_len: Optional[int] = None) -> ImageResult:
+def text_to_image(
+  model: Cheers,
+  variables,
+  prompts: Sequence[np.ndarray],
+  *,
+  steps: int = 80,
+  cfg_scale: Optional[float] = 9.5,
+  alpha: float = 0.5,
+  seeds: Optional[Sequence[int]] = None,
+  noise: Optional[np.ndarray] = None,
+  images: Optional[Sequence[Sequence[np.ndarray]]] = None,
+  prefix_x0: Optional[np.ndarray] = None,
+  max_new_tokens: int = 0,
+  sampling: SamplingConfig = GREEDY,
+  record: bool = False,
+  bucket: int = 64,
+  max_len: Optional[int] = None,
+) -> ImageResult:
   """Prompt ids (ending with <im_start>; added if missing) -> images. Defaults are the published ones.
 
   seeds[b] draws sample b's latent noise (`latent_noise`) and its dummy prompt image, so a sample does
@@ -226,15 +290,44 @@ def text_to_image(model: Cheers, variables, prompts: Sequence[np.ndarray], *, st
   _check_flow_args(steps, alpha)
   t_list, dt_list = t2i_schedule(int(steps), alpha)
   images = images if images is not None else [[] for _ in prompts]
-  return _generate(model, variables, prompts, images, t_list, dt_list, lambda z: z, noise, seeds, cfg_scale,
-                   prefix_x0, max_new_tokens, sampling, record, bucket, max_len)
+  return _generate(
+    model,
+    variables,
+    prompts,
+    images,
+    t_list,
+    dt_list,
+    lambda z: z,
+    noise,
+    seeds,
+    cfg_scale,
+    prefix_x0,
+    max_new_tokens,
+    sampling,
+    record,
+    bucket,
+    max_len,
+  )
 
 
-def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources: np.ndarray, *, steps: int = 80,
-                cfg_scale: Optional[float] = 9.5, alpha: float = 0.5, seeds: Optional[Sequence[int]] = None,
-                noise: Optional[np.ndarray] = None, start_t: float = EDIT_START_T, max_new_tokens: int = 0,
-                sampling: SamplingConfig = GREEDY, record: bool = False, bucket: int = 64,
-                max_len: Optional[int] = None) -> ImageResult:
+def edit_images(
+  model: Cheers,
+  variables,
+  prompts: Sequence[np.ndarray],
+  sources: np.ndarray,
+  *,
+  steps: int = 80,
+  cfg_scale: Optional[float] = 9.5,
+  alpha: float = 0.5,
+  seeds: Optional[Sequence[int]] = None,
+  noise: Optional[np.ndarray] = None,
+  start_t: float = EDIT_START_T,
+  max_new_tokens: int = 0,
+  sampling: SamplingConfig = GREEDY,
+  record: bool = False,
+  bucket: int = 64,
+  max_len: Optional[int] = None,
+) -> ImageResult:
   """Edits sources (B, H, W, 3), preprocessed for understanding, following prompts that hold one
   `<image>` placeholder each (`edit_prompt`)."""
   _check_flow_args(steps, alpha)
@@ -246,13 +339,38 @@ def edit_images(model: Cheers, variables, prompts: Sequence[np.ndarray], sources
     raise GenerationError(f"{len(prompts)} prompts but {len(sources)} source images")
   src = jnp.asarray(sources)
   init = lambda z: _edit_latent(model, variables, src, z, start_t)
-  return _generate(model, variables, prompts, [[s] for s in sources], t_list, dt_list, init, noise, seeds,
-                   cfg_scale, None, max_new_tokens, sampling, record, bucket, max_len)
+  return _generate(
+    model,
+    variables,
+    prompts,
+    [[s] for s in sources],
+    t_list,
+    dt_list,
+    init,
+    noise,
+    seeds,
+    cfg_scale,
+    None,
+    max_new_tokens,
+    sampling,
+    record,
+    bucket,
+    max_len,
+  )
 
 
-def text_to_image_per_device(model: Cheers, variables, prompts: Sequence[np.ndarray], seeds: Sequence[int],
-                             mesh: Mesh, *, steps: int, cfg_scale: float, alpha: float, bucket: int = 64
-                             ) -> np.ndarray:
+def text_to_image_per_device(
+  model: Cheers,
+  variables,
+  prompts: Sequence[np.ndarray],
+  seeds: Sequence[int],
+  mesh: Mesh,
+  *,
+  steps: int,
+  cfg_scale: float,
+  alpha: float,
+  bucket: int = 64,
+) -> np.ndarray:
   """Plain T2I with guidance (cond and uncond rows; no text after the image), data parallel over `mesh`'s
   data axis: each device's len(prompts) / devices rows are assembled as their own batch (their cond
   rows, then their uncond rows) and the prefill and the ODE run under shard_map, so every device runs
@@ -263,39 +381,56 @@ def text_to_image_per_device(model: Cheers, variables, prompts: Sequence[np.ndar
   _check_flow_args(steps, alpha)
   devices = mesh.shape["data"]
   if len(prompts) % devices or mesh.size != devices:
-    raise GenerationError(f"{len(prompts)} prompts over a {dict(mesh.shape)} mesh: need a pure data mesh whose "
-                          "size divides the batch")
+    raise GenerationError(
+      f"{len(prompts)} prompts over a {dict(mesh.shape)} mesh: need a pure data mesh whose size divides the batch"
+    )
   if not 0.0 <= float(cfg_scale) < float("inf"):
     raise GenerationError(f"cfg_scale={cfg_scale} must be a finite number >= 0")
   n_tok, per = model.cfg.tokens_per_image, len(prompts) // devices
-  prompts = [p if p.size and p[-1] == IM_START_ID else np.append(p, IM_START_ID)
-             for p in (np.asarray(p, np.int64).reshape(-1) for p in prompts)]
+  prompts = [
+    p if p.size and p[-1] == IM_START_ID else np.append(p, IM_START_ID)
+    for p in (np.asarray(p, np.int64).reshape(-1) for p in prompts)
+  ]
   seq_len = round_up(max(len(p) for p in prompts) + n_tok, bucket)  # a T2I prompt gets the dummy image prepended
   groups = []
   for d in range(devices):
-    rows, row_seeds = prompts[d * per:(d + 1) * per], [int(s) for s in seeds[d * per:(d + 1) * per]]
-    groups.append(prepare_prompts(model.cfg, rows + [uncond_ids(p) for p in rows], dummy_seeds=row_seeds * 2,
-                                  seq_len=seq_len))
+    rows, row_seeds = prompts[d * per : (d + 1) * per], [int(s) for s in seeds[d * per : (d + 1) * per]]
+    groups.append(
+      prepare_prompts(model.cfg, rows + [uncond_ids(p) for p in rows], dummy_seeds=row_seeds * 2, seq_len=seq_len)
+    )
   batch = {k: np.stack([g.batch[k] for g in groups]) for k in groups[0].batch}
   lengths = np.stack([g.lengths for g in groups])
   noise = latent_noise(model, seeds)
   noise = noise.reshape((devices, per) + noise.shape[1:])
   t_list, dt_list = t2i_schedule(int(steps), alpha)
   cache_len = round_up(seq_len + n_tok + 1, bucket)
-  raw = _sample_per_device(model, mesh, cache_len, variables, batch, lengths, noise, jnp.asarray(t_list),
-                           jnp.asarray(dt_list), jnp.asarray(cfg_scale, jnp.float32))
+  raw = _sample_per_device(
+    model,
+    mesh,
+    cache_len,
+    variables,
+    batch,
+    lengths,
+    noise,
+    jnp.asarray(t_list),
+    jnp.asarray(dt_list),
+    jnp.asarray(cfg_scale, jnp.float32),
+  )
   return np.asarray(raw).reshape((len(prompts),) + raw.shape[2:])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "mesh", "cache_len"))
-def _sample_per_device(model: Cheers, mesh: Mesh, cache_len: int, variables, batch, lengths, noise, t_list, dt_list,
-                       cfg_scale):
+def _sample_per_device(
+  model: Cheers, mesh: Mesh, cache_len: int, variables, batch, lengths, noise, t_list, dt_list, cfg_scale
+):
   def one_device(variables, batch, lengths, noise, t_list, dt_list, cfg_scale):
     batch = {k: v[0] for k, v in batch.items()}
     x0 = jnp.zeros((batch["pixels"].shape[0],) + noise.shape[2:], jnp.float32)  # irrelevant at t = 1
     state = _prefill(model, cache_len, variables, batch, x0, lengths[0])
     _, image_raw, _, _ = _sample(model, variables, state, noise[0], t_list, dt_list, cfg_scale, True, False)
     return image_raw[None]
+
   rows = P("data")
-  return jax.shard_map(one_device, mesh=mesh, in_specs=(P(), rows, rows, rows, P(), P(), P()), out_specs=rows,
-                       check_vma=False)(variables, batch, lengths, noise, t_list, dt_list, cfg_scale)
+  return jax.shard_map(
+    one_device, mesh=mesh, in_specs=(P(), rows, rows, rows, P(), P(), P()), out_specs=rows, check_vma=False
+  )(variables, batch, lengths, noise, t_list, dt_list, cfg_scale)

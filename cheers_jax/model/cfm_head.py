@@ -1,4 +1,5 @@
 """The cascaded flow-matching head: time embedder, AdaLN-Zero DiT blocks, gen/hi projectors, HiGate."""
+
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,17 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cheers_jax.model.layers import (Dense, LayerNorm, RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin,
-                                     scan_layers, shard_batch)
+from cheers_jax.model.layers import (
+  Dense,
+  LayerNorm,
+  RMSNorm,
+  SwiGLU,
+  apply_rope,
+  attention,
+  rope_cos_sin,
+  scan_layers,
+  shard_batch,
+)
 
 Array = jax.Array
 
@@ -25,6 +35,7 @@ def timestep_features(t: Array, dim: int = 256, max_period: float = 10000.0) -> 
 
 class TimeEmbedder(nn.Module):
   """Two MLPs (Linear-SiLU-Linear) on the shared sinusoidal features: emb1 (text), emb2 (vision)."""
+
   text_width: int
   vision_width: int
   dtype: Any = jnp.float32
@@ -53,6 +64,7 @@ class DiTBlock(nn.Module):
 
   Always used under nn.scan, so it returns (x, None).
   """
+
   width: int
   num_heads: int
   num_kv_heads: int
@@ -68,7 +80,8 @@ class DiTBlock(nn.Module):
     ax = self.embed_axis
     dense = functools.partial(Dense, use_bias=False, **kw)
     mod = Dense(6 * d, (ax, "modulation"), name="adaLN_modulation", kernel_init=nn.initializers.zeros_init(), **kw)(
-        nn.silu(cond))
+      nn.silu(cond)
+    )
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
     h = modulate(RMSNorm(1e-6, axis_name=ax, name="input_layernorm", **kw)(x), shift_msa, scale_msa)
@@ -95,8 +108,9 @@ class FinalLayer(nn.Module):
   def __call__(self, x, cond):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = x.shape[-1]
-    mod = Dense(2 * d, (self.embed_axis, "modulation"), name="adaLN_modulation",
-                kernel_init=nn.initializers.zeros_init(), **kw)(nn.silu(cond))
+    mod = Dense(
+      2 * d, (self.embed_axis, "modulation"), name="adaLN_modulation", kernel_init=nn.initializers.zeros_init(), **kw
+    )(nn.silu(cond))
     shift, scale = jnp.split(mod, 2, axis=-1)
     x = modulate(RMSNorm(1e-6, axis_name=self.embed_axis, name="norm_final", **kw)(x), shift, scale)
     return Dense(self.out_features, (self.embed_axis, None), name="linear", **kw)(x)
@@ -107,6 +121,7 @@ class DiTProjector(nn.Module):
 
   repeat_positions: RoPE positions [0..L/2-1, 0..L/2-1] (the hi_projector's rule) instead of 0..L-1.
   """
+
   width: int
   num_heads: int
   num_kv_heads: int
@@ -130,13 +145,15 @@ class DiTProjector(nn.Module):
       pos = jnp.arange(length)
     cos, sin = rope_cos_sin(jnp.broadcast_to(pos, (n, length)), self.width // self.num_heads, self.rope_theta)
     blocks = scan_layers(DiTBlock, self.num_layers, (nn.broadcast,) * 3, self.remat_policy)(
-        self.width, self.num_heads, self.num_kv_heads, self.embed_axis, name="blocks", **kw)
+      self.width, self.num_heads, self.num_kv_heads, self.embed_axis, name="blocks", **kw
+    )
     x, _ = blocks(x.astype(self.dtype), cond.astype(self.dtype), cos, sin)
     return FinalLayer(self.out_features, self.embed_axis, name="final_layer", **kw)(x, cond.astype(self.dtype))
 
 
 class HiGate(nn.Module):
   """LayerNorm(low + g * high), g = Linear-SiLU-Linear(low) (no sigmoid: g may be negative)."""
+
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

@@ -6,6 +6,7 @@ exactly as the reference's forward passes do. Layouts: images NHWC, float in [0,
 batches: `unit_pixels` divides them by 255 on the device), latents
 (n, h, w, 4*z) with h = H/16, sequences as built by `cheers_jax.model.sequence.assemble`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -64,13 +65,30 @@ class Cheers(nn.Module):
     self.und_projector = UndProjector(t.hidden_size, bf16_input=cfg.reference_bf16_casts, **kw)
     self.time_embed = TimeEmbedder(t.hidden_size, v.hidden_size, **kw)
     self.gen_projector = DiTProjector(
-        t.hidden_size, t.num_heads, t.num_kv_heads, cfg.gen_layers, 4 * v.hidden_size,
-        rope_theta=cfg.dit_rope_theta, embed_axis="embed", remat_policy=cfg.remat_policy, **kw)
+      t.hidden_size,
+      t.num_heads,
+      t.num_kv_heads,
+      cfg.gen_layers,
+      4 * v.hidden_size,
+      rope_theta=cfg.dit_rope_theta,
+      embed_axis="embed",
+      remat_policy=cfg.remat_policy,
+      **kw,
+    )
     self.hi_gate = HiGate(**kw)
     # the reference gives the hi_projector the TEXT config's KV heads
     self.hi_projector = DiTProjector(
-        v.hidden_size, v.num_heads, t.num_kv_heads, cfg.hi_layers, cfg.vae.ch, rope_theta=cfg.dit_rope_theta,
-        repeat_positions=True, embed_axis="vision_embed", remat_policy=cfg.remat_policy, **kw)
+      v.hidden_size,
+      v.num_heads,
+      t.num_kv_heads,
+      cfg.hi_layers,
+      cfg.vae.ch,
+      rope_theta=cfg.dit_rope_theta,
+      repeat_positions=True,
+      embed_axis="vision_embed",
+      remat_policy=cfg.remat_policy,
+      **kw,
+    )
     self.language_model = Qwen2(t, remat_policy=cfg.remat_policy, attention_impl=cfg.attention, **kw)
 
   # ---- stages --------------------------------------------------------------------------------
@@ -141,8 +159,13 @@ class Cheers(nn.Module):
     hi_input, gate = self.hi_gate(low, high)
     v = shard_batch(self.hi_projector(shard_batch(hi_input), t_emb2))
     n = v.shape[0]
-    return {"velocity": v.reshape(n, gh, gw, v.shape[-1]), "gen_out": gen_out, "hi_low": low,
-            "hi_input": hi_input, "gate": gate[..., 0]}
+    return {
+      "velocity": v.reshape(n, gh, gw, v.shape[-1]),
+      "gen_out": gen_out,
+      "hi_low": low,
+      "hi_input": hi_input,
+      "gate": gate[..., 0],
+    }
 
   # ---- composed passes (one `apply` each, so gradients flow through all of them) ------------
   def flow_inputs(self, pixels: Array, t: Array, x0: Array) -> dict:
@@ -157,8 +180,9 @@ class Cheers(nn.Module):
     """The reference casts t to the pixel dtype (bf16 in bf16 runs); mirror that."""
     return t.astype(dtype_of(self.cfg.dtype)).astype(jnp.float32)
 
-  def sequence_embeddings(self, token_ids: Array, image_index: Array, image_tokens: Array,
-                          valid: Array, images_per_row: bool = False) -> Array:
+  def sequence_embeddings(
+    self, token_ids: Array, image_index: Array, image_tokens: Array, valid: Array, images_per_row: bool = False
+  ) -> Array:
     """Text embeddings with image slots filled from image_tokens (n_img, N, D) via image_index;
     padding positions are zero vectors, as the reference pads. images_per_row: the batch follows the
     pipeline's contract (slot b*K + i holds an image of row b), so the fill gathers within rows."""
@@ -181,13 +205,13 @@ class Cheers(nn.Module):
     """
     flow = self.flow_inputs(shard_batch(batch["pixels"]), batch["t"], x0)
     tok = self.image_tokens(flow["x_t"])
-    embeds = self.sequence_embeddings(batch["token_ids"], batch["image_index"], tok["tokens"],
-                                      batch["valid"], images_per_row)
+    embeds = self.sequence_embeddings(
+      batch["token_ids"], batch["image_index"], tok["tokens"], batch["valid"], images_per_row
+    )
     mask = omni_mask(batch["image_mask"], batch["valid"], batch.get("segment_ids"))
     hidden, kv = self.llm(embeds, batch["positions"], mask)
     t1, t2 = self.times(self.quantise_t(batch["t"]))
-    return {**flow, **tok, "embeds": embeds, "mask": mask, "hidden": hidden, "kv": kv, "t_emb1": t1,
-            "t_emb2": t2}
+    return {**flow, **tok, "embeds": embeds, "mask": mask, "hidden": hidden, "kv": kv, "t_emb1": t1, "t_emb2": t2}
 
   def train_forward(self, batch: dict, x0: Array) -> dict:
     """Everything the loss needs: LLM states, velocities of every image, FM targets.
@@ -200,8 +224,9 @@ class Cheers(nn.Module):
     hidden = out["hidden"]
     b, s, d = hidden.shape
     m, n = batch["image_positions"].shape
-    image_hidden = gather_in_rows(hidden.reshape(b * s, d), batch["image_positions"].reshape(b, m // b * n),
-                                  b).reshape(m, n, d)
+    image_hidden = gather_in_rows(hidden.reshape(b * s, d), batch["image_positions"].reshape(b, m // b * n), b).reshape(
+      m, n, d
+    )
     head = self.velocity(image_hidden, out["t_emb1"], out["t_emb2"], out["pixel_hat"])
     return {**out, **head}
 
@@ -209,8 +234,7 @@ class Cheers(nn.Module):
     """Run a prompt (with its images) into a KV cache of static length; returns hidden and cache."""
     flow = self.flow_inputs(batch["pixels"], batch["t"], x0)
     tok = self.image_tokens(flow["x_t"])
-    embeds = self.sequence_embeddings(batch["token_ids"], batch["image_index"], tok["tokens"],
-                                      batch["valid"])
+    embeds = self.sequence_embeddings(batch["token_ids"], batch["image_index"], tok["tokens"], batch["valid"])
     s, length = embeds.shape[1], cache["k"].shape[2]
     mask = omni_mask(batch["image_mask"], batch["valid"])
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, length - s)))

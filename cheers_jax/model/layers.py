@@ -3,6 +3,7 @@
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`); the mapping of
 logical names to mesh axes lives in `cheers_jax/sharding.py` only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,10 +31,12 @@ def partitioned(init: Callable, axes: Sequence[Optional[str]]) -> Callable:
 
 def torch_linear_init(fan_in_axis: int = -2) -> Callable:
   """Uniform(+-1/sqrt(fan_in)) like torch.nn.Linear (a sensible from-scratch init)."""
+
   def init(key, shape, dtype=jnp.float32):
     fan_in = shape[fan_in_axis] if len(shape) >= 2 else shape[0]
     bound = 1.0 / max(1, fan_in) ** 0.5
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -66,6 +69,7 @@ def acc32(op: Callable, lhs: Array, rhs: Array) -> Array:
 
 class Dense(nn.Module):
   """y = x @ kernel (+ bias); kernel (in, out) with logical axes `axes`."""
+
   features: int
   axes: tuple[Optional[str], Optional[str]]
   use_bias: bool = True
@@ -75,19 +79,25 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", partitioned(self.kernel_init or torch_linear_init(), self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      partitioned(self.kernel_init or torch_linear_init(), self.axes),
+      (x.shape[-1], self.features),
+      self.param_dtype,
+    )
     # fp32 accumulation and bias add, one rounding to the compute dtype (as torch's addmm)
     y = acc32(jnp.dot, x.astype(self.dtype), gathered(kernel.astype(self.dtype), self.axes))
     if self.use_bias:
-      bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)),
-                        (self.features,), self.param_dtype)
+      bias = self.param(
+        "bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)), (self.features,), self.param_dtype
+      )
       y = y + gathered(bias.astype(self.dtype), self.axes[1:]).astype(jnp.float32)
     return y.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
   """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+
   eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -95,8 +105,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    weight = self.param("weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)),
-                        (x.shape[-1],), self.param_dtype)
+    weight = self.param(
+      "weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return gathered(weight.astype(self.dtype), (self.axis_name,)) * normed.astype(x.dtype).astype(self.dtype)
@@ -104,6 +115,7 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
   """LayerNorm with two-pass fp32 statistics (as torch), scale/bias named weight/bias."""
+
   eps: float = 1e-5
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -112,10 +124,8 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    weight = self.param("weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)), (d,),
-                        self.param_dtype)
-    bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axis_name,)), (d,),
-                      self.param_dtype)
+    weight = self.param("weight", partitioned(nn.initializers.ones_init(), (self.axis_name,)), (d,), self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axis_name,)), (d,), self.param_dtype)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -125,6 +135,7 @@ class LayerNorm(nn.Module):
 
 
 # ---- rotary position embedding ---------------------------------------------------------------
+
 
 def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
   """cos/sin of shape positions.shape + (head_dim,), computed in fp32 (rotate-half layout).
@@ -150,6 +161,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 # ---- attention -------------------------------------------------------------------------------
 
+
 def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, impl: str = "xla") -> Array:
   """Scaled dot-product attention with grouped KV heads.
 
@@ -166,7 +178,7 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
   rep = h // kv
   qg = q.reshape(b, t, kv, rep, d)
   logits = acc32(functools.partial(jnp.einsum, "btgrd,bsgd->bgrts"), qg, k)
-  logits = logits * (d ** -0.5)
+  logits = logits * (d**-0.5)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
     logits = jnp.where(mask, logits, NEG_INF)
@@ -177,6 +189,7 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
 
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x)), no biases."""
+
   hidden: int
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -191,6 +204,7 @@ class SwiGLU(nn.Module):
 
 # ---- activation sharding ---------------------------------------------------------------------
 
+
 def shard_batch(x: Array) -> Array:
   """Keep an activation split over the batch mesh axes (logical 'activation_batch'), other dims whole.
 
@@ -203,10 +217,10 @@ def shard_batch(x: Array) -> Array:
 # ---- remat -----------------------------------------------------------------------------------
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
@@ -218,17 +232,16 @@ def maybe_remat(module_cls, policy: str, static_argnums=(), prevent_cse: bool = 
     raise ValueError(f"unknown remat_policy '{policy}'; choose one of {sorted(REMAT_POLICIES)}")
   if policy == "none":
     return module_cls
-  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse,
-                  static_argnums=static_argnums)
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse, static_argnums=static_argnums)
 
 
 def scan_layers(module_cls, length: int, in_axes: tuple, policy: str = "none", static_argnums=()):
   """nn.scan over `length` identical layers; params get a leading 'layers' axis."""
   return nn.scan(
-      maybe_remat(module_cls, policy, static_argnums, prevent_cse=False),
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=in_axes,
-      length=length,
-      metadata_params={nn.PARTITION_NAME: "layers"},
+    maybe_remat(module_cls, policy, static_argnums, prevent_cse=False),
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=in_axes,
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
   )

@@ -3,6 +3,7 @@
 The caller gives the attention mask explicitly, (B, T, S) with S = T without a cache or S = the
 cache length with one; `omni_mask` builds the training/understanding mask of the reference.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,8 +14,17 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cheers_jax.model.config import TextConfig
-from cheers_jax.model.layers import (Dense, RMSNorm, SwiGLU, acc32, apply_rope, attention, partitioned, rope_cos_sin,
-                                     scan_layers)
+from cheers_jax.model.layers import (
+  Dense,
+  RMSNorm,
+  SwiGLU,
+  acc32,
+  apply_rope,
+  attention,
+  partitioned,
+  rope_cos_sin,
+  scan_layers,
+)
 from cheers_jax.sharding import constrain, gathered
 
 Array = jax.Array
@@ -81,17 +91,25 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, cos, sin, mask, cache_k, cache_v, cache_index):
     cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, k, v = Attention(cfg, impl=self.impl, name="self_attn", **kw)(
-        RMSNorm(cfg.rms_norm_eps, axis_name="embed", name="input_layernorm", **kw)(x),
-        cos, sin, mask, cache_k, cache_v, cache_index)
+      RMSNorm(cfg.rms_norm_eps, axis_name="embed", name="input_layernorm", **kw)(x),
+      cos,
+      sin,
+      mask,
+      cache_k,
+      cache_v,
+      cache_index,
+    )
     x = x + h
     x = x + SwiGLU(cfg.intermediate_size, name="mlp", **kw)(
-        RMSNorm(cfg.rms_norm_eps, axis_name="embed", name="post_attention_layernorm", **kw)(x))
+      RMSNorm(cfg.rms_norm_eps, axis_name="embed", name="post_attention_layernorm", **kw)(x)
+    )
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, (k, v)
 
 
 class Qwen2(nn.Module):
   """`language_model`: embed_tokens, scanned decoder layers, final norm; logits via the (tied) head."""
+
   cfg: TextConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -101,16 +119,25 @@ class Qwen2(nn.Module):
   def setup(self):
     cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = self.param(
-        "embed_tokens", partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
-        (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
+      "embed_tokens",
+      partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.hidden_size),
+      self.param_dtype,
+    )
     self.layers = scan_layers(
-        DecoderLayer, cfg.num_layers,
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
-        policy=self.remat_policy)(cfg, impl=self.attention_impl, **kw)
+      DecoderLayer,
+      cfg.num_layers,
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+      policy=self.remat_policy,
+    )(cfg, impl=self.attention_impl, **kw)
     self.norm = RMSNorm(cfg.rms_norm_eps, axis_name="embed", **kw)
     if not cfg.tie_word_embeddings:
-      self.lm_head = self.param("lm_head", partitioned(nn.initializers.normal(0.02), ("embed", "vocab")),
-                                (cfg.hidden_size, cfg.vocab_size), self.param_dtype)
+      self.lm_head = self.param(
+        "lm_head",
+        partitioned(nn.initializers.normal(0.02), ("embed", "vocab")),
+        (cfg.hidden_size, cfg.vocab_size),
+        self.param_dtype,
+      )
 
   def embed(self, ids: Array) -> Array:
     return jnp.take(self.embed_tokens, ids, axis=0).astype(self.dtype)
@@ -123,8 +150,14 @@ class Qwen2(nn.Module):
   def logits(self, hidden: Array) -> Array:
     return acc32(jnp.dot, hidden.astype(self.dtype), self.head_kernel())
 
-  def __call__(self, embeds: Array, positions: Array, mask: Array, cache: Optional[dict] = None,
-               cache_index: Optional[Array] = None):
+  def __call__(
+    self,
+    embeds: Array,
+    positions: Array,
+    mask: Array,
+    cache: Optional[dict] = None,
+    cache_index: Optional[Array] = None,
+  ):
     """embeds (B, T, D), positions (B, T), mask (B, T, S) bool.
 
     Without a cache: returns (final-norm hidden, {'k','v'} of this call, each (L, B, T, KV, hd)).
@@ -136,8 +169,7 @@ class Qwen2(nn.Module):
     if cache is None:
       x, (k, v) = self.layers(embeds.astype(self.dtype), cos, sin, mask, None, None, None)
     else:
-      x, (k, v) = self.layers(embeds.astype(self.dtype), cos, sin, mask, cache["k"], cache["v"],
-                              cache_index)
+      x, (k, v) = self.layers(embeds.astype(self.dtype), cos, sin, mask, cache["k"], cache["v"], cache_index)
     return self.norm(x), {"k": k, "v": v}
 
 

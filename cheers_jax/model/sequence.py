@@ -16,6 +16,7 @@ Rules (the reference's sequence assembly and training loss):
   -200/-300 -> -100. So the token before <im_start> predicts it, <im_start> and the image tokens
   predict nothing, <im_end> is never a target and the <im_end> position predicts the next token.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,18 +37,19 @@ class SequenceError(UserError):
 @dataclasses.dataclass
 class AssembledBatch:
   """Static-shape description of an assembled batch (all numpy, int32 unless noted)."""
-  token_ids: np.ndarray      # (B, S) text ids, 0 at image and pad positions
-  image_index: np.ndarray    # (B, S) k*N + j for token j of image k, -1 elsewhere
-  image_mask: np.ndarray     # (B, S) 1 on placeholder images (bidirectional blocks), 0 elsewhere
-  valid: np.ndarray          # (B, S) bool
-  positions: np.ndarray      # (B, S) 0..S-1
-  labels: np.ndarray         # (B, S) expanded, unshifted labels (image tokens -200/-300)
-  targets: np.ndarray        # (B, S) next-token target of each position after the rebuild; -100 = none
-  image_kind: np.ndarray     # (n_img,) KIND_PREPENDED / KIND_UND / KIND_GEN
-  image_sample: np.ndarray   # (n_img,) sample each image belongs to
-  image_start: np.ndarray    # (n_img,) position of the image's first token in its row
-  segment_ids: np.ndarray    # (B, S) 1.. = the row's samples in order, 0 on padding
-  image_row: np.ndarray      # (n_img,) row each image lies in (= image_sample: one sample per row)
+
+  token_ids: np.ndarray  # (B, S) text ids, 0 at image and pad positions
+  image_index: np.ndarray  # (B, S) k*N + j for token j of image k, -1 elsewhere
+  image_mask: np.ndarray  # (B, S) 1 on placeholder images (bidirectional blocks), 0 elsewhere
+  valid: np.ndarray  # (B, S) bool
+  positions: np.ndarray  # (B, S) 0..S-1
+  labels: np.ndarray  # (B, S) expanded, unshifted labels (image tokens -200/-300)
+  targets: np.ndarray  # (B, S) next-token target of each position after the rebuild; -100 = none
+  image_kind: np.ndarray  # (n_img,) KIND_PREPENDED / KIND_UND / KIND_GEN
+  image_sample: np.ndarray  # (n_img,) sample each image belongs to
+  image_start: np.ndarray  # (n_img,) position of the image's first token in its row
+  segment_ids: np.ndarray  # (B, S) 1.. = the row's samples in order, 0 on padding
+  image_row: np.ndarray  # (n_img,) row each image lies in (= image_sample: one sample per row)
 
   @property
   def num_images(self) -> int:
@@ -56,8 +58,9 @@ class AssembledBatch:
   def image_positions(self, tokens_per_image: int) -> np.ndarray:
     """(n_img, N) flat positions b*S + s of every image token, in image order."""
     s = self.token_ids.shape[1]
-    return (self.image_row[:, None] * s + self.image_start[:, None]
-            + np.arange(tokens_per_image)[None]).astype(np.int32)
+    return (self.image_row[:, None] * s + self.image_start[:, None] + np.arange(tokens_per_image)[None]).astype(
+      np.int32
+    )
 
 
 def rebuild_targets(labels: np.ndarray) -> np.ndarray:
@@ -77,15 +80,21 @@ def reference_fm_positions(targets: np.ndarray, tokens_per_image: int) -> np.nda
   """The reference's FM position mask (`mask_img_de`) over shifted positions, for one sample."""
   mask = np.zeros(len(targets), bool)
   for start in np.flatnonzero(targets == IM_START_ID):
-    mask[start + 2: start + 2 + tokens_per_image] = True
+    mask[start + 2 : start + 2 + tokens_per_image] = True
   if not mask.any():
     mask[:tokens_per_image] = True
   return mask
 
 
-def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optional[np.ndarray] = None,
-             labels: Optional[np.ndarray] = None, seq_len: Optional[int] = None,
-             max_seq_len: int = 4096, check_fm_positions: bool = False) -> AssembledBatch:
+def assemble(
+  input_ids: np.ndarray,
+  tokens_per_image: int,
+  attention_mask: Optional[np.ndarray] = None,
+  labels: Optional[np.ndarray] = None,
+  seq_len: Optional[int] = None,
+  max_seq_len: int = 4096,
+  check_fm_positions: bool = False,
+) -> AssembledBatch:
   """Assemble a batch. seq_len: static output length (>= the longest sample); None = the longest.
 
   check_fm_positions: verify that the reference's label-derived FM positions are exactly the image
@@ -114,9 +123,9 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
     else:  # each placeholder expands to N slots; vectorised over tokens
       width = np.where(is_ph, n_tok, 1)
       offsets = np.cumsum(width) - width
-      src = np.repeat(np.arange(len(ids)), width)           # source token of every output position
-      within = np.arange(len(src)) - offsets[src]            # index inside an image block
-      image_no = len(kinds) + np.cumsum(is_ph) - 1           # global image number of each placeholder
+      src = np.repeat(np.arange(len(ids)), width)  # source token of every output position
+      within = np.arange(len(src)) - offsets[src]  # index inside an image block
+      image_no = len(kinds) + np.cumsum(is_ph) - 1  # global image number of each placeholder
       on_image = is_ph[src]
       tok = np.where(on_image, 0, ids[src])
       img_local = np.where(on_image, image_no[src] * n_tok + within, -1)
@@ -131,8 +140,10 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
   lengths = [len(r[0]) for r in rows]
   s = max(lengths) if seq_len is None else seq_len
   if max(lengths) > s:
-    raise SequenceError(f"assembled sequence of {max(lengths)} tokens does not fit seq_len={s}; raise "
-                        "seq_len / the bucket sizes or drop the sample")
+    raise SequenceError(
+      f"assembled sequence of {max(lengths)} tokens does not fit seq_len={s}; raise "
+      "seq_len / the bucket sizes or drop the sample"
+    )
   token_ids = np.zeros((batch, s), np.int32)
   image_index = np.full((batch, s), -1, np.int32)
   image_mask = np.zeros((batch, s), np.int32)
@@ -151,11 +162,24 @@ def assemble(input_ids: np.ndarray, tokens_per_image: int, attention_mask: Optio
   for k in range(len(kinds)):
     if starts[k] + n_tok > lengths[samples[k]]:
       raise SequenceError(
-          f"sample {samples[k]}: image {k} is cut by truncation at max_seq_len={max_seq_len}; shorten the "
-          "sample or raise max_seq_len")
+        f"sample {samples[k]}: image {k} is cut by truncation at max_seq_len={max_seq_len}; shorten the "
+        "sample or raise max_seq_len"
+      )
   positions = np.broadcast_to(np.arange(s, dtype=np.int32), (batch, s)).copy()
-  layout = AssembledBatch(token_ids, image_index, image_mask, valid, positions, lab_out, targets, kinds, samples,
-                          starts, valid.astype(np.int32), samples.copy())
+  layout = AssembledBatch(
+    token_ids,
+    image_index,
+    image_mask,
+    valid,
+    positions,
+    lab_out,
+    targets,
+    kinds,
+    samples,
+    starts,
+    valid.astype(np.int32),
+    samples.copy(),
+  )
   if check_fm_positions:
     _check_fm_positions(layout, n_tok)
   return layout
@@ -171,6 +195,7 @@ def _check_fm_positions(layout: AssembledBatch, n_tok: int) -> None:
     ref[: s - 1] = reference_fm_positions(layout.targets[b, : s - 1], n_tok)[: s - 1]
     if not np.array_equal(ref, expected[b]):
       raise SequenceError(
-          f"sample {b}: the labels do not mark every image with an <im_start> label (151667) right "
-          "before it, so the reference would take flow-matching states from other positions; label "
-          "<im_start>/<im_end> in every turn as the rae_qwen template does")
+        f"sample {b}: the labels do not mark every image with an <im_start> label (151667) right "
+        "before it, so the reference would take flow-matching states from other positions; label "
+        "<im_start>/<im_end> in every turn as the rae_qwen template does"
+      )

@@ -1,4 +1,5 @@
 """SigLIP2 vision transformer and the understanding projector (LayerNorm -> 2x2 unshuffle -> MLP)."""
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,7 @@ class PatchEmbeddings(nn.Module):
   The table is bicubically interpolated (PyTorch semantics) when the patch grid differs from the
   table's square grid: where the reference runs at all, this is exactly where it interpolates.
   """
+
   cfg: VisionConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -31,19 +33,30 @@ class PatchEmbeddings(nn.Module):
     cfg = self.cfg
     p = cfg.patch_size
     fan_in = 3 * p * p
-    bound = 1.0 / fan_in ** 0.5
+    bound = 1.0 / fan_in**0.5
     kernel = self.param(
-        "kernel", partitioned(lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
-                              (None, None, None, "vision_embed")), (p, p, 3, cfg.hidden_size), self.param_dtype)
-    bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("vision_embed",)), (cfg.hidden_size,),
-                      self.param_dtype)
-    table = self.param("position_embedding", partitioned(nn.initializers.normal(0.02), (None, "vision_embed")),
-                       (cfg.grid ** 2, cfg.hidden_size), self.param_dtype)
+      "kernel",
+      partitioned(
+        lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound), (None, None, None, "vision_embed")
+      ),
+      (p, p, 3, cfg.hidden_size),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias", partitioned(nn.initializers.zeros_init(), ("vision_embed",)), (cfg.hidden_size,), self.param_dtype
+    )
+    table = self.param(
+      "position_embedding",
+      partitioned(nn.initializers.normal(0.02), (None, "vision_embed")),
+      (cfg.grid**2, cfg.hidden_size),
+      self.param_dtype,
+    )
     b, h, w, _ = pixels.shape
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(p, p), padding="VALID",
-                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=(p, p), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     x = acc32(conv, pixels.astype(self.dtype), gathered(kernel.astype(self.dtype), (None, None, None, "vision_embed")))
     gh, gw = h // p, w // p
     x = (x + gathered(bias, ("vision_embed",))).astype(self.dtype).reshape(b, gh * gw, cfg.hidden_size)
@@ -54,6 +67,7 @@ class PatchEmbeddings(nn.Module):
 
 class SelfAttention(nn.Module):
   """Multi-head attention with biases; q/k/v/out named as the checkpoint."""
+
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -63,8 +77,9 @@ class SelfAttention(nn.Module):
     b, n, d = x.shape
     dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     hd = d // self.num_heads
-    q, k, v = (dense(d, ("vision_embed", "vision_heads"), name=f"{c}_proj")(x).reshape(b, n, self.num_heads, hd)
-               for c in "qkv")
+    q, k, v = (
+      dense(d, ("vision_embed", "vision_heads"), name=f"{c}_proj")(x).reshape(b, n, self.num_heads, hd) for c in "qkv"
+    )
     out = attention(q, k, v).reshape(b, n, d)
     return dense(d, ("vision_heads", "vision_embed"), name="out_proj")(out)
 
@@ -98,6 +113,7 @@ class EncoderLayer(nn.Module):
 
 class PoolingHead(nn.Module):
   """Multihead attention pooling (MAP). In the checkpoint and computed by the reference, unused by Cheers."""
+
   cfg: VisionConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -106,12 +122,16 @@ class PoolingHead(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, n, d = x.shape
-    probe = self.param("probe", partitioned(nn.initializers.normal(1.0), (None, None, "vision_embed")),
-                       (1, 1, d), self.param_dtype)
-    in_proj = self.param("in_proj_kernel", partitioned(nn.initializers.xavier_uniform(), ("vision_embed", None)),
-                         (d, 3 * d), self.param_dtype)
-    in_bias = self.param("in_proj_bias", partitioned(nn.initializers.zeros_init(), (None,)), (3 * d,),
-                         self.param_dtype)
+    probe = self.param(
+      "probe", partitioned(nn.initializers.normal(1.0), (None, None, "vision_embed")), (1, 1, d), self.param_dtype
+    )
+    in_proj = self.param(
+      "in_proj_kernel",
+      partitioned(nn.initializers.xavier_uniform(), ("vision_embed", None)),
+      (d, 3 * d),
+      self.param_dtype,
+    )
+    in_bias = self.param("in_proj_bias", partitioned(nn.initializers.zeros_init(), (None,)), (3 * d,), self.param_dtype)
     hd = d // cfg.num_heads
     wq, wk, wv = jnp.split(in_proj.astype(self.dtype), 3, axis=1)
     bq, bk, bv = jnp.split(in_bias.astype(self.dtype), 3)
@@ -121,12 +141,14 @@ class PoolingHead(nn.Module):
     h = attention(q, k, v).reshape(b, 1, d)
     h = Dense(d, ("vision_heads", "vision_embed"), name="out_proj", **kw)(h)
     h = h + MLP(cfg.intermediate_size, name="mlp", **kw)(
-        LayerNorm(cfg.layer_norm_eps, axis_name="vision_embed", name="layernorm", **kw)(h))
+      LayerNorm(cfg.layer_norm_eps, axis_name="vision_embed", name="layernorm", **kw)(h)
+    )
     return h[:, 0]
 
 
 class SigLIP(nn.Module):
   """`vision_representation`: embeddings -> pre-LN encoder (scanned) -> post_layernorm."""
+
   cfg: VisionConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -170,6 +192,7 @@ def pixel_shuffle(x: Array, grid_h: int, grid_w: int) -> Array:
 
 class UndProjector(nn.Module):
   """LayerNorm(eps 1e-5) -> 2x2 pixel-unshuffle -> Linear(4D,4D) -> GELU(erf) -> Linear(4D, text)."""
+
   out_features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

@@ -3,6 +3,7 @@
 Images are NHWC in [0, 1]; latents are (B, h, w, 4*z_channels) with h = H/16. The patchify channel
 order is c*4 + pi*2 + pj, as the reference's `c (i pi) (j pj) -> (c pi pj) i j`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,6 +56,7 @@ class GroupNorm(nn.Module):
 
 class Conv(nn.Module):
   """Conv2d NHWC with an HWIO kernel; padding as explicit pairs like torch."""
+
   features: int
   kernel: int = 3
   stride: int = 1
@@ -65,17 +67,26 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     fan_in = x.shape[-1] * self.kernel * self.kernel
-    bound = 1.0 / fan_in ** 0.5
+    bound = 1.0 / fan_in**0.5
     init = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
-    kernel = self.param("kernel", partitioned(init, (None, None, "conv_in", "conv_out")),
-                        (self.kernel, self.kernel, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("conv_out",)), (self.features,),
-                      self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      partitioned(init, (None, None, "conv_in", "conv_out")),
+      (self.kernel, self.kernel, x.shape[-1], self.features),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias", partitioned(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype
+    )
     pad = self.padding
     if isinstance(pad, int):
       pad = ((pad, pad), (pad, pad))
-    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(self.stride, self.stride),
-                             padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = functools.partial(
+      jax.lax.conv_general_dilated,
+      window_strides=(self.stride, self.stride),
+      padding=pad,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     y = acc32(conv, x.astype(self.dtype), gathered(kernel.astype(self.dtype), (None, None, "conv_in", "conv_out")))
     return (y + gathered(bias, ("conv_out",))).astype(self.dtype)
 
@@ -99,6 +110,7 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all h*w positions (head dim = channels)."""
+
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -149,6 +161,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """remat_policy: rematerialise each resnet block (the trainable decoder projector's activations at
   512 px are the step's largest)."""
+
   cfg: VAEConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -173,6 +186,7 @@ class Decoder(nn.Module):
 
 class LatentNorm(nn.Module):
   """BatchNorm2d(affine=False) in eval mode: running statistics only (collection 'batch_stats')."""
+
   channels: int
   eps: float = 1e-4
 
@@ -192,6 +206,7 @@ class LatentNorm(nn.Module):
 
 class VAE(nn.Module):
   """`vae_model`: frozen encoder (+ decoder for the final T2I image)."""
+
   cfg: VAEConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -220,6 +235,7 @@ class VAE(nn.Module):
 
 class DecoderProjector(nn.Module):
   """`vae_decoder_projector`: a second, trainable decoder with its own BN statistics."""
+
   cfg: VAEConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

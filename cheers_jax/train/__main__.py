@@ -16,6 +16,7 @@ Exit status: 0 finished; 2 a mistake in the config, the flags or the data (one l
 traceback); 3 stopped on a non-finite loss (train.nan_policy=stop); 75 preempted (SIGTERM): a checkpoint is
 saved, rerun the same command to resume (75 = EX_TEMPFAIL, "try again"; launch/ requeues).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,44 @@ from cheers_jax import distributed
 from cheers_jax.errors import UserError
 from cheers_jax.train import loop
 
-EXIT_NONFINITE = 3    # stopped on a non-finite loss or gradient (train.nan_policy='stop')
-EXIT_PREEMPTED = 75   # SIGTERM: checkpoint saved, rerun to resume (sysexits.h EX_TEMPFAIL)
+EXIT_NONFINITE = 3  # stopped on a non-finite loss or gradient (train.nan_policy='stop')
+EXIT_PREEMPTED = 75  # SIGTERM: checkpoint saved, rerun to resume (sysexits.h EX_TEMPFAIL)
 # The flags' spellings of the absl era (`--export_hf`, `--noeval`): still accepted, not documented.
-_DEPRECATED = {"--export_hf": "--export-hf", "--noexport_hf": "--no-export-hf", "--noeval": "--no-eval",
-               "--nosamples": "--no-samples"}
+_DEPRECATED = {
+  "--export_hf": "--export-hf",
+  "--noexport_hf": "--no-export-hf",
+  "--noeval": "--no-eval",
+  "--nosamples": "--no-samples",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m cheers_jax.train", description=__doc__)
   cli.add_config_flags(p, required=True)
-  p.add_argument("--workdir", help="directory for checkpoints, metrics, samples and the HF export (default: "
-                 "config.workdir). An existing run there is resumed.")
-  p.add_argument("--export-hf", action=argparse.BooleanOptionalAction, default=True,
-                 help="export the final params to WORKDIR/hf (HF safetensors layout; default on)")
-  p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                 help="after training on the synthetic shapes, caption held-out images and draw every prompt, "
-                 "judged against chance (default on)")
-  p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
-                 help="write sample images of config.sample_prompts (default on)")
+  p.add_argument(
+    "--workdir",
+    help="directory for checkpoints, metrics, samples and the HF export (default: "
+    "config.workdir). An existing run there is resumed.",
+  )
+  p.add_argument(
+    "--export-hf",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="export the final params to WORKDIR/hf (HF safetensors layout; default on)",
+  )
+  p.add_argument(
+    "--eval",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="after training on the synthetic shapes, caption held-out images and draw every prompt, "
+    "judged against chance (default on)",
+  )
+  p.add_argument(
+    "--samples",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="write sample images of config.sample_prompts (default on)",
+  )
   p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
   return p
 

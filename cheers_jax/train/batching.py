@@ -3,6 +3,7 @@
 A batch (the contract of `cheers_jax.data.batch`) has its rows (and image slots) split over data x
 fsdp; every process holds its own rows, indexed locally as the pipeline collates them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -50,8 +51,9 @@ def device_batch(batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding
   """Per-process numpy batch (locally indexed, as the pipeline collates it) -> global jax arrays
   (multi-host: each process holds its rows; process p's rows follow those of processes < p)."""
   batch = globalize_indices(batch, jax.process_index())
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in batch.items() if k in shardings}
+  return {
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items() if k in shardings
+  }
 
 
 def split_micro_batches(batch: dict, accum: int) -> dict:

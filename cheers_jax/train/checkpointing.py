@@ -3,6 +3,7 @@
 The workdir's layout (checkpoints/<step>/{state, data, config}, hf/) is described, with the other
 Orbax layout, in `cheers_jax.checkpoint.orbax`, which also reads a run's params for `init_from`.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,12 @@ class Checkpointer:
 
   def __init__(self, workdir: str | Path, every_steps: int = 1000, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, int(every_steps)), max_to_keep=int(keep) if keep else None,
-        enable_async_checkpointing=bool(async_save), create=True, cleanup_tmp_directories=True)
+      save_interval_steps=max(1, int(every_steps)),
+      max_to_keep=int(keep) if keep else None,
+      enable_async_checkpointing=bool(async_save),
+      create=True,
+      cleanup_tmp_directories=True,
+    )
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_names=RUN_ITEMS)
 
@@ -86,20 +91,24 @@ class Checkpointer:
     """Starts a (possibly async) save; device arrays are copied before this returns, so the
     caller may donate `state` to the next step right away."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
-        config=ocp.args.JsonSave(config_json(config) if config is not None else {}))
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
+      config=ocp.args.JsonSave(config_json(config) if config is not None else {}),
+    )
     return self.manager.save(int(step), args=args, force=force)
 
-  def restore(self, abstract_state: PyTree, shardings: PyTree, step: Optional[int] = None
-              ) -> tuple[PyTree, Any, dict]:
+  def restore(self, abstract_state: PyTree, shardings: PyTree, step: Optional[int] = None) -> tuple[PyTree, Any, dict]:
     """(state placed in `shardings`, iterator state, config dict) of `step` (default: the latest)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
+      ),
+    )
     return out.state, decode_iterator_state(out.data or {}), out.config or {}
 
   def saved_config(self, step: int) -> dict:
@@ -119,8 +128,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_or_init(config, workdir: str | Path, mesh, rng=None, iterator=None,
-                    checkpointer: Optional[Checkpointer] = None):
+def restore_or_init(
+  config, workdir: str | Path, mesh, rng=None, iterator=None, checkpointer: Optional[Checkpointer] = None
+):
   """Resume from the latest checkpoint in `workdir` (state + iterator position) or start fresh
   (`config.init_from`). Returns (state, state_shardings, resumed: bool)."""
   checkpointer = checkpointer or Checkpointer.from_config(workdir, config)
@@ -163,13 +173,17 @@ def check_resumable(config, saved: Mapping[str, Any], where: Path) -> None:
   ignore = tuple(k for k in state_lib.NOT_ARCHITECTURE if k != "scan_layers")  # scanning changes the tree
   diffs = [(f"model.{k}", a, b) for k, a, b in differences(now, then, ignore=ignore)]
   saved_train, train = saved.get("train", {}), config_json(config).get("train", {})
-  diffs += [(f"train.{k}", train.get(k), saved_train[k]) for k in STATE_TRAIN_KEYS
-            if k in saved_train and train.get(k) != saved_train[k]]
+  diffs += [
+    (f"train.{k}", train.get(k), saved_train[k])
+    for k in STATE_TRAIN_KEYS
+    if k in saved_train and train.get(k) != saved_train[k]
+  ]
   if diffs:
     raise ConfigError(
-        f"cannot resume from {where}: the checkpoint was saved with another config in {len(diffs)} field(s): "
-        f"{describe_differences(diffs, 'now', 'checkpoint')}. Resume with the config the run was started with "
-        f"(e.g. {' '.join(f'--config.{k}={b}' for k, _, b in diffs[:3])}), or start a new run in another --workdir")
+      f"cannot resume from {where}: the checkpoint was saved with another config in {len(diffs)} field(s): "
+      f"{describe_differences(diffs, 'now', 'checkpoint')}. Resume with the config the run was started with "
+      f"(e.g. {' '.join(f'--config.{k}={b}' for k, _, b in diffs[:3])}), or start a new run in another --workdir"
+    )
 
 
 def _check_model_config(config, saved: Mapping[str, Any], where: Path) -> None:
@@ -177,8 +191,9 @@ def _check_model_config(config, saved: Mapping[str, Any], where: Path) -> None:
     return
   now, then = config_json(config).get("model"), saved["model"]
   if now != then:
-    logging.warning("the model config of %s differs from the current one:\n  saved   %s\n  current %s",
-                    where, then, now)
+    logging.warning(
+      "the model config of %s differs from the current one:\n  saved   %s\n  current %s", where, then, now
+    )
 
 
 # ---- preemption ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 - at the end: a final checkpoint, sample images (`config.sample_prompts`), the HF export to
   workdir/hf, and on the shapes demo (`data.source='synthetic'`) its evaluation (`demo.evaluate.run`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,9 +53,9 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-  status: str                      # 'done' | 'preempted'
-  step: int                        # steps completed
-  state: Any = None                # the final TrainState (device arrays)
+  status: str  # 'done' | 'preempted'
+  step: int  # steps completed
+  state: Any = None  # the final TrainState (device arrays)
   last_metrics: dict = dataclasses.field(default_factory=dict)
   evaluation: Optional[dict] = None
   hf_dir: Optional[str] = None
@@ -104,8 +105,9 @@ def sample_prompt_texts(config, captions: list[str]) -> list[str]:
   return [form(caption=c) for c in captions]
 
 
-def sample_images(model: Cheers, state, config, workdir: Path, step: int,
-                  writer: Optional[metrics_lib.MetricWriter] = None) -> Optional[Path]:
+def sample_images(
+  model: Cheers, state, config, workdir: Path, step: int, writer: Optional[metrics_lib.MetricWriter] = None
+) -> Optional[Path]:
   """T2I samples of config.sample_prompts as a PNG row (+ TensorBoard); None without prompts."""
   prompts = list(config.get("sample_prompts", ()) or ())
   if not prompts:
@@ -120,9 +122,17 @@ def sample_images(model: Cheers, state, config, workdir: Path, step: int,
 
 
 # ---- the loop --------------------------------------------------------------------------------------
-def train(config, workdir: str | os.PathLike, *, iterator: Optional[Iterator[dict]] = None,
-          preemption: Optional[ckpt_lib.PreemptionHandler] = None, export_hf: Optional[bool] = None,
-          evaluate: bool = True, samples: bool = True, progress: bool = True) -> TrainResult:
+def train(
+  config,
+  workdir: str | os.PathLike,
+  *,
+  iterator: Optional[Iterator[dict]] = None,
+  preemption: Optional[ckpt_lib.PreemptionHandler] = None,
+  export_hf: Optional[bool] = None,
+  evaluate: bool = True,
+  samples: bool = True,
+  progress: bool = True,
+) -> TrainResult:
   """Train (or resume) `config` in `workdir`. See the module docstring.
 
   iterator: batches in the batch contract with get_state()/set_state() (default: the grain
@@ -146,8 +156,16 @@ class Trainer:
   preempted, fetch a batch, step, log, checkpoint, sample), `finish` (samples, HF export, the
   demo's evaluation), `close`."""
 
-  def __init__(self, config, workdir: str | os.PathLike, *, iterator: Optional[Iterator[dict]] = None,
-               preemption: Optional[ckpt_lib.PreemptionHandler] = None, samples: bool = True, progress: bool = True):
+  def __init__(
+    self,
+    config,
+    workdir: str | os.PathLike,
+    *,
+    iterator: Optional[Iterator[dict]] = None,
+    preemption: Optional[ckpt_lib.PreemptionHandler] = None,
+    samples: bool = True,
+    progress: bool = True,
+  ):
     self.config = config
     self.workdir = Path(workdir)
     self.cfg = config_lib.model_config(config)  # config.load checked the config; the process count is known now
@@ -178,13 +196,21 @@ class Trainer:
     """The latest checkpoint of the workdir (state + data position), else a fresh state."""
     config, mesh = self.config, self.mesh
     self.state, shardings, resumed = ckpt_lib.restore_or_init(
-        config, self.workdir, mesh, jax.random.PRNGKey(int(config.seed)), self.iterator, self.checkpointer)
+      config, self.workdir, mesh, jax.random.PRNGKey(int(config.seed)), self.iterator, self.checkpointer
+    )
     self.step = int(jax.device_get(self.state.step))
     replayed = self.writer.drop_after(self.step)  # the steps after the checkpoint run again
     if replayed:
       log.info("dropped %d metrics.jsonl rows after step %d (those steps run again)", replayed, self.step)
-    log.info("%s at step %d of %d; mesh %s; %d devices (%s)", "resumed" if resumed else "starting", self.step,
-             self.total, dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
+    log.info(
+      "%s at step %d of %d; mesh %s; %d devices (%s)",
+      "resumed" if resumed else "starting",
+      self.step,
+      self.total,
+      dict(mesh.shape),
+      jax.device_count(),
+      jax.devices()[0].device_kind,
+    )
     self.step_fn = step_lib.make_train_step(self.model, config, mesh, shardings)
 
   # -- phase 2 --
@@ -236,10 +262,11 @@ class Trainer:
     if bad is not None and self.config.train.nan_policy == "stop":
       last = self.checkpointer.latest_step()
       raise NonFiniteError(
-          f"non-finite loss or gradient at step {bad} (train.nan_policy='stop'); the params were not updated "
-          f"at that step and no checkpoint was written after it. Last good checkpoint: "
-          f"{'step ' + str(last) if last is not None else 'none'} in {self.checkpointer.directory}. Lower train.lr, "
-          f"check the data, or set --config.train.nan_policy=skip to skip such steps.")
+        f"non-finite loss or gradient at step {bad} (train.nan_policy='stop'); the params were not updated "
+        f"at that step and no checkpoint was written after it. Last good checkpoint: "
+        f"{'step ' + str(last) if last is not None else 'none'} in {self.checkpointer.directory}. Lower train.lr, "
+        f"check the data, or set --config.train.nan_policy=skip to skip such steps."
+      )
     return fetched
 
   def _log_metrics(self, bar) -> None:
@@ -250,8 +277,11 @@ class Trainer:
     self.writer.write_scalars(self.step, summary)
     self.last_summary = summary
     if bar is not None:
-      bar.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['lr']:.2e}",
-                      mfu=f"{summary['mfu']:.1%}" if "mfu" in summary else "n/a")
+      bar.set_postfix(
+        loss=f"{summary['loss']:.4f}",
+        lr=f"{summary['lr']:.2e}",
+        mfu=f"{summary['mfu']:.1%}" if "mfu" in summary else "n/a",
+      )
 
   def _save_checkpoint(self) -> None:
     if self.pending:
@@ -264,8 +294,12 @@ class Trainer:
     if self.checkpointer.latest_step() != self.step:
       self.checkpointer.save(self.step, self.state, self.iterator.get_state(), self.config, force=True)
     self.checkpointer.wait()
-    log.warning("preempted (%s): saved step %d in %s; rerun the same command to resume",
-                self.preemption.signal_name, self.step, self.checkpointer.directory)
+    log.warning(
+      "preempted (%s): saved step %d in %s; rerun the same command to resume",
+      self.preemption.signal_name,
+      self.step,
+      self.checkpointer.directory,
+    )
     return TrainResult("preempted", self.step, self.state, self.last_summary)
 
   # -- phase 3 --
@@ -282,8 +316,17 @@ class Trainer:
       result.hf_dir = str(hf_dir)
       log.info("exported the final params to %s (HF layout)", hf_dir)
     if demo and (self.samples or evaluate):
-      result.evaluation = demo_eval.run(self.model, state, self.config, self.workdir, result.step, self.writer,
-                                        captions=evaluate, generation=self.samples, timing=self.meter.timing())
+      result.evaluation = demo_eval.run(
+        self.model,
+        state,
+        self.config,
+        self.workdir,
+        result.step,
+        self.writer,
+        captions=evaluate,
+        generation=self.samples,
+        timing=self.meter.timing(),
+      )
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -311,8 +354,9 @@ class _Throughput:
     b, s = host["token_ids"].shape
     m = host["pixels"].shape[0]
     if (s, m) not in self.flops_per_sample:  # per global sample, at this bucket length and slots per sample
-      self.flops_per_sample[(s, m)] = metrics_lib.flops_per_sample(self.cfg, s, self.cfg.vision.image_size, m / b,
-                                                                   self.trainable)
+      self.flops_per_sample[(s, m)] = metrics_lib.flops_per_sample(
+        self.cfg, s, self.cfg.vision.image_size, m / b, self.trainable
+      )
     self.flops += self.flops_per_sample[(s, m)] * b * jax.process_count()
     self.tokens += int(np.sum(host["valid"])) * jax.process_count()
     self.samples += packing_lib.samples_in(host) * jax.process_count()  # packed rows hold several
@@ -326,8 +370,11 @@ class _Throughput:
 
   def timing(self) -> dict[str, float]:
     """Seconds of the first step (compilation included) and of the steady steps so far."""
-    return {"first_step_compile": round(self.compile_time or 0.0, 1), "steps": round(self.step_seconds, 1),
-            "steady_steps": self.steady_steps}
+    return {
+      "first_step_compile": round(self.compile_time or 0.0, 1),
+      "steps": round(self.step_seconds, 1),
+      "steady_steps": self.steady_steps,
+    }
 
   def lap(self) -> dict[str, float]:
     dt, n = self.clock.lap()

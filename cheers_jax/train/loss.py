@@ -8,6 +8,7 @@
   tokens and channels (understanding images, t = 1, have a zero target). `fm_gen_only` restricts it to
   generation images (the paper's variant).
 """
+
 from __future__ import annotations
 
 
@@ -22,8 +23,9 @@ Array = jax.Array
 KERNEL_AXES = ("embed", "vocab")  # the LM head's logical axes (as the parameter's, sharded at rest)
 
 
-def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int = 1024,
-                        dtype=jnp.float32, groups: int | None = None) -> tuple[Array, Array]:
+def token_cross_entropy(
+  hidden: Array, kernel: Array, targets: Array, chunk: int = 1024, dtype=jnp.float32, groups: int | None = None
+) -> tuple[Array, Array]:
   """Per-position CE (0 where target == -100) of logits = hidden @ kernel, in fp32.
 
   hidden (B, S, D), kernel (D, V), targets (B, S). Returns (ce (B, S), lse (B, S); lse is 0 at
@@ -53,8 +55,9 @@ def token_cross_entropy(hidden: Array, kernel: Array, targets: Array, chunk: int
   to_chunks = lambda x: jnp.swapaxes(x.reshape(g, -1, chunk, *x.shape[2:]), 0, 1)  # (C, G, chunk, ...)
   ce, lse = _chunked_ce(to_chunks(sorted_h), kernel.astype(dtype), to_chunks(sorted_t), n_labelled)
   rows = jnp.arange(g)[:, None]
-  unsort = lambda x: (jnp.zeros((g, n), jnp.float32).at[rows, order]
-                      .set(jnp.swapaxes(x, 0, 1).reshape(g, -1)[:, :n]).reshape(b, s))
+  unsort = lambda x: (
+    jnp.zeros((g, n), jnp.float32).at[rows, order].set(jnp.swapaxes(x, 0, 1).reshape(g, -1)[:, :n]).reshape(b, s)
+  )
   return unsort(ce), unsort(lse)
 
 
@@ -132,9 +135,19 @@ def _ce_bwd(res, cts):
 _chunked_ce.defvjp(_ce_fwd, _ce_bwd)
 
 
-def cheers_loss(hidden: Array, head_kernel: Array, targets: Array, velocity: Array, u: Array,
-                image_kind: Array, image_weight: Array | None = None, fm_weight: float = 1.0,
-                fm_gen_only: bool = False, ce_chunk: int = 1024, logits_dtype=jnp.float32) -> dict:
+def cheers_loss(
+  hidden: Array,
+  head_kernel: Array,
+  targets: Array,
+  velocity: Array,
+  u: Array,
+  image_kind: Array,
+  image_weight: Array | None = None,
+  fm_weight: float = 1.0,
+  fm_gen_only: bool = False,
+  ce_chunk: int = 1024,
+  logits_dtype=jnp.float32,
+) -> dict:
   """hidden (B,S,D) final-norm LLM states; targets (B,S) rebuilt next-token targets; velocity, u
   (n_img, h, w, C); image_kind (n_img,); image_weight (n_img,) 1 for real images, 0 for padding slots.
   """
@@ -147,5 +160,10 @@ def cheers_loss(hidden: Array, head_kernel: Array, targets: Array, velocity: Arr
     weight = weight * (image_kind == KIND_GEN)
   per_image = jnp.mean(jnp.square(velocity.astype(jnp.float32) - u.astype(jnp.float32)), axis=(1, 2, 3))
   loss_fm = jnp.sum(per_image * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-  return {"loss": loss_ar + fm_weight * loss_fm, "loss_ar": loss_ar, "loss_fm": loss_fm, "token_ce": ce,
-          "num_text_targets": n_text}
+  return {
+    "loss": loss_ar + fm_weight * loss_fm,
+    "loss_ar": loss_ar,
+    "loss_fm": loss_fm,
+    "token_ce": ce,
+    "num_text_targets": n_text,
+  }

@@ -7,6 +7,7 @@ The library behind `python -m cheers_jax.sweep`, `python -m cheers_jax.bench tra
 memory, compile error, crash, timeout) is a row with its status and error, never the end of the run. Row keys:
 FIELDS (measure_layout), AOT_FIELDS (aot_memory).
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,23 +37,66 @@ from cheers_jax.train import step as step_lib
 from cheers_jax.train import synthetic
 
 ROW_PREFIX = "SWEEP_ROW "
-FIELDS = ("mesh", "remat", "attention", "batch_size", "per_device_batch", "devices", "device_kind", "status",
-          "compile_s", "step_s", "samples_per_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_mem_gib",
-          "mem_source", "args_gib", "temp_gib", "loss", "seq_len", "error")
-AOT_FIELDS = ("target", "mesh", "devices", "platform", "per_device_batch", "global_batch", "seq_len", "remat",
-              "args_gib", "outputs_gib", "alias_gib", "temp_gib", "total_gib", "memory_gib", "fits", "compiled_tflop",
-              "model_tflop", "recompute", "compiled_gb", "roofline_step_s_est", "roofline_mfu_est", "compile_s",
-              "status", "error")
+FIELDS = (
+  "mesh",
+  "remat",
+  "attention",
+  "batch_size",
+  "per_device_batch",
+  "devices",
+  "device_kind",
+  "status",
+  "compile_s",
+  "step_s",
+  "samples_per_s",
+  "tokens_per_s",
+  "tflops_per_device",
+  "mfu",
+  "peak_mem_gib",
+  "mem_source",
+  "args_gib",
+  "temp_gib",
+  "loss",
+  "seq_len",
+  "error",
+)
+AOT_FIELDS = (
+  "target",
+  "mesh",
+  "devices",
+  "platform",
+  "per_device_batch",
+  "global_batch",
+  "seq_len",
+  "remat",
+  "args_gib",
+  "outputs_gib",
+  "alias_gib",
+  "temp_gib",
+  "total_gib",
+  "memory_gib",
+  "fits",
+  "compiled_tflop",
+  "model_tflop",
+  "recompute",
+  "compiled_gb",
+  "roofline_step_s_est",
+  "roofline_mfu_est",
+  "compile_s",
+  "status",
+  "error",
+)
 GIB = targets.GIB
 
 
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
   """One combination to measure: mesh shape x remat policy x attention x global batch."""
-  mesh: tuple[tuple[str, int], ...]   # ((axis, size), ...)
+
+  mesh: tuple[tuple[str, int], ...]  # ((axis, size), ...)
   remat: str
   attention: str
-  batch_size: int                      # global
+  batch_size: int  # global
 
   @classmethod
   def make(cls, mesh: Mapping[str, int], remat: str, attention: str, batch_size: int) -> "StepLayout":
@@ -95,7 +139,7 @@ def classify_error(e: BaseException) -> str:
 def short_error(e: BaseException | str, limit: int = 300) -> str:
   text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
   text = " ".join(text.split())
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def memory_figures(compiled) -> dict[str, Optional[float]]:
@@ -106,10 +150,20 @@ def memory_figures(compiled) -> dict[str, Optional[float]]:
     ma = None
   if ma is None:
     return {"args": None, "outputs": None, "alias": None, "temp": None, "total": None, "code": None}
-  args, out, alias, temp = (float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes),
-                            float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes))
-  return {"args": args, "outputs": out, "alias": alias, "temp": temp, "total": args + out - alias + temp,
-          "code": float(getattr(ma, "generated_code_size_in_bytes", 0) or 0)}
+  args, out, alias, temp = (
+    float(ma.argument_size_in_bytes),
+    float(ma.output_size_in_bytes),
+    float(ma.alias_size_in_bytes),
+    float(ma.temp_size_in_bytes),
+  )
+  return {
+    "args": args,
+    "outputs": out,
+    "alias": alias,
+    "temp": temp,
+    "total": args + out - alias + temp,
+    "code": float(getattr(ma, "generated_code_size_in_bytes", 0) or 0),
+  }
 
 
 def device_peak_bytes(devices) -> Optional[float]:
@@ -133,7 +187,8 @@ class CompileFailed(RuntimeError):
 class CompiledStep:
   """The train step of one layout, compiled for its inputs (`state`, `batch`: arrays, or ShapeDtypeStructs
   when compiled on abstract inputs)."""
-  config: Any              # the layout's run config (layout_config)
+
+  config: Any  # the layout's run config (layout_config)
   model: ModelConfig
   mesh: Any
   spec: synthetic.BatchSpec
@@ -141,19 +196,29 @@ class CompiledStep:
   batch: Any
   compiled: Any
   compile_s: float
-  valid_tokens: float      # text/image tokens of the synthetic batch (0 for abstract inputs)
+  valid_tokens: float  # text/image tokens of the synthetic batch (0 for abstract inputs)
 
   def model_flops(self) -> float:
     """FLOPs of one step of the model (metrics.flops_per_sample x the rows of the global batch)."""
     spec = self.spec
     # the rows' FLOPs, padding included (packed rows: spec.rows rows of several samples)
-    return metrics_lib.flops_per_sample(self.model, spec.seq_len, spec.image_size, spec.slots_per_row,
-                                        self.config.train.trainable) * spec.rows
+    return (
+      metrics_lib.flops_per_sample(
+        self.model, spec.seq_len, spec.image_size, spec.slots_per_row, self.config.train.trainable
+      )
+      * spec.rows
+    )
 
 
-def compile_step(config, layout: StepLayout, *, batch: synthetic.BatchOptions = synthetic.BatchOptions(),
-                 init: str = "abstract", devices: Optional[Sequence] = None,
-                 compiler_options: Optional[dict] = None) -> CompiledStep:
+def compile_step(
+  config,
+  layout: StepLayout,
+  *,
+  batch: synthetic.BatchOptions = synthetic.BatchOptions(),
+  init: str = "abstract",
+  devices: Optional[Sequence] = None,
+  compiler_options: Optional[dict] = None,
+) -> CompiledStep:
   """Lower and compile the train step of `config` in `layout`.
 
   init: 'abstract' = ShapeDtypeStructs carrying the state and batch shardings (nothing is allocated: memory
@@ -193,12 +258,24 @@ def compile_step(config, layout: StepLayout, *, batch: synthetic.BatchOptions = 
   return CompiledStep(c, cfg, mesh, spec, state, dbatch, compiled, time.perf_counter() - t0, valid_tokens)
 
 
-def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 1,
-                   batch: synthetic.BatchOptions = synthetic.BatchOptions(), init: str = "synthetic",
-                   cumulative_peak: bool = False) -> dict[str, Any]:
+def measure_layout(
+  config,
+  layout: StepLayout,
+  *,
+  steps: int = 5,
+  warmup: int = 1,
+  batch: synthetic.BatchOptions = synthetic.BatchOptions(),
+  init: str = "synthetic",
+  cumulative_peak: bool = False,
+) -> dict[str, Any]:
   """Compile and time the train step of one layout, in this process. Never raises: failures are rows."""
-  row: dict[str, Any] = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat,
-                         "attention": layout.attention, "batch_size": layout.batch_size, "status": "error"}
+  row: dict[str, Any] = {
+    "mesh": sharding.mesh_name(layout.mesh_dict),
+    "remat": layout.remat,
+    "attention": layout.attention,
+    "batch_size": layout.batch_size,
+    "status": "error",
+  }
   phase = "setup"
   try:
     if init == "abstract":
@@ -206,8 +283,13 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
     step = compile_step(config, layout, batch=batch, init=init)
     mesh, n_dev = step.mesh, step.mesh.devices.size
     kind = mesh.devices.flat[0].device_kind
-    row.update(devices=n_dev, device_kind=kind, per_device_batch=layout.batch_size // sharding.data_shards(mesh),
-               seq_len=step.spec.seq_len, compile_s=step.compile_s)
+    row.update(
+      devices=n_dev,
+      device_kind=kind,
+      per_device_batch=layout.batch_size // sharding.data_shards(mesh),
+      seq_len=step.spec.seq_len,
+      compile_s=step.compile_s,
+    )
     mem = memory_figures(step.compiled)
     row["args_gib"] = None if mem["args"] is None else mem["args"] / GIB
     row["temp_gib"] = None if mem["temp"] is None else mem["temp"] / GIB
@@ -226,9 +308,15 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
     flops = step.model_flops()
     util = metrics_lib.mfu(flops / step_s, n_dev, kind)
     peak = device_peak_bytes(mesh.local_devices)
-    row.update(status="ok", step_s=step_s, samples_per_s=layout.batch_size / step_s,
-               tokens_per_s=step.valid_tokens / step_s, tflops_per_device=flops / step_s / n_dev / 1e12, mfu=util,
-               loss=float(jax.device_get(metrics["loss"])))
+    row.update(
+      status="ok",
+      step_s=step_s,
+      samples_per_s=layout.batch_size / step_s,
+      tokens_per_s=step.valid_tokens / step_s,
+      tflops_per_device=flops / step_s / n_dev / 1e12,
+      mfu=util,
+      loss=float(jax.device_get(metrics["loss"])),
+    )
     if peak is not None:
       row.update(peak_mem_gib=peak / GIB, mem_source="device_peak_cumulative" if cumulative_peak else "device_peak")
     elif mem["total"] is not None:
@@ -238,8 +326,10 @@ def measure_layout(config, layout: StepLayout, *, steps: int = 5, warmup: int = 
     if isinstance(e, CompileFailed):
       phase = "compile"
     status = classify_error(e)
-    row.update(status=status if status == "oom" else ("compile_error" if phase == "compile" else "error"),
-               error=f"[{phase}] {short_error(e)}")
+    row.update(
+      status=status if status == "oom" else ("compile_error" if phase == "compile" else "error"),
+      error=f"[{phase}] {short_error(e)}",
+    )
   gc.collect()
   return row
 
@@ -256,31 +346,51 @@ def cost_figures(compiled, model_flops: float, target: Optional[targets.Target])
   if not cost or not cost.get("flops"):
     return {}
   flops, nbytes = float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
-  out: dict[str, Any] = {"compiled_tflop": flops / 1e12, "compiled_gb": nbytes / 1e9, "model_tflop": model_flops / 1e12,
-                         "recompute": flops / model_flops if model_flops else None}
+  out: dict[str, Any] = {
+    "compiled_tflop": flops / 1e12,
+    "compiled_gb": nbytes / 1e9,
+    "model_tflop": model_flops / 1e12,
+    "recompute": flops / model_flops if model_flops else None,
+  }
   if target is not None and target.peak_tflops and target.hbm_gbps:
     step = max(flops / (target.peak_tflops * 1e12), nbytes / (target.hbm_gbps * 1e9))
     out.update(roofline_step_s_est=step, roofline_mfu_est=model_flops / step / (target.peak_tflops * 1e12))
   return out
 
 
-def aot_memory(config, mesh_shape: Mapping[str, int], per_device_batch: int, *,
-               batch: synthetic.BatchOptions = synthetic.BatchOptions(), devices: Optional[Sequence] = None,
-               target: Optional[targets.Target] = None) -> dict[str, Any]:
+def aot_memory(
+  config,
+  mesh_shape: Mapping[str, int],
+  per_device_batch: int,
+  *,
+  batch: synthetic.BatchOptions = synthetic.BatchOptions(),
+  devices: Optional[Sequence] = None,
+  target: Optional[targets.Target] = None,
+) -> dict[str, Any]:
   """Compile the train step of `config` for `mesh_shape` on abstract inputs (compile_step); per-device bytes
   (GiB), and on targets with a cost model the compiled FLOPs per device against the model's (cost_figures).
 
   Never raises: a failure is a row with status 'error' or 'oom' (XLA may refuse a program that cannot fit).
   """
-  row: dict[str, Any] = {"mesh": sharding.mesh_name(mesh_shape), "per_device_batch": per_device_batch,
-                         "remat": config.model.remat_policy, "status": "error"}
+  row: dict[str, Any] = {
+    "mesh": sharding.mesh_name(mesh_shape),
+    "per_device_batch": per_device_batch,
+    "remat": config.model.remat_policy,
+    "status": "error",
+  }
   try:
     mesh = sharding.make_mesh_on_first_devices(mesh_shape, devices)
-    layout = StepLayout.make(mesh_shape, config.model.remat_policy, config.model.attention,
-                             per_device_batch * sharding.data_shards(mesh))
+    layout = StepLayout.make(
+      mesh_shape, config.model.remat_policy, config.model.attention, per_device_batch * sharding.data_shards(mesh)
+    )
     row.update(devices=mesh.devices.size, global_batch=layout.batch_size)
-    step = compile_step(config, layout, batch=batch, devices=devices,
-                        compiler_options=target.compiler_options if target is not None else None)
+    step = compile_step(
+      config,
+      layout,
+      batch=batch,
+      devices=devices,
+      compiler_options=target.compiler_options if target is not None else None,
+    )
     row.update(seq_len=step.spec.seq_len, rows=step.spec.rows, compile_s=step.compile_s)
     mem = memory_figures(step.compiled)
     if mem["total"] is None:
@@ -296,41 +406,77 @@ def aot_memory(config, mesh_shape: Mapping[str, int], per_device_batch: int, *,
 
 
 # ---- many layouts -----------------------------------------------------------------------------------
-def run_isolated(config_path: str, overrides: Sequence[str], layout: StepLayout, *, steps: int, warmup: int,
-                 batch: synthetic.BatchOptions, init: str, timeout: float) -> dict[str, Any]:
+def run_isolated(
+  config_path: str,
+  overrides: Sequence[str],
+  layout: StepLayout,
+  *,
+  steps: int,
+  warmup: int,
+  batch: synthetic.BatchOptions,
+  init: str,
+  timeout: float,
+) -> dict[str, Any]:
   """`measure_layout` in a fresh Python process (clean device memory and peak counters)."""
-  payload = {"config": config_path, "overrides": list(overrides), "layout": layout.to_json(), "steps": steps,
-             "warmup": warmup, "batch": dataclasses.asdict(batch), "init": init}
+  payload = {
+    "config": config_path,
+    "overrides": list(overrides),
+    "layout": layout.to_json(),
+    "steps": steps,
+    "warmup": warmup,
+    "batch": dataclasses.asdict(batch),
+    "init": init,
+  }
   env = dict(os.environ)
   roots = [str(Path(__file__).resolve().parents[2])]
   if config_lib.is_path(config_path):  # the config file may import its siblings (see config.load)
     roots.append(os.path.dirname(os.path.dirname(os.path.abspath(config_path.partition(":")[0]))))
   inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
   env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + inherited))
-  base = {"mesh": sharding.mesh_name(layout.mesh_dict), "remat": layout.remat, "attention": layout.attention,
-          "batch_size": layout.batch_size}
+  base = {
+    "mesh": sharding.mesh_name(layout.mesh_dict),
+    "remat": layout.remat,
+    "attention": layout.attention,
+    "batch_size": layout.batch_size,
+  }
   try:
-    proc = subprocess.run([sys.executable, "-m", "cheers_jax.train.measure", json.dumps(payload)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+      [sys.executable, "-m", "cheers_jax.train.measure", json.dumps(payload)],
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=env,
+    )
   except subprocess.TimeoutExpired:
     return {**base, "status": "timeout", "error": f"no result within {timeout:.0f} s (--timeout)"}
   for line in proc.stdout.splitlines():
     if line.startswith(ROW_PREFIX):
-      return json.loads(line[len(ROW_PREFIX):])
+      return json.loads(line[len(ROW_PREFIX) :])
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
   text = " | ".join(tail)
   status = "oom" if ("RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()) else "crash"
   return {**base, "status": status, "error": short_error(f"exit {proc.returncode}: {text}", 500)}
 
 
-def layouts_from(meshes: Sequence[Mapping[str, int]], remats: Sequence[str], attentions: Sequence[str],
-                 batch_sizes: Sequence[int]) -> list[StepLayout]:
+def layouts_from(
+  meshes: Sequence[Mapping[str, int]], remats: Sequence[str], attentions: Sequence[str], batch_sizes: Sequence[int]
+) -> list[StepLayout]:
   return [StepLayout.make(m, r, a, b) for m in meshes for r in remats for a in attentions for b in batch_sizes]
 
 
-def run_sweep(config_path: str, overrides: Sequence[str], layouts: Sequence[StepLayout], *, steps: int = 5,
-              warmup: int = 1, batch: synthetic.BatchOptions = synthetic.BatchOptions(), init: str = "synthetic",
-              isolate: str = "auto", timeout: float = 3600.0, log=print) -> list[dict[str, Any]]:
+def run_sweep(
+  config_path: str,
+  overrides: Sequence[str],
+  layouts: Sequence[StepLayout],
+  *,
+  steps: int = 5,
+  warmup: int = 1,
+  batch: synthetic.BatchOptions = synthetic.BatchOptions(),
+  init: str = "synthetic",
+  isolate: str = "auto",
+  timeout: float = 3600.0,
+  log=print,
+) -> list[dict[str, Any]]:
   """Measure every layout; returns one row per layout (see FIELDS)."""
   if isolate == "auto":
     isolate = "none" if distributed.launched_multi_process() else "subprocess"
@@ -344,8 +490,9 @@ def run_sweep(config_path: str, overrides: Sequence[str], layouts: Sequence[Step
   for i, layout in enumerate(layouts):
     log(f"[{i + 1}/{len(layouts)}] {layout.name} ...")
     if isolate == "subprocess":
-      row = run_isolated(config_path, overrides, layout, steps=steps, warmup=warmup, batch=batch, init=init,
-                         timeout=timeout)
+      row = run_isolated(
+        config_path, overrides, layout, steps=steps, warmup=warmup, batch=batch, init=init, timeout=timeout
+      )
     else:
       row = measure_layout(config, layout, steps=steps, warmup=warmup, batch=batch, init=init, cumulative_peak=i > 0)
     log("    " + _one_line(row))
@@ -356,8 +503,10 @@ def run_sweep(config_path: str, overrides: Sequence[str], layouts: Sequence[Step
 def _one_line(row: Mapping[str, Any]) -> str:
   if row.get("status") != "ok":
     return f"{row.get('status')}: {row.get('error', '')}"
-  return (f"ok: compile {row['compile_s']:.1f} s, {row['step_s']:.3f} s/step, {row['samples_per_s']:.2f} samples/s, "
-          f"peak {fmt(row.get('peak_mem_gib'), '.2f')} GiB ({row.get('mem_source')})")
+  return (
+    f"ok: compile {row['compile_s']:.1f} s, {row['step_s']:.3f} s/step, {row['samples_per_s']:.2f} samples/s, "
+    f"peak {fmt(row.get('peak_mem_gib'), '.2f')} GiB ({row.get('mem_source')})"
+  )
 
 
 def fmt(v: Any, spec: str) -> str:
@@ -385,8 +534,14 @@ def _worker(payload: str) -> int:
   """`measure_layout` in this fresh process (see `run_isolated`); prints the row."""
   p = json.loads(payload)
   config = config_lib.load(p["config"], p["overrides"])
-  row = measure_layout(config, StepLayout.from_json(p["layout"]), steps=int(p["steps"]), warmup=int(p["warmup"]),
-                       batch=synthetic.BatchOptions(**p["batch"]), init=p["init"])
+  row = measure_layout(
+    config,
+    StepLayout.from_json(p["layout"]),
+    steps=int(p["steps"]),
+    warmup=int(p["warmup"]),
+    batch=synthetic.BatchOptions(**p["batch"]),
+    init=p["init"],
+  )
   print(ROW_PREFIX + json.dumps(row), flush=True)
   return 0
 

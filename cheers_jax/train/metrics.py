@@ -15,6 +15,7 @@ the decoder projector and SigLIP). The SigLIP pooling head is not counted (our p
 it; the reference does, 0.5% of its SigLIP count).
 At full size, 512x512, seq 400, all_but_vae this gives 16.2 TFLOP, the oracle's figure.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,12 +79,12 @@ def vae_decoder_flops(v: VAEConfig, size: int) -> float:
 def siglip_flops(v: VisionConfig, size: int) -> float:
   t, d = (size // v.patch_size) ** 2, v.hidden_size
   layer = 2.0 * t * d * d * 4 + 4.0 * t * t * d + 2 * 2.0 * t * d * v.intermediate_size
-  return 2.0 * t * 3 * v.patch_size ** 2 * d + v.num_layers * layer
+  return 2.0 * t * 3 * v.patch_size**2 * d + v.num_layers * layer
 
 
 def siglip_embedding_flops(v: VisionConfig, size: int) -> float:
   t = (size // v.patch_size) ** 2
-  return 2.0 * t * 3 * v.patch_size ** 2 * v.hidden_size
+  return 2.0 * t * 3 * v.patch_size**2 * v.hidden_size
 
 
 def und_projector_flops(v: VisionConfig, t_cfg: TextConfig, size: int) -> float:
@@ -93,8 +94,7 @@ def und_projector_flops(v: VisionConfig, t_cfg: TextConfig, size: int) -> float:
 
 def llm_flops(t: TextConfig, seq_len: int) -> float:
   d, kv = t.hidden_size, t.num_kv_heads * t.head_dim
-  layer = (2.0 * seq_len * d * (2 * d + 2 * kv) + 4.0 * seq_len ** 2 * d
-           + 3 * 2.0 * seq_len * d * t.intermediate_size)
+  layer = 2.0 * seq_len * d * (2 * d + 2 * kv) + 4.0 * seq_len**2 * d + 3 * 2.0 * seq_len * d * t.intermediate_size
   return t.num_layers * layer
 
 
@@ -104,8 +104,12 @@ def lm_head_flops(t: TextConfig, seq_len: int) -> float:
 
 def dit_flops(width: int, heads: int, kv_heads: int, layers: int, tokens: int, out: int) -> float:
   hd = width // heads
-  block = (2.0 * tokens * width * (2 * width + 2 * kv_heads * hd) + 4.0 * tokens ** 2 * width
-           + 3 * 2.0 * tokens * width * 4 * width + 2.0 * width * 6 * width)
+  block = (
+    2.0 * tokens * width * (2 * width + 2 * kv_heads * hd)
+    + 4.0 * tokens**2 * width
+    + 3 * 2.0 * tokens * width * 4 * width
+    + 2.0 * width * 6 * width
+  )
   return layers * block + 2.0 * width * 2 * width + 2.0 * tokens * width * out
 
 
@@ -118,16 +122,16 @@ def forward_flops(cfg: ModelConfig, seq_len: int, image_size: int) -> dict[str, 
   t, v = cfg.text, cfg.vision
   n_img = (image_size // v.patch_size) ** 2 // 4
   return {
-      "vae_encoder": vae_encoder_flops(cfg.vae, image_size),
-      "vae_decoder_projector": vae_decoder_flops(cfg.vae, image_size),
-      "siglip": siglip_flops(v, image_size) + siglip_embedding_flops(v, image_size),  # + hi_gate's embeddings
-      "und_projector": und_projector_flops(v, t, image_size),
-      "llm": llm_flops(t, seq_len),
-      "lm_head": lm_head_flops(t, seq_len),
-      "time_embed": time_embed_flops(t, v),
-      "gen_projector": dit_flops(t.hidden_size, t.num_heads, t.num_kv_heads, cfg.gen_layers, n_img, 4 * v.hidden_size),
-      "hi_gate": 2.0 * 4 * n_img * v.hidden_size * (v.hidden_size + 1),
-      "hi_projector": dit_flops(v.hidden_size, v.num_heads, t.num_kv_heads, cfg.hi_layers, 4 * n_img, cfg.vae.ch),
+    "vae_encoder": vae_encoder_flops(cfg.vae, image_size),
+    "vae_decoder_projector": vae_decoder_flops(cfg.vae, image_size),
+    "siglip": siglip_flops(v, image_size) + siglip_embedding_flops(v, image_size),  # + hi_gate's embeddings
+    "und_projector": und_projector_flops(v, t, image_size),
+    "llm": llm_flops(t, seq_len),
+    "lm_head": lm_head_flops(t, seq_len),
+    "time_embed": time_embed_flops(t, v),
+    "gen_projector": dit_flops(t.hidden_size, t.num_heads, t.num_kv_heads, cfg.gen_layers, n_img, 4 * v.hidden_size),
+    "hi_gate": 2.0 * 4 * n_img * v.hidden_size * (v.hidden_size + 1),
+    "hi_projector": dit_flops(v.hidden_size, v.num_heads, t.num_kv_heads, cfg.hi_layers, 4 * n_img, cfg.vae.ch),
   }
 
 
@@ -137,27 +141,59 @@ SEQUENCE_MODULES = ("llm", "lm_head")
 def training_factors(trainable: str = "all_but_vae") -> dict[str, int]:
   """3 = forward + full backward, 2 = forward + activation gradients, 1 = forward only."""
   if trainable == "all_but_vae":
-    return {"vae_encoder": 1, "vae_decoder_projector": 3, "siglip": 3, "und_projector": 3, "llm": 3, "lm_head": 3,
-            "time_embed": 3, "gen_projector": 3, "hi_gate": 3, "hi_projector": 3}
+    return {
+      "vae_encoder": 1,
+      "vae_decoder_projector": 3,
+      "siglip": 3,
+      "und_projector": 3,
+      "llm": 3,
+      "lm_head": 3,
+      "time_embed": 3,
+      "gen_projector": 3,
+      "hi_gate": 3,
+      "hi_projector": 3,
+    }
   if trainable == "all_but_vision_tokenizer":
-    return {"vae_encoder": 1, "vae_decoder_projector": 1, "siglip": 1, "und_projector": 3, "llm": 3, "lm_head": 3,
-            "time_embed": 3, "gen_projector": 3, "hi_gate": 3, "hi_projector": 3}
+    return {
+      "vae_encoder": 1,
+      "vae_decoder_projector": 1,
+      "siglip": 1,
+      "und_projector": 3,
+      "llm": 3,
+      "lm_head": 3,
+      "time_embed": 3,
+      "gen_projector": 3,
+      "hi_gate": 3,
+      "hi_projector": 3,
+    }
   if trainable == "align":
-    return {"vae_encoder": 1, "vae_decoder_projector": 1, "siglip": 1, "und_projector": 3, "llm": 2, "lm_head": 3,
-            "time_embed": 3, "gen_projector": 3, "hi_gate": 3, "hi_projector": 3}
+    return {
+      "vae_encoder": 1,
+      "vae_decoder_projector": 1,
+      "siglip": 1,
+      "und_projector": 3,
+      "llm": 2,
+      "lm_head": 3,
+      "time_embed": 3,
+      "gen_projector": 3,
+      "hi_gate": 3,
+      "hi_projector": 3,
+    }
   raise ValueError(f"unknown trainable set '{trainable}'")
 
 
-def flops_breakdown(cfg: ModelConfig, seq_len: int, image_size: int, images_per_sample: float = 1.0,
-                    trainable: str = "all_but_vae") -> dict[str, float]:
+def flops_breakdown(
+  cfg: ModelConfig, seq_len: int, image_size: int, images_per_sample: float = 1.0, trainable: str = "all_but_vae"
+) -> dict[str, float]:
   """Training FLOPs per sample, per module (factor x forward x count)."""
   fwd = forward_flops(cfg, seq_len, image_size)
   factors = training_factors(trainable)
   return {k: factors[k] * f * (1.0 if k in SEQUENCE_MODULES else images_per_sample) for k, f in fwd.items()}
 
 
-def flops_per_sample(cfg: ModelConfig, seq_len: int, image_size: int, images_per_sample: float = 1.0,
-                     trainable: str = "all_but_vae") -> float:
+def flops_per_sample(
+  cfg: ModelConfig, seq_len: int, image_size: int, images_per_sample: float = 1.0, trainable: str = "all_but_vae"
+) -> float:
   """Training FLOPs (forward + backward) of one sample; see the module docstring for the formula."""
   return float(sum(flops_breakdown(cfg, seq_len, image_size, images_per_sample, trainable).values()))
 
@@ -235,6 +271,7 @@ class MetricWriter:
   def _open_clu(self) -> None:
     try:
       from clu import metric_writers  # imports TensorFlow
+
       self._writer = metric_writers.create_default_writer(str(self.workdir), asynchronous=False)
       self.backend = "clu"
     except Exception as e:  # no TensorFlow / tensorboard on this machine

@@ -14,6 +14,7 @@ Trainable sets (the paper's stage table, the reference's align.yaml / sft.yaml):
   `vae_decoder_projector`, `vision_representation`): for a run that starts from pretrained parts and
   should keep them (the embedded default; no gradient flows below `und_projector`).
 """
+
 from __future__ import annotations
 
 import math
@@ -113,8 +114,10 @@ def parse_lr_multipliers(spec: str) -> dict[tuple[str, ...], float]:
     except ValueError:
       factor = None
     if not sep or not name.strip() or factor is None or not math.isfinite(factor) or factor < 0:
-      raise ValueError(f"train.lr_multipliers: '{item}' is not MODULE=FACTOR (e.g. 'und_projector=10', "
-                       "a top-level module or a path such as 'language_model/embed_tokens', factor >= 0)")
+      raise ValueError(
+        f"train.lr_multipliers: '{item}' is not MODULE=FACTOR (e.g. 'und_projector=10', "
+        "a top-level module or a path such as 'language_model/embed_tokens', factor >= 0)"
+      )
     out[tuple(name.strip().strip("/").split("/"))] = factor
   return out
 
@@ -128,16 +131,18 @@ def scale_by_module(multipliers: Mapping[tuple[str, ...], float]) -> optax.Gradi
   learning rates, as torch param groups: AdamW's weight decay is scaled with it)."""
 
   def factor(path: tuple[str, ...]) -> float:
-    best = max((p for p in multipliers if path[:len(p)] == p), key=len, default=None)
+    best = max((p for p in multipliers if path[: len(p)] == p), key=len, default=None)
     return 1.0 if best is None else multipliers[best]
 
   def init_fn(params):
     paths = [_dict_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for prefix in multipliers:
-      if not any(path[:len(prefix)] == prefix for path in paths):
+      if not any(path[: len(prefix)] == prefix for path in paths):
         top = sorted({path[0] for path in paths if path})
-        raise ValueError(f"train.lr_multipliers names '{'/'.join(prefix)}', which matches no trainable "
-                         f"parameter; trainable modules: {', '.join(top)}")
+        raise ValueError(
+          f"train.lr_multipliers names '{'/'.join(prefix)}', which matches no trainable "
+          f"parameter; trainable modules: {', '.join(top)}"
+        )
     return optax.EmptyState()
 
   def scale(path, u):
@@ -151,17 +156,20 @@ def scale_by_module(multipliers: Mapping[tuple[str, ...], float]) -> optax.Gradi
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def scale_by_adam_stored_in(dtype, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                            ) -> optax.GradientTransformation:
+def scale_by_adam_stored_in(
+  dtype, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
   """Adam's scaling (optax.scale_by_adam) with both moments STORED in `dtype` and updated in fp32.
 
   bfloat16 halves the optimizer state (the official code's AdamW keeps bf16 moments, since its
   parameters are bf16); the update itself is computed in fp32 from the rounded moments.
   """
+
   def init_fn(params):
     zeros = lambda p: jnp.zeros(p.shape, dtype)
-    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
-                                  nu=jax.tree.map(zeros, params))
+    return optax.ScaleByAdamState(
+      count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -178,12 +186,15 @@ def scale_by_adam_stored_in(dtype, b1: float = 0.9, b2: float = 0.999, eps: floa
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adamw_stored_in(learning_rate, b1: float, b2: float, eps: float, weight_decay: float, mask,
-                    moment_dtype: str) -> optax.GradientTransformation:
+def adamw_stored_in(
+  learning_rate, b1: float, b2: float, eps: float, weight_decay: float, mask, moment_dtype: str
+) -> optax.GradientTransformation:
   """optax.adamw's chain with `scale_by_adam_stored_in(moment_dtype)` (same state layout)."""
-  return optax.chain(scale_by_adam_stored_in(jnp.dtype(moment_dtype), b1, b2, eps),
-                     optax.add_decayed_weights(weight_decay, mask),
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+    scale_by_adam_stored_in(jnp.dtype(moment_dtype), b1, b2, eps),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
@@ -195,8 +206,14 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """
   schedule = make_schedule(train_cfg)
   # mask is a function of the params, not a schedule: keep it out of the injected hyperparameters
-  hyper = dict(learning_rate=schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
-               weight_decay=float(train_cfg.weight_decay), mask=_decay_mask)
+  hyper = dict(
+    learning_rate=schedule,
+    b1=float(train_cfg.b1),
+    b2=float(train_cfg.b2),
+    eps=float(train_cfg.eps),
+    weight_decay=float(train_cfg.weight_decay),
+    mask=_decay_mask,
+  )
   moment_dtype = str(train_cfg.get("opt_state_dtype", "float32"))
   if moment_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"train.opt_state_dtype='{moment_dtype}': use float32 or bfloat16")
@@ -204,7 +221,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(**hyper)
   else:
     adamw = optax.inject_hyperparams(adamw_stored_in, static_args=("mask", "moment_dtype"))(
-        **hyper, moment_dtype=moment_dtype)
+      **hyper, moment_dtype=moment_dtype
+    )
   clip = float(train_cfg.clip_norm)
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else [optax.identity()]
   multipliers = parse_lr_multipliers(train_cfg.get("lr_multipliers", ""))

@@ -8,6 +8,7 @@ optimizer state are fp32 and sharded by `sharding.param_shardings`; compute runs
 Metrics come back as device arrays: the step never syncs with the host. The state is
 `cheers_jax.train.state`'s; the batch's placement on the devices is `cheers_jax.train.batching`'s.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,7 @@ from cheers_jax.train import state as state_lib
 from cheers_jax.train.loss import cheers_loss
 
 Array = jax.Array
-METRIC_KEYS = ("loss", "loss_ar", "loss_fm", "grad_norm", "lr", "num_text_targets", "num_images",
-               "skipped_nonfinite")
+METRIC_KEYS = ("loss", "loss_ar", "loss_fm", "grad_norm", "lr", "num_text_targets", "num_images", "skipped_nonfinite")
 
 
 def fm_weights(image_kind: Array, image_weight: Array, fm_gen_only: bool) -> Array:
@@ -65,9 +65,19 @@ def make_loss_and_grad(model: Cheers, config, mesh: Optional[Mesh] = None) -> Ca
     variables = {"params": opt_lib.combine(trainable, frozen), "batch_stats": batch_stats}
     out = model.apply(variables, mb, x0, method=Cheers.train_forward)
     kernel = model.apply(variables, method=Cheers.head_kernel)
-    losses = cheers_loss(out["hidden"], kernel, mb["targets"], out["velocity"], out["u"], mb["image_kind"],
-                         mb["image_weight"], fm_weight=opts.fm_weight, fm_gen_only=opts.fm_gen_only,
-                         ce_chunk=opts.ce_chunk, logits_dtype=compute)
+    losses = cheers_loss(
+      out["hidden"],
+      kernel,
+      mb["targets"],
+      out["velocity"],
+      out["u"],
+      mb["image_kind"],
+      mb["image_weight"],
+      fm_weight=opts.fm_weight,
+      fm_gen_only=opts.fm_gen_only,
+      ce_chunk=opts.ce_chunk,
+      logits_dtype=compute,
+    )
     # cheers_loss normalises by this micro-batch's counts: rescale to the global ones so the
     # micro-batch losses (and gradients) sum to the full batch's
     n_local = jnp.maximum(losses["num_text_targets"], 1).astype(jnp.float32)
@@ -93,8 +103,9 @@ def make_loss_and_grad(model: Cheers, config, mesh: Optional[Mesh] = None) -> Ca
         g_sum, l_sum = carry
         mb = dict(mb)
         if mesh is not None:  # keep each micro-batch spread over all devices
-          mb = {k: jax.lax.with_sharding_constraint(v, sharding.leading_axis_sharding(mesh, v.shape))
-                for k, v in mb.items()}
+          mb = {
+            k: jax.lax.with_sharding_constraint(v, sharding.leading_axis_sharding(mesh, v.shape)) for k, v in mb.items()
+          }
         x0_mb = mb.pop("x0")
         g, l = grad_fn(trainable, frozen, batch_stats, mb, x0_mb, n_text, w_total)
         return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, l_sum, l)), None
@@ -114,8 +125,15 @@ def latent_shape(cfg: ModelConfig, pixels_shape: tuple[int, ...]) -> tuple[int, 
   return (m, h // p, w // p, cfg.vae.latent_channels)
 
 
-def make_train_step(model: Cheers, config, mesh: Mesh, state_shardings: Optional[state_lib.TrainState] = None,
-                    *, donate: bool = True, return_grads: bool = False) -> Callable:
+def make_train_step(
+  model: Cheers,
+  config,
+  mesh: Mesh,
+  state_shardings: Optional[state_lib.TrainState] = None,
+  *,
+  donate: bool = True,
+  return_grads: bool = False,
+) -> Callable:
   """One jit-compiled `step(state, batch) -> (state, metrics)` with explicit shardings.
 
   batch: global arrays (see `batching.device_batch`); an optional 'x0' (M, h, w, C) replaces the drawn noise.
@@ -126,13 +144,15 @@ def make_train_step(model: Cheers, config, mesh: Mesh, state_shardings: Optional
   """
   if state_shardings is None:
     _, state_shardings = state_lib.abstract_train_state(config, mesh)
-  key = state_lib.program_key("step", config, mesh, model.cfg, donate, return_grads,
-                     tuple(jax.tree.leaves(state_shardings)))
+  key = state_lib.program_key(
+    "step", config, mesh, model.cfg, donate, return_grads, tuple(jax.tree.leaves(state_shardings))
+  )
   return state_lib.memoised(key, lambda: _build_train_step(model, config, mesh, state_shardings, donate, return_grads))
 
 
-def _build_train_step(model: Cheers, config, mesh: Mesh, state_shardings: state_lib.TrainState, donate: bool,
-                      return_grads: bool) -> Callable:
+def _build_train_step(
+  model: Cheers, config, mesh: Mesh, state_shardings: state_lib.TrainState, donate: bool, return_grads: bool
+) -> Callable:
   tx = opt_lib.make_optimizer(config.train)
   loss_and_grad = make_loss_and_grad(model, config, mesh)
   cfg = model.cfg
@@ -157,14 +177,19 @@ def _build_train_step(model: Cheers, config, mesh: Mesh, state_shardings: state_
       params = opt_lib.combine(keep(new_trainable, trainable), frozen)
       opt_state = keep(new_opt, state.opt_state)
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-      metrics = {**sums, "grad_norm": grad_norm, "lr": opt_lib.current_lr(new_opt).astype(jnp.float32),
-                 "skipped_nonfinite": (~finite).astype(jnp.int32)}
+      metrics = {
+        **sums,
+        "grad_norm": grad_norm,
+        "lr": opt_lib.current_lr(new_opt).astype(jnp.float32),
+        "skipped_nonfinite": (~finite).astype(jnp.int32),
+      }
       metrics = {k: metrics[k] for k in METRIC_KEYS}
       if return_grads:
         return new_state, metrics, grads
       return new_state, metrics
 
   out_shardings = (state_shardings, repl) + ((None,) if return_grads else ())
-  jitted = jax.jit(step, in_shardings=(state_shardings, None), out_shardings=out_shardings,
-                   donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(
+    step, in_shardings=(state_shardings, None), out_shardings=out_shardings, donate_argnums=(0,) if donate else ()
+  )
   return jitted

@@ -12,6 +12,7 @@ and a train state of the right shapes, built without data or a real initialisati
   the config's bucket of the longest, or with data.packing=True packed into as few rows as hold them
   (the same samples either way: compare the two at the same number of real samples per step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,19 @@ from cheers_jax.data.tokenizer import ALWAYS_LABELLED_IDS
 from cheers_jax.errors import UserError
 from cheers_jax.infer.loader import fake_constant
 from cheers_jax.model.sequence import KIND_GEN, KIND_UND, assemble
-from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
-                               IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, SYSTEM_ID, USER_ID)
+from cheers_jax.tokens import (
+  ASSISTANT_ID,
+  CHAT_END_ID,
+  CHAT_START_ID,
+  IGNORE_INDEX,
+  IM_END_ID,
+  IM_START_ID,
+  IMAGE_GEN_TOKEN_INDEX,
+  IMAGE_TOKEN_INDEX,
+  NEWLINE_ID,
+  SYSTEM_ID,
+  USER_ID,
+)
 from cheers_jax.train import batching
 from cheers_jax.train import optimizer as opt_lib
 from cheers_jax.train import state as state_lib
@@ -49,14 +61,15 @@ class BatchSpec:
   text_len 120 at 512x512: 400 tokens. Every sample is a pure function of (seed, i), so any subset of
   rows can be built on its own.
   """
-  batch_size: int             # global rows
+
+  batch_size: int  # global rows
   seq_len: int
   image_size: int
   tokens_per_image: int
   text_len: int = 120
   gen_fraction: float = 0.5
-  image_slots: int = 1        # image slots per sample (the pipeline's max_images_per_sample); extra = padding
-  vocab_size: int = 151936    # ids >= vocab (special tokens of a small test vocabulary) wrap around
+  image_slots: int = 1  # image slots per sample (the pipeline's max_images_per_sample); extra = padding
+  vocab_size: int = 151936  # ids >= vocab (special tokens of a small test vocabulary) wrap around
   seed: int = 0
   text_lens: tuple[int, ...] = ()  # per-sample text tokens (a length mix) instead of text_len for all
   pack: Optional[packing.PackingSpec] = None  # packed rows (seq_len = pack.row_len) instead of one per sample
@@ -67,9 +80,11 @@ class BatchSpec:
     if self.text_lens and len(self.text_lens) != self.batch_size:
       raise ValueError(f"{len(self.text_lens)} text lengths for {self.batch_size} samples")
     if self.sample_len > self.seq_len:
-      raise UserError(f"samples of {self.sample_len} tokens ({self.text_len} text + {CHAT_TOKENS} chat + "
-                      f"{self.tokens_per_image} image) do not fit seq_len={self.seq_len}; lower --text-len "
-                      "or raise --seq-len")
+      raise UserError(
+        f"samples of {self.sample_len} tokens ({self.text_len} text + {CHAT_TOKENS} chat + "
+        f"{self.tokens_per_image} image) do not fit seq_len={self.seq_len}; lower --text-len "
+        "or raise --seq-len"
+      )
     if not 0.0 <= self.gen_fraction <= 1.0:
       raise UserError(f"gen_fraction={self.gen_fraction} is not in [0, 1]")
     if self.image_slots < 1:
@@ -104,12 +119,21 @@ class BatchSpec:
     return math.floor((i + 1) * f + 1e-9) - math.floor(i * f + 1e-9) == 1
 
 
-CHAT_TOKENS = 24      # system prompt + turn markers + image block markers around the text
+CHAT_TOKENS = 24  # system prompt + turn markers + image block markers around the text
 REFERENCE_TEXT_LEN = 120  # the reference timing's samples: 120 + 24 + 256 = 400 tokens at 512x512
 
 
-def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_len: Optional[int] = None,
-               gen_fraction: float = 0.5, image_slots: int = 1, seed: int = 0, mix: bool = False) -> BatchSpec:
+def batch_spec(
+  config,
+  batch_size: int,
+  *,
+  seq_len: Optional[int] = None,
+  text_len: Optional[int] = None,
+  gen_fraction: float = 0.5,
+  image_slots: int = 1,
+  seed: int = 0,
+  mix: bool = False,
+) -> BatchSpec:
   """Defaults: seq_len = the config's smallest bucket; text_len = the reference's 120, or what fits.
   mix: `batch_size` samples of the realistic length mix instead (`mix_spec`)."""
   cfg = model_config(config)
@@ -118,8 +142,17 @@ def batch_spec(config, batch_size: int, *, seq_len: Optional[int] = None, text_l
     return mix_spec(config, batch_size, gen_fraction=gen_fraction, image_slots=image_slots, seed=seed)
   seq_len = int(seq_len or min(config.data.seq_buckets))
   text_len = int(text_len or max(2, min(REFERENCE_TEXT_LEN, seq_len - CHAT_TOKENS - n)))
-  return BatchSpec(int(batch_size), seq_len, cfg.vision.image_size, n, text_len, float(gen_fraction),
-                   int(image_slots), cfg.text.vocab_size, int(seed))
+  return BatchSpec(
+    int(batch_size),
+    seq_len,
+    cfg.vision.image_size,
+    n,
+    text_len,
+    float(gen_fraction),
+    int(image_slots),
+    cfg.text.vocab_size,
+    int(seed),
+  )
 
 
 def _sample(spec: BatchSpec, i: int) -> tuple[list[int], list[int], float]:
@@ -175,9 +208,15 @@ def _packed_batch(spec: BatchSpec) -> dict[str, np.ndarray]:
   for i in range(spec.batch_size):
     ids, labels, t = _sample(spec, i)
     pixels = np.random.default_rng([spec.seed, i, 1]).integers(0, 256, (1, hw, hw, 3), np.uint8)
-    samples.append({"input_ids": np.asarray(ids), "labels": np.asarray(labels), "pixels": pixels,
-                    "t": np.asarray([t], np.float32),
-                    "image_kind": np.asarray([KIND_GEN if spec.is_gen(i) else KIND_UND], np.int32)})
+    samples.append(
+      {
+        "input_ids": np.asarray(ids),
+        "labels": np.asarray(labels),
+        "pixels": pixels,
+        "t": np.asarray([t], np.float32),
+        "image_kind": np.asarray([KIND_GEN if spec.is_gen(i) else KIND_UND], np.int32),
+      }
+    )
   placements = packing.first_fit(spec.sample_lens(), [1] * spec.batch_size, spec.pack)
   if len(placements) != 1:
     raise UserError(f"{spec.batch_size} samples do not fit {spec.pack.rows} packed rows")
@@ -201,8 +240,9 @@ def global_device_batch(full: Mapping[str, np.ndarray], mesh) -> dict:
   count: every process holds the whole numpy batch and hands each of its devices that device's block
   (unlike the pipeline's per-process batches, whose indices are local)."""
   shardings = batching.batch_shardings(mesh, full)
-  return {k: jax.make_array_from_callback(np.shape(full[k]), shardings[k], lambda idx, x=full[k]: x[idx])
-          for k in shardings}
+  return {
+    k: jax.make_array_from_callback(np.shape(full[k]), shardings[k], lambda idx, x=full[k]: x[idx]) for k in shardings
+  }
 
 
 # ---- the train state ----------------------------------------------------------------------------
@@ -229,22 +269,28 @@ def synthetic_train_state(config, mesh, seed: int = 0):
     if constant is not None:
       return jnp.full(leaf.shape, constant, leaf.dtype)
     # flat index from broadcasted iotas (not a reshaped 1-D iota): partitions without gathers
-    index = jnp.full(leaf.shape, salt * 0x9E3779B1 % 2 ** 32, jnp.uint32)
+    index = jnp.full(leaf.shape, salt * 0x9E3779B1 % 2**32, jnp.uint32)
     stride = 1
     for d in reversed(range(len(leaf.shape))):
-      index = index + jax.lax.broadcasted_iota(jnp.uint32, leaf.shape, d) * jnp.uint32(stride % 2 ** 32)
+      index = index + jax.lax.broadcasted_iota(jnp.uint32, leaf.shape, d) * jnp.uint32(stride % 2**32)
       stride *= leaf.shape[d]
-    u = (_mix32(index) >> 8).astype(jnp.float32) * (2.0 / 2 ** 24) - 1.0  # U(-1, 1)
+    u = (_mix32(index) >> 8).astype(jnp.float32) * (2.0 / 2**24) - 1.0  # U(-1, 1)
     return (0.02 * math.sqrt(3.0) * u).astype(leaf.dtype)
 
   def build():
-    leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract.params,
-                                                            "batch_stats": abstract.batch_stats})
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    )
     filled = jax.tree_util.tree_unflatten(treedef, [fill(p, l, i + 1) for i, (p, l) in enumerate(leaves)])
     params = filled["params"]
     trainable, _ = opt_lib.partition(params, opt_lib.trainable_mask(params, config.train.trainable))
-    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=filled["batch_stats"],
-                               opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
+    return state_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=filled["batch_stats"],
+      opt_state=tx.init(trainable),
+      rng=jax.random.PRNGKey(seed),
+    )
 
   return jax.jit(build, out_shardings=shardings)(), shardings
 
@@ -258,8 +304,10 @@ def mix_spec(config, batch_size: int, *, gen_fraction: float = 0.5, image_slots:
   lengths = packing.length_mix(batch_size, n, seed, dict(config.data.mix))
   buckets = tuple(int(b) for b in config.data.seq_buckets)
   if lengths.max() > max(buckets):
-    raise UserError(f"the length mix has samples of up to {lengths.max()} tokens, over the largest bucket "
-                    f"{max(buckets)}: pass e.g. --config.data.seq_buckets='(512,1024,2048,4096)'")
+    raise UserError(
+      f"the length mix has samples of up to {lengths.max()} tokens, over the largest bucket "
+      f"{max(buckets)}: pass e.g. --config.data.seq_buckets='(512,1024,2048,4096)'"
+    )
   text_lens = tuple(int(x) - CHAT_TOKENS - n for x in lengths)
   pack = packing.resolve(config.data, n, rows=batch_size)
   if pack is None:
@@ -268,13 +316,25 @@ def mix_spec(config, batch_size: int, *, gen_fraction: float = 0.5, image_slots:
     [placement] = packing.first_fit(lengths, np.ones(batch_size, np.int64), pack)  # rows = samples: one batch
     pack = dataclasses.replace(pack, rows=1 + max(row for row, _ in placement))
     seq_len = pack.row_len
-  return BatchSpec(int(batch_size), seq_len, cfg.vision.image_size, n, min(text_lens), float(gen_fraction),
-                   int(image_slots), cfg.text.vocab_size, int(seed), text_lens, pack)
+  return BatchSpec(
+    int(batch_size),
+    seq_len,
+    cfg.vision.image_size,
+    n,
+    min(text_lens),
+    float(gen_fraction),
+    int(image_slots),
+    cfg.text.vocab_size,
+    int(seed),
+    text_lens,
+    pack,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchOptions:
   """How to build the synthetic batch of a layout (its batch size comes from the layout)."""
+
   seq_len: Optional[int] = None
   text_len: Optional[int] = None
   gen_fraction: float = 0.5
@@ -287,6 +347,13 @@ class BatchOptions:
     return cls(args.seq_len, args.text_len, args.gen_fraction, args.image_slots, args.mix)
 
   def spec(self, config, batch_size: int) -> BatchSpec:
-    return batch_spec(config, batch_size, seq_len=self.seq_len, text_len=self.text_len,
-                      gen_fraction=self.gen_fraction, image_slots=self.image_slots, seed=int(config.seed),
-                      mix=self.mix)
+    return batch_spec(
+      config,
+      batch_size,
+      seq_len=self.seq_len,
+      text_len=self.text_len,
+      gen_fraction=self.gen_fraction,
+      image_slots=self.image_slots,
+      seed=int(config.seed),
+      mix=self.mix,
+    )

@@ -25,6 +25,7 @@ matrices and kernels in bfloat16, vectors in float32 (1.9 + 0.2 MB), with a repo
 and its figures. Everything is drawn from --seed; on another machine the bits may differ (XLA:CPU).
 ~13 min (VAE) + ~6 min (ViT) on 2 cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ ASSET_DIR = package_data.TINY_PARTS
 SHAPES = demo_shapes.SHAPES
 
 
-def draw_shapes(rng: np.random.Generator, count: int, image_size: int, palette: bool = False
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_shapes(
+  rng: np.random.Generator, count: int, image_size: int, palette: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(images (count, S, S, 3) float32 in [0, 1], colour index, shape index): one shape of any size and
   position on a grey ground, of any RGB colour (colour index -1) or, with `palette`, one of the demo's
   six colours; 30 % drawn without anti-aliasing (hard edges)."""
@@ -76,8 +78,9 @@ def draw_shapes(rng: np.random.Generator, count: int, image_size: int, palette: 
     else:
       fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
     shapes[n] = rng.integers(len(SHAPES))
-    image = demo_shapes.draw_shape(image_size, SHAPES[shapes[n]], (x0, y0, x0 + extent, y0 + extent), fill,
-                                   background, supersample)
+    image = demo_shapes.draw_shape(
+      image_size, SHAPES[shapes[n]], (x0, y0, x0 + extent, y0 + extent), fill, background, supersample
+    )
     out[n] = image.astype(np.float32) / 255.0
   return out, colours, shapes
 
@@ -94,9 +97,20 @@ def chroma(x):
   return x - jnp.mean(x, axis=-1, keepdims=True)
 
 
-def pretrain_vae(cfg: ModelConfig, image_size: int, *, steps: int = 1000, batch_size: int = 32, lr: float = 2e-3,
-                 noise_scale: float = 0.1, latent_l2: float = 1e-4, chroma_weight: float = 5.0,
-                 stats_images: int = 1024, seed: int = 0, log_every: int = 50) -> tuple[dict, dict]:
+def pretrain_vae(
+  cfg: ModelConfig,
+  image_size: int,
+  *,
+  steps: int = 1000,
+  batch_size: int = 32,
+  lr: float = 2e-3,
+  noise_scale: float = 0.1,
+  latent_l2: float = 1e-4,
+  chroma_weight: float = 5.0,
+  stats_images: int = 1024,
+  seed: int = 0,
+  log_every: int = 50,
+) -> tuple[dict, dict]:
   """Trains `VAE(cfg.vae)` to reconstruct `draw_shapes` images; returns (variables, report).
 
   variables: {'params': {encoder, decoder}, 'batch_stats': {'bn': running mean / var of the patchified
@@ -132,21 +146,27 @@ def pretrain_vae(cfg: ModelConfig, image_size: int, *, steps: int = 1000, batch_
     noise = jax.random.normal(jax.random.fold_in(key, i), latent_shape)
     params, opt_state, mse = step(params, opt_state, pixels, noise)
     if log_every and ((i + 1) % log_every == 0 or i + 1 == steps):
-      log.info("vae step %d/%d: reconstruction mse %.5f (%.0f s)", i + 1, steps, float(mse),
-               time.perf_counter() - start)
+      log.info(
+        "vae step %d/%d: reconstruction mse %.5f (%.0f s)", i + 1, steps, float(mse), time.perf_counter() - start
+      )
 
-  encode = jax.jit(lambda p, x: patchify(vae.apply({"params": p}, x, method=lambda m, x: m.encoder(x))
-                                         [..., : cfg.vae.z_channels]))
-  latents = np.concatenate([np.asarray(encode(params, draw_shapes(rng, 128, image_size)[0]))
-                            for _ in range(max(1, stats_images // 128))]).reshape(-1, cfg.vae.latent_channels)
+  encode = jax.jit(
+    lambda p, x: patchify(vae.apply({"params": p}, x, method=lambda m, x: m.encoder(x))[..., : cfg.vae.z_channels])
+  )
+  latents = np.concatenate(
+    [np.asarray(encode(params, draw_shapes(rng, 128, image_size)[0])) for _ in range(max(1, stats_images // 128))]
+  ).reshape(-1, cfg.vae.latent_channels)
   stats = {"running_mean": latents.mean(0).astype(np.float32), "running_var": latents.var(0).astype(np.float32)}
   trained = {"params": params, "batch_stats": {"bn": stats}}
 
   test = draw_shapes(rng, 256, image_size)[0]
   recon = np.clip(np.asarray(jax.jit(lambda v, x: vae.apply(v, x))(trained, test)), 0.0, 1.0)
-  report = {"steps": steps, "reconstruction_mse": float(np.mean(np.square(recon - test))),
-            "mean_colour_abs_error": float(np.mean(np.abs(recon.mean((1, 2)) - test.mean((1, 2))))),
-            "seconds": round(time.perf_counter() - start, 1)}
+  report = {
+    "steps": steps,
+    "reconstruction_mse": float(np.mean(np.square(recon - test))),
+    "mean_colour_abs_error": float(np.mean(np.abs(recon.mean((1, 2)) - test.mean((1, 2))))),
+    "seconds": round(time.perf_counter() - start, 1),
+  }
   return trained, report
 
 
@@ -154,9 +174,18 @@ def _siglip_tokens(siglip: SigLIP, pixels):
   return siglip.encode(pixels)
 
 
-def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, steps: int = 1000,
-                    batch_size: int = 64, lr: float = 2e-3, head_decay: float = 1e-2, seed: int = 0,
-                    log_every: int = 50) -> tuple[dict, dict]:
+def pretrain_siglip(
+  cfg: ModelConfig,
+  image_size: int,
+  vae_variables: dict,
+  *,
+  steps: int = 1000,
+  batch_size: int = 64,
+  lr: float = 2e-3,
+  head_decay: float = 1e-2,
+  seed: int = 0,
+  log_every: int = 50,
+) -> tuple[dict, dict]:
   """Trains the tiny ViT (`SigLIP(cfg.vision)`) to tell the six colours and three shapes apart.
 
   Its inputs are what Cheers' understanding path gives it: drawn shapes after the VAE round trip
@@ -170,9 +199,11 @@ def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, s
   rng = np.random.default_rng(seed + 1)
   key = jax.random.PRNGKey(seed + 1)
   params = siglip.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
-  width = cfg.vision.grid ** 2 * cfg.vision.hidden_size
-  heads = {"colour": jax.random.normal(jax.random.fold_in(key, 1), (width, len(demo_shapes.COLOURS))) * 0.01,
-           "shape": jax.random.normal(jax.random.fold_in(key, 2), (width, len(SHAPES))) * 0.01}
+  width = cfg.vision.grid**2 * cfg.vision.hidden_size
+  heads = {
+    "colour": jax.random.normal(jax.random.fold_in(key, 1), (width, len(demo_shapes.COLOURS))) * 0.01,
+    "shape": jax.random.normal(jax.random.fold_in(key, 2), (width, len(SHAPES))) * 0.01,
+  }
   state = {"siglip": params, "heads": heads}
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
@@ -186,8 +217,10 @@ def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, s
 
   def loss_fn(st, pixels, colour, shape):
     lc, ls = logits(st, pixels)
-    ce = (optax.softmax_cross_entropy_with_integer_labels(lc, colour).mean()
-          + optax.softmax_cross_entropy_with_integer_labels(ls, shape).mean())
+    ce = (
+      optax.softmax_cross_entropy_with_integer_labels(lc, colour).mean()
+      + optax.softmax_cross_entropy_with_integer_labels(ls, shape).mean()
+    )
     decay = sum(jnp.sum(jnp.square(w)) for w in st["heads"].values())
     return ce + head_decay * decay, ce
 
@@ -202,12 +235,21 @@ def pretrain_siglip(cfg: ModelConfig, image_size: int, vae_variables: dict, *, s
     pixels, colour, shape = draw_shapes(rng, batch_size, image_size, palette=True)
     state, opt_state, ce = step(state, opt_state, round_trip(pixels), colour, shape)
     if log_every and ((i + 1) % log_every == 0 or i + 1 == steps):
-      log.info("siglip step %d/%d: colour + shape cross-entropy %.4f (%.0f s)", i + 1, steps, float(ce),
-               time.perf_counter() - start)
+      log.info(
+        "siglip step %d/%d: colour + shape cross-entropy %.4f (%.0f s)",
+        i + 1,
+        steps,
+        float(ce),
+        time.perf_counter() - start,
+      )
   pixels, colour, shape = draw_shapes(rng, 512, image_size, palette=True)
   lc, ls = jax.jit(logits)(state, round_trip(pixels))
-  report = {"steps": steps, "colour_acc": float(np.mean(np.argmax(lc, -1) == colour)),
-            "shape_acc": float(np.mean(np.argmax(ls, -1) == shape)), "seconds": round(time.perf_counter() - start, 1)}
+  report = {
+    "steps": steps,
+    "colour_acc": float(np.mean(np.argmax(lc, -1) == colour)),
+    "shape_acc": float(np.mean(np.argmax(ls, -1) == shape)),
+    "seconds": round(time.perf_counter() - start, 1),
+  }
   return {"params": state["siglip"]}, report
 
 
@@ -262,15 +304,19 @@ def _main(argv: list[str]) -> int:
   parser.add_argument("--out", required=True, help="folder to write the parts into (OUT/vae, OUT/siglip)")
   parser.add_argument("--config", default="tiny", help="the run config whose model shapes the parts take")
   parser.add_argument("--parts", default="vae,siglip", help="which parts to make: vae, siglip or vae,siglip")
-  parser.add_argument("--vae", default=str(ASSET_DIR / "vae"), help="the VAE part the SigLIP pretraining reads "
-                      "images through when --parts has no vae (default: the shipped one)")
+  parser.add_argument(
+    "--vae",
+    default=str(ASSET_DIR / "vae"),
+    help="the VAE part the SigLIP pretraining reads images through when --parts has no vae (default: the shipped one)",
+  )
   parser.add_argument("--steps", type=int, default=1000, help="VAE steps")
   parser.add_argument("--siglip_steps", type=int, default=1000, help="ViT steps")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--chroma_weight", type=float, default=5.0)
-  parser.add_argument("--stats_images", type=int, default=1024,
-                      help="images the latent BatchNorm statistics are taken over")
+  parser.add_argument(
+    "--stats_images", type=int, default=1024, help="images the latent BatchNorm statistics are taken over"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE (repeatable)")
   args = parser.parse_args(argv)
@@ -289,24 +335,36 @@ def _make(args) -> int:
   which = [p.strip() for p in args.parts.split(",") if p.strip()]
   if not which or any(p not in ("vae", "siglip") for p in which):
     raise UserError(f"--parts {args.parts!r}: give vae, siglip or vae,siglip")
-  command = ("python -m cheers_jax.train.tiny_parts --out OUT --config {} --parts {} --steps {} --siglip_steps {} "
-             "--batch_size {} --lr {} --chroma_weight {} --seed {}".format(
-                 args.config, args.parts, args.steps, args.siglip_steps, args.batch_size, args.lr, args.chroma_weight,
-                 args.seed) + "".join(f" --set {x}" for x in args.set))
+  command = (
+    "python -m cheers_jax.train.tiny_parts --out OUT --config {} --parts {} --steps {} --siglip_steps {} "
+    "--batch_size {} --lr {} --chroma_weight {} --seed {}".format(
+      args.config, args.parts, args.steps, args.siglip_steps, args.batch_size, args.lr, args.chroma_weight, args.seed
+    )
+    + "".join(f" --set {x}" for x in args.set)
+  )
   if "vae" in which:
-    vae_variables, report = pretrain_vae(cfg, image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                         chroma_weight=args.chroma_weight, stats_images=args.stats_images,
-                                         seed=args.seed)
+    vae_variables, report = pretrain_vae(
+      cfg,
+      image_size,
+      steps=args.steps,
+      batch_size=args.batch_size,
+      lr=args.lr,
+      chroma_weight=args.chroma_weight,
+      stats_images=args.stats_images,
+      seed=args.seed,
+    )
     part_dir = write_vae_part(vae_variables, cfg, Path(args.out), {**report, "command": command})
-    print(f"wrote {part_dir} (reconstruction mse {report['reconstruction_mse']:.5f}, mean-colour error "
-          f"{report['mean_colour_abs_error']:.4f})", flush=True)
+    print(
+      f"wrote {part_dir} (reconstruction mse {report['reconstruction_mse']:.5f}, mean-colour error "
+      f"{report['mean_colour_abs_error']:.4f})",
+      flush=True,
+    )
   else:
     vae_variables = load_vae_variables(Path(args.vae), cfg)
   if "siglip" in which:
     variables, report = pretrain_siglip(cfg, image_size, vae_variables, steps=args.siglip_steps, seed=args.seed)
     part_dir = write_siglip_part(variables, cfg, Path(args.out), {**report, "command": command})
-    print(f"wrote {part_dir} (held-out colour {report['colour_acc']:.0%}, shape {report['shape_acc']:.0%})",
-          flush=True)
+    print(f"wrote {part_dir} (held-out colour {report['colour_acc']:.0%}, shape {report['shape_acc']:.0%})", flush=True)
   return 0
 
 

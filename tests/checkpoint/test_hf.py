@@ -1,4 +1,5 @@
 """HF checkpoint I/O: the tiny oracle checkpoint, round trips, the full-size tensor list, errors, CLI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,16 @@ from safetensors import safe_open
 
 from cheers_jax import convert
 from cheers_jax.checkpoint import safetensors_io as st
-from cheers_jax.checkpoint.hf import (CheckpointError, hf_name_map, hf_tensor_shapes, load_hf_checkpoint,
-                                      module_param_counts, save_hf_checkpoint, _from_torch, leaf_reader)
+from cheers_jax.checkpoint.hf import (
+  CheckpointError,
+  hf_name_map,
+  hf_tensor_shapes,
+  load_hf_checkpoint,
+  module_param_counts,
+  save_hf_checkpoint,
+  _from_torch,
+  leaf_reader,
+)
 from cheers_jax.model.cheers import init_variables
 from cheers_jax.model.config import ConfigError, ModelConfig
 from tests import oracle
@@ -32,26 +41,35 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY, REFERENCE = oracle.TINY, oracle.REFERENCE
 # The published checkpoint's tokenizer files (Qwen2.5's, shipped as cheers_jax/assets/tokenizer), by digest.
 OFFICIAL_TOKENIZER_SHA256 = {
-    "vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
-    "merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5",
-    "tokenizer_config.json": "d06799f3d7aa5d779d98f9e4d9465ca8fa9b951ddeb40bb2d08427e35ca06a07",
+  "vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
+  "merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5",
+  "tokenizer_config.json": "d06799f3d7aa5d779d98f9e4d9465ca8fa9b951ddeb40bb2d08427e35ca06a07",
 }
-MODULES = ("vae_model", "vae_decoder_projector", "vision_representation", "und_projector", "time_embed",
-           "gen_projector", "hi_gate", "hi_projector", "language_model")
-
+MODULES = (
+  "vae_model",
+  "vae_decoder_projector",
+  "vision_representation",
+  "und_projector",
+  "time_embed",
+  "gen_projector",
+  "hi_gate",
+  "hi_projector",
+  "language_model",
+)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 def read_with_safetensors(ckpt_dir: Path) -> dict[str, np.ndarray]:
   """All tensors of an HF checkpoint via the `safetensors` package (an independent reader)."""
   index = ckpt_dir / "model.safetensors.index.json"
-  files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-           else ["model.safetensors"])
+  files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
   out = {}
   for fname in files:
     # numpy has no bf16 and jax (without x64) no int64: read each kind with the one that has it
-    with safe_open(str(ckpt_dir / fname), framework="numpy") as fn, \
-         safe_open(str(ckpt_dir / fname), framework="flax") as fj:
+    with (
+      safe_open(str(ckpt_dir / fname), framework="numpy") as fn,
+      safe_open(str(ckpt_dir / fname), framework="flax") as fj,
+    ):
       for name in fn.keys():
         assert name not in out, f"{name} stored twice"
         bf16 = fn.get_slice(name).get_dtype() == "BF16"
@@ -95,12 +113,12 @@ def tiny_bf16():
 def test_safetensors_writer_reader_roundtrip(tmp_path):
   rng = np.random.default_rng(0)
   tensors = {
-      "a.bf16": rng.normal(size=(3, 5)).astype(ml_dtypes.bfloat16),
-      "b.f32": rng.normal(size=(7,)).astype(np.float32),
-      "c.f16": rng.normal(size=(2, 2, 2)).astype(np.float16),
-      "d.i64": np.array(3, np.int64),  # 0-d
-      "e.empty": np.zeros((0, 4), np.float32),
-      "f.u8": np.arange(5, dtype=np.uint8),
+    "a.bf16": rng.normal(size=(3, 5)).astype(ml_dtypes.bfloat16),
+    "b.f32": rng.normal(size=(7,)).astype(np.float32),
+    "c.f16": rng.normal(size=(2, 2, 2)).astype(np.float16),
+    "d.i64": np.array(3, np.int64),  # 0-d
+    "e.empty": np.zeros((0, 4), np.float32),
+    "f.u8": np.arange(5, dtype=np.uint8),
   }
   index = st.save_sharded(tensors, tmp_path, max_shard_bytes=40)
   shards = sorted(set(index["weight_map"].values()))
@@ -130,7 +148,7 @@ def test_load_tiny_consumes_every_tensor(tiny_tensors):
   assert cfg.text.hidden_size == 64 and cfg.vae.ch == 32 and cfg.text.tie_word_embeddings
   ours = flat(variables)
   mapped = hf_tensor_shapes(variables, store_lm_head=False)
-  assert set(mapped) == set(tiny_tensors), (set(mapped) ^ set(tiny_tensors))
+  assert set(mapped) == set(tiny_tensors), set(mapped) ^ set(tiny_tensors)
   assert sum(math.prod(s) for s in mapped.values()) == sum(t.size for t in tiny_tensors.values())
   consumed = set()
   for path, entry in hf_name_map(variables).items():
@@ -142,8 +160,10 @@ def test_load_tiny_consumes_every_tensor(tiny_tensors):
       assert_bit_equal(got, want, f"{path} <- {name}")
       consumed.add(name)
   # the counters are the only tensors not read into a leaf
-  assert set(tiny_tensors) - consumed == {"model.vae_model.bn.num_batches_tracked",
-                                          "model.vae_decoder_projector.bn.num_batches_tracked"}
+  assert set(tiny_tensors) - consumed == {
+    "model.vae_model.bn.num_batches_tracked",
+    "model.vae_decoder_projector.bn.num_batches_tracked",
+  }
   assert set(variables) == {"params", "batch_stats"}
   assert set(variables["batch_stats"]) == {"vae_model", "vae_decoder_projector"}
 
@@ -208,17 +228,24 @@ def test_single_file_checkpoint_and_tied_head_check(tmp_path, tiny_bf16):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # lm_head equals embed_tokens: no warning
     _, again = load_hf_checkpoint(tmp_path / "one", dtype=jnp.bfloat16)
-  assert_bit_equal(np.asarray(again["params"]["language_model"]["embed_tokens"]),
-                   np.asarray(variables["params"]["language_model"]["embed_tokens"]), "embed")
+  assert_bit_equal(
+    np.asarray(again["params"]["language_model"]["embed_tokens"]),
+    np.asarray(variables["params"]["language_model"]["embed_tokens"]),
+    "embed",
+  )
 
   def change_head(t):
     t["lm_head.weight"] = t["model.language_model.embed_tokens.weight"].copy()
     t["lm_head.weight"][0] += 1
+
   write_ckpt(tmp_path / "one", tmp_path / "diff", change_head)
   with pytest.warns(UserWarning, match="lm_head.weight differs"):
     _, again = load_hf_checkpoint(tmp_path / "diff", dtype=jnp.bfloat16)
-  assert_bit_equal(np.asarray(again["params"]["language_model"]["embed_tokens"]),
-                   np.asarray(variables["params"]["language_model"]["embed_tokens"]), "embed is used")
+  assert_bit_equal(
+    np.asarray(again["params"]["language_model"]["embed_tokens"]),
+    np.asarray(variables["params"]["language_model"]["embed_tokens"]),
+    "embed is used",
+  )
 
 
 def test_untied_head_is_a_parameter(tmp_path, tiny_tensors):
@@ -228,6 +255,7 @@ def test_untied_head_is_a_parameter(tmp_path, tiny_tensors):
   def untie(c):
     c["tie_word_embeddings"] = False
     c["text_config"]["tie_word_embeddings"] = False
+
   write_ckpt(TINY, tmp_path / "untied", lambda t: t.update({"lm_head.weight": head}), untie)
   cfg, variables = load_hf_checkpoint(tmp_path / "untied", dtype=jnp.bfloat16)
   assert not cfg.text.tie_word_embeddings
@@ -242,9 +270,15 @@ def test_untied_head_is_a_parameter(tmp_path, tiny_tensors):
 # ---- (c) full size against the published tensor list ---------------------------------------------
 # Parameters per module of the published checkpoint (BatchNorm buffers excluded).
 README_PARAMS = {
-    "vae_model": 84_046_115, "vae_decoder_projector": 49_620_259, "vision_representation": 428_772_800,
-    "und_projector": 28_320_000, "language_model": 1_543_714_304, "gen_projector": 347_698_176,
-    "hi_gate": 1_331_713, "hi_projector": 83_454_464, "time_embed": 4_379_904,
+  "vae_model": 84_046_115,
+  "vae_decoder_projector": 49_620_259,
+  "vision_representation": 428_772_800,
+  "und_projector": 28_320_000,
+  "language_model": 1_543_714_304,
+  "gen_projector": 347_698_176,
+  "hi_gate": 1_331_713,
+  "hi_projector": 83_454_464,
+  "time_embed": 4_379_904,
 }
 
 
@@ -283,6 +317,7 @@ def test_error_shape_mismatch(tmp_path):
 
   def corrupt(t):
     t[name] = np.zeros((129, 64), ml_dtypes.bfloat16)
+
   write_ckpt(TINY, tmp_path, corrupt)
   with pytest.raises(CheckpointError) as e:
     load_hf_checkpoint(tmp_path)
@@ -291,8 +326,11 @@ def test_error_shape_mismatch(tmp_path):
 
 
 def test_error_missing_and_unexpected_are_all_listed(tmp_path):
-  gone = ["model.hi_gate.gate.2.bias", "model.vae_model.encoder.conv_in.weight",
-          "model.language_model.layers.0.self_attn.q_proj.bias"]
+  gone = [
+    "model.hi_gate.gate.2.bias",
+    "model.vae_model.encoder.conv_in.weight",
+    "model.language_model.layers.0.self_attn.q_proj.bias",
+  ]
   extra = ["model.hi_gate.gate.4.weight", "model.something_new.bias"]
 
   def edit(t):
@@ -300,6 +338,7 @@ def test_error_missing_and_unexpected_are_all_listed(tmp_path):
       del t[k]
     for k in extra:
       t[k] = np.zeros((3,), ml_dtypes.bfloat16)
+
   write_ckpt(TINY, tmp_path, edit)
   with pytest.raises(CheckpointError) as e:
     load_hf_checkpoint(tmp_path)
@@ -318,6 +357,7 @@ def test_error_single_missing_tensor(tmp_path):
 def test_error_single_unexpected_tensor(tmp_path):
   def add(t):
     t["model.vision_representation.encoder.layers.2.mlp.fc1.bias"] = np.zeros((128,), ml_dtypes.bfloat16)
+
   write_ckpt(TINY, tmp_path, add)
   with pytest.raises(CheckpointError, match=r"1 unexpected tensors: model\.vision_representation\.encoder"):
     load_hf_checkpoint(tmp_path)
@@ -353,12 +393,15 @@ def test_error_unknown_config_key(tmp_path):
   assert "config.json" in str(e.value)
 
 
-@pytest.mark.parametrize("edit, named", [
+@pytest.mark.parametrize(
+  "edit, named",
+  [
     (lambda c: c["text_config"].update(num_hidden_layers=-1), "text_config.num_hidden_layers=-1"),
     (lambda c: c.pop("text_config"), "no text_config section"),
     (lambda c: c["text_config"].update(hidden_size="64"), "text_config.hidden_size='64'"),
     (lambda c: c["vision_representation_config"].update(layer_norm_eps=None), "layer_norm_eps=None"),
-])
+  ],
+)
 def test_config_json_values_are_checked_before_the_tensors(tmp_path, edit, named):
   """Issue 13 item 7: num_hidden_layers=-1 or no text_config passed and failed later as "24 unexpected /
   312 missing tensors"; a string where a number belongs raised "TypeError: not all arguments converted
@@ -397,9 +440,11 @@ def test_cli_hf_orbax_hf_bit_identical(tmp_path, tiny_tensors, capsys):
   for name, digest in OFFICIAL_TOKENIZER_SHA256.items():
     assert hashlib.sha256((back / name).read_bytes()).hexdigest() == digest, name
   assert json.loads((back / "generation_config.json").read_text()) == json.loads(
-      (REFERENCE / "generation_config.json").read_text())
-  pre, ref_pre = (json.loads(p.read_text()) for p in (back / "preprocessor_config.json",
-                                                      REFERENCE / "preprocessor_config.json"))
+    (REFERENCE / "generation_config.json").read_text()
+  )
+  pre, ref_pre = (
+    json.loads(p.read_text()) for p in (back / "preprocessor_config.json", REFERENCE / "preprocessor_config.json")
+  )
   assert pre == dict(ref_pre, scale_resolution=64)  # the tiny model's resolution
   capsys.readouterr()
   assert convert.main(["orbax-to-hf", "--orbax", str(orb), "--out", str(back)]) == 2  # refused: not empty
@@ -410,9 +455,13 @@ def test_cli_hf_orbax_hf_bit_identical(tmp_path, tiny_tensors, capsys):
 
 
 def test_cli_help_and_sizes():
-  out = subprocess.run([sys.executable, "-m", "cheers_jax.convert", "orbax-to-hf", "--help"],
-                       capture_output=True, text=True, cwd=REPO_ROOT,
-                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+  out = subprocess.run(
+    [sys.executable, "-m", "cheers_jax.convert", "orbax-to-hf", "--help"],
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+  )
   assert out.returncode == 0 and "--max-shard-size" in out.stdout and "--dtype" in out.stdout
   assert convert.parse_size("5GB") == 5 * 10**9 and convert.parse_size("2GiB") == 2 * 2**30
   assert convert.parse_size("1234") == 1234
@@ -435,12 +484,15 @@ def test_load_with_sharding_tree(tiny_bf16):
 
 def test_leaf_reader_reads_partial_slices(tiny_bf16):
   from cheers_jax.checkpoint.hf import open_tensor_files
+
   files = open_tensor_files(TINY)
   entries = hf_name_map(tiny_bf16[1])
   ref = flat(tiny_bf16[1])
-  cases = [("params/language_model/layers/mlp/up_proj/kernel", (slice(1, 2), slice(None), slice(3, 70))),
-           ("params/vae_model/encoder/conv_in/kernel", (slice(None), slice(1, 3), slice(None), slice(5, 9))),
-           ("params/language_model/embed_tokens", (slice(100, 200), slice(None)))]
+  cases = [
+    ("params/language_model/layers/mlp/up_proj/kernel", (slice(1, 2), slice(None), slice(3, 70))),
+    ("params/vae_model/encoder/conv_in/kernel", (slice(None), slice(1, 3), slice(None), slice(5, 9))),
+    ("params/language_model/embed_tokens", (slice(100, 200), slice(None))),
+  ]
   for path, index in cases:
     got = leaf_reader(entries[path], files, np.dtype(ml_dtypes.bfloat16))(index)
     assert_bit_equal(got, ref[path][index], path)
@@ -464,8 +516,17 @@ print("OK", len(jax.devices()))
 
 
 def test_load_sharded_over_four_host_devices():
-  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", f"TINY = {str(TINY)!r}\n" + _MULTI_DEVICE_SCRIPT],
-                       capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(REPO_ROOT),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+  }
+  out = subprocess.run(
+    [sys.executable, "-c", f"TINY = {str(TINY)!r}\n" + _MULTI_DEVICE_SCRIPT],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO_ROOT,
+  )
   assert out.returncode == 0 and "OK 4" in out.stdout, out.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Pretrained parts -> Cheers: split the tiny oracle checkpoint into the VAE / SigLIP2 / Qwen2.5 layouts,
 assemble it back bit for bit, random head modules, vocabulary rows, named errors, init_from=parts:, CLI."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,7 @@ from flax import traverse_util
 from cheers_jax import convert
 from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.checkpoint import safetensors_io as st
-from cheers_jax.checkpoint.hf import (CheckpointError, hf_tensor, load_hf_checkpoint, open_tensor_files,
-                                      read_hf_config)
+from cheers_jax.checkpoint.hf import CheckpointError, hf_tensor, load_hf_checkpoint, open_tensor_files, read_hf_config
 from cheers_jax.model.config import ConfigError
 from tests.checkpoint.test_hf import REPO_ROOT, TINY, assert_bit_equal
 
@@ -58,8 +58,10 @@ def edit_part(src: Path, dst: Path, modify=None, config_edit=None) -> Path:
 
 def truncated_llm(split, tmp_path: Path, rows: int) -> Path:
   """The LLM part with only its first `rows` vocabulary rows (and a config.json that says so)."""
+
   def truncate(t):
     t[EMBED] = t[EMBED][:rows]
+
   return edit_part(split["llm"], tmp_path / "llm_small_vocab", truncate, lambda c: c.update(vocab_size=rows))
 
 
@@ -97,8 +99,9 @@ def test_assemble_round_trip_is_bit_exact(split, cfg, tmp_path):
     assert_bit_equal(np.asarray(assembled[name].get(name)), np.asarray(original[source].get(source)), name)
     compared += 1
   layouts = parts_lib.part_layouts(cfg)
-  vae_in_projector = sum(1 for n in assembled if n.startswith("model.vae_decoder_projector.")
-                         and not n.endswith(parts_lib.COUNTER))
+  vae_in_projector = sum(
+    1 for n in assembled if n.startswith("model.vae_decoder_projector.") and not n.endswith(parts_lib.COUNTER)
+  )
   assert compared == sum(len(v) for v in layouts.values()) - 1 + vae_in_projector  # minus the VAE counter
   assert compared > 300
   load_hf_checkpoint(tmp_path / "hf")  # names and shapes of every module, heads included
@@ -120,7 +123,11 @@ def test_head_modules_differ_between_seeds_and_follow_the_random_init(split, cfg
       np.testing.assert_array_equal(a[path], b[path], err_msg=path)
   assert all(differ.values()), differ
   assert set(m for m in {p.split("/")[1] for p in a}) == set(HEADS) | {
-      "vae_model", "vae_decoder_projector", "vision_representation", "language_model"}
+    "vae_model",
+    "vae_decoder_projector",
+    "vision_representation",
+    "language_model",
+  }
 
 
 def test_smaller_vocabulary_fills_the_first_rows_and_untied_head(split, cfg, tmp_path):
@@ -144,11 +151,13 @@ def test_siglip_text_tower_is_ignored(split, cfg, tmp_path):
   def add_text_tower(t):
     t["text_model.embeddings.token_embedding.weight"] = np.zeros((10, 4), ml_dtypes.bfloat16)
     t["logit_scale"] = np.zeros((1,), np.float32)
+
   siglip = edit_part(split["siglip"], tmp_path / "siglip", add_text_tower)
   got = parts_lib.load_parts({**split, "siglip": siglip}, cfg, parts_lib.random_init_rng(0))
   name = "model.vision_representation.encoder.layers.1.mlp.fc1.weight"
-  assert_bit_equal(hf_tensor(got, name).astype(ml_dtypes.bfloat16), np.asarray(open_tensor_files(TINY)[name].get(name)),
-                   name)
+  assert_bit_equal(
+    hf_tensor(got, name).astype(ml_dtypes.bfloat16), np.asarray(open_tensor_files(TINY)[name].get(name)), name
+  )
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -157,6 +166,7 @@ def test_error_wrong_shape_names_the_tensor_and_both_shapes(split, cfg, tmp_path
 
   def corrupt(t):
     t[name] = np.zeros((129, 64), ml_dtypes.bfloat16)
+
   llm = edit_part(split["llm"], tmp_path / "llm", corrupt)
   with pytest.raises(CheckpointError) as e:
     parts_lib.load_parts({"llm": llm}, cfg, parts_lib.random_init_rng(0))
@@ -168,19 +178,29 @@ def test_error_missing_and_unexpected_vae_tensors_are_listed(split, cfg, tmp_pat
   def edit(t):
     del t["decoder.conv_in.weight"]
     t["encoder.extra.weight"] = np.zeros((3,), ml_dtypes.bfloat16)
+
   vae = edit_part(split["vae"], tmp_path / "vae", edit)
-  with pytest.raises(CheckpointError, match=r"(?s)vae part .*1 missing tensors: decoder\.conv_in\.weight\n.*"
-                                            r"1 unexpected tensors: encoder\.extra\.weight"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"(?s)vae part .*1 missing tensors: decoder\.conv_in\.weight\n.*"
+    r"1 unexpected tensors: encoder\.extra\.weight",
+  ):
     parts_lib.load_parts({"vae": vae}, cfg, parts_lib.random_init_rng(0))
 
 
-@pytest.mark.parametrize("part,edit,expected", [
+@pytest.mark.parametrize(
+  "part,edit,expected",
+  [
     ("llm", lambda c: c.update(hidden_size=128), "hidden_size=128 but the model config has text.hidden_size=64"),
     ("llm", lambda c: c.update(num_hidden_layers=3), "num_hidden_layers=3 but the model config has text.num_layers=2"),
-    ("siglip", lambda c: c["vision_config"].update(patch_size=14),
-     "patch_size=14 but the model config has vision.patch_size=16"),
+    (
+      "siglip",
+      lambda c: c["vision_config"].update(patch_size=14),
+      "patch_size=14 but the model config has vision.patch_size=16",
+    ),
     ("vae", lambda c: c.update(z_channels=16), "z_channels=16 but the model config has vae.z_channels=8"),
-])
+  ],
+)
 def test_error_part_config_disagrees_names_field_and_both_values(split, cfg, tmp_path, part, edit, expected):
   bad = edit_part(split[part], tmp_path / part, config_edit=edit)
   with pytest.raises(CheckpointError, match=f"{part} part .*config.json disagrees") as e:
@@ -197,12 +217,17 @@ def test_error_missing_config_and_bad_specs(split, cfg, tmp_path):
   with pytest.raises(CheckpointError, match="vae part .*nowhere: no such directory"):
     parts_lib.load_parts({"vae": tmp_path / "nowhere"}, cfg, parts_lib.random_init_rng(0))
   assert parts_lib.parse_parts_spec("vae=/a, llm=/b") == {"vae": "/a", "llm": "/b"}
-  for spec, message in [("vae=/a,text=/b", "unknown part 'text'"), ("vae=/a,vae=/b", "given twice"),
-                        ("", "names no part"), ("siglip", "not PART=DIR")]:
+  for spec, message in [
+    ("vae=/a,text=/b", "unknown part 'text'"),
+    ("vae=/a,vae=/b", "given twice"),
+    ("", "names no part"),
+    ("siglip", "not PART=DIR"),
+  ]:
     with pytest.raises(ConfigError, match=message):
       parts_lib.parse_parts_spec(spec)
   # train.calibrate_latent_norm sets the latent statistics of a random VAE only: a VAE part brings its own
   from cheers_jax.train.state import vae_is_random
+
   assert vae_is_random("") and vae_is_random("parts:llm=/a") and not vae_is_random("parts:vae=/a")
   assert not vae_is_random("hf:/ckpt")
 
@@ -218,6 +243,7 @@ def test_init_from_parts_trains(split, tmp_path):
   from cheers_jax.train import step as step_lib
   from tests.train.common import BATCH, IMAGE, SEQ, TOKENS, small_config
   from tests.train.fake_data import make_batch
+
   rows = 1000
   parts = {**split, "llm": truncated_llm(split, tmp_path, rows)}
   config = small_config(steps=2)
@@ -226,17 +252,22 @@ def test_init_from_parts_trains(split, tmp_path):
   state, shardings = state_lib.init_train_state(config, mesh)
   params = flat(jax.device_get(state.params))
   name = "model.language_model.layers.1.mlp.up_proj.weight"
-  assert_bit_equal(hf_tensor({"params": jax.device_get(state.params)}, name).astype(ml_dtypes.bfloat16),
-                   np.asarray(open_tensor_files(TINY)[name].get(name)), name)
-  init = parts_lib.random_variables(state_lib.model_config(config),
-                                    jax.random.split(jax.random.PRNGKey(config.seed))[0],
-                                    {"params": shardings.params, "batch_stats": shardings.batch_stats})
+  assert_bit_equal(
+    hf_tensor({"params": jax.device_get(state.params)}, name).astype(ml_dtypes.bfloat16),
+    np.asarray(open_tensor_files(TINY)[name].get(name)),
+    name,
+  )
+  init = parts_lib.random_variables(
+    state_lib.model_config(config),
+    jax.random.split(jax.random.PRNGKey(config.seed))[0],
+    {"params": shardings.params, "batch_stats": shardings.batch_stats},
+  )
   embed = params["language_model/embed_tokens"]
   np.testing.assert_array_equal(embed[:rows], np.asarray(open_tensor_files(parts["llm"])[EMBED].get(EMBED), np.float32))
   np.testing.assert_array_equal(embed[rows:], np.asarray(init["params/language_model/embed_tokens"])[rows:])
   for path, want in init.items():
     if path.split("/")[1] in HEADS and path.startswith("params/"):
-      np.testing.assert_array_equal(params[path[len("params/"):]], np.asarray(want), err_msg=path)
+      np.testing.assert_array_equal(params[path[len("params/") :]], np.asarray(want), err_msg=path)
   # two steps of the jitted train step on the same batch, as the loop runs it
   model = Cheers(state_lib.model_config(config))
   step_fn = step_lib.make_train_step(model, config, mesh, shardings)
@@ -252,20 +283,49 @@ def test_init_from_parts_trains(split, tmp_path):
 
 def test_cli_assemble(split, tmp_path, capsys):
   out = tmp_path / "hf"
-  args = ["assemble", "--vae", str(split["vae"]), "--siglip", str(split["siglip"]), "--llm", str(split["llm"]),
-          "--config", str(TINY / "config.json"), "--out", str(out), "--max-shard-size", "10MB"]
+  args = [
+    "assemble",
+    "--vae",
+    str(split["vae"]),
+    "--siglip",
+    str(split["siglip"]),
+    "--llm",
+    str(split["llm"]),
+    "--config",
+    str(TINY / "config.json"),
+    "--out",
+    str(out),
+    "--max-shard-size",
+    "10MB",
+  ]
   assert convert.main(args) == 0
   assert "parts vae, siglip, llm" in capsys.readouterr().out
   name = "model.vae_decoder_projector.decoder.up.0.block.0.conv1.weight"
   src = "model.vae_model.decoder.up.0.block.0.conv1.weight"
-  assert_bit_equal(np.asarray(open_tensor_files(out)[name].get(name)),
-                   np.asarray(open_tensor_files(TINY)[src].get(src)), name)
+  assert_bit_equal(
+    np.asarray(open_tensor_files(out)[name].get(name)), np.asarray(open_tensor_files(TINY)[src].get(src)), name
+  )
   load_hf_checkpoint(out)
   # configs/tiny.py draws 32-px images: the 64-px SigLIP part does not fit; one line, exit 2
   env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"}
-  bad = subprocess.run([sys.executable, "-m", "cheers_jax.convert", "assemble", "--siglip", str(split["siglip"]),
-                        "--config", str(REPO_ROOT / "configs" / "tiny.py"), "--out", str(tmp_path / "bad")],
-                       capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "cheers_jax.convert",
+      "assemble",
+      "--siglip",
+      str(split["siglip"]),
+      "--config",
+      str(REPO_ROOT / "configs" / "tiny.py"),
+      "--out",
+      str(tmp_path / "bad"),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO_ROOT,
+  )
   assert bad.returncode == 2, bad.stderr[-2000:]
   lines = bad.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: siglip part"), bad.stderr[-2000:]
@@ -300,8 +360,12 @@ def test_load_parts_sharded_over_four_host_devices(split, tmp_path):
   """Part leaves stream shard by shard, the smaller vocabulary's rows land across shard boundaries of
   the embedding table and the untied head; the result equals the unsharded load."""
   parts = {**split, "llm": truncated_llm(split, tmp_path, 1001)}
-  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(REPO_ROOT),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+  }
   script = f"TINY = {str(TINY)!r}\nPARTS = {json.dumps({k: str(v) for k, v in parts.items()})!r}\n" + _SHARDED_SCRIPT
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -11,6 +11,7 @@ being the sample's text, its t values and a digest of its pixels.
 `die`: a pipeline with data.worker_count=2 whose source kills its worker process (SIGKILL, as the
 kernel's OOM killer does) at one record; prints `RAISED <type>: <message>` when next() raises.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,6 +24,7 @@ import sys
 import numpy as np
 
 from configs import tiny
+
 
 def config(batch_size: int = 4, **data):
   """configs/tiny with the pipeline at 64 px (4 tokens per image), 128-token rows, 2 image slots."""
@@ -55,6 +57,7 @@ def streams(out: str, cases: dict, steps: int) -> None:
   from cheers_jax import distributed
   from cheers_jax.data.pipeline import make_train_iterator
   from cheers_jax.data.tokenizer import CheersTokenizer
+
   distributed.maybe_initialize()
   tok = CheersTokenizer()
   result = {}
@@ -81,14 +84,21 @@ class DyingSource:
   def __getitem__(self, i: int) -> dict:
     if i == self.die_at and os.getpid() != self.main_pid:
       os.kill(os.getpid(), signal.SIGKILL)
-    return {"id": f"t{i}", "messages": [{"role": "user", "content": f"hi {i}"},
-                                         {"role": "assistant", "content": "yo"}], "images": [], "image_kinds": []}
+    return {
+      "id": f"t{i}",
+      "messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}],
+      "images": [],
+      "image_kinds": [],
+    }
 
 
 def die() -> None:
   from cheers_jax.data.pipeline import make_train_iterator
-  it = make_train_iterator(config(4, worker_count=2, shuffle=False, mix={"und": 1.0, "gen": 1.0, "text": 1.0}),
-                           source=DyingSource(1000, die_at=40))
+
+  it = make_train_iterator(
+    config(4, worker_count=2, shuffle=False, mix={"und": 1.0, "gen": 1.0, "text": 1.0}),
+    source=DyingSource(1000, die_at=40),
+  )
   try:
     for _ in range(50):
       next(it)

@@ -1,4 +1,5 @@
 """The batch contract's pixels: uint8 on the host, divided by 255 on the device exactly as the reference."""
+
 from __future__ import annotations
 
 import jax

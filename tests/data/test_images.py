@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from cheers_jax.data.images import (
-    BadImageError,
-    dummy_inference_image,
-    load_image,
-    preprocess_generation,
-    preprocess_understanding,
+  BadImageError,
+  dummy_inference_image,
+  load_image,
+  preprocess_generation,
+  preprocess_understanding,
 )
 from tests.oracle import instance_params
 
@@ -72,9 +72,7 @@ def test_non_rgb_inputs_are_converted():
 def test_dummy_inference_image():
   a = dummy_inference_image(np.random.RandomState(5), resolution=64)
   noise = np.random.RandomState(5).randint(0, 256, (256, 256, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(
-      a.pixel_values, preprocess_understanding(Image.fromarray(noise), 64).pixel_values
-  )
+  np.testing.assert_array_equal(a.pixel_values, preprocess_understanding(Image.fromarray(noise), 64).pixel_values)
   np.testing.assert_array_equal(dummy_inference_image(5, resolution=64).pixel_values, a.pixel_values)
   b = dummy_inference_image(np.random.default_rng(0))
   assert b.pixel_values.shape == (3, 512, 512) and b.grid_hw == (32, 32)
@@ -111,8 +109,13 @@ def write_bomb_png(path, side: int = 20000) -> str:
 
   def chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-  png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-         + chunk(b"IDAT", zlib.compress(b"\x00" * 4)) + chunk(b"IEND", b""))
+
+  png = (
+    b"\x89PNG\r\n\x1a\n"
+    + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    + chunk(b"IDAT", zlib.compress(b"\x00" * 4))
+    + chunk(b"IEND", b"")
+  )
   with open(path, "wb") as f:
     f.write(png)
   return str(path)
@@ -122,11 +125,12 @@ def test_image_over_the_pixel_limit_is_a_bad_image_naming_the_file(tmp_path):
   """Issue 13 item 1: PIL's DecompressionBombError (limit kept) is a BadImageError naming the file,
   for paths and for encoded bytes, so training skips it and the CLIs print one line."""
   bomb = write_bomb_png(tmp_path / "huge.png")
-  assert Image.MAX_IMAGE_PIXELS and 20000 ** 2 > 2 * Image.MAX_IMAGE_PIXELS  # the limit itself stays
+  assert Image.MAX_IMAGE_PIXELS and 20000**2 > 2 * Image.MAX_IMAGE_PIXELS  # the limit itself stays
   with pytest.raises(BadImageError, match=r"huge\.png.*too large"):
     load_image(bomb)
   with pytest.raises(BadImageError, match=r"huge\.png"):
     load_image(open(bomb, "rb").read(), name="huge.png")
   from cheers_jax.data.pipeline import preprocess_image
+
   with pytest.raises(BadImageError, match="too large"):
     preprocess_image(open(bomb, "rb").read(), "und", 32)

@@ -1,6 +1,7 @@
 """Packed rows (data.packing): the layout, the config checks, the pipeline's packed batches (resume, skips),
 the padding figure, and the loss and gradients of a packed batch against the same samples unpacked on the
 oracle's tiny model."""
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,26 @@ def fake_samples(n: int, seed: int = 0, kinds=KINDS) -> list[dict]:
     ids, labels, t = _sample(rng, kind, int(rng.integers(3, 12)))
     lay = assemble(np.asarray([ids]), TOKENS, labels=np.asarray([labels]), check_fm_positions=True)
     pixels = rng.integers(0, 256, (1, IMAGE, IMAGE, 3), np.uint8) * (kind != "text")
-    out.append({"id": f"s{i}", "input_ids": np.asarray(ids), "labels": np.asarray(labels), "pixels": pixels,
-                "t": np.asarray([t], np.float32), "image_kind": lay.image_kind, "length": int(lay.valid.sum())})
+    out.append(
+      {
+        "id": f"s{i}",
+        "input_ids": np.asarray(ids),
+        "labels": np.asarray(labels),
+        "pixels": pixels,
+        "t": np.asarray([t], np.float32),
+        "image_kind": lay.image_kind,
+        "length": int(lay.valid.sum()),
+      }
+    )
   return out
 
 
 def unpacked_batch(samples: list[dict], seq_len: int) -> tuple[dict, object]:
   ids, labels, mask = batch_lib.pad_samples([s["input_ids"] for s in samples], [s["labels"] for s in samples])
   lay = assemble(ids, TOKENS, attention_mask=mask, labels=labels, seq_len=seq_len, check_fm_positions=True)
-  batch = batch_lib.from_assembled(lay, TOKENS, 1, np.concatenate([s["pixels"] for s in samples]),
-                                   np.concatenate([s["t"] for s in samples]))
+  batch = batch_lib.from_assembled(
+    lay, TOKENS, 1, np.concatenate([s["pixels"] for s in samples]), np.concatenate([s["t"] for s in samples])
+  )
   return batch, lay
 
 
@@ -87,8 +98,9 @@ def test_packed_rows_hold_each_sample_as_its_own_segment():
     (k,) = np.flatnonzero(lay.image_sample == b)
     for key in ("pixels", "t", "image_kind", "image_weight"):
       np.testing.assert_array_equal(batch[key][slots[k]], flat[key][flat_slots[k]], err_msg=key)
-    np.testing.assert_array_equal(batch["image_positions"][slots[k]] - row * 96 - off,
-                                  flat["image_positions"][flat_slots[k]] - b * 32)
+    np.testing.assert_array_equal(
+      batch["image_positions"][slots[k]] - row * 96 - off, flat["image_positions"][flat_slots[k]] - b * 32
+    )
     idx = batch["image_index"][row, span]
     assert set(np.unique(idx[idx >= 0] // TOKENS)) == {slots[k]}
   assert seen.max() == 1 and (seen == batch["valid"]).all()  # no overlap, padding only at row ends
@@ -105,8 +117,9 @@ def test_first_fit_closes_a_batch_at_the_first_sample_that_fits_no_row():
 
 
 def test_a_packing_config_that_cannot_hold_the_longest_bucket_is_a_config_error():
-  data = ml_collections.ConfigDict(dict(packing=True, pack_len=0, pack_images=0, seq_buckets=(64, 128),
-                                        max_images_per_sample=2))
+  data = ml_collections.ConfigDict(
+    dict(packing=True, pack_len=0, pack_images=0, seq_buckets=(64, 128), max_images_per_sample=2)
+  )
   assert packing.resolve(data, 4, rows=4) == packing.PackingSpec(4, 128, 16)  # defaults: largest bucket, 128/8
   data.pack_len = 100
   with pytest.raises(ConfigError, match=r"data\.pack_len=100 cannot hold the longest bucket \(data\.seq_buckets"):
@@ -202,10 +215,13 @@ def test_packed_loss_and_gradients_equal_unpacked_on_the_oracle_model():
     assert float(s_packed[key]) == pytest.approx(float(s_flat[key]), rel=1e-6, abs=1e-7), key
   leaves_flat, leaves_packed = jax.tree.leaves(g_flat), jax.tree.leaves(g_packed)
   scale = max(float(np.max(np.abs(x))) for x in leaves_flat if x.size)
-  worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - b)))
-              for a, b in zip(leaves_packed, leaves_flat) if a.size)
-  print(f"packed vs unpacked: loss {float(s_packed['loss']):.7f} vs {float(s_flat['loss']):.7f}, "
-        f"gradient max diff {worst:.1e} of max |g| {scale:.1e}")
+  worst = max(
+    float(np.max(np.abs(np.asarray(a, np.float64) - b))) for a, b in zip(leaves_packed, leaves_flat) if a.size
+  )
+  print(
+    f"packed vs unpacked: loss {float(s_packed['loss']):.7f} vs {float(s_flat['loss']):.7f}, "
+    f"gradient max diff {worst:.1e} of max |g| {scale:.1e}"
+  )
   assert worst <= 1e-5 * scale
 
 
@@ -215,6 +231,7 @@ def test_bench_compares_the_same_mix_samples_packed_and_unpacked(capsys):
   from cheers_jax import config as config_lib
   from cheers_jax.bench import train as bench_train
   from cheers_jax.train import synthetic
+
   buckets = "--config.data.seq_buckets=(512,1024,2048,4096)"
   flat_config = config_lib.load("tiny", [buckets])
   packed_config_ = config_lib.load("tiny", [buckets, "--config.data.packing=True", "--config.data.pack_images=12"])
@@ -233,6 +250,7 @@ def test_bench_compares_the_same_mix_samples_packed_and_unpacked(capsys):
 def test_train_cli_refuses_a_row_shorter_than_the_longest_bucket(tmp_path):
   """One line naming the keys, exit 2, nothing written."""
   from tests.train.test_cli import run_cli
+
   proc = run_cli("--config", "tiny", f"--workdir={tmp_path}", "--config.data.packing=True", "--config.data.pack_len=50")
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr

@@ -1,4 +1,5 @@
 """The grain training pipeline: batch contract, golden targets, bad data, mixing, resume, CFG dropout."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,15 @@ from cheers_jax.data.images import preprocess_generation, preprocess_understandi
 from cheers_jax.data.pipeline import PipelineSpec, PrepareExample, collate, make_train_iterator
 from cheers_jax.data.sources import category_of_kinds, is_marker
 from cheers_jax.errors import UserError
-from cheers_jax.data.tokenizer import (IGNORE_INDEX, IM_END_ID, IM_START_ID, IMAGE_GEN_TOKEN_INDEX,
-                                       IMAGE_TOKEN_INDEX, NO_MEAN_ID, CheersTokenizer)
+from cheers_jax.data.tokenizer import (
+  IGNORE_INDEX,
+  IM_END_ID,
+  IM_START_ID,
+  IMAGE_GEN_TOKEN_INDEX,
+  IMAGE_TOKEN_INDEX,
+  NO_MEAN_ID,
+  CheersTokenizer,
+)
 from cheers_jax.model.cheers import UNIT_PIXEL_TABLE
 from cheers_jax.model.sequence import assemble
 from tests import oracle
@@ -27,12 +35,18 @@ GOLDEN = oracle.GOLDEN
 TOK = CheersTokenizer()
 
 # The conversations make_golden.py tokenized for its `train` / `train3` batches.
-UND = [{"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
-       {"role": "assistant", "content": "A small red apple."}]
-GEN = [{"role": "user", "content": "An apple.\nBased on the above description, generate an image."},
-       {"role": "assistant", "content": "<im_start><image_gen><im_end>"}]
-TEXT = [{"role": "user", "content": "Please introduce yourself briefly."},
-        {"role": "assistant", "content": "I am a model."}]
+UND = [
+  {"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
+  {"role": "assistant", "content": "A small red apple."},
+]
+GEN = [
+  {"role": "user", "content": "An apple.\nBased on the above description, generate an image."},
+  {"role": "assistant", "content": "<im_start><image_gen><im_end>"},
+]
+TEXT = [
+  {"role": "user", "content": "Please introduce yourself briefly."},
+  {"role": "assistant", "content": "I am a model."},
+]
 
 
 class ListSource:
@@ -58,12 +72,16 @@ def _image(seed: int, shape=(24, 40, 3)) -> np.ndarray:
 def _example(i: int, kind: str, words: int = 1) -> dict:
   text = " ".join(f"w{j}" for j in range(words))
   if kind == "und":
-    msgs = [{"role": "user", "content": f"<im_start><image><im_end>\nsample {i}"},
-            {"role": "assistant", "content": text}]
+    msgs = [
+      {"role": "user", "content": f"<im_start><image><im_end>\nsample {i}"},
+      {"role": "assistant", "content": text},
+    ]
     return {"id": f"s{i}", "messages": msgs, "images": [_image(i)], "image_kinds": ["und"]}
   if kind == "gen":
-    msgs = [{"role": "user", "content": f"sample {i} {text}"},
-            {"role": "assistant", "content": "<im_start><image_gen><im_end>"}]
+    msgs = [
+      {"role": "user", "content": f"sample {i} {text}"},
+      {"role": "assistant", "content": "<im_start><image_gen><im_end>"},
+    ]
     return {"id": f"s{i}", "messages": msgs, "images": [_image(i)], "image_kinds": ["gen"]}
   msgs = [{"role": "user", "content": f"sample {i}"}, {"role": "assistant", "content": text}]
   return {"id": f"s{i}", "messages": msgs, "images": [], "image_kinds": []}
@@ -81,8 +99,9 @@ def _config(batch_size: int = 4, **data: Any):
 
 
 def _spec(**kw: Any) -> PipelineSpec:
-  base = dict(batch_size=4, image_size=32, seq_buckets=(64,), max_images_per_sample=2, max_seq_len=4096,
-              cfg_data_rate=0.0, seed=0)
+  base = dict(
+    batch_size=4, image_size=32, seq_buckets=(64,), max_images_per_sample=2, max_seq_len=4096, cfg_data_rate=0.0, seed=0
+  )
   base.update(kw)
   return PipelineSpec(**base)
 
@@ -92,11 +111,21 @@ def check_batch(batch: dict, spec: PipelineSpec) -> None:
   b, m, n_tok, hw = spec.batch_size, spec.image_slots, spec.tokens_per_image, spec.image_size
   s = batch["token_ids"].shape[1]
   assert s in spec.seq_buckets
-  want = {"token_ids": (np.int32, (b, s)), "image_index": (np.int32, (b, s)), "image_mask": (np.int32, (b, s)),
-          "positions": (np.int32, (b, s)), "segment_ids": (np.int32, (b, s)), "targets": (np.int32, (b, s)), "valid": (np.bool_, (b, s)),
-          "pixels": (np.uint8, (m, hw, hw, 3)), "t": (np.float32, (m,)), "image_kind": (np.int32, (m,)),
-          "image_weight": (np.float32, (m,)), "image_positions": (np.int32, (m, n_tok)),
-          "num_skipped": (np.int32, ())}
+  want = {
+    "token_ids": (np.int32, (b, s)),
+    "image_index": (np.int32, (b, s)),
+    "image_mask": (np.int32, (b, s)),
+    "positions": (np.int32, (b, s)),
+    "segment_ids": (np.int32, (b, s)),
+    "targets": (np.int32, (b, s)),
+    "valid": (np.bool_, (b, s)),
+    "pixels": (np.uint8, (m, hw, hw, 3)),
+    "t": (np.float32, (m,)),
+    "image_kind": (np.int32, (m,)),
+    "image_weight": (np.float32, (m,)),
+    "image_positions": (np.int32, (m, n_tok)),
+    "num_skipped": (np.int32, ()),
+  }
   assert set(batch) == set(want)
   for k, (dtype, shape) in want.items():
     assert batch[k].dtype == dtype and batch[k].shape == shape, (k, batch[k].dtype, batch[k].shape)
@@ -117,8 +146,9 @@ def check_batch(batch: dict, spec: PipelineSpec) -> None:
   assert (np.sort(blocks, axis=1)[:, ::-1] == blocks).all() and blocks[:, 0].all()
   pad = ~real
   assert (batch["pixels"][pad] == 0).all() and (batch["t"][pad] == 1).all() and (batch["image_kind"][pad] == 0).all()
-  np.testing.assert_array_equal(batch["image_positions"][pad],
-                                np.repeat((np.flatnonzero(pad) // per * s)[:, None], n_tok, axis=1))
+  np.testing.assert_array_equal(
+    batch["image_positions"][pad], np.repeat((np.flatnonzero(pad) // per * s)[:, None], n_tok, axis=1)
+  )
   idx = batch["image_index"].reshape(-1)
   assert (idx >= 0).sum() == real.sum() * n_tok  # no reference to a padding slot
   assert set(np.unique(idx[idx >= 0] // n_tok).tolist()) == set(np.flatnonzero(real).tolist())
@@ -149,13 +179,20 @@ def test_golden_batch(name: str, kinds: list[str]):
   n_tok = 4  # 64x64 images
   # The golden ids / labels assemble to the reference's rebuilt targets.
   lay = assemble(ids, n_tok, am, labels, seq_len=seq, check_fm_positions=True)
-  np.testing.assert_array_equal(lay.targets[:, :seq - 1].reshape(-1), text_labels)
+  np.testing.assert_array_equal(lay.targets[:, : seq - 1].reshape(-1), text_labels)
 
   spec = _spec(batch_size=len(kinds), image_size=64, seq_buckets=(seq, 64))
   msgs = {"und": UND, "gen": GEN, "text": TEXT}
   imgs = {"und": _image(1, (50, 30, 3)), "gen": _image(2, (30, 50, 3))}
-  raws = [{"id": k, "messages": msgs[k], "images": [imgs[k]] if k != "text" else [],
-           "image_kinds": [k] if k != "text" else []} for k in kinds]
+  raws = [
+    {
+      "id": k,
+      "messages": msgs[k],
+      "images": [imgs[k]] if k != "text" else [],
+      "image_kinds": [k] if k != "text" else [],
+    }
+    for k in kinds
+  ]
   prep = PrepareExample(spec, TOK)
   samples = [prep(i, r) for i, r in enumerate(raws)]
   for row, s in enumerate(samples):  # the pipeline tokenises exactly as the reference template
@@ -165,7 +202,7 @@ def test_golden_batch(name: str, kinds: list[str]):
   batch = collate(samples, spec)
   check_batch(batch, spec)
   assert batch["token_ids"].shape == (len(kinds), seq)
-  np.testing.assert_array_equal(batch["targets"][:, :seq - 1].reshape(-1), text_labels)
+  np.testing.assert_array_equal(batch["targets"][:, : seq - 1].reshape(-1), text_labels)
   assert (batch["targets"][:, seq - 1] == IGNORE_INDEX).all()
 
   # Hand-computed layout: each placeholder -> 4 slots; the text-only sample's dummy goes in front.
@@ -181,13 +218,13 @@ def test_golden_batch(name: str, kinds: list[str]):
     else:
       p = int(np.flatnonzero(r == (IMAGE_TOKEN_INDEX if kind == "und" else IMAGE_GEN_TOKEN_INDEX))[0])
       assert r[p - 1] == IM_START_ID and r[p + 1] == IM_END_ID
-      start, row_ids, mask = p, np.concatenate([r[:p], np.zeros(n_tok), r[p + 1:]]), 1
+      start, row_ids, mask = p, np.concatenate([r[:p], np.zeros(n_tok), r[p + 1 :]]), 1
       # the token before <im_start> predicts it; <im_start> and the image predict nothing
       assert batch["targets"][row, p - 2] == IM_START_ID
-      assert (batch["targets"][row, p - 1:p + n_tok] == IGNORE_INDEX).all()
-    tok_ids[row, :len(row_ids)] = row_ids
-    image_index[row, start:start + n_tok] = 2 * row * n_tok + np.arange(n_tok)  # slot 2*row (K = 2)
-    image_mask[row, start:start + n_tok] = mask
+      assert (batch["targets"][row, p - 1 : p + n_tok] == IGNORE_INDEX).all()
+    tok_ids[row, : len(row_ids)] = row_ids
+    image_index[row, start : start + n_tok] = 2 * row * n_tok + np.arange(n_tok)  # slot 2*row (K = 2)
+    image_mask[row, start : start + n_tok] = mask
     positions += [row * seq + start + np.arange(n_tok), np.full(n_tok, row * seq)]  # image, padding slot
     assert batch["valid"][row].sum() == len(row_ids)
   np.testing.assert_array_equal(batch["token_ids"], tok_ids)
@@ -198,10 +235,12 @@ def test_golden_batch(name: str, kinds: list[str]):
   np.testing.assert_array_equal(batch["image_kind"], [c for k in kinds for c in (kind_code[k], 0)])
   np.testing.assert_array_equal(batch["image_weight"], [1.0, 0.0] * len(kinds))
   # uint8, divided by 255 on the device: the processor's pixels exactly
-  np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][0]],
-                                preprocess_understanding(imgs["und"], 64).pixel_values.transpose(1, 2, 0))
-  np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][2]],
-                                preprocess_generation(imgs["gen"], 64).pixel_values.transpose(1, 2, 0))
+  np.testing.assert_array_equal(
+    UNIT_PIXEL_TABLE[batch["pixels"][0]], preprocess_understanding(imgs["und"], 64).pixel_values.transpose(1, 2, 0)
+  )
+  np.testing.assert_array_equal(
+    UNIT_PIXEL_TABLE[batch["pixels"][2]], preprocess_generation(imgs["gen"], 64).pixel_values.transpose(1, 2, 0)
+  )
   assert not batch["pixels"][1::2].any() and (batch["t"][1::2] == 1).all()
   assert batch["t"][0] == 1.0 and 1e-6 <= batch["t"][2] <= 1 - 1e-6
   if "text" in kinds:
@@ -223,36 +262,58 @@ def _write_jsonl(tmp_path: Path) -> tuple[Path, dict]:
     arr = _image(seed, shape)
     Image.fromarray(arr).save(tmp_path / name)
     return arr
-  arrays = {"und": save("und.png", (30, 40, 3), 1), "gen": save("gen.png", (70, 50, 3), 2),
-            "src": save("src.png", (64, 64, 3), 3), "tgt": save("tgt.png", (80, 64, 3), 4)}
+
+  arrays = {
+    "und": save("und.png", (30, 40, 3), 1),
+    "gen": save("gen.png", (70, 50, 3), 2),
+    "src": save("src.png", (64, 64, 3), 3),
+    "tgt": save("tgt.png", (80, 64, 3), 4),
+  }
   good = (tmp_path / "und.png").read_bytes()
   (tmp_path / "corrupt.png").write_bytes(good[: len(good) // 2])  # truncated PNG
 
   def conv(human, gpt):
     return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+
   und_conv = conv("<im_start><image><im_end>\nWhat is this?", "A small red apple.")
   lines = [
-      {"id": "und1", "image": "und.png", "conversations": und_conv},
-      {"id": "gen1", "image": "gen.png", "conversations": conv("An apple.", "<im_start><image_gen><im_end>")},
-      {"id": "text1", "conversations": conv("Please introduce yourself briefly.", "I am a model.")},
-      {"id": "edit1", "image": "src.png, tgt.png",
-       "conversations": conv("<im_start><image><im_end>\nRemove the apple.", "<im_start><image_gen><im_end>")},
-      '{"id": "broken1", "conversations": [{"from": "human", "value": "hi"',
-      {"id": "missing1", "image": "nope.png", "conversations": und_conv},
-      {"id": "corrupt1", "image": "corrupt.png", "conversations": und_conv},
-      {"id": "long1", "conversations": conv("Tell me a story.", " ".join(["once upon a time"] * 60))},
-      {"id": "mismatch1", "image": "und.png, gen.png", "conversations": und_conv},
+    {"id": "und1", "image": "und.png", "conversations": und_conv},
+    {"id": "gen1", "image": "gen.png", "conversations": conv("An apple.", "<im_start><image_gen><im_end>")},
+    {"id": "text1", "conversations": conv("Please introduce yourself briefly.", "I am a model.")},
+    {
+      "id": "edit1",
+      "image": "src.png, tgt.png",
+      "conversations": conv("<im_start><image><im_end>\nRemove the apple.", "<im_start><image_gen><im_end>"),
+    },
+    '{"id": "broken1", "conversations": [{"from": "human", "value": "hi"',
+    {"id": "missing1", "image": "nope.png", "conversations": und_conv},
+    {"id": "corrupt1", "image": "corrupt.png", "conversations": und_conv},
+    {"id": "long1", "conversations": conv("Tell me a story.", " ".join(["once upon a time"] * 60))},
+    {"id": "mismatch1", "image": "und.png, gen.png", "conversations": und_conv},
   ]
   path = tmp_path / "data.jsonl"
   path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
-  bad = {"broken1": "malformed", "missing1": "bad_image", "corrupt1": "bad_image", "long1": "too_long",
-         "mismatch1": "malformed"}
+  bad = {
+    "broken1": "malformed",
+    "missing1": "bad_image",
+    "corrupt1": "bad_image",
+    "long1": "too_long",
+    "mismatch1": "malformed",
+  }
   return path, {"arrays": arrays, "bad": bad}
 
 
 def _jsonl_config(path: Path, **kw: Any):
-  data = dict(source="jsonl", jsonl_path=str(path), image_root="", seq_buckets=(64, 128), max_images_per_sample=2,
-              mix={"und": 1.0, "gen": 1.0, "text": 1.0}, cfg_data_rate=0.0, shuffle=False)
+  data = dict(
+    source="jsonl",
+    jsonl_path=str(path),
+    image_root="",
+    seq_buckets=(64, 128),
+    max_images_per_sample=2,
+    mix={"und": 1.0, "gen": 1.0, "text": 1.0},
+    cfg_data_rate=0.0,
+    shuffle=False,
+  )
   data.update(kw)
   return _config(batch_size=4, **data)
 
@@ -287,20 +348,28 @@ def test_jsonl_batches_and_skips(tmp_path: Path, caplog):
       if "Remove the apple" in text:
         found += 1
         assert kinds == [1, 2]
-        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
-                                      preprocess_understanding(arrays["src"], 64).pixel_values.transpose(1, 2, 0))
-        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[1]]],
-                                      preprocess_generation(arrays["tgt"], 64).pixel_values.transpose(1, 2, 0))
+        np.testing.assert_array_equal(
+          UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
+          preprocess_understanding(arrays["src"], 64).pixel_values.transpose(1, 2, 0),
+        )
+        np.testing.assert_array_equal(
+          UNIT_PIXEL_TABLE[batch["pixels"][slots[1]]],
+          preprocess_generation(arrays["tgt"], 64).pixel_values.transpose(1, 2, 0),
+        )
       elif "introduce yourself" in text:
         assert kinds == [0] and batch["t"][slots[0]] == 0.0
       elif "What is this" in text:
         assert kinds == [1]
-        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
-                                      preprocess_understanding(arrays["und"], 64).pixel_values.transpose(1, 2, 0))
+        np.testing.assert_array_equal(
+          UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
+          preprocess_understanding(arrays["und"], 64).pixel_values.transpose(1, 2, 0),
+        )
       else:
         assert "An apple." in text and kinds == [2]
-        np.testing.assert_array_equal(UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
-                                      preprocess_generation(arrays["gen"], 64).pixel_values.transpose(1, 2, 0))
+        np.testing.assert_array_equal(
+          UNIT_PIXEL_TABLE[batch["pixels"][slots[0]]],
+          preprocess_generation(arrays["gen"], 64).pixel_values.transpose(1, 2, 0),
+        )
   assert found >= 2
 
 
@@ -320,8 +389,10 @@ def test_truncation_and_over_long():
   r = PrepareExample(long_spec, TOK)(0, _example(2, "text", words=60))
   assert r["skip"] == "too_long" and "bucket" in r["message"]
   two = dict(_example(3, "und"), images=[_image(0), _image(1)], image_kinds=["und", "gen"])
-  two["messages"] = [{"role": "user", "content": "<im_start><image><im_end> edit"},
-                     {"role": "assistant", "content": "<im_start><image_gen><im_end>"}]
+  two["messages"] = [
+    {"role": "user", "content": "<im_start><image><im_end> edit"},
+    {"role": "assistant", "content": "<im_start><image_gen><im_end>"},
+  ]
   assert PrepareExample(_spec(max_images_per_sample=1), TOK)(0, two)["skip"] == "too_many_images"
   # labels that do not mark the image with an <im_start> label: the FM positions would be wrong
   bad = _example(4, "und")
@@ -335,8 +406,13 @@ def test_truncation_and_over_long():
 # ------------------------------------------------------------------------- shapes, mix, processes
 def test_static_bucket_shapes():
   examples = [_example(i, ("und", "gen", "text")[i % 3], words=(1, 4, 15, 40, 60)[i % 5]) for i in range(60)]
-  config = _config(batch_size=4, image_size=32, seq_buckets=(64, 128, 256), max_images_per_sample=1,
-                   mix={"und": 1.0, "gen": 1.0, "text": 1.0})
+  config = _config(
+    batch_size=4,
+    image_size=32,
+    seq_buckets=(64, 128, 256),
+    max_images_per_sample=1,
+    mix={"und": 1.0, "gen": 1.0, "text": 1.0},
+  )
   spec = pipeline.spec_from_config(config)
   it = make_train_iterator(config, source=ListSource(examples))
   seen = set()
@@ -350,8 +426,9 @@ def test_static_bucket_shapes():
 def test_mix_ratios():
   # pools of >= 1000: grain's index shuffle is slow on tiny domains
   examples = [_example(i, ("und", "gen", "text")[i % 3]) for i in range(3072)]
-  config = _config(batch_size=16, image_size=32, seq_buckets=(64,), max_images_per_sample=1,
-                   mix={"und": 3.0, "gen": 6.0, "text": 1.0})
+  config = _config(
+    batch_size=16, image_size=32, seq_buckets=(64,), max_images_per_sample=1, mix={"und": 3.0, "gen": 6.0, "text": 1.0}
+  )
   it = make_train_iterator(config, source=ListSource(examples))
   counts = np.zeros(3)
   for _ in range(64):  # 1024 samples: one shuffle window, in which the ratios are exact
@@ -364,9 +441,15 @@ def test_mix_ratios():
 
 def test_first_phase_then_the_mix_and_resume_across_the_boundary():
   examples = [_example(i, ("und", "gen", "text")[i % 3]) for i in range(3072)]
-  config = _config(batch_size=16, image_size=32, seq_buckets=(64,), max_images_per_sample=1,
-                   mix={"und": 3.0, "gen": 6.0, "text": 1.0}, first_samples=64,
-                   first_mix={"und": 0.0, "gen": 1.0, "text": 0.0})
+  config = _config(
+    batch_size=16,
+    image_size=32,
+    seq_buckets=(64,),
+    max_images_per_sample=1,
+    mix={"und": 3.0, "gen": 6.0, "text": 1.0},
+    first_samples=64,
+    first_mix={"und": 0.0, "gen": 1.0, "text": 0.0},
+  )
   it = make_train_iterator(config, source=ListSource(examples))
   kinds = lambda batch: np.bincount(batch["image_kind"][batch["image_index"].max(axis=1)], minlength=3)
   for _ in range(3):
@@ -416,6 +499,7 @@ def test_processes_get_disjoint_halves():
 def test_grain_checkpoint_handler_round_trip(tmp_path: Path):
   import grain
   from etils import epath
+
   config = _config(batch_size=4)
   it = make_train_iterator(config)
   next(it)
@@ -471,8 +555,14 @@ def test_cfg_dropout_rate_and_content():
 
 def test_cfg_dropout_in_batches():
   examples = [_example(i, ("und", "gen")[i % 2]) for i in range(2048)]
-  config = _config(batch_size=16, image_size=32, seq_buckets=(64,), max_images_per_sample=1, cfg_data_rate=0.2,
-                   mix={"und": 1.0, "gen": 1.0, "text": 0.0})
+  config = _config(
+    batch_size=16,
+    image_size=32,
+    seq_buckets=(64,),
+    max_images_per_sample=1,
+    cfg_data_rate=0.2,
+    mix={"und": 1.0, "gen": 1.0, "text": 0.0},
+  )
   it = make_train_iterator(config, source=ListSource(examples))
   rows = {1: [0, 0], 2: [0, 0]}  # image kind -> [dropped, total]
   for _ in range(20):
@@ -492,15 +582,21 @@ def _bad_lines_jsonl(tmp_path: Path, mix_text: bool = False) -> tuple[Path, dict
   conv = lambda h, g: [{"from": "human", "value": h}, {"from": "gpt", "value": g}]
   und = conv("<im_start><image><im_end>", "A square.")  # 30 tokens with the image's 4: fits a 32 bucket
   gen = conv("A square.", "<im_start><image_gen><im_end>")
-  good = [json.dumps({"id": f"und{i}", "image": "ok.png", "conversations": und}) for i in range(3)] + \
-         [json.dumps({"id": f"gen{i}", "image": "ok.png", "conversations": gen}) for i in range(3)]
+  good = [json.dumps({"id": f"und{i}", "image": "ok.png", "conversations": und}) for i in range(3)] + [
+    json.dumps({"id": f"gen{i}", "image": "ok.png", "conversations": gen}) for i in range(3)
+  ]
   bad = {
-      "noconv": json.dumps({"id": "noconv", "image": "ok.png", "turns": und}),           # no `conversations`
-      "noplaceholder": json.dumps({"id": "noplaceholder", "image": "ok.png",             # image, no placeholder
-                                   "conversations": conv("What is this?", "A square.")}),
-      "cut": json.dumps({"id": "cut", "image": "ok.png", "conversations": und})[:40],     # cut off mid-way
-      "empty": json.dumps({"id": "empty", "conversations": []}),
-      "latin1": '{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}',
+    "noconv": json.dumps({"id": "noconv", "image": "ok.png", "turns": und}),  # no `conversations`
+    "noplaceholder": json.dumps(
+      {
+        "id": "noplaceholder",
+        "image": "ok.png",  # image, no placeholder
+        "conversations": conv("What is this?", "A square."),
+      }
+    ),
+    "cut": json.dumps({"id": "cut", "image": "ok.png", "conversations": und})[:40],  # cut off mid-way
+    "empty": json.dumps({"id": "empty", "conversations": []}),
+    "latin1": '{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}',
   }
   lines = good[:3] + list(bad.values())[:3] + good[3:] + list(bad.values())[3:]
   if mix_text:
@@ -535,12 +631,14 @@ def test_every_bad_jsonl_line_is_named_and_counted_whatever_the_mix(tmp_path: Pa
   assert again.skipped["malformed"] == len(bad)
 
 
-@pytest.mark.parametrize("content, wanted", [
+@pytest.mark.parametrize(
+  "content, wanted",
+  [
     ("", "0 und, 0 gen, 0 text"),
-    ('{"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Yo."}]}\n',
-     "1 text"),
+    ('{"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Yo."}]}\n', "1 text"),
     ('{"id": "cut", "conv\n{"nope": 1}\n', "2 unusable"),
-])
+  ],
+)
 def test_a_file_with_no_usable_line_of_the_wanted_kinds_says_so(tmp_path: Path, content: str, wanted: str):
   path = tmp_path / "data.jsonl"
   path.write_text(content)
@@ -554,6 +652,7 @@ def test_unreadable_paths_and_all_bad_data_are_user_errors(tmp_path: Path):
   """Probes beyond issue 13's list: a JSONL path that is a symlink loop (or empty), and an image root that
   is one (every image unreadable), are one-line user errors, not tracebacks."""
   import os
+
   os.symlink("loop", tmp_path / "loop")
   with pytest.raises(UserError, match="cannot read the JSONL file .*loop.*symbolic links"):
     make_train_iterator(_jsonl_config(tmp_path / "loop"))
@@ -563,8 +662,9 @@ def test_unreadable_paths_and_all_bad_data_are_user_errors(tmp_path: Path):
     make_train_iterator(config)
   conv = [{"from": "human", "value": "<im_start><image><im_end>"}, {"from": "gpt", "value": "A square."}]
   path = tmp_path / "d.jsonl"
-  path.write_text("".join(json.dumps({"id": f"s{i}", "image": "x.png", "conversations": conv}) + "\n"
-                          for i in range(3)))
+  path.write_text(
+    "".join(json.dumps({"id": f"s{i}", "image": "x.png", "conversations": conv}) + "\n" for i in range(3))
+  )
   it = make_train_iterator(_jsonl_config(path, image_root=str(tmp_path / "loop")))
   with pytest.raises(UserError, match=r"consecutive samples were skipped .*bad_image.*symbolic links"):
     next(it)

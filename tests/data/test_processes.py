@@ -1,5 +1,6 @@
 """The data pipeline across processes: 2 jax.distributed processes split the 1-process stream exactly
 (JSONL, shards, mixed sources); resume with grain worker processes; a dying worker."""
+
 from __future__ import annotations
 
 import json
@@ -27,25 +28,47 @@ def data(tmp_path_factory) -> dict[str, dict]:
   a = write_dataset(str(tmp / "a"), 120, image_sizes=sizes)
   b = write_dataset(str(tmp / "b"), 120, image_sizes=sizes, start=5000)
   for jsonl, folder in ((a, tmp / "a"), (b, tmp / "b")):
-    prepare_lib.prepare([jsonl], [str(folder / "images")], str(folder / "shards"), records_per_shard=50,
-                        log=lambda *_: None)
-  return {"jsonl": {"source": "jsonl", "jsonl_path": a, "image_root": str(tmp / "a" / "images")},
-          "shards": {"sources": [str(tmp / "a" / "shards")]},
-          "mixed": {"sources": [{"path": a, "weight": 1.0, "image_root": str(tmp / "a" / "images")},
-                                {"path": str(tmp / "b" / "shards"), "weight": 2.0}]}}
+    prepare_lib.prepare(
+      [jsonl], [str(folder / "images")], str(folder / "shards"), records_per_shard=50, log=lambda *_: None
+    )
+  return {
+    "jsonl": {"source": "jsonl", "jsonl_path": a, "image_root": str(tmp / "a" / "images")},
+    "shards": {"sources": [str(tmp / "a" / "shards")]},
+    "mixed": {
+      "sources": [
+        {"path": a, "weight": 1.0, "image_root": str(tmp / "a" / "images")},
+        {"path": str(tmp / "b" / "shards"), "weight": 2.0},
+      ]
+    },
+  }
 
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("runs")
-  args = lambda prefix: [sys.executable, "-m", "tests.data.stream_worker", "streams", str(tmp / prefix),
-                         json.dumps(data), str(STEPS)]
+  args = lambda prefix: [
+    sys.executable,
+    "-m",
+    "tests.data.stream_worker",
+    "streams",
+    str(tmp / prefix),
+    json.dumps(data),
+    str(STEPS),
+  ]
   single = subprocess.run(args("single"), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
-  procs = [subprocess.Popen(args("multi"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(CHEERS_COORDINATOR=f"localhost:{port}", CHEERS_NUM_PROCESSES="2",
-                                    CHEERS_PROCESS_ID=str(pid))) for pid in range(2)]
+  procs = [
+    subprocess.Popen(
+      args("multi"),
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env(CHEERS_COORDINATOR=f"localhost:{port}", CHEERS_NUM_PROCESSES="2", CHEERS_PROCESS_ID=str(pid)),
+    )
+    for pid in range(2)
+  ]
   errors = []
   for p in procs:
     try:
@@ -94,8 +117,14 @@ def test_resume_with_worker_processes_is_exact(data):
 def test_a_dying_worker_is_a_clear_error_not_a_hang(tmp_path: Path):
   out = tmp_path / "out.txt"
   with open(out, "w") as f:  # a file, not a pipe: a stray process holding it cannot stall the test
-    proc = subprocess.run([sys.executable, "-m", "tests.data.stream_worker", "die"], cwd=REPO, env=env(),
-                          stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    proc = subprocess.run(
+      [sys.executable, "-m", "tests.data.stream_worker", "die"],
+      cwd=REPO,
+      env=env(),
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      timeout=300,
+    )
   text = out.read_text()
   line = [x for x in text.splitlines() if x.startswith(("RAISED", "NO ERROR"))]
   assert line, text[-2000:]

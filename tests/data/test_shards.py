@@ -1,4 +1,5 @@
 """Prepared shards (cheers_jax.data.prepare / shards / ShardSource) and several sources by weight."""
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ def test_every_official_record_kind_gives_the_same_tokens_and_pixels_from_jsonl_
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
   assert kinds == {("und",), ("gen",), ("und", "gen"), ()}  # und, gen, editing, text
   # the token lengths of the index are the tokenizer's
-  np.testing.assert_array_equal(from_shards.lengths()[:4], [len(prep.tokenizer.build_conversation(
-      from_jsonl[i]["messages"])[0]) for i in range(4)])
+  np.testing.assert_array_equal(
+    from_shards.lengths()[:4], [len(prep.tokenizer.build_conversation(from_jsonl[i]["messages"])[0]) for i in range(4)]
+  )
   config = dict(cfg_data_rate=0.2, shuffle=True)
   as_jsonl = _config(source="jsonl", jsonl_path=str(jsonl), image_root=str(jsonl.parent / "images"), **config)
   _equal_batches(make_train_iterator(as_jsonl), make_train_iterator(_config(sources=(str(shards),), **config)), 4)
@@ -79,7 +81,7 @@ def _bad_jsonl(folder: Path) -> tuple[Path, dict[str, str]]:
   images = jsonl.parent / "images"
   (images / "text.jpg").write_text("not an image")
   good = (images / "0000000.jpg").read_bytes()
-  (images / "cut.jpg").write_bytes(good[:len(good) // 2])  # header fine, data cut: a skip at training
+  (images / "cut.jpg").write_bytes(good[: len(good) // 2])  # header fine, data cut: a skip at training
   conv = [{"from": "human", "value": "<im_start><image><im_end>\nWhat?"}, {"from": "gpt", "value": "It."}]
   bad = {"missing": "bad_image", "notimage": "bad_image", "noconv": "malformed", "cut-line": "malformed"}
   with open(jsonl, "a") as f:
@@ -119,8 +121,9 @@ def test_tasks_write_disjoint_shards_and_a_rerun_finishes_only_what_is_missing(t
     _prepare(jsonl, out, records_per_shard=8, task_index=task, num_tasks=3, processes=2 if task == 0 else 1)
   names = sorted(p.name for p in out.glob("*.arrayrecord"))
   assert names == [shards_lib.shard_name("data", k, 7) for k in range(7)]
-  reports = [json.loads((out / f"report-task{t:05d}-of-00003.jsonl").read_text().splitlines()[0])["summary"]
-             for t in range(3)]
+  reports = [
+    json.loads((out / f"report-task{t:05d}-of-00003.jsonl").read_text().splitlines()[0])["summary"] for t in range(3)
+  ]
   assert [r["inputs"][str(jsonl)]["shards"] for r in reports] == [3, 2, 2]
   assert sum(r["inputs"][str(jsonl)]["written"] for r in reports) == 50
   whole = sources_lib.ShardSource(str(out))
@@ -141,11 +144,13 @@ def test_tasks_write_disjoint_shards_and_a_rerun_finishes_only_what_is_missing(t
 
 
 def test_max_side_reencodes_only_what_training_would_shrink_and_says_so(tmp_path: Path):
-  jsonl = Path(write_dataset(str(tmp_path), 4, kinds=("und", "gen"),
-                              image_sizes=((120, 80), (120, 80), (40, 30), (40, 30))))
+  jsonl = Path(
+    write_dataset(str(tmp_path), 4, kinds=("und", "gen"), image_sizes=((120, 80), (120, 80), (40, 30), (40, 30)))
+  )
   said = []
-  summary = prepare_lib.prepare([str(jsonl)], [str(tmp_path / "images")], str(tmp_path / "s"), max_side=64,
-                                log=said.append)
+  summary = prepare_lib.prepare(
+    [str(jsonl)], [str(tmp_path / "images")], str(tmp_path / "s"), max_side=64, log=said.append
+  )
   assert summary["inputs"][str(jsonl)]["reencoded"] == 2 and "--max-side 64" in said[0]
   source = sources_lib.ShardSource(str(tmp_path / "s"))
   sizes = [load_image(source[i]["images"][0]).size for i in range(4)]
@@ -158,8 +163,26 @@ def test_inspect_and_the_cli(tmp_path: Path, dataset, capsys):
   assert prepare_lib.main(["inspect", str(shards), "--samples", "2"]) == 0
   out = capsys.readouterr().out
   assert "40 records (und 10, gen 20, text 10)" in out and out.count("\nrecord ") == 2 and "64x48" in out
-  assert prepare_lib.main(["prepare", "--input", str(jsonl), "--image-root", "a", "--image-root", "b",
-                           "--input", str(jsonl), "--input", str(jsonl), "--output", str(tmp_path)]) == 2
+  assert (
+    prepare_lib.main(
+      [
+        "prepare",
+        "--input",
+        str(jsonl),
+        "--image-root",
+        "a",
+        "--image-root",
+        "b",
+        "--input",
+        str(jsonl),
+        "--input",
+        str(jsonl),
+        "--output",
+        str(tmp_path),
+      ]
+    )
+    == 2
+  )
   assert "--image-root" in capsys.readouterr().err
   assert prepare_lib.main(["inspect", str(tmp_path / "nothing*")]) == 2
   assert "nothing*" in capsys.readouterr().err
@@ -188,8 +211,9 @@ def test_a_corrupt_record_is_an_error_naming_the_shard_and_the_record(dataset, t
   source = sources_lib.ShardSource(str(copy))
   victim, number = source.locate(20)
   data = bytearray(Path(victim).read_bytes())
-  record = shards_lib.encode_record(sources_lib.ShardSource(str(shards))[20] | {"images": []},
-                                    sources_lib.ShardSource(str(shards))[20]["images"])
+  record = shards_lib.encode_record(
+    sources_lib.ShardSource(str(shards))[20] | {"images": []}, sources_lib.ShardSource(str(shards))[20]["images"]
+  )
   at = bytes(data).find(record[-64:])  # the end of record 20's last image
   assert at > 0
   data[at + 10] ^= 0xFF
@@ -230,12 +254,18 @@ def test_sources_mix_by_weight_within_each_kind_with_the_kind_mix_on_top(tmp_pat
   """A JSONL of text records (weight 1) and shards of text + generation records numbered from 10000 (weight
   3): data.mix sets text : gen = 1 : 1, and within the text samples the sources come 1 : 3."""
   a = write_dataset(str(tmp_path / "a"), 1200, kinds=("text",))
-  b = write_dataset(str(tmp_path / "b"), 2400, kinds=("text", "gen"), num_images=2, image_sizes=((32, 32),),
-                    start=10000)
+  b = write_dataset(
+    str(tmp_path / "b"), 2400, kinds=("text", "gen"), num_images=2, image_sizes=((32, 32),), start=10000
+  )
   _prepare(b, tmp_path / "b" / "shards", records_per_shard=1000)
-  config = _config(batch_size=16, image_size=32, seq_buckets=(64,), max_images_per_sample=1,
-                   mix={"und": 0.0, "gen": 1.0, "text": 1.0},
-                   sources=({"path": a, "weight": 1.0}, {"path": str(tmp_path / "b" / "shards"), "weight": 3.0}))
+  config = _config(
+    batch_size=16,
+    image_size=32,
+    seq_buckets=(64,),
+    max_images_per_sample=1,
+    mix={"und": 0.0, "gen": 1.0, "text": 1.0},
+    sources=({"path": a, "weight": 1.0}, {"path": str(tmp_path / "b" / "shards"), "weight": 3.0}),
+  )
   it = make_train_iterator(config)
   tok = PrepareExample(spec_from_config(config)).tokenizer
   kinds, from_b, texts = np.zeros(3), 0, 0
@@ -268,9 +298,34 @@ def test_source_entries_are_checked(tmp_path: Path):
 
 def test_bench_data_runs_end_to_end(tmp_path: Path, capsys):
   from cheers_jax.bench import data as bench_data
-  assert bench_data.main(["--records", "12", "--workers", "0", "--steps", "1", "--stage-samples", "8",
-                          "--image-size", "64", "--batch-size", "4", "--startup-records", "2500",
-                          "--jsonl-startup-records", "100", "--processes", "1", "--workdir", str(tmp_path)]) == 0
+
+  assert (
+    bench_data.main(
+      [
+        "--records",
+        "12",
+        "--workers",
+        "0",
+        "--steps",
+        "1",
+        "--stage-samples",
+        "8",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--startup-records",
+        "2500",
+        "--jsonl-startup-records",
+        "100",
+        "--processes",
+        "1",
+        "--workdir",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   result = json.loads(out.split("RESULT ")[-1])
   assert set(result["startup_s"]) == {"jsonl", "shards"} and result["startup_large"]["records"] == 2500

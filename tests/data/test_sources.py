@@ -1,4 +1,5 @@
 """Record sources: the official JSONL format, TFDS (a tiny dataset built locally), synthetic shapes."""
+
 from __future__ import annotations
 
 import json
@@ -34,21 +35,37 @@ def jsonl(tmp_path: Path) -> Path:
   for name in ("a.png", "b.png", "c.png"):
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name)
   lines = [
-      json.dumps({"id": "u", "image": "imgs/a.png",
-                  "conversations": [_human("<im_start><image><im_end>\nWhat is this?"), _gpt("A cat.")]}),
-      json.dumps({"id": "g", "image": "imgs/b.png",
-                  "conversations": [_human("A dog."), _gpt("<im_start><image_gen><im_end>")]}),
-      "",  # blank lines are not records
-      json.dumps({"id": "e", "image": "imgs/a.png, imgs/c.png",
-                  "conversations": [_human("<im_start><image><im_end>\nMake it blue."),
-                                    _gpt("<im_start><image_gen><im_end>")]}),
-      json.dumps({"id": "t", "conversations": [_human("Hi."), _gpt("Hello.")]}),
-      '{"id": "broken", "conversations": [',
-      json.dumps({"id": "m", "image": "imgs/a.png, imgs/b.png",
-                  "conversations": [_human("<im_start><image><im_end>\nWhat?"), _gpt("A cat.")]}),
-      # escaped '<' still classifies by the parsed text
-      json.dumps({"id": "esc", "image": "imgs/b.png",
-                  "conversations": [_human("Draw."), _gpt("<im_start><image_gen><im_end>")]}).replace("<", "\\u003c"),
+    json.dumps(
+      {
+        "id": "u",
+        "image": "imgs/a.png",
+        "conversations": [_human("<im_start><image><im_end>\nWhat is this?"), _gpt("A cat.")],
+      }
+    ),
+    json.dumps(
+      {"id": "g", "image": "imgs/b.png", "conversations": [_human("A dog."), _gpt("<im_start><image_gen><im_end>")]}
+    ),
+    "",  # blank lines are not records
+    json.dumps(
+      {
+        "id": "e",
+        "image": "imgs/a.png, imgs/c.png",
+        "conversations": [_human("<im_start><image><im_end>\nMake it blue."), _gpt("<im_start><image_gen><im_end>")],
+      }
+    ),
+    json.dumps({"id": "t", "conversations": [_human("Hi."), _gpt("Hello.")]}),
+    '{"id": "broken", "conversations": [',
+    json.dumps(
+      {
+        "id": "m",
+        "image": "imgs/a.png, imgs/b.png",
+        "conversations": [_human("<im_start><image><im_end>\nWhat?"), _gpt("A cat.")],
+      }
+    ),
+    # escaped '<' still classifies by the parsed text
+    json.dumps(
+      {"id": "esc", "image": "imgs/b.png", "conversations": [_human("Draw."), _gpt("<im_start><image_gen><im_end>")]}
+    ).replace("<", "\\u003c"),
   ]
   path = tmp_path / "data.jsonl"
   path.write_text("\n".join(lines) + "\n")
@@ -65,8 +82,10 @@ def test_jsonl_records(jsonl: Path):
   u = src[0]
   assert u["id"] == "u" and u["image_kinds"] == ["und"]
   assert u["images"] == [str(jsonl.parent / "imgs" / "a.png")]
-  assert u["messages"] == [{"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
-                           {"role": "assistant", "content": "A cat."}]
+  assert u["messages"] == [
+    {"role": "user", "content": "<im_start><image><im_end>\nWhat is this?"},
+    {"role": "assistant", "content": "A cat."},
+  ]
   assert src[1]["image_kinds"] == ["gen"]
   e = src[2]  # editing: source to understand, target to generate, in that order
   assert e["image_kinds"] == ["und", "gen"]
@@ -113,6 +132,7 @@ def test_synthetic_deterministic_and_described():
 def test_shapes_prompts_share_no_token_with_the_captions():
   # the T2I prompt's colour and shape words must not be the caption's (tied embeddings, cheers_jax.config.tiny)
   from cheers_jax.data.tokenizer import CheersTokenizer
+
   tok = CheersTokenizer()
   assert sources.shapes_prompt("a red circle") == "Generate an image: A RED CIRCLE"
   for colour in COLOURS:
@@ -134,10 +154,13 @@ def test_synthetic_image_shows_its_colour():
 
 
 def test_sources_import_without_tensorflow():
-  code = ("import sys; import cheers_jax.data.pipeline, cheers_jax.data.sources; "
-          "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules")
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT,
-                 env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+  code = (
+    "import sys; import cheers_jax.data.pipeline, cheers_jax.data.sources; "
+    "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules"
+  )
+  subprocess.run(
+    [sys.executable, "-c", code], check=True, cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+  )
 
 
 # -------------------------------------------------------------------------------------------- TFDS
@@ -153,10 +176,16 @@ def tfds_dir(tmp_path_factory) -> Path:
     code_path = None  # no checksums file next to a test module
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "caption": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(names=["tabby_cat", "dog", "bird"])}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "caption": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=["tabby_cat", "dog", "bird"]),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -197,6 +226,7 @@ def test_tfds_class_labels(tfds_dir: Path):
 def test_tfds_pipeline(tfds_dir: Path):
   from configs import tiny
   from cheers_jax.data import pipeline
+
   c = tiny.get_config()
   c.data.source, c.data.tfds_name, c.data.tfds_data_dir = "tfds", "tiny_captions", str(tfds_dir)
   c.train.batch_size = 4
@@ -230,12 +260,21 @@ def test_jsonl_index_streams_the_file(tmp_path: Path):
   """A JSONL is parsed line by line, never loaded whole: indexing a file allocates a small fraction of
   its size (the index is 17 bytes per line), so a 1 GB file needs ~1/15 GB of index, not 1 GB."""
   import tracemalloc
+
   path = tmp_path / "big.jsonl"
   padding = "x" * 400
   with open(path, "w") as f:
     for i in range(20000):
-      f.write(json.dumps({"id": f"s{i}", "image": "a.png", "conversations": [
-          _human(f"<im_start><image><im_end>\n{padding}"), _gpt("A cat.")]}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "id": f"s{i}",
+            "image": "a.png",
+            "conversations": [_human(f"<im_start><image><im_end>\n{padding}"), _gpt("A cat.")],
+          }
+        )
+        + "\n"
+      )
   size = path.stat().st_size
   tracemalloc.start()
   src = JsonlSource(path)
@@ -250,6 +289,7 @@ def test_jsonl_source_closes_its_file_at_interpreter_exit(tmp_path: Path, monkey
   """Issue 24: at interpreter exit a module's globals may be None before its objects go; the source's
   finaliser must still close its file, without 'NoneType' object has no attribute 'getpid'."""
   import os
+
   path = tmp_path / "a.jsonl"
   path.write_text(json.dumps({"id": "s0", "conversations": [_human("Hi."), _gpt("Hello.")]}) + "\n")
   src = JsonlSource(path)

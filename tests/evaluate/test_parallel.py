@@ -4,6 +4,7 @@ fake CPU devices in one process, and 2 jax.distributed processes (as `train` sta
 environment) of 1 device each sharing the output folder (bit-identical images: the same one-device
 program), and a run interrupted with one device resumed with 8. Heavy: every run compiles the tiny
 model's programs (several minutes on 2 cores)."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,8 @@ def _inputs(root: Path) -> Path:
   _mmbench(lmu)
   (lmu / "geneval").mkdir()
   (lmu / "geneval" / "evaluation_metadata.jsonl").write_text(
-      "\n".join(json.dumps({"prompt": p}) for p in ["a cow", "a photo of a red car", "two cats on a sofa"]))
+    "\n".join(json.dumps({"prompt": p}) for p in ["a cow", "a photo of a red car", "two cats on a sofa"])
+  )
   (lmu / "dpg_bench" / "prompts").mkdir(parents=True)
   for name, text in (("1", "A red cube."), ("2", "A long prompt about a small wooden house by a lake at dawn.")):
     (lmu / "dpg_bench" / "prompts" / f"{name}.txt").write_text(text)
@@ -38,23 +40,57 @@ def _inputs(root: Path) -> Path:
 
 
 def _args(lmu: Path, out: Path) -> list[str]:
-  return ["-m", "cheers_jax.evaluate", "suite", "--checkpoint", str(TINY), "--dtype", "float32", "--lmudata",
-          str(lmu), "--out", str(out), "--max-new-tokens", "3", "--batch-size", "2", "--gen-batch-size", "2",
-          "--geneval-steps", "2", "--dpg-steps", "2", "--no-progress"]
+  return [
+    "-m",
+    "cheers_jax.evaluate",
+    "suite",
+    "--checkpoint",
+    str(TINY),
+    "--dtype",
+    "float32",
+    "--lmudata",
+    str(lmu),
+    "--out",
+    str(out),
+    "--max-new-tokens",
+    "3",
+    "--batch-size",
+    "2",
+    "--gen-batch-size",
+    "2",
+    "--geneval-steps",
+    "2",
+    "--dpg-steps",
+    "2",
+    "--no-progress",
+  ]
 
 
 def _run(lmu, out, devices=None, processes=1, timeout=1500):
   if processes == 1:
-    proc = subprocess.run([sys.executable, *_args(lmu, out)], cwd=REPO, env=env(devices), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+      [sys.executable, *_args(lmu, out)], cwd=REPO, env=env(devices), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, *_args(lmu, out)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=env(None, cache=False, CHEERS_COORDINATOR=f"localhost:{port}",
-                                    CHEERS_NUM_PROCESSES=str(processes), CHEERS_PROCESS_ID=str(pid)))
-           for pid in range(processes)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, *_args(lmu, out)],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env(
+        None,
+        cache=False,
+        CHEERS_COORDINATOR=f"localhost:{port}",
+        CHEERS_NUM_PROCESSES=str(processes),
+        CHEERS_PROCESS_ID=str(pid),
+      ),
+    )
+    for pid in range(processes)
+  ]
   outs = []
   try:
     for p in procs:

@@ -1,5 +1,6 @@
 """Prompts against the exact strings read off the official code (VLMEvalKit's dataset prompt + the Cheers
 wrapper's suffix + the chat template), and TSV reading (pointers, lists, rows without an image)."""
+
 import base64
 import io
 
@@ -8,8 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cheers_jax.evaluate.datasets import (BadRowImage, DatasetError, dataset_spec, decode_image, image_cells,
-                                          read_tsv)
+from cheers_jax.evaluate.datasets import BadRowImage, DatasetError, dataset_spec, decode_image, image_cells, read_tsv
 from cheers_jax.evaluate.prompts import build_row_prompt, chat_text
 
 NAN = float("nan")
@@ -22,17 +22,23 @@ def _prompt(name, n_images=1, **row):
 
 def test_mcq_prompts():
   p = _prompt("SEEDBench_IMG", question="What is shown?", A="cat", B="dog", hint=NAN)
-  assert p.text == (IM + "Question: What is shown?\nOptions:\nA. cat\nB. dog\n"
-                    "Please select the correct answer from the options above. \n"
-                    "\nAnswer with the option's letter from the given choices directly.")
+  assert p.text == (
+    IM + "Question: What is shown?\nOptions:\nA. cat\nB. dog\n"
+    "Please select the correct answer from the options above. \n"
+    "\nAnswer with the option's letter from the given choices directly."
+  )
   p = _prompt("MMBench_DEV_EN_V11", question="Q?", hint="Look closely.", A="x", B="y", C=NAN)
-  assert p.text == (IM + "Hint: Look closely.\nQuestion: Q?\nOptions:\nA. x\nB. y\n"
-                    "Please select the correct answer from the options above. \n"
-                    "\nAnswer with the option's letter from the given choices directly.")
+  assert p.text == (
+    IM + "Hint: Look closely.\nQuestion: Q?\nOptions:\nA. x\nB. y\n"
+    "Please select the correct answer from the options above. \n"
+    "\nAnswer with the option's letter from the given choices directly."
+  )
   p = _prompt("MMStar", question="Q?", A="x", B="y")
-  assert p.text.endswith("from the options above. \nCarefully read the question and reason step by step to "
-                         'determine the final correct answer. Format your answer as: "Answer: selected option '
-                         '(A B C or D)".')
+  assert p.text.endswith(
+    "from the options above. \nCarefully read the question and reason step by step to "
+    'determine the final correct answer. Format your answer as: "Answer: selected option '
+    '(A B C or D)".'
+  )
   p = _prompt("RealWorldQA", question="图中是什么？", A="猫", B="狗")
   assert p.text.endswith("from the options above. \n\n请直接回答选项字母。")
 
@@ -40,42 +46,55 @@ def test_mcq_prompts():
 def test_mmmu_image_tags_order_the_images():
   p = _prompt("MMMU_DEV_VAL", 2, question="Compare <image 1> and <image 2>.", A="x", B="<image 2> again")
   assert p.image_order == (0, 1, 1)
-  assert p.text == (IM * 3 + "Question: Compare  and .\nOptions:\nA. x\nB.  again\n"
-                    "Please select the correct answer from the options above. \n"
-                    "\nRead the question carefully. and think step by step to determine the correct answer. You "
-                    "MUST output ONLY the option letter corresponding to your choice or a very short phrase. Do NOT "
-                    "output reasoning, explanation, or any extra text. Output format: A single capital letter only "
-                    "or a very short phrase.")
+  assert p.text == (
+    IM * 3 + "Question: Compare  and .\nOptions:\nA. x\nB.  again\n"
+    "Please select the correct answer from the options above. \n"
+    "\nRead the question carefully. and think step by step to determine the correct answer. You "
+    "MUST output ONLY the option letter corresponding to your choice or a very short phrase. Do NOT "
+    "output reasoning, explanation, or any extra text. Output format: A single capital letter only "
+    "or a very short phrase."
+  )
   p = _prompt("MMMU_DEV_VAL", 2, question="What is in <image 2>?", A=NAN)
   assert p.image_order == (1,)
-  assert p.text == (IM + "Question: What is in ?\n\nRead the question carefully. and think carefully to determine "
-                    "the correct answer. Do NOT repeat the answer or include any unnecessary text.")
+  assert p.text == (
+    IM + "Question: What is in ?\n\nRead the question carefully. and think carefully to determine "
+    "the correct answer. Do NOT repeat the answer or include any unnecessary text."
+  )
   with pytest.raises(BadRowImage):
     _prompt("MMMU_DEV_VAL", 1, question="see <image 3>", A="x")
 
 
 def test_yes_no_and_vqa_prompts():
   assert _prompt("POPE", question="Is there a dog in the image?").text == (
-      IM + "Is there a dog in the image?\nAnswer the question using only a single word: 'Yes' or 'No'")
+    IM + "Is there a dog in the image?\nAnswer the question using only a single word: 'Yes' or 'No'"
+  )
   assert _prompt("TextVQA_VAL", question="what is written?").text == (
-      IM + "what is written?\nAnswer the question using a single word or phrase."
-      "\nYou must answer the question using a single word or phrase.")
+    IM + "what is written?\nAnswer the question using a single word or phrase."
+    "\nYou must answer the question using a single word or phrase."
+  )
   assert _prompt("ChartQA_TEST", question="max?").text.endswith(
-      "max?\nAnswer the question using a single word or phrase.\nYou must answer the question using a single word "
-      "or phrase.")
+    "max?\nAnswer the question using a single word or phrase.\nYou must answer the question using a single word "
+    "or phrase."
+  )
   assert _prompt("OCRBench", question="what is written?").text == (
-      IM + "what is written?Answer the question.\nDo NOT include any unnecessary text.")
+    IM + "what is written?Answer the question.\nDo NOT include any unnecessary text."
+  )
   assert _prompt("MathVista_MINI", question="x?").text == (
-      IM + "x?\nRead the question carefully. and think step by step if necessary. \nDo NOT repeat the answer or "
-      "include any unnecessary text.")
+    IM + "x?\nRead the question carefully. and think step by step if necessary. \nDo NOT repeat the answer or "
+    "include any unnecessary text."
+  )
 
 
 def test_chat_template_matches_the_tokenizer():
   from cheers_jax.data.tokenizer import CheersTokenizer
+
   tok = CheersTokenizer()
   user = _prompt("POPE", question="Is it red?").text
-  want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + user +
-          "<|im_end|>\n<|im_start|>assistant\n")
+  want = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    + user
+    + "<|im_end|>\n<|im_start|>assistant\n"
+  )
   assert chat_text(user) == want
   ids = tok.build_prompt(user)
   assert (ids == -200).sum() == 1 and tok.decode(ids) == want
@@ -89,8 +108,12 @@ def _b64(color, size=(8, 6), fmt="PNG", mode="RGB"):
 
 def test_read_tsv_pointers_lists_and_missing_images(tmp_path):
   red, blue = _b64((255, 0, 0)), _b64((0, 0, 255), mode="RGBA")
-  rows = [dict(index=1, question="a", image=red), dict(index=2, question="b", image="1"),
-          dict(index=3, question="c", image=str([red, blue])), dict(index=4, question="d", image=NAN)]
+  rows = [
+    dict(index=1, question="a", image=red),
+    dict(index=2, question="b", image="1"),
+    dict(index=3, question="c", image=str([red, blue])),
+    dict(index=4, question="d", image=NAN),
+  ]
   path = tmp_path / "x.tsv"
   pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
   data, dropped = read_tsv(path)
@@ -127,6 +150,7 @@ def test_an_image_over_the_pixel_limit_is_a_failed_row(tmp_path):
   import base64
 
   from tests.data.test_images import write_bomb_png
+
   raw = open(write_bomb_png(tmp_path / "huge.png"), "rb").read()
   with pytest.raises(BadRowImage, match="huge.jpg.*too large|too large.*huge.jpg"):
     decode_image(base64.b64encode(raw).decode(), "huge.jpg")

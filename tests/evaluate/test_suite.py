@@ -1,5 +1,6 @@
 """`evaluate suite` on the tiny checkpoint: the benchmark files built here, one missing-column file, a
 GenEval metadata file; the summary beside the paper's figures, and a resumed rerun."""
+
 import json
 
 import pandas as pd
@@ -34,22 +35,44 @@ def test_suite_writes_the_summary_and_resumes(tmp_path, capsys):
   lmu = tmp_path / "LMUData"
   lmu.mkdir()
   _mmbench(lmu)
-  _write(lmu, "POPE", [dict(index=i, image=_b64(40 + i), question="Is there a dog?", answer=a, category="random")
-                       for i, a in enumerate(["Yes", "No"])])
-  _write(lmu, "AI2D_TEST", [dict(index=1, image=_b64(50), A="x", B="y", answer="A")])   # no `question` column
+  _write(
+    lmu,
+    "POPE",
+    [
+      dict(index=i, image=_b64(40 + i), question="Is there a dog?", answer=a, category="random")
+      for i, a in enumerate(["Yes", "No"])
+    ],
+  )
+  _write(lmu, "AI2D_TEST", [dict(index=1, image=_b64(50), A="x", B="y", answer="A")])  # no `question` column
   (lmu / "geneval").mkdir()
   (lmu / "geneval" / "evaluation_metadata.jsonl").write_text('{"prompt": "a red cube"}\n{"tag": "no prompt"}\n')
   out = tmp_path / "out"
-  args = ["suite", "--checkpoint", str(TINY), "--dtype", "float32", "--lmudata", str(lmu), "--out", str(out),
-          "--max-new-tokens", "3", "--batch-size", "4", "--geneval-steps", "2", "--no-progress"]
+  args = [
+    "suite",
+    "--checkpoint",
+    str(TINY),
+    "--dtype",
+    "float32",
+    "--lmudata",
+    str(lmu),
+    "--out",
+    str(out),
+    "--max-new-tokens",
+    "3",
+    "--batch-size",
+    "4",
+    "--geneval-steps",
+    "2",
+    "--no-progress",
+  ]
   assert main(args) == 0
   err = capsys.readouterr().err
   assert "dpg skipped, its input is missing" in err and "AI2D_TEST failed" in err
-  assert "evaluation_metadata.jsonl:2: no non-empty \"prompt\"" in err
+  assert 'evaluation_metadata.jsonl:2: no non-empty "prompt"' in err
   summary = json.loads((out / "summary.json").read_text())
   rows = {r["benchmark"]: r for r in summary["benchmarks"]}
   assert rows["MMBench_DEV_EN_V11"]["status"] == "done" and rows["MMBench_DEV_EN_V11"]["paper"] == 70.4
-  assert rows["MMBench_DEV_EN_V11"]["failed"] == 1   # the broken image
+  assert rows["MMBench_DEV_EN_V11"]["failed"] == 1  # the broken image
   mmb = json.loads((out / "understanding" / "MMBench_DEV_EN_V11_score.json").read_text())
   assert rows["MMBench_DEV_EN_V11"]["ours_paper_scale"] == pytest.approx(100 * mmb["overall"])
   assert rows["POPE"]["status"] == "done" and rows["AI2D_TEST"]["status"] == "failed"
@@ -60,7 +83,7 @@ def test_suite_writes_the_summary_and_resumes(tmp_path, capsys):
   md = (out / "summary.md").read_text()
   assert "| MMBench_DEV_EN_V11 | done |" in md and "paper Table 2" in md and "| dpg | missing |" in md
   before = pd.read_csv(out / "understanding" / "POPE.tsv", sep="\t", dtype=str, keep_default_na=False)
-  assert main(args) == 0   # resumed: nothing left to decode or draw
+  assert main(args) == 0  # resumed: nothing left to decode or draw
   err = capsys.readouterr().err
   assert "2 already answered" in err and "0 to generate" in err
   after = pd.read_csv(out / "understanding" / "POPE.tsv", sep="\t", dtype=str, keep_default_na=False)

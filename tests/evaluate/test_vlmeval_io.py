@@ -1,6 +1,7 @@
 """VLMEvalKit's file round trips, reproduced without writing a spreadsheet (checked against a real
 to_excel(engine='xlsxwriter') / read_excel(openpyxl) round trip on random adversarial frames when the
 port was written; neither package is needed here)."""
+
 import pandas as pd
 
 from cheers_jax.evaluate.vlmeval_io import PANDAS_NA_STRINGS, as_vlmevalkit_reads_tsv, xlsx_cell, xlsx_round_trip
@@ -10,6 +11,7 @@ NAN = float("nan")
 
 def test_the_na_strings_are_pandas_own():
   from pandas._libs.parsers import STR_NA_VALUES
+
   assert PANDAS_NA_STRINGS == set(STR_NA_VALUES)
 
 
@@ -17,7 +19,7 @@ def test_cells():
   assert xlsx_cell(NAN) == "" and xlsx_cell("") == ""
   assert xlsx_cell("=1+1") == 0 and xlsx_cell("{=SUM(A1)}") == 0 and xlsx_cell("{=x") == "{=x"
   assert xlsx_cell("mailto:a@b") == "a@b" and xlsx_cell("http://x.org") == "http://x.org"
-  assert xlsx_cell("http://" + "y" * 2100) == ""                    # over Excel's URL limit: dropped
+  assert xlsx_cell("http://" + "y" * 2100) == ""  # over Excel's URL limit: dropped
   assert xlsx_cell("x" * 40000) == "x" * 32767
   assert xlsx_cell(2.0) == 2 and isinstance(xlsx_cell(2.0), int)
 

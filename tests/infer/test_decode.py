@@ -1,4 +1,5 @@
 """Text decoding: sampling rules, per-sample stopping, unequal-length batches equal single prompts."""
+
 from __future__ import annotations
 
 import jax
@@ -6,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cheers_jax.infer.decode import (GREEDY, GenerationError, SamplingConfig, generate_text, prepare_prompts,
-                                     reference_max_new_tokens, sample_logits)
+from cheers_jax.infer.decode import (
+  GREEDY,
+  GenerationError,
+  SamplingConfig,
+  generate_text,
+  prepare_prompts,
+  reference_max_new_tokens,
+  sample_logits,
+)
 
 
 # ---- sampling (no model) -------------------------------------------------------------------------
@@ -51,7 +59,7 @@ def test_top_k_and_repetition_penalty():
 
 
 def test_reference_budget():
-  assert reference_max_new_tokens(6) == 7       # cur_time > max_length: max_length + 1 tokens
+  assert reference_max_new_tokens(6) == 7  # cur_time > max_length: max_length + 1 tokens
   assert reference_max_new_tokens(300, 256) == 45
   assert reference_max_new_tokens(3, 256) == 0
 
@@ -76,12 +84,11 @@ def test_stop_is_per_sample_and_kept(tiny, tokenizer):
   prompts = [tokenizer.build_prompt(p) for p in PROMPTS]
   free = generate_text(model, variables, prompts, max_new_tokens=6, sampling=GREEDY, dummy_seeds=[3, 4])
   stop = int(free[0][2])  # make sample 0's third id the stop id
-  stopped = generate_text(model, variables, prompts, max_new_tokens=6, sampling=GREEDY, dummy_seeds=[3, 4],
-                          eos_id=stop)
+  stopped = generate_text(model, variables, prompts, max_new_tokens=6, sampling=GREEDY, dummy_seeds=[3, 4], eos_id=stop)
   first = int(np.flatnonzero(free[0] == stop)[0])
-  np.testing.assert_array_equal(stopped[0], free[0][:first + 1])
+  np.testing.assert_array_equal(stopped[0], free[0][: first + 1])
   hit = np.flatnonzero(free[1] == stop)
-  np.testing.assert_array_equal(stopped[1], free[1][:hit[0] + 1] if hit.size else free[1])
+  np.testing.assert_array_equal(stopped[1], free[1][: hit[0] + 1] if hit.size else free[1])
 
 
 def test_prompt_longer_than_cache(tiny, tokenizer):

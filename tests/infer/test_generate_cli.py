@@ -1,4 +1,5 @@
 """The `python -m cheers_jax.generate` CLI on the tiny checkpoint (CPU): PNGs, grid, seeds, errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ from cheers_jax.generate import main
 from cheers_jax.infer.images import make_grid
 from tests.infer.conftest import TINY
 
-T2I = ["t2i", "--checkpoint", str(TINY), "a red circle", "a small blue square on a wooden table", "--steps", "2",
-       "--batch-size", "2"]
+T2I = [
+  "t2i",
+  "--checkpoint",
+  str(TINY),
+  "a red circle",
+  "a small blue square on a wooden table",
+  "--steps",
+  "2",
+  "--batch-size",
+  "2",
+]
 
 
 def test_t2i_writes_pngs_and_grid(tiny, tmp_path, capsys):
@@ -74,7 +84,9 @@ def test_errors_after_loading(tiny, capsys, tmp_path):
   assert "does not fit" in err and "--max-len" in err
 
 
-@pytest.mark.parametrize("argv, flag", [
+@pytest.mark.parametrize(
+  "argv, flag",
+  [
     (["t2i", "a cat", "--cfg", "nan"], "--cfg"),
     (["t2i", "a cat", "--cfg", "inf"], "--cfg"),
     (["t2i", "a cat", "--shift", "nan"], "--shift"),
@@ -87,12 +99,17 @@ def test_errors_after_loading(tiny, capsys, tmp_path):
     (["chat", "--prompt", "hi", "--repetition-penalty", "nan"], "--repetition-penalty"),
     (["chat", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
     (["chat", "--prompt", "hi", "--max-len", "0"], "--max-len"),
-])
+  ],
+)
 def test_nan_and_impossible_sampling_numbers_exit_2_naming_the_flag(argv, flag, capsys, tmp_path):
   """Issue 13 item 2: `--cfg nan` wrote a black image and `--temperature nan` printed '!!!!' with exit 0.
   Every sampling number is checked where it is parsed: one line naming the flag, before any loading."""
-  err = _error(capsys, argv[:1] + ["--checkpoint", str(tmp_path)] + argv[1:] + ["--out", str(tmp_path / "o")]
-               if argv[0] == "t2i" else argv[:1] + ["--checkpoint", str(tmp_path)] + argv[1:])
+  err = _error(
+    capsys,
+    argv[:1] + ["--checkpoint", str(tmp_path)] + argv[1:] + ["--out", str(tmp_path / "o")]
+    if argv[0] == "t2i"
+    else argv[:1] + ["--checkpoint", str(tmp_path)] + argv[1:],
+  )
   lines = [line for line in err.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
   assert "config.json" not in err  # rejected before the (missing) checkpoint is looked at
@@ -101,6 +118,7 @@ def test_nan_and_impossible_sampling_numbers_exit_2_naming_the_flag(argv, flag, 
 def test_sampling_library_rejects_nan():
   """The library's own checks (for callers that bypass the CLI)."""
   from cheers_jax.infer.decode import GenerationError, SamplingConfig
+
   for bad in (dict(temperature=float("nan")), dict(repetition_penalty=float("nan")), dict(top_p=float("nan"))):
     with pytest.raises(GenerationError):
       SamplingConfig(**bad).validate()
@@ -109,9 +127,12 @@ def test_sampling_library_rejects_nan():
 def test_image_over_the_pixel_limit_is_one_line_before_loading(capsys, tmp_path):
   """Issue 13 item 1 at inference: `ask` / `edit` with an image PIL refuses as a decompression bomb."""
   from tests.data.test_images import write_bomb_png
+
   bomb = write_bomb_png(tmp_path / "huge.png")
-  for argv in (["ask", "--checkpoint", str(tmp_path), "--image", bomb],
-               ["edit", "--checkpoint", str(tmp_path), "--image", bomb, "--prompt", "x", "--out", str(tmp_path / "o")]):
+  for argv in (
+    ["ask", "--checkpoint", str(tmp_path), "--image", bomb],
+    ["edit", "--checkpoint", str(tmp_path), "--image", bomb, "--prompt", "x", "--out", str(tmp_path / "o")],
+  ):
     err = _error(capsys, argv)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "huge.png" in lines[0] and "too large" in lines[0] and "--image" in lines[0], err
@@ -119,6 +140,7 @@ def test_image_over_the_pixel_limit_is_one_line_before_loading(capsys, tmp_path)
 
 def test_ask_answers_every_image_in_one_batched_call(tiny, tmp_path, capsys, monkeypatch):
   from cheers_jax.infer import decode
+
   calls = []
   real = decode.generate_text
   monkeypatch.setattr(decode, "generate_text", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
@@ -129,8 +151,25 @@ def test_ask_answers_every_image_in_one_batched_call(tiny, tmp_path, capsys, mon
   (folder / "notes.txt").write_text("not an image")
   single = tmp_path / "one.png"
   Image.new("RGB", (32, 32), (40, 170, 60)).save(single)
-  assert main(["ask", "--checkpoint", str(TINY), "--image", str(single), "--image", str(folder), "--prompt", "What?",
-               "--max-new-tokens", "3", "--jsonl"]) == 0
+  assert (
+    main(
+      [
+        "ask",
+        "--checkpoint",
+        str(TINY),
+        "--image",
+        str(single),
+        "--image",
+        str(folder),
+        "--prompt",
+        "What?",
+        "--max-new-tokens",
+        "3",
+        "--jsonl",
+      ]
+    )
+    == 0
+  )
   lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
   assert calls == [3]  # one call, all three images
   assert [x["image"] for x in lines] == [str(single), str(folder / "0.png"), str(folder / "1.png")]

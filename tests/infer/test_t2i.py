@@ -1,4 +1,5 @@
 """Text-to-image and editing: schedules, batching of unequal prompts, editing, argument errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,16 @@ import pytest
 
 from cheers_jax.data.tokenizer import IM_END_ID
 from cheers_jax.infer.decode import GenerationError
-from cheers_jax.infer.t2i import (edit_images, edit_prompt, edit_schedule, edit_steps, shift_time, t2i_prompt,
-                                  t2i_schedule, text_to_image)
+from cheers_jax.infer.t2i import (
+  edit_images,
+  edit_prompt,
+  edit_schedule,
+  edit_steps,
+  shift_time,
+  t2i_prompt,
+  t2i_schedule,
+  text_to_image,
+)
 
 
 def test_t2i_schedule():
@@ -54,12 +63,14 @@ def test_edit_runs(tiny, tokenizer):
   rng = np.random.RandomState(0)
   source = rng.rand(1, 64, 64, 3).astype(np.float32)
   # steps 3 -> int(2.7) = 2 evaluations: the same compiled sampler as the 2-step T2I above
-  res = edit_images(model, variables, [edit_prompt(tokenizer, "make it blue")], source, steps=3, cfg_scale=3.0,
-                    seeds=[0])
+  res = edit_images(
+    model, variables, [edit_prompt(tokenizer, "make it blue")], source, steps=3, cfg_scale=3.0, seeds=[0]
+  )
   assert res.images.shape == (1, 64, 64, 3) and np.isfinite(res.latent).all()
   np.testing.assert_allclose(res.step_t, shift_time(np.linspace(0.1, 1.0, 2), 0.5), atol=1e-7)
   # the starting state is 0.1 encode(src) + 0.9 noise
   from cheers_jax.infer.t2i import _edit_latent, latent_noise
+
   noise = latent_noise(model, [0])
   z = np.asarray(_edit_latent(model, variables, source, noise, 1.0))  # start_t = 1: the source latent alone
   np.testing.assert_allclose(_edit_latent(model, variables, source, noise, 0.1), 0.1 * z + 0.9 * noise, atol=1e-5)

@@ -1,5 +1,6 @@
 """Easy-to-get-wrong details, pinned against the oracle's golden numbers (and, where the golden
 cannot tell, against hand-computed expectations)."""
+
 from __future__ import annotations
 
 import functools
@@ -18,12 +19,14 @@ TOL = 1e-4
 @functools.lru_cache(maxsize=None)
 def _checkpoint(instance):
   from cheers_jax.checkpoint.hf import load_hf_checkpoint
+
   cfg, variables = load_hf_checkpoint(instance / "tiny_ckpt")
   return cfg.replace(dtype="float32", reference_bf16_casts=False), variables
 
 
 def _apply(instance, fn, *args):
   from cheers_jax.model.cheers import Cheers
+
   cfg, variables = _checkpoint(instance)
   return np.asarray(Cheers(cfg).apply(variables, *args, method=fn))
 
@@ -43,12 +46,12 @@ def test_omni_mask_rules_by_hand():
   image_mask = np.array([[0, 0, 1, 1, 0, 1, 1, 0, 0, 0]])
   valid = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]], bool)
   m = np.asarray(qwen2.omni_mask(jnp.asarray(image_mask), jnp.asarray(valid)))[0]
-  assert m[2, 3] and m[3, 2]          # bidirectional inside a block
-  assert not m[2, 5] and m[5, 2]      # blocks see earlier blocks causally only
+  assert m[2, 3] and m[3, 2]  # bidirectional inside a block
+  assert not m[2, 5] and m[5, 2]  # blocks see earlier blocks causally only
   assert m[5, 6] and m[6, 5]
-  assert not m[4, 5] and m[7, 6]      # text is causal
+  assert not m[4, 5] and m[7, 6]  # text is causal
   assert not m[8, 7] and not m[7, 8]  # no valid <-> pad attention
-  assert m[8, 9] and m[9, 8]          # pads see their own run, so no empty row
+  assert m[8, 9] and m[9, 8]  # pads see their own run, so no empty row
   assert m.any(axis=1).all()
 
 
@@ -57,8 +60,13 @@ def test_targets_match_reference_relabelling(instance):
   g = load_golden(instance)
   n = json.load(open(instance / "golden_manifest.json"))["instance"]["tokens_per_image"]
   for name in ("train", "train3"):
-    layout = sequence.assemble(g[f"{name}.input_ids"], n, attention_mask=g[f"{name}.attention_mask"],
-                               labels=g[f"{name}.labels"], check_fm_positions=True)
+    layout = sequence.assemble(
+      g[f"{name}.input_ids"],
+      n,
+      attention_mask=g[f"{name}.attention_mask"],
+      labels=g[f"{name}.labels"],
+      check_fm_positions=True,
+    )
     s = layout.targets.shape[1]
     np.testing.assert_array_equal(layout.targets[:, : s - 1].reshape(-1), g[f"{name}.text_labels"])
 
@@ -80,7 +88,7 @@ def test_pixel_unshuffle_channel_order():
       token = out[0, i * (gw // 2) + j]
       for kh in range(2):
         for kw in range(2):
-          np.testing.assert_array_equal(token[(kh * 2 + kw) * d:(kh * 2 + kw + 1) * d], grid[2 * i + kh, 2 * j + kw])
+          np.testing.assert_array_equal(token[(kh * 2 + kw) * d : (kh * 2 + kw + 1) * d], grid[2 * i + kh, 2 * j + kw])
   back = np.asarray(siglip.pixel_shuffle(jnp.asarray(out), gh // 2, gw // 2))
   np.testing.assert_array_equal(back, x)
 
@@ -118,7 +126,8 @@ def test_patchify_and_bn_match_golden(instance):
   z = (z - np.asarray(stats["running_mean"])) / np.sqrt(np.asarray(stats["running_var"]) + 1e-4)
   assert rel_error(np.transpose(z, (0, 3, 1, 2)), g["vae_encode.z"]) < TOL
   wrong_eps = (np.asarray(vae.patchify(jnp.asarray(mean))) - np.asarray(stats["running_mean"])) / np.sqrt(
-      np.asarray(stats["running_var"]) + 1e-5)
+    np.asarray(stats["running_var"]) + 1e-5
+  )
   assert rel_error(np.transpose(wrong_eps, (0, 3, 1, 2)), g["vae_encode.z"]) > TOL
 
 
@@ -128,8 +137,14 @@ def test_hi_projector_rope_positions(instance):
   g = load_golden(instance)
   cfg, variables = _checkpoint(instance)
   params = {"params": variables["params"]["hi_projector"]}
-  kw = dict(width=cfg.vision.hidden_size, num_heads=cfg.vision.num_heads, num_kv_heads=cfg.text.num_kv_heads,
-            num_layers=cfg.hi_layers, out_features=cfg.vae.ch, embed_axis="vision_embed")
+  kw = dict(
+    width=cfg.vision.hidden_size,
+    num_heads=cfg.vision.num_heads,
+    num_kv_heads=cfg.text.num_kv_heads,
+    num_layers=cfg.hi_layers,
+    out_features=cfg.vae.ch,
+    embed_axis="vision_embed",
+  )
   args = (g["heads.hi_gate_out"], g["heads.t_emb2"])
   right = cfm_head.DiTProjector(repeat_positions=True, **kw).apply(params, *args)
   wrong = cfm_head.DiTProjector(repeat_positions=False, **kw).apply(params, *args)
@@ -151,6 +166,7 @@ def test_time_embedding_is_cos_first_and_unscaled(instance):
 
 def test_rope_inverse_frequencies_are_bf16_rounded():
   from cheers_jax.model.layers import rope_cos_sin
+
   cos, sin = rope_cos_sin(jnp.array([[1.0]]), 128, 1e6)
   inv_freq = np.arctan2(np.asarray(sin)[0, 0, :64], np.asarray(cos)[0, 0, :64])  # angle at position 1
   exact = 1.0 / (1e6 ** (np.arange(0, 128, 2) / 128))

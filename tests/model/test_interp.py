@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from cheers_jax.model.interp import (
-    bicubic_weight_matrix,
-    interpolate_position_table,
-    resize_bicubic_torch,
+  bicubic_weight_matrix,
+  interpolate_position_table,
+  resize_bicubic_torch,
 )
 from tests import oracle
 
@@ -117,9 +117,7 @@ def test_siglip_interp_embeddings_golden():
   g = np.load(os.path.join(ORACLE, "golden.npz"))
   px, ref = g["siglip.interp.pixels"], g["siglip.interp.embeddings"]
   pre = "model.vision_representation.embeddings."
-  p = _load_ckpt(
-      [pre + "patch_embedding.weight", pre + "patch_embedding.bias", pre + "position_embedding.weight"]
-  )
+  p = _load_ckpt([pre + "patch_embedding.weight", pre + "patch_embedding.bias", pre + "position_embedding.weight"])
   w, b = p[pre + "patch_embedding.weight"], p[pre + "patch_embedding.bias"]
   table = p[pre + "position_embedding.weight"]
   dmod, c, ps, _ = w.shape

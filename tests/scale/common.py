@@ -6,6 +6,7 @@ cheers_jax_test_jax_cache, or CHEERS_TEST_JAX_CACHE; '' turns it off): a second 
 The model is configs/tiny.py with a 1024-token vocabulary (--config.model.text.vocab_size=1024): the
 151,936-token one makes every step's logits ~100x larger and adds nothing to what these tests check.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,10 +48,12 @@ def env(devices: Optional[int] = None, cache: bool = True, **extra: str) -> dict
   return e
 
 
-def run(args: Sequence[str], devices: Optional[int] = None, timeout: float = 900, **extra: str
-        ) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env(devices, **extra), capture_output=True,
-                        text=True, timeout=timeout)
+def run(
+  args: Sequence[str], devices: Optional[int] = None, timeout: float = 900, **extra: str
+) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, *args], cwd=REPO, env=env(devices, **extra), capture_output=True, text=True, timeout=timeout
+  )
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ same initial state, feeding a fixed global batch of BATCH samples in two ways:
               pipeline hands each process its batch, through batching.device_batch (the loop's path).
 Writes OUT_PREFIX.<process_index>.json: {"global": [losses], "pipeline": [losses], ...}.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def main(out_prefix: str, local_devices: int) -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={local_devices}".strip()
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
   from cheers_jax import distributed
+
   distributed.maybe_initialize()
 
   import numpy as np
@@ -41,8 +44,16 @@ def main(out_prefix: str, local_devices: int) -> None:
 
   # activation_shardings off: with it, XLA:CPU's thunk runtime ran the two processes' gloo collectives
   # in different orders (size mismatch); see cheers_jax/config.py
-  config = config_lib.load(TINY, [SMALL_VOCAB, f"--config.train.batch_size={BATCH}", "--config.train.warmup_ratio=0.0",
-                                    "--config.train.lr=0.001", "--config.train.activation_shardings=False"])
+  config = config_lib.load(
+    TINY,
+    [
+      SMALL_VOCAB,
+      f"--config.train.batch_size={BATCH}",
+      "--config.train.warmup_ratio=0.0",
+      "--config.train.lr=0.001",
+      "--config.train.activation_shardings=False",
+    ],
+  )
   n, pid = jax.process_count(), jax.process_index()
   mesh = sharding.make_mesh_on_first_devices({"fsdp": jax.device_count()})
   spec = synthetic.batch_spec(config, BATCH, seq_len=SEQ)
@@ -52,17 +63,25 @@ def main(out_prefix: str, local_devices: int) -> None:
   local.pop("num_skipped")
   shifted = dict(local)  # the same rows, indexed into the global batch
   shifted["image_positions"] = local["image_positions"] + rows.start * SEQ
-  shifted["image_index"] = np.where(local["image_index"] >= 0,
-                                    local["image_index"] + rows.start * spec.image_slots * spec.tokens_per_image, -1)
+  shifted["image_index"] = np.where(
+    local["image_index"] >= 0, local["image_index"] + rows.start * spec.image_slots * spec.tokens_per_image, -1
+  )
   shardings = batching.batch_shardings(mesh, local)
   compiled = None
-  result = {"process_count": n, "process_index": pid, "devices": jax.device_count(),
-            "local_devices": jax.local_device_count()}
+  result = {
+    "process_count": n,
+    "process_index": pid,
+    "devices": jax.device_count(),
+    "local_devices": jax.local_device_count(),
+  }
   for mode, host in (("global", shifted), ("pipeline", local)):
     state, state_shardings = synthetic.synthetic_train_state(config, mesh, seed=0)
     if mode == "global":  # already globally indexed: straight to global arrays
-      batch = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-               for k, v in host.items() if k in shardings}
+      batch = {
+        k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+        for k, v in host.items()
+        if k in shardings
+      }
     else:  # the loop's path: device_batch re-bases the local indices
       batch = batching.device_batch(host, shardings)
     if compiled is None:
@@ -85,6 +104,7 @@ def _barrier(name: str) -> None:
   30 s to join the first collective, and one process may compile minutes longer than the other (a
   persistent-cache hit on one side only)."""
   from jax._src import distributed as jax_distributed  # the client has no public barrier
+
   client = getattr(jax_distributed.global_state, "client", None)
   if client is not None:
     client.wait_at_barrier(name, 900_000)

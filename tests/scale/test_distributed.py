@@ -6,6 +6,7 @@ global batch with jax.make_array_from_process_local_data (see tests/scale/dist_w
 is one process with 2 CPU devices and the same mesh. Same program, same data, fp32: the losses agree to
 1e-6 relative (a looser bound than the bit-equality we see, for a different all-reduce order).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ import pytest
 from tests.scale.common import REPO, env, free_port, run
 
 RTOL = 1e-6
-UNSUPPORTED = ("Multiprocess computations aren't implemented", "UNIMPLEMENTED", "cpu_collectives",
-               "collectives_implementation")
+UNSUPPORTED = (
+  "Multiprocess computations aren't implemented",
+  "UNIMPLEMENTED",
+  "cpu_collectives",
+  "collectives_implementation",
+)
 
 
 def _read(prefix, pid: int) -> dict:
@@ -37,10 +42,19 @@ def runs(tmp_path_factory):
   for pid in range(2):
     # no persistent compilation cache: a process that loads a cached executable (e.g. the single-process
     # run's, same cache key) while its peer compiles its own ends in mismatched gloo collectives
-    e = env(None, cache=False, CHEERS_COORDINATOR=f"localhost:{port}", CHEERS_NUM_PROCESSES="2",
-            CHEERS_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, "-m", "tests.scale.dist_worker", str(tmp / "multi"), "1"], cwd=REPO,
-                                  env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    e = env(
+      None, cache=False, CHEERS_COORDINATOR=f"localhost:{port}", CHEERS_NUM_PROCESSES="2", CHEERS_PROCESS_ID=str(pid)
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-m", "tests.scale.dist_worker", str(tmp / "multi"), "1"],
+        cwd=REPO,
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   outs = []
   for p in procs:
     try:
@@ -78,6 +92,10 @@ def test_two_processes_with_pipeline_batches(runs):
   process's row offset in the global batch."""
   single, multi = runs
   np.testing.assert_allclose(single["pipeline"], single["global"], rtol=0)  # one process: the same batch
-  np.testing.assert_allclose(multi[0]["pipeline"], single["pipeline"], rtol=RTOL,
-                             err_msg="per-process (locally indexed) batches give other losses than one process: "
-                             "image_positions / image_index are not re-based to the global batch")
+  np.testing.assert_allclose(
+    multi[0]["pipeline"],
+    single["pipeline"],
+    rtol=RTOL,
+    err_msg="per-process (locally indexed) batches give other losses than one process: "
+    "image_positions / image_index are not re-based to the global batch",
+  )

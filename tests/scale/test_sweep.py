@@ -1,4 +1,5 @@
 """cheers_jax.sweep: argument parsing, the synthetic batch contract, and a sweep on 8 fake CPU devices."""
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,9 @@ def test_parse_meshes_and_names():
   assert sharding.parse_meshes("data=8;fsdp=8;fsdp=4,tensor=2") == [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
   assert sharding.mesh_name({"data": 1, "fsdp": 4, "tensor": 2}) == "fsdp=4,tensor=2"
   assert sharding.mesh_name({"data": 1, "fsdp": 1, "tensor": 1}) == "fsdp=1"
-  assert sharding.mesh_overrides({"fsdp": 4, "tensor": 2}) == ("--config.mesh.data=1 --config.mesh.fsdp=4 "
-                                                              "--config.mesh.tensor=2")
+  assert sharding.mesh_overrides({"fsdp": 4, "tensor": 2}) == (
+    "--config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=2"
+  )
   with pytest.raises(UserError, match="AXIS=SIZE"):
     sharding.parse_meshes("model=8")
 
@@ -74,10 +76,28 @@ def test_batch_too_long_is_a_clear_error():
 
 
 def test_report_helpers(tmp_path):
-  rows = [{"mesh": "data=8", "remat": "none", "attention": "xla", "batch_size": 8, "status": "ok", "compile_s": 1.0,
-           "step_s": 0.5, "samples_per_s": 16.0, "peak_mem_gib": 0.1, "mem_source": "compiled"},
-          {"mesh": "fsdp=8", "remat": "none", "attention": "xla", "batch_size": 8, "status": "oom",
-           "error": "[run] RESOURCE_EXHAUSTED"}]
+  rows = [
+    {
+      "mesh": "data=8",
+      "remat": "none",
+      "attention": "xla",
+      "batch_size": 8,
+      "status": "ok",
+      "compile_s": 1.0,
+      "step_s": 0.5,
+      "samples_per_s": 16.0,
+      "peak_mem_gib": 0.1,
+      "mem_source": "compiled",
+    },
+    {
+      "mesh": "fsdp=8",
+      "remat": "none",
+      "attention": "xla",
+      "batch_size": 8,
+      "status": "oom",
+      "error": "[run] RESOURCE_EXHAUSTED",
+    },
+  ]
   assert measure.best_row(rows) is rows[0]
   measure.write_csv(rows, tmp_path / "s.csv")
   sweep.plot(rows, tmp_path / "s.png")
@@ -92,9 +112,27 @@ def test_sweep_on_8_fake_devices(tmp_path):
   """Two layouts x 2 steps of the tiny model (1024-token vocabulary) plus one that cannot run (batch 8 over
   16 shards is refused before compiling): CSV rows for all three, positive numbers, a PNG, a best layout."""
   out = tmp_path / "sweep"
-  proc = run(["-m", "cheers_jax.sweep", "--config", TINY, SMALL_VOCAB,
-              "--meshes", "data=8;fsdp=4,tensor=2;data=2,fsdp=8", "--batch-sizes", "8", "--steps", "2",
-              "--seq-len", "32", "--out", str(out)], devices=8, timeout=1200)
+  proc = run(
+    [
+      "-m",
+      "cheers_jax.sweep",
+      "--config",
+      TINY,
+      SMALL_VOCAB,
+      "--meshes",
+      "data=8;fsdp=4,tensor=2;data=2,fsdp=8",
+      "--batch-sizes",
+      "8",
+      "--steps",
+      "2",
+      "--seq-len",
+      "32",
+      "--out",
+      str(out),
+    ],
+    devices=8,
+    timeout=1200,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out / "sweep.csv") as f:
     rows = list(csv.DictReader(f))
@@ -102,8 +140,16 @@ def test_sweep_on_8_fake_devices(tmp_path):
   ok = [r for r in rows if r["status"] == "ok"]
   assert len(ok) == 2, rows
   for r in ok:
-    for key in ("compile_s", "step_s", "samples_per_s", "tokens_per_s", "tflops_per_device", "peak_mem_gib",
-                "args_gib", "temp_gib"):
+    for key in (
+      "compile_s",
+      "step_s",
+      "samples_per_s",
+      "tokens_per_s",
+      "tflops_per_device",
+      "peak_mem_gib",
+      "args_gib",
+      "temp_gib",
+    ):
       assert float(r[key]) > 0, (key, r)
     assert r["mfu"] == ""  # no peak FLOP/s for CPU devices
     assert r["mem_source"] == "compiled" and int(r["devices"]) == 8 and np.isfinite(float(r["loss"]))

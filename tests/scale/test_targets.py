@@ -1,6 +1,7 @@
 """Compile targets without the hardware (cheers_jax.targets, `aot --target`): H100 / A100 through XLA:GPU's
 compile-only client, TPU slices through libtpu. The compiling tests need `pip install -r requirements-aot.txt`
 (CI installs it before the heavy set)."""
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,9 @@ def test_targets_carry_their_device_figures():
 def test_target_without_its_compiler_is_one_line(monkeypatch, capsys):
   """Without the aot extra, --target names what to install, before compiling anything (exit 2)."""
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name in ("jax_cuda12_plugin", "libtpu") else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name in ("jax_cuda12_plugin", "libtpu") else real(name, *a)
+  )
   for target in ("h100", "tpu:v5e:2x2"):
     assert aot.main(["--config", TINY, "--target", target, "--meshes", "fsdp=1", "--per-device-batch", "1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -41,9 +43,27 @@ def test_target_without_its_compiler_is_one_line(monkeypatch, capsys):
 
 def _compile_rows(tmp_path, target: str, mesh: str, per_device_batch: int) -> list[dict]:
   out = tmp_path / "rows.csv"
-  proc = run(["-m", "cheers_jax.aot", "--config", TINY, SMALL_VOCAB, "--config.model.dtype=bfloat16",
-              "--target", target, "--meshes", mesh, "--per-device-batch", str(per_device_batch), "--seq-len", "96",
-              "--out", str(out)], timeout=900)
+  proc = run(
+    [
+      "-m",
+      "cheers_jax.aot",
+      "--config",
+      TINY,
+      SMALL_VOCAB,
+      "--config.model.dtype=bfloat16",
+      "--target",
+      target,
+      "--meshes",
+      mesh,
+      "--per-device-batch",
+      str(per_device_batch),
+      "--seq-len",
+      "96",
+      "--out",
+      str(out),
+    ],
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out) as f:
     return list(csv.DictReader(f))
@@ -53,8 +73,9 @@ def _check_memory(row: dict, target: str, devices: int, memory_gib: float) -> di
   assert row["status"] == "ok" and row["target"] == target and row["devices"] == str(devices), row
   gib = {k: float(row[k]) for k in ("args_gib", "outputs_gib", "alias_gib", "temp_gib", "total_gib")}
   assert all(v > 0 for v in gib.values()) and gib["total_gib"] < 1.0, gib  # the tiny model: MBs, not GBs
-  assert gib["total_gib"] == pytest.approx(gib["args_gib"] + gib["outputs_gib"] - gib["alias_gib"] + gib["temp_gib"],
-                                           rel=1e-6)
+  assert gib["total_gib"] == pytest.approx(
+    gib["args_gib"] + gib["outputs_gib"] - gib["alias_gib"] + gib["temp_gib"], rel=1e-6
+  )
   assert float(row["memory_gib"]) == memory_gib and row["fits"] == "yes"
   return gib
 

@@ -1,4 +1,5 @@
 """Configs and helpers shared by the train tests."""
+
 from __future__ import annotations
 
 import os
@@ -60,9 +61,13 @@ def max_rel(a, b) -> float:
 
 
 def tree_max_abs_diff(a, b) -> float:
-  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
-                                                                      - np.asarray(y, np.float64))))
-                                       if np.size(x) else 0.0, a, b))
+  diffs = jax.tree.leaves(
+    jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) if np.size(x) else 0.0,
+      a,
+      b,
+    )
+  )
   return max(diffs) if diffs else 0.0
 
 
@@ -84,6 +89,7 @@ def compare_updates(a, b) -> dict:
   scale = max(float(np.max(np.abs(x))) for x in mu_b if x.size)
   grad_err = max(float(np.max(np.abs(x - y))) for x, y in zip(mu_a, mu_b) if x.size) / scale
   from cheers_jax.train import optimizer as opt_lib
+
   mask = jax.tree.map(lambda x: x is not None, adam_mu(b), is_leaf=lambda x: x is None)
   pa = jax.tree.leaves(opt_lib.partition(jax.device_get(a.params), mask)[0])
   pb = jax.tree.leaves(opt_lib.partition(jax.device_get(b.params), mask)[0])

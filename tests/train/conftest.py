@@ -5,6 +5,7 @@ The tiny model's train step takes ~30-60 s to compile on 2 cores; the same progr
 CHEERS_TEST_JAX_CACHE, '' turns it off) makes every recompile a lookup. LLVM's expensive passes are
 turned off for compile speed (same numerics, measured bit-identical on the train step).
 """
+
 import os
 import tempfile
 

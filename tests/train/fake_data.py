@@ -3,6 +3,7 @@
 Every batch is a pure function of (seed, batch index), so an iterator's state is just the index:
 `FakeIterator` mirrors grain's get_state()/set_state() and resumes exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ import numpy as np
 
 from cheers_jax.data import batch as batch_lib
 from cheers_jax.model.sequence import assemble
-from cheers_jax.tokens import (ASSISTANT_ID, CHAT_END_ID, CHAT_START_ID, IGNORE_INDEX, IM_END_ID, IM_START_ID,
-                               IMAGE_GEN_TOKEN_INDEX, IMAGE_TOKEN_INDEX, NEWLINE_ID, USER_ID)
+from cheers_jax.tokens import (
+  ASSISTANT_ID,
+  CHAT_END_ID,
+  CHAT_START_ID,
+  IGNORE_INDEX,
+  IM_END_ID,
+  IM_START_ID,
+  IMAGE_GEN_TOKEN_INDEX,
+  IMAGE_TOKEN_INDEX,
+  NEWLINE_ID,
+  USER_ID,
+)
 
 IM_S, IM_E, NL = CHAT_START_ID, CHAT_END_ID, NEWLINE_ID
 
@@ -29,22 +40,31 @@ def _sample(rng: np.random.Generator, kind: str, text_len: int) -> tuple[list[in
     ids = user + words + [IM_E, NL] + asst + [IM_START_ID, IMAGE_GEN_TOKEN_INDEX, IM_END_ID, IM_E, NL]
     t = float(np.clip(rng.uniform(), 1e-6, 1 - 1e-6))
   else:
-    ids = user + words[: text_len // 2] + [IM_E, NL] + asst + words[text_len // 2:] + [IM_E, NL]
+    ids = user + words[: text_len // 2] + [IM_E, NL] + asst + words[text_len // 2 :] + [IM_E, NL]
     t = 0.0
   # labels: assistant turn + the structural ids in every turn (rae_qwen)
   start = len(ids) - ids[::-1].index(ASSISTANT_ID) - 2
-  labels = [x if (i >= start or x in (NL, IM_S, IM_E, IM_START_ID, IM_END_ID)) and x > 0 else IGNORE_INDEX
-            for i, x in enumerate(ids)]
+  labels = [
+    x if (i >= start or x in (NL, IM_S, IM_E, IM_START_ID, IM_END_ID)) and x > 0 else IGNORE_INDEX
+    for i, x in enumerate(ids)
+  ]
   return ids, labels, t
 
 
-def make_batch(seed: int, index: int, batch_size: int, seq_len: int, image_size: int, tokens_per_image: int,
-               kinds=("und", "gen"), text_len: int = 6) -> dict:
+def make_batch(
+  seed: int,
+  index: int,
+  batch_size: int,
+  seq_len: int,
+  image_size: int,
+  tokens_per_image: int,
+  kinds=("und", "gen"),
+  text_len: int = 6,
+) -> dict:
   rng = np.random.default_rng([seed, index])
   samples = [_sample(rng, kinds[(index * batch_size + b) % len(kinds)], text_len) for b in range(batch_size)]
   ids, labels, att = batch_lib.pad_samples([s[0] for s in samples], [s[1] for s in samples])
-  layout = assemble(ids, tokens_per_image, attention_mask=att, labels=labels, seq_len=seq_len,
-                    check_fm_positions=True)
+  layout = assemble(ids, tokens_per_image, attention_mask=att, labels=labels, seq_len=seq_len, check_fm_positions=True)
   m = layout.num_images
   pixels = rng.integers(0, 256, (m, image_size, image_size, 3), np.uint8)
   kinds_ = layout.image_kind

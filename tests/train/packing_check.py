@@ -5,6 +5,7 @@ others with unpacked batches).
 
 Prints one JSON line `RESULT {...}`; exits non-zero (AssertionError) on a mismatch.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def packed_batch() -> dict:
   """The first packed batch of a stream of fake samples: 8 rows, several samples in most."""
   samples = fake_samples(40, seed=3)
   [placement, *_] = packing.first_fit([s["length"] for s in samples], [1] * len(samples), SPEC)
-  batch = packing.collate_packed(samples[:len(placement)], placement, SPEC, TOKENS)
+  batch = packing.collate_packed(samples[: len(placement)], placement, SPEC, TOKENS)
   assert batch["segment_ids"].max(axis=1).min() >= 1 and batch["segment_ids"].max() >= 2, "rows must be packed"
   return {k: v for k, v in batch.items() if k not in batch_lib.HOST_ONLY_KEYS}
 

@@ -3,6 +3,7 @@ data=8, fsdp=8 and fsdp=4 x tensor=2 against one device, and the shardings of th
 
 Prints one JSON line `RESULT {...}`; exits non-zero (AssertionError) on a mismatch.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,23 +21,41 @@ from cheers_jax.train import step as step_lib
 from tests.train.common import IMAGE, SEQ, TOKENS, adam_mu, compare_updates, small_config
 from tests.train.fake_data import make_batch
 
-MESHES = {"data8": {"data": 8, "fsdp": 1, "tensor": 1}, "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
-          "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2}}
+MESHES = {
+  "data8": {"data": 8, "fsdp": 1, "tensor": 1},
+  "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
+  "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2},
+}
 BATCH = 8
 
 # leaf -> expected PartitionSpec per mesh (the rules of cheers_jax/sharding.py, size-1 axes dropped)
 EXPECTED = {
-    ("language_model", "embed_tokens"): {"data8": P(None, None), "fsdp8": P(None, "fsdp"),
-                                         "fsdp4_tensor2": P("tensor", "fsdp")},
-    ("language_model", "layers", "mlp", "up_proj", "kernel"): {
-        "data8": P(None, None, None), "fsdp8": P(None, "fsdp", None), "fsdp4_tensor2": P(None, "fsdp", "tensor")},
-    ("language_model", "layers", "mlp", "down_proj", "kernel"): {
-        "data8": P(None, None, None), "fsdp8": P(None, None, "fsdp"), "fsdp4_tensor2": P(None, "tensor", "fsdp")},
-    # a logical axis named twice / two names on one mesh axis: the first dim keeps it
-    ("time_embed", "mlp_1_2", "kernel"): {"data8": P(None, None), "fsdp8": P("fsdp", None),
-                                          "fsdp4_tensor2": P("fsdp", None)},
-    ("und_projector", "fc1", "kernel"): {"data8": P(None, None), "fsdp8": P(None, None),
-                                         "fsdp4_tensor2": P("tensor", None)},
+  ("language_model", "embed_tokens"): {
+    "data8": P(None, None),
+    "fsdp8": P(None, "fsdp"),
+    "fsdp4_tensor2": P("tensor", "fsdp"),
+  },
+  ("language_model", "layers", "mlp", "up_proj", "kernel"): {
+    "data8": P(None, None, None),
+    "fsdp8": P(None, "fsdp", None),
+    "fsdp4_tensor2": P(None, "fsdp", "tensor"),
+  },
+  ("language_model", "layers", "mlp", "down_proj", "kernel"): {
+    "data8": P(None, None, None),
+    "fsdp8": P(None, None, "fsdp"),
+    "fsdp4_tensor2": P(None, "tensor", "fsdp"),
+  },
+  # a logical axis named twice / two names on one mesh axis: the first dim keeps it
+  ("time_embed", "mlp_1_2", "kernel"): {
+    "data8": P(None, None),
+    "fsdp8": P("fsdp", None),
+    "fsdp4_tensor2": P("fsdp", None),
+  },
+  ("und_projector", "fc1", "kernel"): {
+    "data8": P(None, None),
+    "fsdp8": P(None, None),
+    "fsdp4_tensor2": P("tensor", None),
+  },
 }
 
 
@@ -64,8 +83,12 @@ def check_shardings(state, name: str) -> None:
 def compare_to_one_device(name: str, new, metrics, ref_state, ref) -> dict:
   """A mesh's step (state after it, metrics) against the one-device step's; asserts they agree."""
   cmp = compare_updates(new, ref_state)
-  cmp.update({k: abs(float(metrics[k]) - float(ref[k])) / abs(float(ref[k]))
-              for k in ("loss", "loss_ar", "loss_fm", "grad_norm")})
+  cmp.update(
+    {
+      k: abs(float(metrics[k]) - float(ref[k])) / abs(float(ref[k]))
+      for k in ("loss", "loss_ar", "loss_fm", "grad_norm")
+    }
+  )
   assert int(metrics["num_text_targets"]) == int(ref["num_text_targets"])
   for k in ("loss", "loss_ar", "loss_fm", "grad_norm"):
     assert cmp[k] <= 1e-5, (name, k, cmp)

@@ -1,4 +1,5 @@
 """bf16 compute means bf16 GEMM operands in both passes (fp32 accumulation inside the GEMM)."""
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,15 @@ def test_bf16_train_step_has_no_f32_gemm_operand():
   """The whole train step of the tiny model in bf16, as lowered before XLA's passes: no dot or conv,
   forward or backward, takes an f32 operand (the loss's logits and softmax stay fp32 by accumulation)."""
   # the published geometry (patch 16, a 3-level VAE), as the convolution count below assumes
-  config = config_lib.load(TINY, [SMALL_VOCAB, "--config.model.dtype=bfloat16", "--config.model.vision.patch_size=16",
-                                  "--config.model.vae.ch_mult=(1,1,2,2)"])
+  config = config_lib.load(
+    TINY,
+    [
+      SMALL_VOCAB,
+      "--config.model.dtype=bfloat16",
+      "--config.model.vision.patch_size=16",
+      "--config.model.vae.ch_mult=(1,1,2,2)",
+    ],
+  )
   mesh = sharding.make_mesh_on_first_devices({"fsdp": 1}, jax.devices()[:1])
   abstract, shardings = state_lib.abstract_train_state(config, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -46,8 +54,10 @@ def test_bf16_train_step_has_no_f32_gemm_operand():
 
 
 def test_gemm_operand_parser():
-  line = ('%3 = stablehlo.dot_general %1, %2, contracting_dims = [1] x [0] : '
-          '(tensor<8x96xbf16>, tensor<96x4xf32>) -> tensor<8x4xf32>')
+  line = (
+    "%3 = stablehlo.dot_general %1, %2, contracting_dims = [1] x [0] : "
+    "(tensor<8x96xbf16>, tensor<96x4xf32>) -> tensor<8x4xf32>"
+  )
   assert gemm_operand_types(line) == [("dot_general", ["bf16", "f32"])]
 
 
@@ -57,12 +67,14 @@ def test_acc32_gradients_match_fp32_within_bf16_rounding():
   import jax.numpy as jnp
   import numpy as np
   from cheers_jax.model.layers import acc32
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
-                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  conv = functools.partial(
+    jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   cases = [  # (op, lhs, rhs, cotangent)
-      (jnp.dot, (8, 4), (4, 6), (8, 6)),
-      (functools.partial(jnp.einsum, "btd,bsd->bts"), (2, 5, 4), (2, 7, 4), (2, 5, 7)),
-      (conv, (2, 3, 3, 4), (3, 3, 4, 6), (2, 3, 3, 6)),
+    (jnp.dot, (8, 4), (4, 6), (8, 6)),
+    (functools.partial(jnp.einsum, "btd,bsd->bts"), (2, 5, 4), (2, 7, 4), (2, 5, 7)),
+    (conv, (2, 3, 3, 4), (3, 3, 4, 6), (2, 3, 3, 6)),
   ]
   for i, (op, ls, rs, cs) in enumerate(cases):
     a, b, c = (jax.random.normal(key, s) for key, s in zip(jax.random.split(jax.random.PRNGKey(i), 3), (ls, rs, cs)))

@@ -1,4 +1,5 @@
 """`python -m cheers_jax.train`: --help, and clear errors for wrong config keys and values."""
+
 from __future__ import annotations
 
 import os
@@ -10,16 +11,29 @@ from tests.train.common import REPO
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "cheers_jax.train", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "cheers_jax.train", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_help():
   proc = run_cli("--help")
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout + proc.stderr
-  for text in ("--config", "--workdir", "--config.train.steps=", "resumes", "--export-hf", "--no-export-hf",
-               "--no-eval"):
+  for text in (
+    "--config",
+    "--workdir",
+    "--config.train.steps=",
+    "resumes",
+    "--export-hf",
+    "--no-export-hf",
+    "--no-eval",
+  ):
     assert text in out, text
 
 
@@ -59,6 +73,7 @@ def test_resuming_with_another_model_config_names_the_fields_without_noise(tmp_p
   from cheers_jax import sharding
   from cheers_jax.train import checkpointing as ckpt_lib
   from cheers_jax.train import state as state_lib
+
   config = config_lib.load("tiny")  # what `--config tiny` saved: a step-1 checkpoint (zeros suffice)
   abstract, _ = state_lib.abstract_train_state(config, sharding.make_mesh(dict(config.mesh)))
   checkpointer = ckpt_lib.Checkpointer(tmp_path)
@@ -76,6 +91,7 @@ def test_a_preempted_run_exits_75(tmp_path, monkeypatch, capsys):
   (EX_TEMPFAIL, documented in --help, README and launch/README.md; the SLURM script requeues on it)."""
   from cheers_jax.train import __main__ as train_main
   from cheers_jax.train import loop
+
   monkeypatch.setattr(loop, "train", lambda *a, **k: loop.TrainResult("preempted", 4))
   argv = ["--config", "tiny", f"--workdir={tmp_path}"]
   assert train_main.main(argv) == train_main.EXIT_PREEMPTED == 75
@@ -89,9 +105,11 @@ def test_flags_are_the_shared_argparse_ones(tmp_path, monkeypatch):
   end-of-run switches are --no-X, the absl spellings still work, a bad flag is one line and exit 2."""
   from cheers_jax.train import __main__ as train_main
   from cheers_jax.train import loop
+
   seen = {}
-  monkeypatch.setattr(loop, "train", lambda config, workdir, **k: seen.update(k, steps=config.train.steps)
-                      or loop.TrainResult("done", 1))
+  monkeypatch.setattr(
+    loop, "train", lambda config, workdir, **k: seen.update(k, steps=config.train.steps) or loop.TrainResult("done", 1)
+  )
   base = ["--config", "tiny", f"--workdir={tmp_path}", "--config.train.steps=7"]
   assert train_main.main(base + ["--no-export-hf", "--no-eval"]) == 0
   assert seen == {"export_hf": False, "evaluate": False, "samples": True, "steps": 7}

@@ -1,5 +1,6 @@
 """FSDP must lower the per-device memory at a fixed per-device batch: a replicated activation (the global
 batch on every device) must never come back unnoticed."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ def test_per_device_memory_falls_as_fsdp_grows():
   falls. Measured: temp 0.094 -> 0.087 GiB since the CE is
   shard-local (0.094 -> 0.102 before; 0.094 -> 0.149 before the weights were gathered for use and the
   image gathers kept within rows). Each compile takes ~5 min on a loaded 2-core machine."""
-  over = [SMALL_VOCAB, "--config.model.dtype=bfloat16", "--config.data.image_size=64",
-          "--config.model.vision.image_size=64", "--config.model.vae.resolution=64"]
+  over = [
+    SMALL_VOCAB,
+    "--config.model.dtype=bfloat16",
+    "--config.data.image_size=64",
+    "--config.model.vision.image_size=64",
+    "--config.model.vae.resolution=64",
+  ]
   proc = run(["-c", CODE, TINY, *over], devices=4, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   one, four = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,5 +1,6 @@
 """The training loop: preemption + resume reproduce the uninterrupted run exactly, NaN stop / skip,
 metrics.jsonl, HF export and init_from='orbax:DIR'."""
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,7 @@ class NanAt(SigtermAt):
 
 
 def losses(workdir) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "loss" in r}
+  return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
 
 
 QUIET = dict(evaluate=False, samples=False, progress=False)
@@ -70,8 +70,18 @@ def test_uninterrupted_run_logs_and_exports(uninterrupted):
   assert result.status == "done" and result.step == 6
   records = [r for r in metrics_lib.read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-  for key in ("loss", "loss_ar", "loss_fm", "grad_norm", "lr", "step_time", "samples_per_s", "tokens_per_s",
-              "skipped_samples", "skipped_nonfinite"):
+  for key in (
+    "loss",
+    "loss_ar",
+    "loss_fm",
+    "grad_norm",
+    "lr",
+    "step_time",
+    "samples_per_s",
+    "tokens_per_s",
+    "skipped_samples",
+    "skipped_nonfinite",
+  ):
     assert key in records[-1], key
   assert "mfu" not in records[-1]  # CPU: no peak figure, MFU n/a
   assert "compile_time" in records[0]
@@ -79,13 +89,19 @@ def test_uninterrupted_run_logs_and_exports(uninterrupted):
   assert sorted(ckpt_lib.Checkpointer(workdir).all_steps()) == [2, 4, 6]
   # the HF export loads back into the same (bf16-rounded) params
   from cheers_jax.checkpoint.hf import load_hf_checkpoint
+
   _, variables = load_hf_checkpoint(workdir / "hf")
   want = jax.device_get(result.state.params)
   got = variables["params"]
   err = tree_max_abs_diff(got, jax.tree.map(lambda x: np.asarray(x, jax.numpy.bfloat16).astype(np.float32), want))
   assert err == 0.0
-  for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "preprocessor_config.json",
-               "generation_config.json"):  # self-contained: tokenizer and processor configs too
+  for name in (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+  ):  # self-contained: tokenizer and processor configs too
     assert (workdir / "hf" / name).is_file(), name
 
 
@@ -131,6 +147,7 @@ def test_nan_skip_goes_on_and_counts(tmp_path):
 def test_inference_loader_reads_a_training_run(uninterrupted):
   """`generate --run WORKDIR`: the latest checkpoint's params, with the run's own model config."""
   from cheers_jax.infer import loader
+
   workdir, result = uninterrupted
   model, variables = loader.load_run(workdir, "float32")
   assert model.cfg == loader.inference_config(state_lib.model_config(small_config()), "float32")
@@ -142,6 +159,7 @@ def test_resume_after_a_kill_never_repeats_a_step_in_metrics_jsonl(uninterrupted
   the resumed run replays steps 5-6; metrics.jsonl held them twice. Now it holds every step once, with
   the replayed values (equal to the uninterrupted run's)."""
   import shutil
+
   ref_dir, _ = uninterrupted
   shutil.copytree(ref_dir, tmp_path / "run")
   run = tmp_path / "run"
@@ -162,10 +180,10 @@ def test_training_over_a_jsonl_full_of_bad_lines_finishes_and_names_and_counts_e
   import json
   import logging
 
-
   from cheers_jax.data.pipeline import SKIP_REASONS
   from tests.data.test_images import write_bomb_png
   from tests.data.test_pipeline import _bad_lines_jsonl
+
   path, bad_lines = _bad_lines_jsonl(tmp_path)  # good und/gen lines on ok.png + 5 unusable lines
   good = (tmp_path / "ok.png").read_bytes()
   (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
@@ -173,16 +191,38 @@ def test_training_over_a_jsonl_full_of_bad_lines_finishes_and_names_and_counts_e
   os.symlink("loop", tmp_path / "loop")
   (tmp_path / "folder.png").mkdir()
   conv = [{"from": "human", "value": "<im_start><image><im_end>"}, {"from": "gpt", "value": "A square."}]
-  bad_images = {"missing": "none.png", "cut": "cut.png", "bomb": "bomb.png", "loop": "loop/x.png",
-                "folder": "folder.png"}
+  bad_images = {
+    "missing": "none.png",
+    "cut": "cut.png",
+    "bomb": "bomb.png",
+    "loop": "loop/x.png",
+    "folder": "folder.png",
+  }
   with open(path, "a") as f:
     for name, image in bad_images.items():
       f.write(json.dumps({"id": f"img_{name}", "image": image, "conversations": conv}) + "\n")
-    f.write(json.dumps({"id": "too_long", "image": "ok.png", "conversations": [
-        conv[0], {"from": "gpt", "value": " ".join(["word"] * 80)}]}) + "\n")
+    f.write(
+      json.dumps(
+        {
+          "id": "too_long",
+          "image": "ok.png",
+          "conversations": [conv[0], {"from": "gpt", "value": " ".join(["word"] * 80)}],
+        }
+      )
+      + "\n"
+    )
   config = small_config()  # its batch shapes (4 x 32 tokens, one 64-px image each): the step compiled above serves
-  config.data.update(dict(source="jsonl", jsonl_path=str(path), image_root="", shuffle=True,
-                          mix={"und": 3.0, "gen": 1.0, "text": 0.0}, cfg_data_rate=0.0, num_threads=2))
+  config.data.update(
+    dict(
+      source="jsonl",
+      jsonl_path=str(path),
+      image_root="",
+      shuffle=True,
+      mix={"und": 3.0, "gen": 1.0, "text": 0.0},
+      cfg_data_rate=0.0,
+      num_threads=2,
+    )
+  )
   with caplog.at_level(logging.WARNING, logger="cheers_jax.data.pipeline"):
     result = train(config, tmp_path / "run", export_hf=False, **QUIET)
   assert result.status == "done" and result.step == 6
@@ -203,6 +243,7 @@ def test_sample_row_of_the_configured_prompts(uninterrupted, tmp_path):
   from cheers_jax.model.cheers import Cheers
   from cheers_jax.train.loop import sample_images
   from cheers_jax.train.state import model_config
+
   _, result = uninterrupted
   config = small_config()
   with config.unlocked():

@@ -1,4 +1,5 @@
 """The chunked, shard-local CE equals a plain cross-entropy, in value and gradient, for any row grouping."""
+
 from __future__ import annotations
 
 import jax
@@ -34,6 +35,7 @@ def test_grouped_chunked_ce_matches_plain_ce(groups):
     def f(h, k):
       ce, lse = fn(h, k)
       return jnp.sum(ce * weights) + 0.1 * jnp.sum(lse * weights)
+
     return f
 
   chunked = objective(lambda h, k: token_cross_entropy(h, k, targets, chunk=8, groups=groups))

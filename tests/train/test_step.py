@@ -1,5 +1,6 @@
 """The jitted train step: oracle parity of loss and gradients, one update, grad accumulation, NaN skip,
 optimizer masks and schedules, FLOPs."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,17 @@ from cheers_jax.train import optimizer as opt_lib
 from cheers_jax.train import batching
 from cheers_jax.train import state as state_lib
 from cheers_jax.train import step as step_lib
-from tests.train.common import (BATCH, IMAGE, ORACLE, SEQ, TOKENS, compare_updates, max_rel, small_config,
-                                tree_max_abs_diff)
+from tests.train.common import (
+  BATCH,
+  IMAGE,
+  ORACLE,
+  SEQ,
+  TOKENS,
+  compare_updates,
+  max_rel,
+  small_config,
+  tree_max_abs_diff,
+)
 from tests.train.fake_data import make_batch
 
 GOLDEN = os.path.join(ORACLE, "golden.npz")
@@ -36,6 +46,7 @@ def _clone(tree):
 @pytest.fixture(scope="module")
 def parity_setup():
   from cheers_jax.golden import Runner
+
   golden = dict(np.load(GOLDEN, allow_pickle=False))
   runner = Runner(CKPT, golden, "float32")
   config = small_config()
@@ -54,37 +65,46 @@ def test_step_matches_oracle_loss_and_gradients(parity_setup, group):
   fed through batch['x0'], fp32) equal the reference's to the oracle's 1e-4."""
   from cheers_jax.checkpoint.hf import hf_tensor
   from cheers_jax.golden import nchw_to_nhwc
+
   golden, runner, config, mesh, state, step_fn = parity_setup
   layout, batch = runner.layout_batch(group, labels=True)
-  batch.update(targets=layout.targets, image_kind=layout.image_kind.astype(np.int32),
-               image_weight=np.ones(layout.num_images, np.float32),
-               x0=nchw_to_nhwc(golden[f"{group}.x0"]).astype(np.float32))
+  batch.update(
+    targets=layout.targets,
+    image_kind=layout.image_kind.astype(np.int32),
+    image_weight=np.ones(layout.num_images, np.float32),
+    x0=nchw_to_nhwc(golden[f"{group}.x0"]).astype(np.float32),
+  )
   shardings = batching.batch_shardings(mesh, batch)
   with jax.default_matmul_precision("highest"):
     _, metrics, grads = step_fn(state, batching.device_batch(batch, shardings))
   metrics = jax.device_get(metrics)
   errors = {
-      "loss": max_rel(metrics["loss"], golden[f"{group}.loss"]),
-      "text_loss": max_rel(metrics["loss_ar"], golden[f"{group}.text_loss"]),
-      "image_loss": max_rel(metrics["loss_fm"], golden[f"{group}.image_loss"]),
+    "loss": max_rel(metrics["loss"], golden[f"{group}.loss"]),
+    "text_loss": max_rel(metrics["loss_ar"], golden[f"{group}.text_loss"]),
+    "image_loss": max_rel(metrics["loss_fm"], golden[f"{group}.image_loss"]),
   }
   # per-module gradient norms, grouped as the oracle groups them
   grads = jax.device_get(grads)
   sq = {}
   for module, sub in grads.items():
-    for key, leaf in (sub.items() if module == "language_model" else [(None, sub)]):
+    for key, leaf in sub.items() if module == "language_model" else [(None, sub)]:
       name = "language_model.embed_tokens(=lm_head)" if key == "embed_tokens" else module
-      sq[name] = sq.get(name, 0.0) + sum(float(np.sum(np.square(np.asarray(x, np.float64))))
-                                         for x in jax.tree.leaves(leaf))
+      sq[name] = sq.get(name, 0.0) + sum(
+        float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(leaf)
+      )
   names = [str(x) for x in golden[f"{group}.grad_groups"]]
   want_norms = golden[f"{group}.grad_norms"]
   errors["grad_norms"] = max_rel(np.sqrt([sq.get(n, 0.0) for n in names]), want_norms)
   errors["grad_norm(global)"] = max_rel(metrics["grad_norm"], np.sqrt(np.sum(np.square(want_norms.astype(np.float64)))))
-  full = jax.tree.map(lambda g, p: np.zeros(p.shape, np.float32) if g is None else np.asarray(g),
-                      grads, state.params, is_leaf=lambda x: x is None)  # frozen leaves: zero gradient
+  full = jax.tree.map(
+    lambda g, p: np.zeros(p.shape, np.float32) if g is None else np.asarray(g),
+    grads,
+    state.params,
+    is_leaf=lambda x: x is None,
+  )  # frozen leaves: zero gradient
   for key in golden:
     if key.startswith(f"{group}.grad.model."):
-      errors[key] = max_rel(hf_tensor({"params": full}, key[len(f"{group}.grad."):]), golden[key])
+      errors[key] = max_rel(hf_tensor({"params": full}, key[len(f"{group}.grad.") :]), golden[key])
   assert int(metrics["num_text_targets"]) == int(np.sum(golden[f"{group}.text_labels"] != -100))
   worst = max(errors, key=errors.get)
   print(f"{group}: worst {errors[worst]:.2e} at {worst}; " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
@@ -134,10 +154,12 @@ def test_grad_accumulation_equals_full_batch(step_setup):
     assert acc[key] == pytest.approx(full[key], rel=2e-6), key
   assert int(acc["num_text_targets"]) == int(full["num_text_targets"])
   cmp = compare_updates(jax.device_get(acc_state), jax.device_get(full_state))
-  print(f"accumulation vs full batch: loss rel {abs(acc['loss'] - full['loss']) / full['loss']:.1e}, "
-        f"gradient (Adam mu) {cmp['grad_rel']:.1e} of max, params {cmp['param_abs_well']:.1e} abs where the "
-        f"gradient is above rounding ({cmp['well_elements']} elements), {cmp['param_abs_all']:.1e} over all "
-        f"(lr {config.train.lr})")
+  print(
+    f"accumulation vs full batch: loss rel {abs(acc['loss'] - full['loss']) / full['loss']:.1e}, "
+    f"gradient (Adam mu) {cmp['grad_rel']:.1e} of max, params {cmp['param_abs_well']:.1e} abs where the "
+    f"gradient is above rounding ({cmp['well_elements']} elements), {cmp['param_abs_all']:.1e} over all "
+    f"(lr {config.train.lr})"
+  )
   assert cmp["grad_rel"] <= 1e-5
   assert cmp["param_abs_well"] <= 1e-6
   assert cmp["param_abs_all"] <= 2 * config.train.lr  # rounding-noise gradients: at most a flipped sign
@@ -222,8 +244,10 @@ def test_bf16_adam_moments():
   """train.opt_state_dtype: the fp32-stored variant of our Adam equals optax.adamw exactly over 3 steps;
   bfloat16 stores both moments in bf16 (half the bytes) and its updates stay within bf16 rounding."""
   params = {"a": {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}, "b": jnp.ones((5,))}
-  grads = [jax.tree.map(lambda x, k=k: jnp.sin(jnp.arange(x.size, dtype=jnp.float32) * (k + 1)).reshape(x.shape),
-                        params) for k in range(3)]
+  grads = [
+    jax.tree.map(lambda x, k=k: jnp.sin(jnp.arange(x.size, dtype=jnp.float32) * (k + 1)).reshape(x.shape), params)
+    for k in range(3)
+  ]
 
   def run(tx):
     state, out = tx.init(params), []
@@ -250,6 +274,7 @@ def test_latent_norm_calibration_standardises_a_random_vae(tmp_path):
   """train.calibrate_latent_norm on a random init: both VAE copies get the encoder latents' per-channel
   mean / variance over the first training images, so encode() gives mean 0 and variance 1 on them."""
   from cheers_jax.train import checkpointing as ckpt_lib
+
   config = small_config(calibrate_latent_norm=12)
   config.data.seq_buckets = (64,)  # the synthetic samples are ~35 tokens: at 32 the pipeline skips them all
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -263,8 +288,9 @@ def test_latent_norm_calibration_standardises_a_random_vae(tmp_path):
   np.testing.assert_array_equal(bn["running_var"], stats["vae_decoder_projector"]["bn"]["running_var"])
   assert np.all(bn["running_var"] > 0) and np.any(bn["running_mean"] != 0)
   model = Cheers(state_lib.model_config(config))
-  z = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                             method=Cheers.encode), np.float64).reshape(-1, bn["running_mean"].shape[0])
+  z = np.asarray(
+    model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, method=Cheers.encode), np.float64
+  ).reshape(-1, bn["running_mean"].shape[0])
   np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
   # BN divides by sqrt(var + eps): the variance is var / (var + eps), just under 1
   np.testing.assert_allclose(z.var(0), bn["running_var"] / (bn["running_var"] + model.cfg.vae.bn_eps), rtol=1e-3)
@@ -285,19 +311,24 @@ def test_latent_calibration_uses_only_accepted_samples_and_reports_the_real_coun
   from cheers_jax.data.images import preprocess_understanding
   from cheers_jax.train import checkpointing as ckpt_lib
   from tests.data.test_images import write_bomb_png
+
   rng = np.random.default_rng(0)
   good = [rng.integers(0, 120, (IMAGE, IMAGE, 3), dtype=np.uint8) for _ in range(2)]
   for i, arr in enumerate(good):
     Image.fromarray(arr).save(tmp_path / f"good{i}.png")
   Image.fromarray(np.full((IMAGE, IMAGE, 3), 255, np.uint8)).save(tmp_path / "white.png")
   write_bomb_png(tmp_path / "bomb.png")
-  conv = lambda answer: [{"from": "human", "value": "<im_start><image><im_end>\nWhat is it?"},
-                         {"from": "gpt", "value": answer}]
-  lines = [{"id": "long", "image": "white.png", "conversations": conv(" ".join(["word"] * 80))},
-           {"id": "g0", "image": "good0.png", "conversations": conv("A square.")},
-           {"id": "bomb", "image": "bomb.png", "conversations": conv("A square.")},
-           {"id": "missing", "image": "none.png", "conversations": conv("A square.")},
-           {"id": "g1", "image": "good1.png", "conversations": conv("A square.")}]
+  conv = lambda answer: [
+    {"from": "human", "value": "<im_start><image><im_end>\nWhat is it?"},
+    {"from": "gpt", "value": answer},
+  ]
+  lines = [
+    {"id": "long", "image": "white.png", "conversations": conv(" ".join(["word"] * 80))},
+    {"id": "g0", "image": "good0.png", "conversations": conv("A square.")},
+    {"id": "bomb", "image": "bomb.png", "conversations": conv("A square.")},
+    {"id": "missing", "image": "none.png", "conversations": conv("A square.")},
+    {"id": "g1", "image": "good1.png", "conversations": conv("A square.")},
+  ]
   (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
   config = small_config(calibrate_latent_norm=256)
   config.data.source, config.data.jsonl_path, config.data.seq_buckets = "jsonl", str(tmp_path / "data.jsonl"), (64,)
@@ -318,6 +349,7 @@ def test_init_from_hf_with_other_shapes_names_the_differing_fields():
   """Issue 13 item 7: init_from=hf:DIR with another model's shapes printed two whole ModelConfigs; the
   error now names each differing field with both values, before any tensor is read."""
   from cheers_jax.errors import ConfigError
+
   config = small_config()
   config.model.text = dict(config.model.text, num_layers=3)
   config.init_from = f"hf:{CKPT}"
@@ -338,8 +370,17 @@ def test_flops_match_the_oracle_count():
   assert total == pytest.approx(16.2e12, rel=0.1)
   assert total == pytest.approx(16.2e12, rel=0.01)  # in fact within 1 %
   fwd = metrics_lib.forward_flops(cfg, 400, 512)
-  oracle = {"vae_encoder": 1.119, "vae_decoder_projector": 2.516, "siglip": 0.980, "und_projector": 0.015,
-            "llm": 1.076, "lm_head": 0.187, "gen_projector": 0.128, "hi_gate": 0.003, "hi_projector": 0.131}
+  oracle = {
+    "vae_encoder": 1.119,
+    "vae_decoder_projector": 2.516,
+    "siglip": 0.980,
+    "und_projector": 0.015,
+    "llm": 1.076,
+    "lm_head": 0.187,
+    "gen_projector": 0.128,
+    "hi_gate": 0.003,
+    "hi_projector": 0.131,
+  }
   for name, tflop in oracle.items():
     assert fwd[name] / 1e12 == pytest.approx(tflop, rel=0.05, abs=1e-3), name
   assert metrics_lib.flops_per_sample(cfg, 400, 512, trainable="align") < total
