@@ -141,15 +141,12 @@ TARGETS = {"caption_colour_acc": 0.95, "caption_shape_acc": 0.75, "t2i_colour_ac
 
 
 @pytest.mark.heavy
-@pytest.mark.xfail(
-  reason="issue 25 open: the recipe does not yet draw at every seed (t2i colour 13-97 % across seeds "
-  "0-5; t2i shape far below 60 % by the template judge); docs/tiny_recipe.md",
-  strict=False,
-)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_readme_first_command_reads_and_draws(tmp_path, seed):
   """The README's first command at --config.seed 0, 1 and 2 meets every target of issue 25 (~4 min each
-  on 2 cores); at seed 0, `generate ask` with its export on 36 shapes this test draws."""
+  on 2 cores); at seed 0, `generate ask` with its export on 36 shapes this test draws. The run itself, its
+  outputs, caption colour and `ask` are asserted outright; while issue 25 is open, a miss of the other
+  targets is an xfail that names them (docs/tiny_recipe.md), so a crash or a caption regression still fails."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   work = tmp_path / "w"
   proc = subprocess.run(
@@ -162,13 +159,27 @@ def test_readme_first_command_reads_and_draws(tmp_path, seed):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.loads((work / "eval.json").read_text())
-  missed = {k: (ev[k], want) for k, want in TARGETS.items() if ev[k] < want}
-  assert not missed, (seed, missed, ev)
-  for key in ("caption_colour", "caption_shape", "t2i_colour", "t2i_shape"):
-    assert ev[f"{key}_acc"] > ev[f"{key}_blind"] + 0.25, (key, ev)
   assert list((work / "samples").glob("*.png"))
-  if seed:
-    return
+  assert "t2i_both_acc" in ev, ev
+  # met at every seed measured (docs/tiny_recipe.md): asserted outright
+  assert ev["caption_colour_acc"] >= TARGETS["caption_colour_acc"], ev
+  assert ev["caption_colour_acc"] > ev["caption_colour_blind"] + 0.25, ev
+  if not seed:
+    _ask_names_what_it_sees(work, tmp_path, env)
+  missed = {k: (ev[k], want) for k, want in TARGETS.items() if ev[k] < want}
+  missed.update(
+    {
+      f"{key}_acc > blind + 0.25": (ev[f"{key}_acc"], ev[f"{key}_blind"])
+      for key in ("caption_shape", "t2i_colour", "t2i_shape")
+      if ev[f"{key}_acc"] <= ev[f"{key}_blind"] + 0.25
+    }
+  )
+  if missed:  # issue 25 is open: the recipe does not yet draw at every seed
+    pytest.xfail(f"issue 25 targets missed at seed {seed}: {missed}")
+
+
+def _ask_names_what_it_sees(work, tmp_path, env):
+  """`generate ask` with the run's export names the colour and shape of 36 shapes drawn unlike training."""
   folder = tmp_path / "own"
   folder.mkdir()
   labels = {}
