@@ -117,7 +117,7 @@ def test_resume_with_worker_processes_is_exact(data):
 def test_a_dying_worker_is_a_clear_error_not_a_hang(tmp_path: Path):
   out = tmp_path / "out.txt"
   with open(out, "w") as f:  # a file, not a pipe: a stray process holding it cannot stall the test
-    proc = subprocess.run(
+    subprocess.run(
       [sys.executable, "-m", "tests.data.stream_worker", "die"],
       cwd=REPO,
       env=env(),
