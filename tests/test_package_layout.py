@@ -97,19 +97,7 @@ HEAVY_OPTIONAL = {
 }
 # Modules other open issues rewrite: their function-level imports are left to them (at most this many;
 # heavy optional ones not counted). Remove an entry when its issue has landed.
-LEFT_TO_OTHERS = {
-  "cheers_jax/evaluate/__main__.py": (15, "issue 26 rewrites the evaluate CLIs (run_cli)"),
-  "cheers_jax/evaluate/datasets.py": (6, "issue 26"),
-  "cheers_jax/evaluate/generation.py": (4, "issue 26"),
-  "cheers_jax/evaluate/scoring.py": (0, "issue 26 (a pandas import without its reason)"),
-  "cheers_jax/evaluate/parallel.py": (6, "issue 26 (its own mesh)"),
-  "cheers_jax/evaluate/suite.py": (2, "issue 26"),
-  "cheers_jax/evaluate/understanding.py": (5, "issue 26"),
-  "cheers_jax/evaluate/vlmeval_io.py": (0, "issue 26"),
-  "cheers_jax/bench/train.py": (1, "issue 23: the packing figure (print_padding)"),
-  "cheers_jax/data/pipeline.py": (1, "issue 22 (grain's workers read absl flags)"),
-  "cheers_jax/data/sources.py": (0, "issue 22 (a TFDS import without its reason)"),
-}
+LEFT_TO_OTHERS: dict[str, tuple[int, str]] = {}  # none since issues 22, 23, 25 and 26 landed
 
 
 def _function_level_imports(path: str) -> list[tuple[int, str]]:

@@ -51,6 +51,7 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
+from cheers_jax.data import packing
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
@@ -162,8 +163,6 @@ def reference_lines(rows: Sequence[dict], spec_of: dict[int, synthetic.BatchSpec
 
 def print_padding(config, batch_size: int, where: str, samples: int = 20000) -> dict:
   """The padding figure of the realistic mix at the config's buckets, unpacked and packed (one line each)."""
-  from cheers_jax.data import packing  # noqa: PLC0415 -- only this mode needs it (kept off the timing path)
-
   n = config_lib.model_config(config).tokens_per_image
   buckets = tuple(int(b) for b in config.data.seq_buckets)
   data = config.data.copy_and_resolve_references()

@@ -55,6 +55,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import grain
+from absl import flags
 import numpy as np
 from PIL import Image
 
@@ -601,9 +602,7 @@ def make_train_dataset(
   batched: grain.IterDataset = _BatchIterDataset(it_ds, spec)
   workers = int(data.get("worker_count", 0))
   if workers > 0:
-    from absl import flags  # grain's worker processes read absl flags; outside absl.app nothing parsed them
-
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app none parsed them
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   report = None

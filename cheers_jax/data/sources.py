@@ -254,7 +254,7 @@ class TfdsSource:
 
   def _source(self):
     if getattr(self, "_src", None) is None:
-      import tensorflow_datasets as tfds
+      import tensorflow_datasets as tfds  # heavy (TensorFlow): the TFDS source only
 
       builder = self._builder()
       fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format) or "")
