@@ -82,6 +82,16 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> t
   return parser.parse_args(rest), overrides
 
 
+def add_init_flag(p: argparse.ArgumentParser) -> None:
+  """--init: how the measuring tools (bench train, sweep) build the train state."""
+  p.add_argument(
+    "--init",
+    choices=("synthetic", "config"),
+    default="synthetic",
+    help="synthetic: cheap pseudo-random state (default); config: the real init_train_state",
+  )
+
+
 def add_batch_shape_flags(
   parser: argparse.ArgumentParser,
   *,

@@ -130,12 +130,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=cli.POSITIVE_INT, default=5, help="timed steps per layout (median; default 5)")
   p.add_argument("--warmup", type=cli.NON_NEGATIVE_INT, default=1, help="untimed steps after the compile (default 1)")
   cli.add_batch_shape_flags(p)
-  p.add_argument(
-    "--init",
-    choices=("synthetic", "config"),
-    default="synthetic",
-    help="synthetic: cheap pseudo-random state (default); config: the real init_train_state",
-  )
+  cli.add_init_flag(p)
   p.add_argument(
     "--out",
     default="sweep_out",

@@ -96,12 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     action="store_true",
     help="print the padding figure of the realistic mix, with and without packing, and exit (nothing compiled)",
   )
-  p.add_argument(
-    "--init",
-    choices=("synthetic", "config"),
-    default="synthetic",
-    help="synthetic: cheap pseudo-random state (default); config: the real init_train_state",
-  )
+  cli.add_init_flag(p)
   p.add_argument(
     "--isolate",
     choices=("auto", "subprocess", "none"),
