@@ -349,8 +349,14 @@ def _model_config(model_json: str) -> ModelConfig:
 
 # ---- loading -------------------------------------------------------------------------------------
 def is_path(text: str) -> bool:
+  """A config file (FILE.py[:ARG], a path with a separator, or an existing file), not a shipped config's name.
+
+  A shipped name wins over a same-named file or folder in the working directory (a run's workdir is often
+  named after its config): write ./NAME for such a file."""
   file = text.partition(":")[0]
-  return file.endswith(".py") or os.sep in file or "/" in file or os.path.exists(file)
+  if file.endswith(".py") or os.sep in file or "/" in file:
+    return True
+  return text not in NAMED and os.path.isfile(file)
 
 
 def _from_file(text: str) -> ml_collections.ConfigDict:

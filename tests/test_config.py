@@ -83,3 +83,18 @@ def test_model_config_is_one_cached_conversion():
   assert config_lib.model_config(a) is config_lib.model_config(b)  # equal sections: one object
   c = config_lib.load("tiny", ["model.text.num_layers=3"])
   assert config_lib.model_config(c).text.num_layers == 3 and config_lib.model_config(a).text.num_layers == 2
+
+
+def test_a_shipped_name_is_not_shadowed_by_a_folder_or_file_of_that_name(tmp_path, monkeypatch):
+  """CI of session 9: `train --workdir tiny` made a folder ./tiny; `aot --config tiny` then read it as a file."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "tiny").mkdir()
+  assert config_lib.load("tiny").model.text.num_layers == 2
+  (tmp_path / "cheers_1p5b").write_text("not a config")
+  assert config_lib.load("cheers_1p5b").to_dict() == config_lib.NAMED["cheers_1p5b"]().to_dict()
+  (tmp_path / "mine.py").write_text("from cheers_jax import config\n\ndef get_config():\n  return config.tiny()\n")
+  assert config_lib.is_path("mine.py") and config_lib.is_path("./tiny") and not config_lib.is_path("tiny")
+  with pytest.raises(ConfigError, match="config file './tiny' not found"):
+    config_lib.load("./tiny")  # a path spelt as one is a path: the folder is no config file
+  with pytest.raises(ConfigError, match="unknown config name"):
+    config_lib.load("tinny")
