@@ -72,9 +72,12 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-  """Orbax narrates every save at INFO; keep its warnings only."""
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+  """Orbax narrates every save at INFO, and JAX each backend it does not find ('Unable to initialize backend
+  tpu: libtpu.so'): keep their warnings only."""
+  if record.levelno >= logging.WARNING:
+    return True
+  return "orbax" not in record.pathname and not record.name.startswith("jax.")
 
 
 def _train(argv: list[str]) -> int:
@@ -88,7 +91,7 @@ def _train(argv: list[str]) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   root.setLevel(logging.INFO)
   for handler in root.handlers:
-    handler.addFilter(_quiet_orbax)
+    handler.addFilter(_quiet_libraries)
   distributed.maybe_initialize()
   try:
     result = loop.train(config, workdir, export_hf=args.export_hf, evaluate=args.eval, samples=args.samples)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
+from cheers_jax.train.__main__ import _quiet_libraries
 from tests.train.common import REPO
 
 
@@ -116,3 +118,16 @@ def test_flags_are_the_shared_argparse_ones(tmp_path, monkeypatch):
   assert train_main.main(base + ["--noexport_hf", "--nosamples"]) == 0
   assert seen["export_hf"] is False and seen["samples"] is False and seen["evaluate"] is True
   assert train_main.main(base + ["--epochs=3"]) == 2
+
+
+def test_library_chatter_is_filtered_but_warnings_and_our_info_pass():
+  """The clean-venv log of session 9 began with JAX's INFO 'Unable to initialize backend tpu: libtpu.so'."""
+
+  def record(name, level, path="x.py"):
+    return logging.LogRecord(name, level, path, 1, "m", None, None)
+
+  assert not _quiet_libraries(record("jax._src.xla_bridge", logging.INFO))
+  assert not _quiet_libraries(record("absl", logging.INFO, "/site-packages/orbax/checkpoint/x.py"))
+  assert _quiet_libraries(record("jax._src.xla_bridge", logging.WARNING))
+  assert _quiet_libraries(record("cheers_jax.train.loop", logging.INFO))
+  assert _quiet_libraries(record("absl", logging.INFO))  # CLU's metric lines
