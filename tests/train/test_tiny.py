@@ -158,7 +158,7 @@ def test_readme_first_command_reads_and_draws(tmp_path, seed):
     env=env,
     capture_output=True,
     text=True,
-    timeout=900,
+    timeout=1800,  # ~8 min on this 2-core VM; others ran the same 3x slower
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.loads((work / "eval.json").read_text())
@@ -207,7 +207,7 @@ def _ask_names_what_it_sees(work, tmp_path, env):
     env=env,
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=900,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
