@@ -97,7 +97,7 @@ HEAVY_OPTIONAL = {
 }
 # Modules other open issues rewrite: their function-level imports are left to them (at most this many;
 # heavy optional ones not counted). Remove an entry when its issue has landed.
-LEFT_TO_OTHERS: dict[str, tuple[int, str]] = {}  # none since issues 22, 23, 25 and 26 landed
+LEFT_TO_OTHERS: dict[str, tuple[int, str]] = {}  # none: the issues that owned such modules have merged
 
 
 def _function_level_imports(path: str) -> list[tuple[int, str]]:

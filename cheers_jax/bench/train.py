@@ -51,10 +51,10 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
-from cheers_jax.data import packing
 from cheers_jax import cli
 from cheers_jax import config as config_lib
 from cheers_jax import distributed, sharding
+from cheers_jax.data import packing
 from cheers_jax.train import measure, synthetic
 from cheers_jax.train import metrics as metrics_lib
 
