@@ -95,14 +95,32 @@ def test_shipped_parts_load_and_keep_colour():
   assert tokens.std(0).mean() > np.abs(tokens.mean(0)).mean(), (tokens.std(0).mean(), np.abs(tokens.mean(0)).mean())
 
 
+def test_readout_error_scores_a_linear_map_on_held_out_images():
+  rng = np.random.default_rng(0)
+  features = rng.standard_normal((64, 16, 12)).astype(np.float32)
+  mixing = rng.standard_normal((12, 5)).astype(np.float32)
+  linear = features @ mixing + 0.5
+  error, r2 = tiny_parts.readout_error(features, linear)
+  assert float(error) < 1e-2 and float(r2) > 0.99, (error, r2)
+  _, r2 = tiny_parts.readout_error(features, np.square(features[..., :5]))  # no linear map reads a square
+  assert float(r2) < 0.1, r2
+  _, r2 = tiny_parts.readout_error(features, rng.standard_normal((64, 16, 5)))  # fitted noise does not carry over
+  assert float(r2) < 0.1, r2
+
+
 def test_pretraining_command_writes_loadable_parts(tmp_path):
   argv = ["--out", str(tmp_path), "--steps", "2", "--siglip_steps", "2", "--batch_size", "4", "--stats_images", "128"]
+  argv += ["--readout_weight", "0.1", "--siglip_readout_weight", "1", "--vae_init", str(tiny_parts.ASSET_DIR / "vae")]
   assert tiny_parts.main(argv) == 0
   cfg = tiny_cfg()
   for part in ("vae", "siglip"):
-    assert json.loads((tmp_path / part / "report.json").read_text())["steps"] == 2
+    report = json.loads((tmp_path / part / "report.json").read_text())
+    assert report["steps"] == 2 and "--vae_init" in report["command"], report
+    assert all(-1.0 < report[f"readout_r2_t{t}"] <= 1.0 for t in (0.1, 0.5, 0.9)), report
     files = parts_lib.open_part(part, tmp_path / part, cfg)  # names, shapes, config.json checked against tiny
     assert set(files) == set(parts_lib.open_part(part, tiny_parts.ASSET_DIR / part, cfg))
+  # started from the shipped VAE, its decoder's images of nearly clean latents are linearly readable
+  assert json.loads((tmp_path / "vae" / "report.json").read_text())["readout_r2_t0.9"] > 0.5
 
 
 def test_labelled_grid_and_summary(tmp_path):
