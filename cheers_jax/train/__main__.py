@@ -80,18 +80,30 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
   return "orbax" not in record.pathname and not record.name.startswith("jax.")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+  """INFO to stderr in one format, library chatter filtered. absl (imported by Orbax) calls
+  `logging.basicConfig()` the first time it logs, so a handler with Python's bare default format may be
+  there already: it gets ours (handlers someone configured keep theirs)."""
+  root = logging.getLogger()
+  if not root.handlers:
+    logging.basicConfig(format=LOG_FORMAT)
+  root.setLevel(logging.INFO)
+  for handler in root.handlers:
+    if handler.formatter is not None and handler.formatter._fmt == logging.BASIC_FORMAT:
+      handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_quiet_libraries)
+
+
 def _train(argv: list[str]) -> int:
   args, overrides = cli.parse_config_args(_parser(), [_DEPRECATED.get(a, a) for a in argv])
   config = config_lib.load(args.config, overrides)
   workdir = args.workdir or config.get("workdir", "")
   if not workdir:
     raise UserError("--workdir is required (or set config.workdir)")
-  root = logging.getLogger()
-  if not root.handlers:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  root.setLevel(logging.INFO)
-  for handler in root.handlers:
-    handler.addFilter(_quiet_libraries)
+  configure_logging()
   distributed.maybe_initialize()
   try:
     result = loop.train(config, workdir, export_hf=args.export_hf, evaluate=args.eval, samples=args.samples)

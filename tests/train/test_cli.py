@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from cheers_jax.train.__main__ import _quiet_libraries
+from cheers_jax.train.__main__ import LOG_FORMAT, _quiet_libraries, configure_logging
 from tests.train.common import REPO
 
 
@@ -131,3 +131,23 @@ def test_library_chatter_is_filtered_but_warnings_and_our_info_pass():
   assert _quiet_libraries(record("jax._src.xla_bridge", logging.WARNING))
   assert _quiet_libraries(record("cheers_jax.train.loop", logging.INFO))
   assert _quiet_libraries(record("absl", logging.INFO))  # CLU's metric lines
+
+
+def test_one_log_format_even_after_absl_configured_the_root_logger():
+  """Orbax's absl logging calls `logging.basicConfig()` at import: the train log mixed `INFO:absl:...` with ours."""
+  root = logging.getLogger()
+  bare = logging.StreamHandler()
+  bare.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+  mine = logging.StreamHandler()
+  mine.setFormatter(logging.Formatter("%(message)s"))
+  level = root.level
+  root.addHandler(bare)
+  root.addHandler(mine)
+  try:
+    configure_logging()
+    assert bare.formatter._fmt == LOG_FORMAT and mine.formatter._fmt == "%(message)s"
+    assert _quiet_libraries in bare.filters and root.level == logging.INFO
+  finally:
+    root.removeHandler(bare)
+    root.removeHandler(mine)
+    root.setLevel(level)
