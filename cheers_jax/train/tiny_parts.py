@@ -207,11 +207,10 @@ def pretrain_vae(
   patched_shape = (2 * batch_size, side // 2, side // 2, cfg.vae.latent_channels)
   for i in range(steps):
     pixels = draw_shapes(rng, batch_size, image_size)[0]
-    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
-    noise, read_noise = jax.random.normal(k1, latent_shape), jax.random.normal(k2, patched_shape)
-    state, opt_state, (mse, read) = step(
-      state, opt_state, pixels, noise, read_noise, jax.random.uniform(k3, (2 * batch_size,))
-    )
+    noise = jax.random.normal(jax.random.fold_in(key, i), latent_shape)  # as the shipped parts drew it
+    k2, k3 = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, i), 1))
+    read_noise, t = jax.random.normal(k2, patched_shape), jax.random.uniform(k3, (2 * batch_size,))
+    state, opt_state, (mse, read) = step(state, opt_state, pixels, noise, read_noise, t)
     if log_every and ((i + 1) % log_every == 0 or i + 1 == steps):
       log.info(
         "vae step %d/%d: reconstruction mse %.5f, read-out mse %.4f (%.0f s)",
