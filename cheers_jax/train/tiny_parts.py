@@ -27,8 +27,9 @@ and its figures. Everything is drawn from --seed; on another machine the bits ma
 
 Opt-in (not in the shipped parts): --readout_weight / --siglip_readout_weight train the decoder's images and
 the ViT's patch embeddings to keep the noisy latent x_t (a linear read-out per patch), the flow head's only
-view of it; --vae_init starts the VAE from a part. Measured in docs/tiny_recipe.md (read-out R^2 at t = 0.1:
-0.17 -> 0.54; the FM loss of the tiny run 1.33 -> 0.96), ~5 s per VAE step and ~1.4 s per ViT step.
+view of it; --vae_init / --siglip_init start the VAE / ViT from a part. Measured in docs/tiny_recipe.md
+(read-out R^2 at t = 0.1: 0.17 -> 0.54; the FM loss of the tiny run 1.33 -> 0.96), ~5 s per VAE step and
+~1.4 s per ViT step.
 """
 
 from __future__ import annotations
@@ -266,10 +267,12 @@ def pretrain_siglip(
   lr: float = 2e-3,
   head_decay: float = 1e-2,
   readout_weight: float = 0.0,
+  init: Optional[dict] = None,
   seed: int = 0,
   log_every: int = 50,
 ) -> tuple[dict, dict]:
-  """Trains the tiny ViT (`SigLIP(cfg.vision)`) to tell the six colours and three shapes apart.
+  """Trains the tiny ViT (`SigLIP(cfg.vision)`, from `init`'s params when given) to tell the six colours
+  and three shapes apart.
 
   readout_weight: its patch embeddings are also trained to keep the noisy latent x_t (a linear read-out
   of each embedding recovers the latent cell under it) when they see the decoder's image of x_t, which is
@@ -285,7 +288,7 @@ def pretrain_siglip(
   siglip, vae = SigLIP(cfg.vision), VAE(cfg.vae)
   rng = np.random.default_rng(seed + 1)
   key = jax.random.PRNGKey(seed + 1)
-  params = siglip.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+  params = (init or siglip.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32)))["params"]
   width = cfg.vision.grid**2 * cfg.vision.hidden_size
   latent_channels = cfg.vae.latent_channels
   heads = {
@@ -422,6 +425,9 @@ def _main(argv: list[str]) -> int:
   parser.add_argument(
     "--vae_init", default="", help="a VAE part folder to start the VAE from (default: random weights)"
   )
+  parser.add_argument(
+    "--siglip_init", default="", help="a SigLIP part folder to start the ViT from (default: random weights)"
+  )
   parser.add_argument("--steps", type=int, default=1000, help="VAE steps")
   parser.add_argument("--siglip_steps", type=int, default=1000, help="ViT steps")
   parser.add_argument("--batch_size", type=int, default=32)
@@ -455,6 +461,12 @@ def load_vae_variables(part_dir: Path, cfg: ModelConfig) -> dict:
   return {"params": v["params"]["vae_model"], "batch_stats": v["batch_stats"]["vae_model"]}
 
 
+def load_siglip_variables(part_dir: Path, cfg: ModelConfig) -> dict:
+  """A SigLIP part as the variables of a `SigLIP` module."""
+  v = parts_lib.load_parts({"siglip": part_dir}, cfg, jax.random.PRNGKey(0))
+  return {"params": v["params"]["vision_representation"]}
+
+
 def _make(args) -> int:
   cfg, image_size = tiny_model_config(args.config, args.set)
   which = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -475,6 +487,7 @@ def _make(args) -> int:
       args.seed,
       f" --vae_init {args.vae_init}" if args.vae_init else "",
     )
+    + (f" --siglip_init {args.siglip_init}" if args.siglip_init else "")
     + "".join(f" --set {x}" for x in args.set)
   )
   if "vae" in which:
@@ -500,7 +513,13 @@ def _make(args) -> int:
     vae_variables = load_vae_variables(Path(args.vae), cfg)
   if "siglip" in which:
     variables, report = pretrain_siglip(
-      cfg, image_size, vae_variables, steps=args.siglip_steps, readout_weight=args.siglip_readout_weight, seed=args.seed
+      cfg,
+      image_size,
+      vae_variables,
+      steps=args.siglip_steps,
+      readout_weight=args.siglip_readout_weight,
+      init=load_siglip_variables(Path(args.siglip_init), cfg) if args.siglip_init else None,
+      seed=args.seed,
     )
     part_dir = write_siglip_part(variables, cfg, Path(args.out), {**report, "command": command})
     print(f"wrote {part_dir} (held-out colour {report['colour_acc']:.0%}, shape {report['shape_acc']:.0%})", flush=True)

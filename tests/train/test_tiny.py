@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -28,6 +30,7 @@ from cheers_jax.checkpoint import parts as parts_lib
 from cheers_jax.data import sources
 from cheers_jax.model.cheers import Cheers
 from cheers_jax.model.config import ModelConfig
+from cheers_jax.model.siglip import SigLIP
 from cheers_jax.demo import evaluate as demo_eval
 from cheers_jax.demo import shapes as demo_shapes
 from cheers_jax.train import tiny_parts
@@ -111,16 +114,21 @@ def test_readout_error_scores_a_linear_map_on_held_out_images():
 def test_pretraining_command_writes_loadable_parts(tmp_path):
   argv = ["--out", str(tmp_path), "--steps", "2", "--siglip_steps", "2", "--batch_size", "4", "--stats_images", "128"]
   argv += ["--readout_weight", "0.1", "--siglip_readout_weight", "1", "--vae_init", str(tiny_parts.ASSET_DIR / "vae")]
+  argv += ["--siglip_init", str(tiny_parts.ASSET_DIR / "siglip")]
   assert tiny_parts.main(argv) == 0
   cfg = tiny_cfg()
   for part in ("vae", "siglip"):
     report = json.loads((tmp_path / part / "report.json").read_text())
-    assert report["steps"] == 2 and "--vae_init" in report["command"], report
+    assert report["steps"] == 2 and "--vae_init" in report["command"] and "--siglip_init" in report["command"], report
     assert all(-1.0 < report[f"readout_r2_t{t}"] <= 1.0 for t in (0.1, 0.5, 0.9)), report
     files = parts_lib.open_part(part, tmp_path / part, cfg)  # names, shapes, config.json checked against tiny
     assert set(files) == set(parts_lib.open_part(part, tiny_parts.ASSET_DIR / part, cfg))
   # started from the shipped VAE, its decoder's images of nearly clean latents are linearly readable
   assert json.loads((tmp_path / "vae" / "report.json").read_text())["readout_r2_t0.9"] > 0.5
+  # --siglip_init hands pretrain_siglip the shipped ViT's params, in the tree a fresh SigLIP has
+  shipped = tiny_parts.load_siglip_variables(tiny_parts.ASSET_DIR / "siglip", cfg)["params"]
+  fresh = jax.eval_shape(lambda: nn.unbox(SigLIP(cfg.vision).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))))
+  assert jax.tree.map(jnp.shape, shipped) == jax.tree.map(lambda a: a.shape, fresh["params"])
 
 
 def test_labelled_grid_and_summary(tmp_path):
