@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0  # grain worker processes (0 = in-process)
   c.data.shuffle = True
   c.data.synthetic_size = 20000  # examples in the synthetic source
+  # where the synthetic source's generation images put their shape: 'random' (as its captioned images) or
+  # 'centred' (one size, in the middle: the prompt names only colour and shape; cheers_jax/demo/shapes.py)
+  c.data.shapes_gen_placement = "random"
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -327,6 +330,11 @@ def check_consistency(config) -> None:
     if int(train.batch_size) % int(train.grad_accum):
       raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by train.grad_accum={train.grad_accum}")
   data = config.get("data")
+  if data is not None and data.get("shapes_gen_placement") is not None:
+    from cheers_jax.demo.shapes import PLACEMENTS
+
+    if data.shapes_gen_placement not in PLACEMENTS:
+      raise ConfigError(f"data.shapes_gen_placement='{data.shapes_gen_placement}': choose one of {PLACEMENTS}")
   if data is not None and data.get("image_size") is not None and int(data.image_size) != cfg.vision.image_size:
     raise ConfigError(
       f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}: "

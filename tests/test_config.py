@@ -70,6 +70,7 @@ def test_load_checks_across_keys_once():
   """Issue 24: config.load does every check (the Trainer no longer re-checks), cross-field ones included."""
   for override, message in [
     ("train.nan_policy=maybe", "choose one of"),
+    ("data.shapes_gen_placement=middle", "choose one of"),
     ("train.grad_accum=3", "not divisible"),
     ("data.image_size=64", "model.vision.image_size=32"),
     ("model.text.num_layerz=2", "num_layerz"),

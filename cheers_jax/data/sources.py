@@ -332,8 +332,11 @@ class SyntheticShapes:
   ones t2i (prompt: `shapes_prompt`). Any process regenerates the same example.
   """
 
-  def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0) -> None:
+  def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0, gen_placement: str = "random") -> None:
     self.size, self.image_size, self.seed = int(size), int(image_size), int(seed)
+    if gen_placement not in shapes.PLACEMENTS:
+      raise ValueError(f"gen_placement {gen_placement!r}: choose one of {shapes.PLACEMENTS}")
+    self.gen_placement = gen_placement
 
   def __len__(self) -> int:
     return self.size
@@ -341,18 +344,22 @@ class SyntheticShapes:
   def categories(self) -> np.ndarray:
     return np.where(np.arange(self.size) % 2 == 0, UND, GEN).astype(np.int8)
 
+  def shape(self, index: int) -> shapes.Shape:
+    """Example `index`'s shape (a generation example's placed by `gen_placement`)."""
+    return shapes.sample_shape(self.seed, index, "random" if index % 2 == 0 else self.gen_placement)
+
   def label(self, index: int) -> shapes.ShapeLabel:
-    return shapes.sample_shape(self.seed, index).label
+    return self.shape(index).label
 
   def render(self, index: int) -> np.ndarray:
     """uint8 (image_size, image_size, 3)."""
-    return shapes.render(shapes.sample_shape(self.seed, index), self.image_size)
+    return shapes.render(self.shape(index), self.image_size)
 
   def __getitem__(self, index: int) -> Example:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(index)
-    shape = shapes.sample_shape(self.seed, index)
+    shape = self.shape(index)
     caption = shapes.describe(shape.label)
     image = shapes.render(shape, self.image_size)
     if index % 2 == 0:
@@ -588,7 +595,9 @@ def make_source(data_config: Any, seed: int = 0):
     parts = [open_path(e["path"], e["image_root"]) for e in entries]
     return MultiSource(parts, [e["weight"] for e in entries])
   if kind == "synthetic":
-    return SyntheticShapes(data_config.synthetic_size, data_config.image_size, seed)
+    return SyntheticShapes(
+      data_config.synthetic_size, data_config.image_size, seed, data_config.get("shapes_gen_placement", "random")
+    )
   if kind == "jsonl":
     if not data_config.jsonl_path:
       raise ConfigError("data.source='jsonl' but data.jsonl_path is empty: give --config.data.jsonl_path=FILE")

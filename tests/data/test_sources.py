@@ -129,6 +129,22 @@ def test_synthetic_deterministic_and_described():
   assert {l.colour for l in labels} <= set(COLOURS) and {l.shape for l in labels} == set(SHAPES)
 
 
+def test_synthetic_generation_examples_can_be_centred():
+  """gen_placement='centred' moves only the generation examples' shapes to the middle, at one size; the
+  labels, the grounds and every captioned image stay the random placement's."""
+  free, centred = SyntheticShapes(64, 32, seed=3), SyntheticShapes(64, 32, seed=3, gen_placement="centred")
+  for i in range(64):
+    assert free.label(i) == centred.label(i) and free.shape(i).background == centred.shape(i).background
+    if i % 2 == 0:
+      np.testing.assert_array_equal(free[i]["images"][0], centred[i]["images"][0])
+    else:
+      assert centred.shape(i).box == (0.25, 0.25, 0.75, 0.75)
+      np.testing.assert_array_equal(centred[i]["images"][0], centred.render(i))
+  assert len({free.shape(i).box for i in range(1, 64, 2)}) == 32  # the default places every shape anew
+  with pytest.raises(ValueError, match="gen_placement"):
+    SyntheticShapes(4, 32, gen_placement="middle")
+
+
 def test_shapes_prompts_share_no_token_with_the_captions():
   # the T2I prompt's colour and shape words must not be the caption's (tied embeddings, cheers_jax.config.tiny)
   from cheers_jax.data.tokenizer import CheersTokenizer

@@ -42,7 +42,7 @@ def tiny_cfg() -> ModelConfig:
   return ModelConfig.from_dict(config_lib.load("tiny").model)
 
 
-def test_judge_reads_the_training_images_sharp_and_blurred():
+def test_judge_reads_the_training_images_sharp_blurred_and_noisy():
   shapes = sources.SyntheticShapes(600, 32, 0)
   wanted = [tuple(shapes.label(i)) for i in range(600)]
   sharp = [shapes.render(i) for i in range(600)]
@@ -50,9 +50,16 @@ def test_judge_reads_the_training_images_sharp_and_blurred():
   dots = np.full((32, 32, 3), 0.85, np.float32)
   dots[tuple(np.random.default_rng(0).integers(0, 32, (2, 60)))] = np.asarray(demo_shapes.COLOURS["red"]) / 255
   assert demo_shapes.judge_image(dots) == ("red", None)  # scattered dots: a colour but no shape
-  # generated images are blurry: a blurred edge mixes the colour with the grey ground, corners round off
+  # two shapes of one colour are not one shape
+  two = demo_shapes.draw_shape(32, "square", (0.05, 0.05, 0.4, 0.4), demo_shapes.COLOURS["blue"], 230).copy()
+  two[18:30, 18:30] = demo_shapes.COLOURS["blue"]
+  assert demo_shapes.judge_image(two) == ("blue", None)
+  # generated images are blurry (a blurred edge mixes the colour with the grey ground, corners round off)
+  # and their ground is speckled: pixel noise of every hue
   blurred = [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2))) for im in sharp]
-  for images in (sharp, blurred):
+  rng = np.random.default_rng(0)
+  noisy = [np.clip(im / 255.0 + rng.normal(0.0, 0.06, im.shape), 0.0, 1.0).astype(np.float32) for im in sharp]
+  for images in (sharp, blurred, noisy):
     judged = [demo_shapes.judge_image(im) for im in images]
     for k, names in ((0, demo_shapes.COLOURS), (1, demo_shapes.SHAPES)):
       for name in names:  # each colour and each shape on its own: no class may hide behind the others
