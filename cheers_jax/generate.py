@@ -335,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument(
     "--steps",
     type=cli.number(int, minimum=1, hint="at least 1 denoising step; published default 80"),
-    default=80,
-    help="Euler steps N (default 80; editing runs int(0.9 N))",
+    default=None,
+    help="Euler steps N (default: a --run's own sample_steps, else the published 80; editing runs int(0.9 N))",
   )
   g.add_argument(
     "--cfg",
     type=cli.number(float, minimum=0, hint="1 turns guidance off"),
-    default=9.5,
-    help="classifier-free guidance scale (1 = off; default 9.5)",
+    default=None,
+    help="classifier-free guidance scale (1 = off; default: a --run's own sample_cfg, else the published 9.5)",
   )
   g.add_argument(
     "--shift",
@@ -391,10 +391,32 @@ DEFAULTS = {
 }
 
 
+PUBLISHED_FLOW = dict(steps=80, cfg=9.5)  # Inference/T2I.py's sampler
+RUN_FLOW_KEYS = dict(steps="sample_steps", cfg="sample_cfg")  # the run config's sampler, as its samples used
+
+
+def _flow_defaults(args) -> dict:
+  """The sampler a --run drew its own samples with (its config's sample_steps / sample_cfg: the tiny
+  recipe's 8 steps, CFG 2, not the published 80 / 9.5), else the published one."""
+  if not getattr(args, "run", None):
+    return PUBLISHED_FLOW
+  from cheers_jax.checkpoint import orbax as orbax_lib
+
+  try:
+    saved = orbax_lib.load_run_config(*orbax_lib.run_step_dir(args.run))[1]
+  except Exception:  # an unreadable run fails with its own message when the model loads
+    return PUBLISHED_FLOW
+  return {k: saved.get(key, PUBLISHED_FLOW[k]) for k, key in RUN_FLOW_KEYS.items()}
+
+
 def _validate(args) -> None:
   for key, value in DEFAULTS[args.command].items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  if args.command in ("t2i", "edit") and (args.steps is None or args.cfg is None):
+    for key, value in _flow_defaults(args).items():
+      if getattr(args, key) is None:
+        setattr(args, key, value)
   # (ranges are the flags' types: cli.number)
   if args.command == "edit" and int(args.steps * 0.9) < 1:
     raise CLIError(f"--steps {args.steps}: editing runs int(0.9 * steps) steps, so give at least 2")

@@ -260,3 +260,22 @@ def test_sample_row_of_the_configured_prompts(uninterrupted, tmp_path):
   size = row.shape[0]
   assert path.name == "step_0000006.png" and row.shape == (size, 2 * size, 3)
   assert written == [(6, {"samples": (2, size, size, 3)})]
+
+
+def test_generate_draws_a_run_with_its_own_sampler(uninterrupted, tmp_path):
+  """`generate t2i --run` defaults to the run's sample_steps / sample_cfg (what its own samples used);
+  flags win, and other sources keep the published 80 steps, CFG 9.5."""
+  import argparse
+
+  from cheers_jax import generate
+
+  workdir, _ = uninterrupted
+  config = small_config()
+  out = str(tmp_path / "out")
+  args = generate.build_parser().parse_args(["t2i", "--run", str(workdir), "--out", out, "A RED CIRCLE"])
+  generate._validate(args)
+  assert (args.steps, args.cfg) == (config.sample_steps, config.sample_cfg) != (80, 9.5)
+  args = generate.build_parser().parse_args(["t2i", "--run", str(workdir), "--cfg", "3", "--out", out, "A"])
+  generate._validate(args)
+  assert (args.steps, args.cfg) == (config.sample_steps, 3.0)
+  assert generate._flow_defaults(argparse.Namespace(run=None)) == {"steps": 80, "cfg": 9.5}
