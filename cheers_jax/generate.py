@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cheers_jax import cli
+from cheers_jax.checkpoint import orbax as orbax_lib
 from cheers_jax.data.images import BadImageError, load_image, preprocess_understanding
 from cheers_jax.data.tokenizer import CheersTokenizer, UND_IMAGE_TEXT
 from cheers_jax.errors import UserError
@@ -400,8 +401,6 @@ def _flow_defaults(args) -> dict:
   recipe's 8 steps, CFG 2, not the published 80 / 9.5), else the published one."""
   if not getattr(args, "run", None):
     return PUBLISHED_FLOW
-  from cheers_jax.checkpoint import orbax as orbax_lib
-
   try:
     saved = orbax_lib.load_run_config(*orbax_lib.run_step_dir(args.run))[1]
   except Exception:  # an unreadable run fails with its own message when the model loads

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 COLOURS: dict[str, tuple[int, int, int]] = {
   "red": (220, 40, 40),
@@ -255,8 +256,6 @@ def shape_coverage(x: np.ndarray, colour_index: int, coloured: np.ndarray) -> Op
   instead of adding up as chroma does. The shape is the largest 4-connected core (coverage >=
   CORE_LEVEL) grown by EDGE_PIXELS; faint colour elsewhere (a generated image's speckled ground) is not
   part of it. Cores that share the mass (no one with SINGLE_SHARE of it) are several shapes."""
-  from scipy import ndimage  # a JAX dependency; imported here so the module stays light
-
   ground_pixels = x[~coloured] if (~coloured).sum() >= MIN_PIXELS else x.reshape(-1, 3)
   ground = np.median(ground_pixels, axis=0)
   step = _PALETTE[colour_index] - ground
