@@ -157,3 +157,28 @@ def test_sweep_on_8_fake_devices(tmp_path):
   assert os.path.getsize(out / "sweep.png") > 10_000
   best = max(ok, key=lambda r: float(r["samples_per_s"]))
   assert f"best layout: {best['mesh']} " in proc.stdout
+
+
+def test_device_memory_counters_and_the_row_line():
+  """GPU/TPU rows split the peak into before-the-first-step and in use after; CPU has no counters."""
+
+  class Dev:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+
+  gib = 2**30
+  devs = [
+    Dev({"peak_bytes_in_use": 3 * gib, "bytes_in_use": gib}),
+    Dev({"peak_bytes_in_use": 5 * gib, "bytes_in_use": 2 * gib}),
+  ]
+  assert measure.device_peak_bytes(devs) == 5 * gib
+  assert measure.device_peak_bytes(devs, "bytes_in_use") == 2 * gib
+  assert measure.device_peak_bytes([Dev(None)]) is None and measure.device_peak_bytes([Dev({})], "bytes_in_use") is None
+  row = dict(status="ok", compile_s=1.0, step_s=0.5, samples_per_s=16.0, peak_mem_gib=85.47, mem_source="device_peak")
+  assert measure._one_line(row).endswith("peak 85.47 GiB (device_peak)")
+  row.update(setup_peak_gib=84.9, in_use_gib=19.2)
+  assert "before the first step 84.90, in use after 19.20" in measure._one_line(row)
+  assert {"setup_peak_gib", "in_use_gib"} <= set(measure.FIELDS)
