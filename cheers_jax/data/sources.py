@@ -220,6 +220,18 @@ def _parse_record(record: Mapping[str, Any], fallback_id: str, image_root: str) 
 _TFDS_IN_MEMORY_LIMIT = 50_000
 
 
+def _tfds():
+  """tensorflow_datasets, or a UserError saying how to install it (it brings TensorFlow, which the runtime
+  requirements leave out)."""
+  try:
+    import tensorflow_datasets as tfds  # heavy (TensorFlow): the TFDS source only
+  except ImportError as e:
+    raise UserError(
+      f"data.source='tfds' needs tensorflow-datasets and TensorFlow ({e}): pip install -r requirements-dev.txt"
+    ) from e
+  return tfds
+
+
 class TfdsSource:
   """An image + caption (or image + ClassLabel) TFDS dataset as t2i and/or i2t samples.
 
@@ -248,14 +260,11 @@ class TfdsSource:
     self._num_examples = len(self._source())
 
   def _builder(self):
-    import tensorflow_datasets as tfds  # lazy: TensorFlow only when a TFDS source is used
-
-    return tfds.builder(self.name, data_dir=self.data_dir)
+    return _tfds().builder(self.name, data_dir=self.data_dir)
 
   def _source(self):
     if getattr(self, "_src", None) is None:
-      import tensorflow_datasets as tfds  # heavy (TensorFlow): the TFDS source only
-
+      tfds = _tfds()
       builder = self._builder()
       fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format) or "")
       if fmt in ("array_record", "parquet"):

@@ -15,6 +15,7 @@ from PIL import Image
 from cheers_jax.data import sources
 from cheers_jax.data.sources import BAD, GEN, TEXT, UND, JsonlSource, SyntheticShapes, is_marker
 from cheers_jax.demo import shapes as demo_shapes
+from cheers_jax.errors import UserError
 from cheers_jax.demo.shapes import COLOURS, SHAPES, ShapeLabel, describe, parse_caption
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -230,6 +231,12 @@ def test_tfds_captions(tfds_dir: Path):
   assert i2t["image_kinds"] == ["und"] and i2t["images"][0].shape == (24, 40, 3)
   clone = pickle.loads(pickle.dumps(src))
   assert clone[3]["messages"] == src[3]["messages"]
+
+
+def test_tfds_without_tensorflow_datasets_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as in an install of requirements.txt alone
+  with pytest.raises(UserError, match=r"needs tensorflow-datasets.*pip install -r requirements-dev.txt"):
+    sources.TfdsSource("tiny_captions", "train", "/nonexistent", "image", "caption", ("i2t",))
 
 
 def test_tfds_class_labels(tfds_dir: Path):
