@@ -122,6 +122,11 @@ def test_head_modules_differ_between_seeds_and_follow_the_random_init(split, cfg
     else:
       np.testing.assert_array_equal(a[path], b[path], err_msg=path)
   assert all(differ.values()), differ
+  heads = sorted(p for p in init0 if p.split("/")[1] in HEADS)[::7]
+  drawn = parts_lib.random_variables(cfg, parts_lib.random_init_rng(0), only=heads)  # only those, same values
+  assert sorted(drawn) == heads
+  for path in heads:
+    np.testing.assert_array_equal(np.asarray(drawn[path]), np.asarray(init0[path]), err_msg=path)
   assert set(m for m in {p.split("/")[1] for p in a}) == set(HEADS) | {
     "vae_model",
     "vae_decoder_projector",
