@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from cheers_jax.infer.t2i import (
   edit_prompt,
   edit_schedule,
   edit_steps,
+  latent_noise,
   shift_time,
   t2i_prompt,
   t2i_schedule,
@@ -87,3 +91,19 @@ def test_argument_errors(tiny, tokenizer):
     text_to_image(model, variables, prompt, steps=1, max_len=20)
   with pytest.raises(GenerationError, match="source images"):
     edit_images(model, variables, prompt * 2, np.zeros((1, 64, 64, 3), np.float32), steps=4)
+
+
+def test_latent_noise_is_the_per_seed_draw_in_one_program():
+  """Batched noise equals jax.random.normal(PRNGKey(seed)) seed by seed, so an image's noise never depends
+  on the batch it is drawn in."""
+  cfg = types.SimpleNamespace(
+    vision=types.SimpleNamespace(image_size=32, patch_size=8), vae=types.SimpleNamespace(latent_channels=8)
+  )
+  model = types.SimpleNamespace(cfg=cfg)
+  seeds = [0, 1, 7, 123456, 2**31 - 1, -3]
+  got = latent_noise(model, seeds)
+  assert got.shape == (6, 4, 4, 8) and got.dtype == np.float32
+  for row, seed in zip(got, seeds):
+    np.testing.assert_array_equal(row, np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (4, 4, 8))))
+  np.testing.assert_array_equal(latent_noise(model, seeds[2:4]), got[2:4])
+  assert latent_noise(model, []).shape == (0, 4, 4, 8)
