@@ -403,7 +403,7 @@ def _flow_defaults(args) -> dict:
     return PUBLISHED_FLOW
   try:
     saved = orbax_lib.load_run_config(*orbax_lib.run_step_dir(args.run))[1]
-  except Exception:  # an unreadable run fails with its own message when the model loads
+  except (UserError, OSError, ValueError, KeyError):  # unreadable: the model's load says why, next
     return PUBLISHED_FLOW
   return {k: saved.get(key, PUBLISHED_FLOW[k]) for k, key in RUN_FLOW_KEYS.items()}
 

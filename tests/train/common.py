@@ -31,6 +31,7 @@ def small_config(**train):
   # random init, everything but the VAE trained, lambda 1: the paths these tests cover (the shipped tiny
   # default starts from its parts with the tokenizer frozen: tests/train/test_tiny.py)
   c.init_from = ""
+  c.model.dtype = "float32"  # these tests compare paths to fp32 rounding; bf16 compute: test_bf16_gemms.py
   c.train.trainable = "all_but_vae"
   c.train.fm_weight = 1.0
   c.train.calibrate_latent_norm = 0  # tested on its own (test_step); the fake batches need no calibration

@@ -279,3 +279,7 @@ def test_generate_draws_a_run_with_its_own_sampler(uninterrupted, tmp_path):
   generate._validate(args)
   assert (args.steps, args.cfg) == (config.sample_steps, 3.0)
   assert generate._flow_defaults(argparse.Namespace(run=None)) == {"steps": 80, "cfg": 9.5}
+  # no readable run there: the published sampler (the model's load then names the problem)
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  for not_a_run in (tmp_path / "missing", tmp_path / "empty"):
+    assert generate._flow_defaults(argparse.Namespace(run=str(not_a_run))) == {"steps": 80, "cfg": 9.5}
