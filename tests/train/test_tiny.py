@@ -180,10 +180,9 @@ SEEDS = [int(s) for s in os.environ.get("CHEERS_TINY_SEEDS", "0,1,2").split(",")
 @pytest.mark.heavy
 @pytest.mark.parametrize("seed", SEEDS)
 def test_readme_first_command_reads_and_draws(tmp_path, seed):
-  """The README's first command at each --config.seed of CHEERS_TINY_SEEDS meets every target of issue 25;
-  at seed 0, `generate ask` with its export on 36 shapes this test draws. The run itself, its
-  outputs, caption colour and `ask` are asserted outright; while issue 25 is open, a miss of the other
-  targets is an xfail that names them (docs/tiny_recipe.md), so a crash or a caption regression still fails."""
+  """The README's first command at each --config.seed of CHEERS_TINY_SEEDS meets every accuracy target of
+  issue 25 (its 6-minute bar is a timing, measured in docs/tiny_recipe.md, not asserted here), each well
+  above its blind baseline; at seed 0, `generate ask` with its export names 36 shapes this test draws."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   work = tmp_path / "w"
   proc = subprocess.run(
@@ -198,21 +197,17 @@ def test_readme_first_command_reads_and_draws(tmp_path, seed):
   ev = json.loads((work / "eval.json").read_text())
   assert list((work / "samples").glob("*.png"))
   assert "t2i_both_acc" in ev, ev
-  # met at every seed measured (docs/tiny_recipe.md): asserted outright
-  assert ev["caption_colour_acc"] >= TARGETS["caption_colour_acc"], ev
-  assert ev["caption_colour_acc"] > ev["caption_colour_blind"] + 0.25, ev
   if not seed:
     _ask_names_what_it_sees(work, tmp_path, env)
   missed = {k: (ev[k], want) for k, want in TARGETS.items() if ev[k] < want}
   missed.update(
     {
       f"{key}_acc > blind + 0.25": (ev[f"{key}_acc"], ev[f"{key}_blind"])
-      for key in ("caption_shape", "t2i_colour", "t2i_shape")
+      for key in ("caption_colour", "caption_shape", "t2i_colour", "t2i_shape")
       if ev[f"{key}_acc"] <= ev[f"{key}_blind"] + 0.25
     }
   )
-  if missed:  # issue 25 is open: the recipe does not yet draw at every seed
-    pytest.xfail(f"issue 25 targets missed at seed {seed}: {missed}")
+  assert not missed, f"issue 25 targets missed at seed {seed}: {missed}"
 
 
 def _ask_names_what_it_sees(work, tmp_path, env):
