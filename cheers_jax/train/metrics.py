@@ -222,7 +222,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class ConsoleWriter:
-  """Fallback when CLU / TensorFlow are missing: scalars to the log, images ignored."""
+  """The last fallback (no CLU with TensorFlow, no tensorboard package): scalars to the log, images ignored."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     text = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()))
