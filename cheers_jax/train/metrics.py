@@ -33,6 +33,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from cheers_jax import targets
+from cheers_jax.infer import images as images_lib
 from cheers_jax.model.config import ModelConfig, TextConfig, VAEConfig, VisionConfig
 
 
@@ -266,7 +267,7 @@ class TensorBoardWriter:
     for name, batch in images.items():
       batch = np.asarray(batch)
       if batch.dtype != np.uint8:
-        batch = np.clip(np.round(batch.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+        batch = images_lib.to_uint8(batch)
       for i, img in enumerate(batch):
         buf = io.BytesIO()
         Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buf, format="PNG")
